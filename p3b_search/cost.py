@@ -1,0 +1,133 @@
+"""Exact parameter and MAC accounting for dense, masked and shrunk timm ViT/DeiT/Swin models.
+
+MACs are multiply-accumulates per image of matrix products (linear layers, attention's
+``q @ k^T`` and ``attn @ v``, the patch-embedding convolution), as in timm/DeiT tables:
+norms, softmax, biases, GELU and the Swin position bias are not counted. This is what
+:func:`torch_macs` counts with ``torch.utils.flop_counter`` (FLOPs / 2), which the tests
+check against. A sub-block's parameters are its norm, branch (qkv + proj, or fc1 + fc2,
+plus Swin's relative position table) and layer scale; everything else is *never pruned*.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from p3b_search.surgery.adapters import BranchSizes, ModelAdapter, SubBlock, get_adapter
+from p3b_search.surgery.gates import BlockMasks, canonical_masks, masked_sizes
+
+
+@dataclass(frozen=True)
+class SubBlockCost:
+    """Parameters and MACs per image of one sub-block, with the widths they come from."""
+
+    index: int
+    layer: int
+    kind: str
+    params: int
+    macs: int
+    sizes: BranchSizes
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Per-sub-block costs plus the never-pruned rest (stem, position embedding, heads)."""
+
+    sub_blocks: list[SubBlockCost]
+    other_params: int
+    other_macs: int
+
+    @property
+    def block_params(self) -> int:
+        return sum(c.params for c in self.sub_blocks)
+
+    @property
+    def params(self) -> int:
+        return self.block_params + self.other_params
+
+    @property
+    def macs(self) -> int:
+        return sum(c.macs for c in self.sub_blocks) + self.other_macs
+
+    def rows(self) -> list[dict]:
+        """One plain dict per sub-block (for tables), sizes flattened."""
+        return [{"index": c.index, "layer": c.layer, "kind": c.kind, "params": c.params,
+                 "macs": c.macs, **asdict(c.sizes)} for c in self.sub_blocks]
+
+
+def _numel(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _has_bias(linear: nn.Linear) -> int:
+    return int(linear.bias is not None)
+
+
+def sub_block_cost(adapter: ModelAdapter, sb: SubBlock, sizes: BranchSizes) -> SubBlockCost:
+    """Analytic cost of ``sb`` at widths ``sizes``; biases, norm and layer-scale layout are
+    read from the model's (dense or shrunk) modules."""
+    if sizes.skipped:
+        return SubBlockCost(sb.index, sb.layer, sb.kind, 0, 0, sizes)
+    block = adapter.block(sb)
+    norm_attr, _, ls_attr, _ = adapter.branch_attrs[sb.kind]
+    params = _numel(getattr(block, norm_attr)) + _numel(getattr(block, ls_attr, None))
+    first, second = adapter.linears(sb)
+    c_in, c_out, T = sizes.c_in, sizes.c_out, sb.tokens
+    if sb.kind == "attn":
+        width = sizes.heads * sizes.head_dim
+        table = getattr(adapter.branch(sb), "relative_position_bias_table", None)
+        params += (c_in * 3 * width + 3 * width * _has_bias(first)
+                   + width * c_out + c_out * _has_bias(second)
+                   + (table.shape[0] * sizes.heads if table is not None else 0))
+        attention = (T // sb.window) * 2 * sizes.heads * sb.window ** 2 * sizes.head_dim
+        macs = T * c_in * 3 * width + attention + T * width * c_out
+    else:
+        h = sizes.hidden
+        params += c_in * h + h * _has_bias(first) + h * c_out + c_out * _has_bias(second)
+        macs = T * c_in * h + T * h * c_out
+    return SubBlockCost(sb.index, sb.layer, sb.kind, params, macs, sizes)
+
+
+def model_cost(model: nn.Module, masks: BlockMasks | None = None) -> CostReport:
+    """Costs of ``model`` as it is (dense or shrunk) or, with ``masks``, of the model that
+    ``shrink_model(model, masks)`` would produce."""
+    adapter = get_adapter(model)
+    if masks is not None:
+        masks = canonical_masks(adapter, masks)
+    costs, actual_block_params = [], 0
+    for sb in adapter.sub_blocks:
+        sizes = masked_sizes(sb, masks[sb.index]) if masks is not None else adapter.current_sizes(sb)
+        costs.append(sub_block_cost(adapter, sb, sizes))
+        actual_block_params += sum(p.numel() for _, p in adapter.branch_parameters(sb))
+    total = sum(p.numel() for p in model.parameters())
+    return CostReport(costs, total - actual_block_params, adapter.stem_and_head_macs())
+
+
+def dense_sub_block_params(adapter: ModelAdapter) -> dict[int, int]:
+    """W_j: parameters of each sub-block of the dense model (P3B's budget units)."""
+    return {sb.index: sub_block_cost(adapter, sb, sb.dense_sizes()).params for sb in adapter.sub_blocks}
+
+
+@torch.no_grad()
+def torch_macs(model: nn.Module, batch_size: int = 1) -> float:
+    """MACs per image counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on a
+    random input, with timm's fused attention switched off so attention matmuls are seen."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    adapter = get_adapter(model)
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    was_training = model.training
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, *adapter.input_size(), device=device)
+    try:
+        for m in fused:
+            m.fused_attn = False
+        model.eval()
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, value in fused.items():
+            m.fused_attn = value
+        model.train(was_training)
+    return counter.get_total_flops() / 2 / batch_size

@@ -1,0 +1,18 @@
+"""Pruning methods, selectable by name (see :func:`get_method`)."""
+from p3b_search.methods.base import (
+    MethodConfig,
+    PrunedModel,
+    PruningMethod,
+    available_methods,
+    get_method,
+    register_method,
+)
+
+__all__ = [
+    "MethodConfig",
+    "PrunedModel",
+    "PruningMethod",
+    "available_methods",
+    "get_method",
+    "register_method",
+]

@@ -1,0 +1,104 @@
+"""The protocol every pruning method implements, and the registry of methods by name.
+
+A method is a :class:`~p3b_search.training.hooks.TrainingHooks` for the *prune stage*, plus
+``prepare`` (before the optimizer exists), ``finalize`` (end of the prune stage: a pruned model
+without gates or auxiliary heads) and ``finetune_hooks`` (what the *fine-tune stage* needs, e.g.
+keeping unstructured zeros at zero). Methods know nothing of Optuna, Ray or MLflow: per mask
+update they append allocation rows that the search layer drains with ``pop_allocation_rows``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from p3b_search.training.hooks import TrainingHooks
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's knobs: unknown keys are rejected, values validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prune_ratio: float = Field(
+        0.5, ge=0.0, lt=1.0, description="Fraction of parameters removed (not FLOPs), in [0, 1)."
+    )
+
+
+@dataclass
+class PrunedModel:
+    """What a method hands back at the end of the prune stage.
+
+    ``model`` carries no gates and no auxiliary heads. ``structured`` is True when the model is
+    physically smaller (a real speed-up); unstructured results keep dense shapes and list their
+    zero patterns in ``weight_masks`` (parameter name -> bool tensor, True = kept), which the
+    fine-tune stage must keep at zero.
+    """
+
+    model: nn.Module
+    structured: bool
+    weight_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PruningMethod(TrainingHooks):
+    """Base class: subclasses set ``name`` and ``config_cls`` and register with :func:`register_method`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    structured: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        self.config = config
+        self.num_classes = num_classes
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self._allocation_rows: list[dict[str, Any]] = []
+
+    def prepare(self, model: nn.Module) -> None:
+        """Install gates / auxiliary heads on ``model`` before the optimizer is built."""
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        """End of the prune stage: remove gates and heads and return the pruned model."""
+        raise NotImplementedError
+
+    def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
+        """Hooks for the fine-tune stage of ``pruned`` (default: plain fine-tuning)."""
+        return TrainingHooks()
+
+    def pop_allocation_rows(self) -> list[dict[str, Any]]:
+        """Per-sub-block allocation rows recorded since the last call (one per mask update)."""
+        rows, self._allocation_rows = self._allocation_rows, []
+        return rows
+
+
+_REGISTRY: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make ``cls`` selectable by ``cls.name`` in study files."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pruning method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[PruningMethod]:
+    """The method class registered as ``name``; a one-line error lists the valid names."""
+    import p3b_search.methods  # noqa: F401  (registers the shipped methods)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown pruning method {name!r}: choose one of {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    import p3b_search.methods  # noqa: F401
+
+    return sorted(_REGISTRY)

@@ -1,0 +1,196 @@
+"""Multiplicative gates on a timm model's unit groups, installed with hooks (timm untouched).
+
+A gate is a float vector ``m`` (one value per unit, 1 = fully on) that multiplies the unit's
+activation. Methods set gates soft (any value) or hard (0/1) and read ``dL/dm`` after
+backward: gates are leaf tensors that are *not* model parameters, so no optimizer trains
+them (P3B's "gate learning rate 0"). Where each group's gate acts:
+
+* attn ``in``: input of ``qkv`` (after ``norm1``); ``head_dim``: output of ``qkv`` viewed as
+  (3, H, d), shared by q, k, v and all heads; ``heads``: input of ``proj`` viewed as (H, d);
+  ``out``: output of ``proj``.
+* mlp ``in``: input of ``fc1``; ``hidden``: input of ``fc2`` (after the activation);
+  ``out``: output of ``fc2``.
+
+A sub-block whose ``out`` gate is all zero contributes nothing: that is how a sub-block is
+skipped in the masked model (``shrink`` then removes it from compute).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from p3b_search.surgery.adapters import GROUPS, BranchSizes, ModelAdapter, SubBlock
+
+#: Hard masks of a model: ``masks[j][group]`` is a bool vector (True = kept) for sub-block ``j``.
+BlockMasks = dict[int, dict[str, torch.Tensor]]
+
+
+class GateSet:
+    """The gates of every sub-block of one model, and the hooks that apply them.
+
+    ``values[j][group]`` is a float32 leaf tensor of shape (group size,) on the model's device.
+    Use as a context manager or call :meth:`remove` to take the hooks off again.
+    """
+
+    def __init__(self, adapter: ModelAdapter, requires_grad: bool = True):
+        if any(hasattr(adapter.block(sb), "dense_geometry") for sb in adapter.sub_blocks):
+            raise ValueError("gates go on a dense model: this one was already shrunk")
+        self.adapter = adapter
+        device = next(adapter.model.parameters()).device
+        self.values: dict[int, dict[str, torch.Tensor]] = {
+            sb.index: {
+                group: torch.ones(size, device=device, requires_grad=requires_grad)
+                for group, size in sb.groups.items()
+            }
+            for sb in adapter.sub_blocks
+        }
+        self._handles: list[RemovableHandle] = []
+        for sb in adapter.sub_blocks:
+            self._install(sb)
+
+    # -- hooks ------------------------------------------------------------------------
+    def _install(self, sb: SubBlock) -> None:
+        gates = self.values[sb.index]
+        first, second = self.adapter.linears(sb)
+        hidden_group = "head_dim" if sb.kind == "attn" else "hidden"
+
+        def gate_input(group: str):
+            def hook(module: nn.Module, args: tuple) -> tuple:
+                return (_scale_last(args[0], gates[group]), *args[1:])
+            return hook
+
+        def gate_output(group: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                return _scale_last(output, gates[group])
+            return hook
+
+        self._handles.append(first.register_forward_pre_hook(gate_input("in")))
+        self._handles.append(second.register_forward_hook(gate_output("out")))
+        if sb.kind == "mlp":
+            self._handles.append(second.register_forward_pre_hook(gate_input(hidden_group)))
+            return
+        heads, head_dim = sb.num_heads, sb.head_dim
+
+        def gate_qkv(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            shaped = output.unflatten(-1, (3, heads, head_dim))
+            return (shaped * gates["head_dim"].to(output.dtype)).flatten(-3)
+
+        def gate_heads(module: nn.Module, args: tuple) -> tuple:
+            x = args[0].unflatten(-1, (heads, head_dim))
+            x = x * gates["heads"].to(x.dtype)[:, None]
+            return (x.flatten(-2), *args[1:])
+
+        self._handles.append(first.register_forward_hook(gate_qkv))
+        self._handles.append(second.register_forward_pre_hook(gate_heads))
+
+    def remove(self) -> None:
+        """Take every hook off the model (the gates stop acting)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "GateSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- values -------------------------------------------------------------------------
+    def items(self) -> Iterator[tuple[SubBlock, str, torch.Tensor]]:
+        """(sub-block, group, gate tensor) for every gate."""
+        for sb in self.adapter.sub_blocks:
+            for group, tensor in self.values[sb.index].items():
+                yield sb, group, tensor
+
+    @torch.no_grad()
+    def set(self, index: int, group: str, value: torch.Tensor | float) -> None:
+        """Overwrite gate ``group`` of sub-block ``index`` (soft values or 0/1)."""
+        self.values[index][group].copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    @torch.no_grad()
+    def set_masks(self, masks: BlockMasks) -> None:
+        """Make every gate hard: 1 where ``masks`` keeps a unit, 0 elsewhere."""
+        for index, groups in masks.items():
+            for group, mask in groups.items():
+                self.values[index][group].copy_(mask.to(torch.float32))
+
+    def grads(self) -> Iterator[tuple[SubBlock, str, torch.Tensor | None]]:
+        """(sub-block, group, ``dL/dm``) accumulated since the last :meth:`zero_grad`."""
+        for sb, group, tensor in self.items():
+            yield sb, group, tensor.grad
+
+    def zero_grad(self) -> None:
+        for _, _, tensor in self.items():
+            tensor.grad = None
+
+    def hard_masks(self, threshold: float = 0.5) -> BlockMasks:
+        """Hard masks ``m >= threshold``, canonicalised (see :func:`canonical_masks`)."""
+        masks = {
+            index: {group: tensor.detach() >= threshold for group, tensor in groups.items()}
+            for index, groups in self.values.items()
+        }
+        return canonical_masks(self.adapter, masks)
+
+
+def _scale_last(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x * gate`` along the last (channel) dim, in ``x``'s dtype (gradients reach ``gate``)."""
+    return x * gate.to(x.dtype)
+
+
+def attach_gates(model: nn.Module, adapter: ModelAdapter | None = None, requires_grad: bool = True) -> GateSet:
+    """Install all-ones gates on every sub-block of ``model`` (a timm ViT/DeiT/Swin)."""
+    from p3b_search.surgery.adapters import get_adapter
+
+    return GateSet(adapter or get_adapter(model), requires_grad=requires_grad)
+
+
+def full_masks(adapter: ModelAdapter) -> BlockMasks:
+    """All-kept masks for every sub-block of ``adapter``'s model."""
+    device = next(adapter.model.parameters()).device
+    return {
+        sb.index: {g: torch.ones(n, dtype=torch.bool, device=device) for g, n in sb.groups.items()}
+        for sb in adapter.sub_blocks
+    }
+
+
+def is_dead(sb: SubBlock, groups: dict[str, torch.Tensor]) -> bool:
+    """True when the branch can only emit a constant: some group in its path has no unit left."""
+    return any(not bool(groups[g].any()) for g in GROUPS[sb.kind] if g in groups)
+
+
+def canonical_masks(adapter: ModelAdapter, masks: BlockMasks) -> BlockMasks:
+    """Masks with every *dead* sub-block (a group emptied) switched off entirely.
+
+    A branch whose input, heads, head dims or hidden units are all pruned emits only a
+    constant (its biases); we zero its output too so the sub-block is skipped, as P3B does
+    for kappa = 0. The masked model with these masks and its ``shrink`` give the same logits.
+    Groups missing from ``masks`` count as fully kept.
+    """
+    out: BlockMasks = {}
+    for sb in adapter.sub_blocks:
+        given = masks.get(sb.index, {})
+        groups = {g: given[g].bool() if g in given else torch.ones(n, dtype=torch.bool)
+                  for g, n in sb.groups.items()}
+        for group, mask in groups.items():
+            if mask.shape != (sb.groups[group],):
+                raise ValueError(f"mask {sb.name}.{group}: shape {tuple(mask.shape)}, expected ({sb.groups[group]},)")
+        if is_dead(sb, groups):
+            groups = {g: torch.zeros_like(m) for g, m in groups.items()}
+        out[sb.index] = groups
+    return out
+
+
+def masked_sizes(sb: SubBlock, groups: dict[str, torch.Tensor]) -> BranchSizes:
+    """Widths that ``shrink`` would keep for sub-block ``sb`` under hard masks ``groups``."""
+    if is_dead(sb, groups):
+        return BranchSizes(0, 0, skipped=True)
+
+    def kept(group: str) -> int:
+        return int(groups[group].sum()) if group in groups else sb.groups[group]
+
+    if sb.kind == "attn":
+        return BranchSizes(kept("in"), kept("out"), heads=kept("heads"), head_dim=kept("head_dim"))
+    return BranchSizes(kept("in"), kept("out"), hidden=kept("hidden"))

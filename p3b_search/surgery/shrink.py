@@ -1,0 +1,213 @@
+"""``shrink_model``: turn a hard-masked timm model into a physically smaller one.
+
+The shrunk model computes exactly what the masked model computes (same logits up to fp32
+rounding), with fewer parameters and MACs:
+
+* ``qkv``/``fc1`` keep only the input channels, heads, head dims and hidden units that
+  survive; ``proj``/``fc2`` keep the surviving output channels and scatter them back into
+  the full-width residual stream (C itself never shrinks). Both become
+  :class:`SlicedLinear`, a ``nn.Linear`` with optional gather/scatter indices.
+* ``num_heads`` and the per-head dim shrink uniformly. The attention keeps the dense scale
+  ``d**-0.5``: timm's kernels use ``d'**-0.5`` for the new dim ``d'``, so the query rows are
+  multiplied by ``sqrt(d'/d)`` once, here. (This works for timm's fused and unfused paths.)
+* Norms stay full-width with statistics over all C channels, exactly as in the masked model
+  that was trained; only a skipped sub-block loses its norm.
+* A sub-block whose output is gone (or that can only emit a constant, see
+  :func:`~p3b_search.surgery.gates.canonical_masks`) is removed from compute: its block's
+  class becomes a subclass of timm's whose ``forward`` skips the missing branch.
+
+The kept indices are remembered on each block (``block.kept_units``) so that
+:class:`~p3b_search.surgery.arch_spec.ArchSpec` can describe the result as plain JSON.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from p3b_search.surgery.adapters import ModelAdapter, SubBlock, get_adapter
+from p3b_search.surgery.gates import BlockMasks, canonical_masks
+
+
+class SlicedLinear(nn.Linear):
+    """``nn.Linear`` over a subset of the input's channels, scattered into a wider output.
+
+    ``in_index`` (kept input channels, or None for all) is gathered from the last dim of the
+    input; the result, of width ``out_features``, is written at ``out_index`` of a zero
+    tensor of width ``full_out`` (or returned as is when ``out_index`` is None).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 in_index: torch.Tensor | None = None, out_index: torch.Tensor | None = None,
+                 full_out: int | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None,
+                         device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.register_buffer("in_index", in_index, persistent=False)
+        self.register_buffer("out_index", out_index, persistent=False)
+        self.full_out = full_out if out_index is not None else weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_index is not None:
+            x = x.index_select(-1, self.in_index)
+        y = F.linear(x, self.weight, self.bias)
+        if self.out_index is None:
+            return y
+        return y.new_zeros(*y.shape[:-1], self.full_out).index_copy(-1, self.out_index, y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_out={self.full_out}"
+
+
+class ShrunkViTBlock(Block):
+    """timm ViT ``Block`` whose attention or MLP branch may be gone (``None``)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if self.mlp is not None:
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class ShrunkSwinBlock(SwinTransformerBlock):
+    """timm ``SwinTransformerBlock`` whose attention or MLP branch may be gone (``None``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.attn is not None:
+            x = x + self.drop_path1(self._attn(self.norm1(x)))
+        if self.mlp is not None:
+            x = x.reshape(B, -1, C)
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+            x = x.reshape(B, H, W, C)
+        return x
+
+
+_SHRUNK_CLASS: dict[type, type] = {Block: ShrunkViTBlock, SwinTransformerBlock: ShrunkSwinBlock}
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    return mask.nonzero().flatten().to(torch.long)
+
+
+def _subset(mask: torch.Tensor) -> torch.Tensor | None:
+    """Kept indices, or None when every unit is kept (no gather/scatter needed)."""
+    return None if bool(mask.all()) else _indices(mask)
+
+
+def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(like.device)
+
+
+def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor]) -> None:
+    H, d = sb.num_heads, sb.head_dim
+    qkv, proj = attn.qkv, attn.proj
+    device = qkv.weight.device
+    heads = _indices(groups["heads"]).to(device)
+    dims = _indices(groups["head_dim"]).to(device)
+    rows = (torch.arange(3, device=device)[:, None, None] * H * d
+            + heads[None, :, None] * d + dims[None, None, :]).flatten()
+    cols = (heads[:, None] * d + dims[None, :]).flatten()
+    c_in, c_out = _subset(groups["in"]), _subset(groups["out"])
+    with torch.no_grad():
+        weight = qkv.weight[rows]
+        if c_in is not None:
+            weight = weight[:, c_in.to(device)]
+        bias = qkv.bias[rows].clone() if qkv.bias is not None else None
+        q_rows = len(heads) * len(dims)
+        keep_scale = math.sqrt(len(dims) / d)  # timm scales by d'^-0.5; the model was trained with d^-0.5
+        weight[:q_rows] *= keep_scale
+        if bias is not None:
+            bias[:q_rows] *= keep_scale
+        attn.qkv = SlicedLinear(weight, bias, in_index=_on(c_in, weight))
+        proj_weight = proj.weight[:, cols]
+        proj_bias = proj.bias
+        if c_out is not None:
+            proj_weight, proj_bias = proj_weight[c_out.to(device)], (
+                proj_bias[c_out.to(device)] if proj_bias is not None else None)
+        attn.proj = SlicedLinear(proj_weight, proj_bias, out_index=_on(c_out, proj_weight),
+                                 full_out=proj.out_features)
+        table = getattr(attn, "relative_position_bias_table", None)
+        if table is not None:
+            attn.relative_position_bias_table = nn.Parameter(table[:, heads].clone())
+    attn.num_heads = len(heads)
+    attn.head_dim = len(dims)
+    if hasattr(attn, "attn_dim"):
+        attn.attn_dim = len(heads) * len(dims)
+    attn.scale = len(dims) ** -0.5
+
+
+def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor]) -> None:
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    device = fc1.weight.device
+    hidden = _indices(groups["hidden"]).to(device)
+    c_in, c_out = _subset(groups["in"]), _subset(groups["out"])
+    with torch.no_grad():
+        weight = fc1.weight[hidden]
+        if c_in is not None:
+            weight = weight[:, c_in.to(device)]
+        mlp.fc1 = SlicedLinear(weight, fc1.bias[hidden] if fc1.bias is not None else None,
+                               in_index=_on(c_in, weight))
+        weight2, bias2 = fc2.weight[:, hidden], fc2.bias
+        if c_out is not None:
+            weight2 = weight2[c_out.to(device)]
+            bias2 = bias2[c_out.to(device)] if bias2 is not None else None
+        mlp.fc2 = SlicedLinear(weight2, bias2, out_index=_on(c_out, weight2), full_out=fc2.out_features)
+
+
+def _shrunk_block_class(block: nn.Module) -> type:
+    for timm_class, shrunk_class in _SHRUNK_CLASS.items():
+        if type(block) in (timm_class, shrunk_class):
+            return shrunk_class
+    raise NotImplementedError(f"cannot shrink block class {type(block).__name__}")
+
+
+def _skip_branch(block: nn.Module, adapter: ModelAdapter, kind: str) -> None:
+    for attr in adapter.branch_attrs[kind]:
+        if attr.startswith("drop_path"):
+            continue
+        setattr(block, attr, None)
+
+
+def shrink_model(model: nn.Module, masks: BlockMasks, inplace: bool = False) -> nn.Module:
+    """A physically smaller copy of ``model`` (a dense timm ViT/DeiT/Swin, no gates attached)
+    keeping the units where ``masks[j][group]`` is True; missing groups are kept whole.
+
+    The result's logits equal those of ``model`` with hard gates set to ``masks`` (after
+    :func:`~p3b_search.surgery.gates.canonical_masks`).
+    """
+    adapter = get_adapter(model)
+    if any(hasattr(adapter.block(sb), "dense_geometry") for sb in adapter.sub_blocks):
+        raise ValueError("shrink_model expects a dense model: this one was already shrunk")
+    target = model if inplace else copy.deepcopy(model)
+    adapter = get_adapter(target)
+    masks = canonical_masks(adapter, masks)
+    for attn_sb, mlp_sb in zip(adapter.sub_blocks[0::2], adapter.sub_blocks[1::2]):
+        block = adapter.block(attn_sb)
+        block.__class__ = _shrunk_block_class(block)
+        block.dense_geometry = {"dim": attn_sb.dim, "num_heads": attn_sb.num_heads,
+                                "head_dim": attn_sb.head_dim, "hidden": mlp_sb.hidden}
+        block.kept_units = {}
+        for sb in (attn_sb, mlp_sb):
+            groups = masks[sb.index]
+            if not bool(groups["out"].any()):
+                _skip_branch(block, adapter, sb.kind)
+                block.kept_units[sb.kind] = None
+                continue
+            if sb.kind == "attn":
+                _shrink_attention(block.attn, sb, groups)
+            else:
+                _shrink_mlp(block.mlp, groups)
+            block.kept_units[sb.kind] = {g: None if bool(m.all()) else _indices(m).tolist()
+                                         for g, m in groups.items()}
+    return target

@@ -1,0 +1,47 @@
+"""Shared fixtures: small timm models built from real configs (random init, nothing downloaded)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+
+os.environ.setdefault("P3B_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "p3b_search"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+#: Real timm architectures at reduced input size (widths, depths and heads as published).
+MODEL_CONFIGS: dict[str, tuple[str, dict]] = {
+    "deit_tiny": ("deit_tiny_patch16_224", {"img_size": 64}),
+    "deit_small": ("deit_small_patch16_224", {"img_size": 64}),
+    "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 64}),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
+}
+
+
+def make_model(key: str, num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    """A random-init model of configuration ``key`` in eval mode."""
+    name, kwargs = MODEL_CONFIGS[key]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+
+
+def random_masks(adapter, seed: int, keep: float, dead_prob: float = 0.1) -> dict:
+    """Random hard masks: each unit kept with probability ``keep``; each group emptied
+    entirely with probability ``dead_prob`` (so skipped sub-blocks are exercised)."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for sb in adapter.sub_blocks:
+        groups = {}
+        for group, size in sb.groups.items():
+            mask = torch.rand(size, generator=gen) < keep
+            if torch.rand((), generator=gen) < dead_prob:
+                mask[:] = False
+            groups[group] = mask
+        masks[sb.index] = groups
+    return masks
+
+
+@pytest.fixture(scope="session")
+def model_factory():
+    return make_model
