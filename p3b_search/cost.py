@@ -131,3 +131,21 @@ def torch_macs(model: nn.Module, batch_size: int = 1) -> float:
             m.fused_attn = value
         model.train(was_training)
     return counter.get_total_flops() / 2 / batch_size
+
+
+def nonzero_macs(model: nn.Module, weight_masks: dict[str, torch.Tensor]) -> int:
+    """MACs per image that remain when the zeros of ``weight_masks`` (parameter name -> bool,
+    True = kept) are skipped: what unstructured sparsity could save with sparse kernels.
+    Without masks this is :func:`model_cost`'s MACs."""
+    adapter = get_adapter(model)
+    macs = model_cost(model).macs
+    for sb in adapter.sub_blocks:
+        branch = adapter.branch(sb)
+        if branch is None:
+            continue
+        names = ("qkv", "proj") if sb.kind == "attn" else ("fc1", "fc2")
+        for name in names:
+            mask = weight_masks.get(f"{sb.block_path}.{sb.kind}.{name}.weight")
+            if mask is not None:
+                macs -= sb.tokens * int((~mask).sum())
+    return macs

@@ -7,6 +7,7 @@ from p3b_search.methods.base import (
     get_method,
     register_method,
 )
+from p3b_search.methods import dense  # noqa: F401  (registers "dense")
 
 __all__ = [
     "MethodConfig",

@@ -1,0 +1,183 @@
+"""One trial: build the model -> prune stage (the method's hooks) -> finalize (shrink) ->
+fine-tune stage of the pruned model -> measure -> save.
+
+It runs the same under Ray Tune, in a test or by hand (``python -m objectives.prune_finetune``):
+what it produces goes through a :class:`~p3b_search.reporting.TrialReporter`.
+
+Working folder (``workdir``)::
+
+    checkpoint/            full-state checkpoint of the last epoch (reported to the runner)
+        checkpoint.pt      written by the training loop
+        trial_state.json   {"stage": "prune" | "finetune"}
+        pruned/            the pruned architecture once the prune stage ended:
+                           arch.json (+ weight_masks.safetensors for unstructured methods)
+    model/                 the final model: model.safetensors + arch.json
+    result.json            objectives, trial config, state ("finished")
+
+``resume_from`` is such a ``checkpoint`` folder (or a copy of it): the trial continues after
+the epoch it holds, in the stage it names, and ends exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from p3b_search.config import TrialConfig
+from p3b_search.cost import model_cost, nonzero_macs
+from p3b_search.data import build_loaders, resolve_input_config
+from p3b_search.methods import PrunedModel, PruningMethod, get_method
+from p3b_search.models import build_model, create_timm_model
+from p3b_search.reporting import TrialReporter
+from p3b_search.surgery import ArchSpec
+from p3b_search.training.loop import evaluate, train_stage
+from p3b_search.training.rng import seed_everything
+
+STATE_FILE = "trial_state.json"
+PRUNED_DIR = "pruned"
+MASKS_FILE = "weight_masks.safetensors"
+
+
+def _model_kwargs(config: TrialConfig, num_classes: int) -> dict[str, Any]:
+    kwargs = {**config.model.overrides, "num_classes": num_classes}
+    if config.training.drop_path:
+        kwargs["drop_path_rate"] = config.training.drop_path
+    return kwargs
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _save_pruned(pruned: PrunedModel, config: TrialConfig, num_classes: int, folder: Path,
+                 **extra: Any) -> None:
+    """arch.json (+ the unstructured weight masks) of ``pruned`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = ArchSpec.from_model(pruned.model, config.model.name, _model_kwargs(config, num_classes),
+                               extra={"structured": pruned.structured, "method": config.method, **extra})
+    spec.save(folder / "arch.json")
+    if pruned.weight_masks:
+        save_file({k: v.contiguous() for k, v in pruned.weight_masks.items()}, folder / MASKS_FILE)
+
+
+def _load_pruned_structure(folder: Path) -> PrunedModel:
+    """The pruned architecture saved by :func:`_save_pruned` (weights come from the checkpoint)."""
+    spec = ArchSpec.load(folder / "arch.json")
+    masks_path = folder / MASKS_FILE
+    masks = {k: v.bool() for k, v in load_file(masks_path).items()} if masks_path.exists() else {}
+    return PrunedModel(spec.build(), structured=spec.extra["structured"], weight_masks=masks)
+
+
+def _measure_latency_ms(model: nn.Module, input_size: tuple[int, ...], repeats: int = 20) -> float:
+    """Median wall time (ms) of one batch-1 forward pass on the model's device, after warm-up."""
+    device = next(model.parameters()).device
+    x = torch.randn(1, *input_size, device=device)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 5:
+                times.append((time.perf_counter() - start) * 1e3)
+    return float(sorted(times)[len(times) // 2])
+
+
+def objectives_of(pruned: PrunedModel, metrics: dict[str, float]) -> dict[str, float]:
+    """The trial's objectives: accuracy, and the cost of what was really kept.
+
+    Structured models are counted as they are; unstructured ones keep dense shapes, so
+    ``params`` counts non-zeros and ``macs`` stays dense (no speed-up without sparse kernels),
+    with ``nonzero_macs`` beside it."""
+    cost = model_cost(pruned.model)
+    zeros = sum(int((~mask).sum()) for mask in pruned.weight_masks.values())
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "params": float(cost.params - zeros),
+            "macs": float(cost.macs), "nonzero_macs": float(nonzero_macs(pruned.model, pruned.weight_masks))}
+
+
+def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
+              resume_from: Path | None = None, measure_latency: bool = False) -> dict[str, float]:
+    """Run one trial (both stages) and return its objectives: ``top1``, ``top5`` (percent),
+    ``params``, ``macs`` (per image), ``nonzero_macs``, and ``latency_ms`` when asked."""
+    workdir = Path(workdir)
+    checkpoint_dir = workdir / "checkpoint"
+    method_cls = get_method(config.method)
+    method_config = method_cls.config_cls(**config.method_config)
+    training = config.training
+    stage = "prune"
+    if resume_from is not None:
+        stage = json.loads((Path(resume_from) / STATE_FILE).read_text())["stage"]
+
+    seed_everything(training.seed)
+    with torch.device("meta"):  # only its input config is read: costs nothing
+        probe = create_timm_model(config.model, config.model.num_classes or 2)
+    train_loader, val_loader, num_classes = build_loaders(config.data, probe, training.batch_size, training.seed)
+    method: PruningMethod = method_cls(method_config, num_classes=num_classes, epochs=training.prune.epochs,
+                                       steps_per_epoch=len(train_loader))
+
+    def on_epoch_end(stage_index: int):
+        def report(epoch: int, metrics: dict[str, float], folder: Path | None) -> None:
+            reporter.report_allocations(method.pop_allocation_rows())
+            reporter.report_epoch({**metrics, "stage": float(stage_index)}, folder)
+        return report
+
+    if stage == "prune":
+        model = build_model(config.model, num_classes, drop_path_rate=training.drop_path or None)
+        method.prepare(model)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(checkpoint_dir / STATE_FILE, {"stage": "prune"})
+        train_stage(model, train_loader, val_loader, training.prune, training, method,
+                    on_epoch_end=on_epoch_end(0), checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+        pruned = method.finalize(model)
+        reporter.report_allocations(method.pop_allocation_rows())
+        _save_pruned(pruned, config, num_classes, checkpoint_dir / PRUNED_DIR)
+        _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
+        finetune_resume = None
+    else:
+        if Path(resume_from).resolve() != checkpoint_dir.resolve():
+            _copy_pruned(Path(resume_from) / PRUNED_DIR, checkpoint_dir / PRUNED_DIR)
+            _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
+        pruned = _load_pruned_structure(checkpoint_dir / PRUNED_DIR)
+        finetune_resume = resume_from  # its model state is loaded by the training loop
+    history = train_stage(pruned.model, train_loader, val_loader, training.finetune, training,
+                          method.finetune_hooks(pruned), on_epoch_end=on_epoch_end(1),
+                          checkpoint_dir=checkpoint_dir, resume_from=finetune_resume,
+                          epoch_offset=training.prune.epochs)
+    final = history[-1] if history else evaluate(pruned.model, val_loader, amp=training.amp)
+    objectives = objectives_of(pruned, final)
+    if measure_latency:
+        objectives["latency_ms"] = _measure_latency_ms(pruned.model, (3, *resolve_input_config(config.data, probe)["input_size"][1:]))
+    _save_final(pruned, config, num_classes, probe, workdir, objectives)
+    reporter.report_final(objectives)
+    return objectives
+
+
+def _copy_pruned(source: Path, target: Path) -> None:
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+
+
+def _save_final(pruned: PrunedModel, config: TrialConfig, num_classes: int, probe: nn.Module,
+                workdir: Path, objectives: dict[str, float]) -> None:
+    folder = workdir / "model"
+    input_config = resolve_input_config(config.data, probe)
+    preprocessing = {k: input_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+    _save_pruned(pruned, config, num_classes, folder, classes=num_classes, preprocessing=preprocessing)
+    state = {k: v.detach().cpu().contiguous() for k, v in pruned.model.state_dict().items()}
+    save_file(state, folder / "model.safetensors")
+    _write_json(workdir / "result.json", {"state": "finished", "objectives": objectives,
+                                          "config": config.model_dump(mode="json")})

@@ -1,0 +1,24 @@
+"""``dense``: fine-tuning without pruning, the reference every pruned row is compared with."""
+from __future__ import annotations
+
+from pydantic import Field
+from torch import nn
+
+from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
+
+
+class DenseConfig(MethodConfig):
+    """No knobs: ``prune_ratio`` must stay 0."""
+
+    prune_ratio: float = Field(0.0, ge=0.0, le=0.0, description="dense prunes nothing.")
+
+
+@register_method
+class Dense(PruningMethod):
+    """Both stages train the full model; ``finalize`` returns it unchanged."""
+
+    name = "dense"
+    config_cls = DenseConfig
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        return PrunedModel(model, structured=True)
