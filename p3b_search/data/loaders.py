@@ -1,0 +1,108 @@
+"""One entry point from a :class:`~p3b_search.config.DataConfig` to train/val data loaders."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from p3b_search.config import DataConfig
+from p3b_search.data.digits import digits_datasets
+from p3b_search.data.folders import cifar_datasets, image_folder_datasets
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(num_samples)`` fixed by ``(seed, epoch)``.
+
+    The training loop calls :meth:`set_epoch` before each epoch (as with torch's
+    ``DistributedSampler``), so the order of any epoch is reproducible without saving
+    generator state: a run resumed at epoch ``e`` sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int]:
+    """``(height, width)`` the model was built for (timm's pretrained config ignores ``img_size`` overrides)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is not None:
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    from timm.data import resolve_model_data_config
+
+    _, height, width = resolve_model_data_config(model)["input_size"]
+    return height, width
+
+
+def resolve_input_config(data: DataConfig, model: nn.Module) -> dict[str, Any]:
+    """timm's data config (mean, std, interpolation, crop) with the input size the model takes."""
+    from timm.data import resolve_model_data_config
+
+    height, width = model_input_size(model)
+    if data.image_size is not None and (data.image_size, data.image_size) != (height, width):
+        if not getattr(model, "dynamic_img_size", False):
+            raise ValueError(
+                f"data.image_size={data.image_size} but the model takes {height}x{width} inputs: "
+                "remove data.image_size or set model.overrides.img_size to the same value"
+            )
+        height = width = data.image_size
+    return resolve_model_data_config(model, args={"input_size": (3, height, width)})
+
+
+def _datasets(data: DataConfig, model: nn.Module, domain: str) -> tuple[Dataset, Dataset, int]:
+    config = resolve_input_config(data, model)
+    if data.kind == "digits":
+        _, height, width = config["input_size"]
+        if height != width:
+            raise ValueError(f"the digits task needs a square model input, the model takes {height}x{width}")
+        return digits_datasets(domain, height, config["mean"], config["std"])
+    if domain != "target":
+        raise ValueError(f"domain={domain!r} exists only for data.kind='digits' (got data.kind={data.kind!r})")
+    from timm.data import create_transform
+
+    train_tf = create_transform(**config, is_training=True)
+    val_tf = create_transform(**config, is_training=False)
+    if data.kind == "imagefolder":
+        return image_folder_datasets(data.root, train_tf, val_tf)
+    return cifar_datasets(data.root, data.kind, train_tf, val_tf)
+
+
+def build_loaders(
+    data: DataConfig, model: nn.Module, batch_size: int, seed: int, domain: str = "target"
+) -> tuple[DataLoader, DataLoader, int]:
+    """``(train_loader, val_loader, num_classes)`` for ``data`` at ``model``'s input size.
+
+    The train loader shuffles with an :class:`EpochShuffleSampler` seeded by ``seed`` and drops
+    the last incomplete batch; ``data.max_train_samples`` keeps a seeded random subset.
+    ``domain`` picks the digits task's ``"source"`` or ``"target"`` domain.
+    """
+    train, val, num_classes = _datasets(data, model, domain)
+    if data.max_train_samples is not None and data.max_train_samples < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: data.max_train_samples]
+        train = Subset(train, sorted(keep.tolist()))
+    if batch_size > len(train):
+        raise ValueError(
+            f"training.batch_size={batch_size} exceeds the {len(train)} training samples: lower training.batch_size"
+        )
+    # Workers are restarted each epoch (not persistent): their seeds then come from the global
+    # torch RNG, which checkpoints restore, so augmentations replay exactly after a resume.
+    workers = dict(num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(
+        train, batch_size=batch_size, sampler=EpochShuffleSampler(len(train), seed), drop_last=True, **workers
+    )
+    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, drop_last=False, **workers)
+    return train_loader, val_loader, num_classes

@@ -1,0 +1,54 @@
+"""Full-state training checkpoints: tensors and plain Python only, written atomically.
+
+A checkpoint lives in a folder as ``checkpoint.pt``. It is written to a temporary file in the
+same folder, flushed to disk, then renamed over the previous one, so a process killed while
+writing leaves the previous checkpoint intact. It is read back with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def checkpoint_path(location: str | Path) -> Path:
+    """The checkpoint file of ``location`` (a checkpoint folder, or the file itself)."""
+    location = Path(location)
+    return location if location.suffix == ".pt" else location / CHECKPOINT_FILE
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write ``state`` to ``directory/checkpoint.pt`` atomically; returns the file path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CHECKPOINT_FILE
+    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_checkpoint(location: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors mapped to the CPU)."""
+    path = checkpoint_path(location)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass the folder a previous epoch reported")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"cannot read checkpoint {path} (corrupt, or holds objects other than tensors and plain Python): {first}"
+        ) from None
