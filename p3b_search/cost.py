@@ -10,6 +10,7 @@ plus Swin's relative position table) and layer scale; everything else is *never 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -71,9 +72,10 @@ def sub_block_cost(adapter: ModelAdapter, sb: SubBlock, sizes: BranchSizes) -> S
         return SubBlockCost(sb.index, sb.layer, sb.kind, 0, 0, sizes)
     block = adapter.block(sb)
     norm_attr, _, ls_attr, _ = adapter.branch_attrs[sb.kind]
-    params = _numel(getattr(block, norm_attr)) + _numel(getattr(block, ls_attr, None))
     first, second = adapter.linears(sb)
     c_in, c_out, T = sizes.c_in, sizes.c_out, sb.tokens
+    layer_scale = c_out if hasattr(getattr(block, ls_attr, None), "gamma") else 0  # sliced by shrink
+    params = _numel(getattr(block, norm_attr)) + layer_scale
     if sb.kind == "attn":
         width = sizes.heads * sizes.head_dim
         table = getattr(adapter.branch(sb), "relative_position_bias_table", None)
@@ -133,19 +135,45 @@ def torch_macs(model: nn.Module, batch_size: int = 1) -> float:
     return counter.get_total_flops() / 2 / batch_size
 
 
+@torch.no_grad()
+def weight_uses_per_image(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """How many times per image each weight of the ``nn.Linear``/``nn.Conv2d`` layers owning
+    the parameters ``names`` (``<module>.weight``) is multiplied: the layer's output rows
+    (linear) or output positions (convolution), counted on one image."""
+    modules = dict(model.named_modules())
+    uses: dict[str, int] = {}
+    handles = []
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = modules.get(owner)
+        if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"{name!r} is not the weight of a Linear or Conv2d layer: only those can be masked")
+        uses[name] = 0
+
+        def count(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+            channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+            uses[name] += output.numel() // channels
+
+        handles.append(module.register_forward_hook(count))
+    if not handles:
+        return uses
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *get_adapter(model).input_size(), device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return uses
+
+
 def nonzero_macs(model: nn.Module, weight_masks: dict[str, torch.Tensor]) -> int:
     """MACs per image that remain when the zeros of ``weight_masks`` (parameter name -> bool,
-    True = kept) are skipped: what unstructured sparsity could save with sparse kernels.
-    Without masks this is :func:`model_cost`'s MACs."""
-    adapter = get_adapter(model)
-    macs = model_cost(model).macs
-    for sb in adapter.sub_blocks:
-        branch = adapter.branch(sb)
-        if branch is None:
-            continue
-        names = ("qkv", "proj") if sb.kind == "attn" else ("fc1", "fc2")
-        for name in names:
-            mask = weight_masks.get(f"{sb.block_path}.{sb.kind}.{name}.weight")
-            if mask is not None:
-                macs -= sb.tokens * int((~mask).sum())
-    return macs
+    True = kept, weights of ``nn.Linear``/``nn.Conv2d`` layers anywhere in the model) are
+    skipped: what unstructured sparsity could save with sparse kernels. Each zeroed weight
+    saves one MAC per use (:func:`weight_uses_per_image`). Without masks this is
+    :func:`model_cost`'s MACs."""
+    uses = weight_uses_per_image(model, weight_masks)
+    return model_cost(model).macs - sum(uses[name] * int((~mask).sum()) for name, mask in weight_masks.items())

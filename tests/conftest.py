@@ -16,6 +16,7 @@ MODEL_CONFIGS: dict[str, tuple[str, dict]] = {
     "deit_small": ("deit_small_patch16_224", {"img_size": 64}),
     "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 64}),
     "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
+    "deit3_small": ("deit3_small_patch16_224", {"img_size": 64}),  # LayerScale, no cls bias
 }
 
 
@@ -23,7 +24,12 @@ def make_model(key: str, num_classes: int = 10, seed: int = 0) -> torch.nn.Modul
     """A random-init model of configuration ``key`` in eval mode."""
     name, kwargs = MODEL_CONFIGS[key]
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+    with torch.no_grad():  # trained layer scales are far from their 1e-5 init: make them matter
+        for module in model.modules():
+            if hasattr(module, "gamma") and isinstance(module.gamma, torch.nn.Parameter):
+                module.gamma.uniform_(0.5, 1.5)
+    return model
 
 
 def random_masks(adapter, seed: int, keep: float, dead_prob: float = 0.1) -> dict:

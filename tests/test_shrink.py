@@ -10,7 +10,7 @@ from p3b_search.surgery import attach_gates, canonical_masks, get_adapter, shrin
 from p3b_search.surgery.shrink import SlicedLinear
 from tests.conftest import make_model, random_masks
 
-EXAMPLES = {"deit_tiny": 6, "deit_small": 4, "deit_tiny_distilled": 4, "swin_tiny": 2}
+EXAMPLES = {"deit_tiny": 6, "deit_small": 4, "deit_tiny_distilled": 4, "swin_tiny": 3, "deit3_small": 3}
 
 
 def masked_and_shrunk_logits(model, masks, x):

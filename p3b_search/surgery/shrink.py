@@ -4,9 +4,10 @@ The shrunk model computes exactly what the masked model computes (same logits up
 rounding), with fewer parameters and MACs:
 
 * ``qkv``/``fc1`` keep only the input channels, heads, head dims and hidden units that
-  survive; ``proj``/``fc2`` keep the surviving output channels and scatter them back into
-  the full-width residual stream (C itself never shrinks). Both become
-  :class:`SlicedLinear`, a ``nn.Linear`` with optional gather/scatter indices.
+  survive; ``proj``/``fc2`` keep the surviving output channels, which go back into the
+  full-width residual stream (C itself never shrinks): ViT blocks add them in place with one
+  ``index_add``; Swin's linears scatter them (its window attention reshapes full-width maps).
+  Both become :class:`SlicedLinear`, a ``nn.Linear`` with optional gather/scatter indices.
 * ``num_heads`` and the per-head dim shrink uniformly. The attention keeps the dense scale
   ``d**-0.5``: timm's kernels use ``d'**-0.5`` for the new dim ``d'``, so the query rows are
   multiplied by ``sqrt(d'/d)`` once, here. (This works for timm's fused and unfused paths.)
@@ -68,15 +69,25 @@ class SlicedLinear(nn.Linear):
 
 
 class ShrunkViTBlock(Block):
-    """timm ViT ``Block`` whose attention or MLP branch may be gone (``None``)."""
+    """timm ViT ``Block`` whose attention or MLP branch may be gone (``None``).
+
+    Branches emit only their kept output channels; they are added into the residual at
+    ``attn_out_index`` / ``mlp_out_index`` (buffers, None = all channels) with one
+    ``index_add``, which costs what the dense residual add costs."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if self.attn is not None:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+            y = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+            x = _add_at(x, self.attn_out_index, y)
         if self.mlp is not None:
-            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            x = _add_at(x, self.mlp_out_index, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
         return x
+
+
+def _add_at(x: torch.Tensor, index: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """``x + y`` where ``y`` holds only the channels ``index`` of ``x`` (all when None)."""
+    return x + y if index is None else x.index_add(-1, index, y)
 
 
 class ShrunkSwinBlock(SwinTransformerBlock):
@@ -109,7 +120,7 @@ def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.to(like.device)
 
 
-def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor]) -> None:
+def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor], scatter: bool) -> None:
     H, d = sb.num_heads, sb.head_dim
     qkv, proj = attn.qkv, attn.proj
     device = qkv.weight.device
@@ -135,7 +146,7 @@ def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Ten
         if c_out is not None:
             proj_weight, proj_bias = proj_weight[c_out.to(device)], (
                 proj_bias[c_out.to(device)] if proj_bias is not None else None)
-        attn.proj = SlicedLinear(proj_weight, proj_bias, out_index=_on(c_out, proj_weight),
+        attn.proj = SlicedLinear(proj_weight, proj_bias, out_index=_on(c_out, proj_weight) if scatter else None,
                                  full_out=proj.out_features)
         table = getattr(attn, "relative_position_bias_table", None)
         if table is not None:
@@ -147,7 +158,7 @@ def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Ten
     attn.scale = len(dims) ** -0.5
 
 
-def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor]) -> None:
+def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor], scatter: bool) -> None:
     fc1, fc2 = mlp.fc1, mlp.fc2
     device = fc1.weight.device
     hidden = _indices(groups["hidden"]).to(device)
@@ -162,7 +173,20 @@ def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor]) -> None:
         if c_out is not None:
             weight2 = weight2[c_out.to(device)]
             bias2 = bias2[c_out.to(device)] if bias2 is not None else None
-        mlp.fc2 = SlicedLinear(weight2, bias2, out_index=_on(c_out, weight2), full_out=fc2.out_features)
+        mlp.fc2 = SlicedLinear(weight2, bias2, out_index=_on(c_out, weight2) if scatter else None,
+                               full_out=fc2.out_features)
+
+
+def _compact_residual(block: nn.Module, adapter: ModelAdapter, kind: str, out_mask: torch.Tensor) -> None:
+    """Register ``{kind}_out_index`` and slice the layer scale to the kept output channels."""
+    _, _, ls_attr, _ = adapter.branch_attrs[kind]
+    out = _subset(out_mask)
+    ls = getattr(block, ls_attr)
+    device = next(block.parameters()).device
+    block.register_buffer(f"{kind}_out_index", None if out is None else out.to(device), persistent=False)
+    if out is not None and hasattr(ls, "gamma"):
+        with torch.no_grad():
+            ls.gamma = nn.Parameter(ls.gamma[out.to(device)].clone())
 
 
 def _shrunk_block_class(block: nn.Module) -> type:
@@ -203,11 +227,18 @@ def shrink_model(model: nn.Module, masks: BlockMasks, inplace: bool = False) -> 
             if not bool(groups["out"].any()):
                 _skip_branch(block, adapter, sb.kind)
                 block.kept_units[sb.kind] = None
+                if isinstance(block, ShrunkViTBlock):
+                    block.register_buffer(f"{sb.kind}_out_index", None, persistent=False)
                 continue
+            # ViT blocks add compact branch outputs into the residual; Swin's window
+            # attention needs full-width outputs, so its linears scatter them.
+            scatter = not isinstance(block, ShrunkViTBlock)
             if sb.kind == "attn":
-                _shrink_attention(block.attn, sb, groups)
+                _shrink_attention(block.attn, sb, groups, scatter)
             else:
-                _shrink_mlp(block.mlp, groups)
+                _shrink_mlp(block.mlp, groups, scatter)
+            if not scatter:
+                _compact_residual(block, adapter, sb.kind, groups["out"])
             block.kept_units[sb.kind] = {g: None if bool(m.all()) else _indices(m).tolist()
                                          for g, m in groups.items()}
     return target
