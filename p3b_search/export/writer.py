@@ -1,0 +1,309 @@
+"""``export_trial``: write one trial's fine-tuned pruned model to a self-contained folder.
+
+::
+
+    <out>/model.safetensors   the shrunk weights (tensors only)
+    <out>/arch.json           ArchSpec: timm name + kwargs, kept units per sub-block, classes,
+                              preprocessing, structured flag, method, source (study, trial, run)
+    <out>/weight_masks.safetensors   unstructured results only: the zero patterns
+    <out>/README.md           model card
+    <out>/model.pt2           torch.export program (dynamic batch), where the model allows it
+    <out>/model.onnx          ONNX (torch.onnx.export, dynamo), when onnx is installed and it works
+
+The folder is written next to ``out`` under a temporary name and renamed at the end, so a
+failed export leaves nothing half-written. The model is the trial's own ``model/`` folder,
+checked against the trial's recorded parameters and MACs; a trial that is not fine-tuned or
+whose model is gone is an error that names the command finishing it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from p3b_search.export.bench import BenchReport, bench, dense_parent
+from p3b_search.export.card import CardFacts, model_card
+from p3b_search.export.counts import MASKS_FILE, count_model, read_weight_masks
+from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line, load_pruned, read_arch_spec
+from p3b_search.export.picks import NUMBER, RESULT_FILE, TOP1, Pick, check_exportable, read_trials, select_trial
+from p3b_search.search.layout import StudyLayout
+from p3b_search.surgery import ArchSpec, get_adapter
+
+#: Column of the trials table holding the trial's MLflow run id.
+RUN_ID = "mlflow_run_id"
+PT2_FILE, ONNX_FILE, CARD_FILE = "model.pt2", "model.onnx", "README.md"
+BEST_ALIAS = "best"
+_MAX_BATCH = 4096
+#: Below this size the ONNX weights are stored inside model.onnx (protobuf's limit is 2 GiB).
+_ONNX_INLINE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What export needs from the study file: its name, objectives and MLflow store."""
+
+    name: str
+    layout: StudyLayout
+    objectives: list[tuple[str, str]]
+    tracking_uri: str | None
+
+    @property
+    def resume_command(self) -> str:
+        return f"python search.py resume {self.layout.root}"
+
+
+def read_study(study_dir: str | Path) -> StudyInfo:
+    """:class:`StudyInfo` of the study folder ``study_dir``, read as ``search.py resume`` reads it."""
+    from p3b_search.search.runner import study_from_folder
+    from p3b_search.search.schema import StudyError
+
+    try:
+        study = study_from_folder(study_dir)
+    except StudyError as error:
+        raise ExportError(str(error)) from None
+    return StudyInfo(study.name, study.layout, list(zip(study.metric_names, study.directions, strict=True)),
+                     study.tracking_uri if study.tracking.enabled else None)
+
+
+@dataclass
+class ExportResult:
+    """The written folder, the trial it holds, its files, the bench figures, notes, and the
+    registered model version when ``register`` was given."""
+
+    folder: Path
+    trial: int
+    files: list[str]
+    bench: BenchReport
+    notes: list[str] = field(default_factory=list)
+    registered_version: int | None = None
+
+
+def _read_result(workdir: Path) -> dict[str, Any]:
+    path = workdir / RESULT_FILE
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result.get("objectives"), dict):
+            raise ValueError("no 'objectives' mapping")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ExportError(f"{path}: corrupt result file ({first_line(error)})") from None
+    return result
+
+
+def _check_same_model(row: pd.Series, recorded: dict[str, float], counted: dict[str, int], workdir: Path) -> None:
+    """The model folder must be the one the trial's figures describe (never a different model)."""
+    for key, value in counted.items():
+        if key in recorded and int(round(recorded[key])) != value:
+            raise ExportError(f"{workdir / 'model'} holds {key}={value:,} but {workdir / RESULT_FILE} records "
+                              f"{int(round(recorded[key])):,}: the model folder is not the trial's result; "
+                              "nothing was exported")
+    table_top1 = row.get(TOP1)
+    if pd.notna(table_top1) and "top1" in recorded and abs(float(table_top1) - recorded["top1"]) > 1e-6:
+        raise ExportError(f"trial {int(row[NUMBER])}: trials.parquet records top-1 {float(table_top1):.4f} but "
+                          f"{workdir / RESULT_FILE} {recorded['top1']:.4f}: the trial folder was overwritten; "
+                          "nothing was exported")
+
+
+def _example(model: nn.Module, batch_size: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, *get_adapter(model).input_size(), generator=generator)
+
+
+def _dynamic_batch() -> dict[str, dict[int, Any]]:
+    return {"x": {0: torch.export.Dim("batch", min=1, max=_MAX_BATCH)}}
+
+
+@torch.no_grad()
+def _export_pt2(model: nn.Module, folder: Path) -> str | None:
+    """Write ``model.pt2`` (batch dimension dynamic) and check its logits; a note when impossible."""
+    example = _example(model)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
+        torch.export.save(program, folder / PT2_FILE)
+        check = _example(model, 3)
+        reloaded = torch.export.load(folder / PT2_FILE).module()
+        torch.testing.assert_close(reloaded(check), model(check), rtol=1e-4, atol=1e-5)
+    except Exception as error:  # torch.export raises many types for unsupported code
+        (folder / PT2_FILE).unlink(missing_ok=True)
+        return f"model.pt2 not written: torch.export failed for this model ({first_line(error)})"
+    return None
+
+
+@torch.no_grad()
+def _export_onnx(model: nn.Module, folder: Path) -> str | None:
+    """Write ``model.onnx`` with torch's dynamo exporter and check it; a note when impossible."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        return "model.onnx not written: onnx/onnxscript are not installed (pip install 'p3b-search[onnx]')"
+    try:
+        inline = sum(p.numel() * p.element_size() for p in model.parameters()) < _ONNX_INLINE_BYTES
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(model, (_example(model),), str(folder / ONNX_FILE), dynamo=True,
+                              dynamic_shapes=_dynamic_batch(), external_data=not inline, verbose=False)
+        onnx.checker.check_model(str(folder / ONNX_FILE))
+    except Exception as error:  # the exporter raises many types for unsupported ops
+        for path in folder.glob(ONNX_FILE + "*"):
+            path.unlink()
+        return f"model.onnx not written: torch.onnx.export(dynamo=True) failed for this model ({first_line(error)})"
+    return None
+
+
+def register_model(model: nn.Module, tracking_uri: str, run_id: str, model_name: str,
+                   card_files: list[Path]) -> int:
+    """Log ``model`` (pt2, with an input example) into run ``run_id``, register it as
+    ``model_name`` and point the alias ``best`` at the new version; returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException as error:
+        raise ExportError(f"--register: MLflow run {run_id} not found in {tracking_uri} "
+                          f"({first_line(error)})") from None
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
+                                            input_example=_example(model).numpy(),
+                                            registered_model_name=model_name)
+            for path in card_files:
+                mlflow.log_artifact(str(path), "export")
+        client.set_terminated(run_id, status)  # reopening the run must not change how it ended
+        version = int(info.registered_model_version)
+        client.set_registered_model_alias(model_name, BEST_ALIAS, version)
+    except MlflowException as error:
+        raise ExportError(f"--register {model_name}: MLflow refused ({first_line(error)}); the exported "
+                          "folder is complete, only the registration failed") from None
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    return version
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ExportError(f"--out {out_dir}: exists and is not empty: choose another folder or pass --overwrite")
+
+
+@dataclass
+class ChosenTrial:
+    """The picked trial's model and records, checked against each other."""
+
+    number: int
+    run_id: str | None
+    model_dir: Path
+    result: dict[str, Any]
+    spec: ArchSpec
+    model: nn.Module
+    weight_masks: dict[str, torch.Tensor]
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.spec.extra.get("structured", True))
+
+    @property
+    def method(self) -> str:
+        return str(self.spec.extra.get("method", self.result.get("config", {}).get("method", "?")))
+
+
+def choose_trial(study: StudyInfo, pick: Pick) -> ChosenTrial:
+    """The trial ``pick`` names, loaded and verified (fine-tuned, same counts as recorded)."""
+    trials = read_trials(study.layout.root)
+    row = select_trial(trials, pick, study.objectives)
+    model_dir = check_exportable(study.layout, row, trials, study.resume_command)
+    result = _read_result(model_dir.parent)
+    spec = read_arch_spec(model_dir)
+    if not spec.extra.get("preprocessing"):
+        raise ExportError(f"{model_dir / ARCH_FILE}: records no preprocessing (input size, mean/std): the trial "
+                          "was saved by an older objective; nothing was exported")
+    model = load_pruned(model_dir)
+    masks = read_weight_masks(model_dir)
+    counts = count_model(model, dense_parent(model_dir), masks)
+    _check_same_model(row, result["objectives"], {"params": counts.params, "macs": counts.macs}, model_dir.parent)
+    run_id = row.get(RUN_ID)
+    return ChosenTrial(int(row[NUMBER]), run_id if isinstance(run_id, str) and run_id else None, model_dir,
+                       result, spec, model, masks)
+
+
+def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pick, onnx: bool,
+                  bench_repeats: int) -> tuple[dict[str, str], BenchReport, list[str]]:
+    """Fill ``folder``; returns (file name -> description, CPU bench, notes)."""
+    shutil.copyfile(chosen.model_dir / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+    files = {WEIGHTS_FILE: "the pruned weights (safetensors: tensors only)",
+             ARCH_FILE: "architecture: timm name + kwargs, kept units per sub-block, preprocessing"}
+    if chosen.weight_masks:
+        shutil.copyfile(chosen.model_dir / MASKS_FILE, folder / MASKS_FILE)
+        files[MASKS_FILE] = "the unstructured zero patterns (True = kept weight)"
+    spec = dataclasses.replace(chosen.spec, extra={
+        **chosen.spec.extra, "structured": chosen.structured, "method": chosen.method,
+        "source": {"study": study.name, "trial": chosen.number, "mlflow_run_id": chosen.run_id,
+                   "pick": pick.describe(), "objectives": chosen.result["objectives"]}})
+    spec.save(folder / ARCH_FILE)
+
+    report = bench(folder, devices=["cpu"], repeats=bench_repeats)
+    notes = [note for note in (_export_pt2(chosen.model, folder),
+                               _export_onnx(chosen.model, folder) if onnx else None) if note]
+    if (folder / PT2_FILE).exists():
+        files[PT2_FILE] = "torch.export program (batch dimension dynamic), torch.export.load(...).module()"
+    if (folder / ONNX_FILE).exists():
+        files[ONNX_FILE] = "ONNX graph (torch.onnx.export, dynamo), batch dimension dynamic"
+    if (folder / f"{ONNX_FILE}.data").exists():
+        files[f"{ONNX_FILE}.data"] = "the ONNX graph's weights (external data: keep it next to model.onnx)"
+    files[CARD_FILE] = "this card"
+    facts = CardFacts(
+        study=study.name, study_dir=str(study.layout.root), trial=chosen.number, pick=pick.describe(),
+        model_name=spec.model_name, model_kwargs=spec.model_kwargs, method=chosen.method,
+        structured=chosen.structured, objectives=chosen.result["objectives"],
+        trial_config=chosen.result.get("config", {}), preprocessing=spec.extra["preprocessing"],
+        classes=spec.extra.get("classes"), mlflow_run_id=chosen.run_id, tracking_uri=study.tracking_uri,
+        files=files, notes=notes,
+    )
+    (folder / CARD_FILE).write_text(model_card(facts, report))
+    return files, report, notes
+
+
+def export_trial(study_dir: str | Path, pick: Pick, out_dir: str | Path, register: str | None = None, *,
+                 overwrite: bool = False, onnx: bool = True, bench_repeats: int = 10) -> ExportResult:
+    """Export the trial of ``study_dir`` chosen by ``pick`` to ``out_dir`` (see the module docstring).
+
+    ``register``: also log the model to the trial's MLflow run and register it under this name
+    with the alias ``best``. ``onnx``: also try ``model.onnx``. ``bench_repeats``: timed runs of
+    the CPU latency measurement in the card.
+    """
+    study = read_study(study_dir)
+    out_dir = Path(out_dir).resolve()
+    _check_target(out_dir, overwrite)
+    chosen = choose_trial(study, pick)
+    if register and (study.tracking_uri is None or chosen.run_id is None):
+        raise ExportError(f"--register {register}: trial {chosen.number} has no MLflow run (tracking disabled in "
+                          "the study): export without --register")
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        files, report, notes = _write_folder(staging, study, chosen, pick, onnx, bench_repeats)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    version = None
+    if register:
+        version = register_model(chosen.model, study.tracking_uri, chosen.run_id, register,
+                                 [out_dir / CARD_FILE, out_dir / ARCH_FILE])
+    return ExportResult(out_dir, chosen.number, sorted(files), dataclasses.replace(report, folder=str(out_dir)),
+                        notes, version)
