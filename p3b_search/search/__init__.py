@@ -1,0 +1,14 @@
+"""The search layer: study files, the search space, the Ray Tune runner, the Pareto front and
+the Parquet results.
+
+Modules (import what you need; only :mod:`.runner`, :mod:`.searcher`, :mod:`.trainable` and
+:mod:`.early_stopping` import Ray):
+
+* :mod:`.schema` -- the study file (``load_study``, ``trial_config``, ``StudyError``)
+* :mod:`.space` -- Optuna distributions, define-by-run sampling, the reference trial, samplers
+* :mod:`.pareto` -- ``pareto_mask``, ``hypervolume``, ``knee_index``
+* :mod:`.results` -- ``trials.parquet`` and ``allocations.parquet``
+* :mod:`.layout` -- the files of a study folder
+* :mod:`.runner` -- ``run_study`` (driver), :mod:`.searcher` -- Optuna behind Ray Tune,
+  :mod:`.trainable` -- what runs in a Ray worker, :mod:`.early_stopping` -- hopeless trials
+"""

@@ -1,0 +1,75 @@
+"""Where a study keeps its files: one folder ``<output_dir>/<study name>/``.
+
+::
+
+    study.yaml           the effective study file (after command-line overrides)
+    optuna.db            Optuna storage (SQLite) unless ``storage`` names another database
+    mlflow.db, mlartifacts/   embedded MLflow store unless ``tracking.uri`` names a server
+    trials.parquet       one row per trial (see ``p3b_search.search.results``)
+    allocations.parquet  one row per sub-block per mask update, merged from allocations/
+    allocations/         per-trial parts written by the trials themselves
+    trials/<number>/     a trial's working folder: its final model in ``model/``
+    ray/                 Ray Tune's storage_path (experiment state, trial checkpoints)
+
+Multi-node runs need this folder on storage every node sees (NFS, a shared volume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY_EXPERIMENT = "tune"
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Paths inside one study folder ``root``."""
+
+    root: Path
+
+    @property
+    def study_file(self) -> Path:
+        return self.root / "study.yaml"
+
+    @property
+    def optuna_db(self) -> Path:
+        return self.root / "optuna.db"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def trials_table(self) -> Path:
+        return self.root / "trials.parquet"
+
+    @property
+    def allocations_table(self) -> Path:
+        return self.root / "allocations.parquet"
+
+    @property
+    def allocation_parts(self) -> Path:
+        return self.root / "allocations"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def ray_experiment(self) -> Path:
+        """Ray Tune's experiment folder (what ``Tuner.restore`` reads)."""
+        return self.ray_storage / RAY_EXPERIMENT
+
+    def trial_dir(self, number: int) -> Path:
+        """Working folder of Optuna trial ``number``; the final model lands in ``model/``."""
+        return self.root / "trials" / f"{number:05d}"
+
+    def default_storage_url(self) -> str:
+        return f"sqlite:///{self.optuna_db}"
+
+    def default_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"

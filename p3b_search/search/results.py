@@ -1,0 +1,197 @@
+"""The study's results as Parquet tables, readable with pandas/pyarrow while the study runs.
+
+``trials.parquet`` (one row per trial that started; written by the driver only)::
+
+    number        Optuna trial number (int)
+    state         COMPLETE | PRUNED (stopped early) | FAIL | RUNNING
+    method        the trial's pruning method
+    param.<path>  every sampled parameter, e.g. ``param.method_config.prune_ratio``
+    top1, top5, macs, params, latency_ms   final metrics (top-1/top-5 in %, MACs and
+                  parameters per image/model); NaN unless the trial finished
+    pareto        True for COMPLETE trials on the current front of the study's objectives
+    start, end, duration_s   Optuna's timestamps (the driver's local time) and seconds
+    epochs_done   epochs reported so far; retries: restarts from a checkpoint after a failure
+    fail_reason   one line for FAIL (PRUNED: why it was stopped)
+    mlflow_run_id, ray_trial_id
+
+``allocations.parquet``: one row per sub-block per mask update, the method's allocation rows
+plus ``trial``; trials write their own parts under ``allocations/<number>/`` and
+:func:`merge_allocations` joins them. Both tables are replaced atomically (write a new file,
+then rename), so a reader never sees a half-written file.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from p3b_search.search.layout import StudyLayout
+from p3b_search.search.pareto import pareto_mask
+
+PARAM_PREFIX = "param."
+FINAL_METRICS = ("top1", "top5", "macs", "params", "latency_ms")
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+ANNOTATIONS = ("epochs_done", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
+FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` so readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _uniform(values: list[Any]) -> bool:
+    """Whether Arrow can store ``values`` as one column type (else: store them as text)."""
+    try:
+        pa.array(values)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- trials
+
+def trials_frame(
+    trials: Iterable[Any],
+    metric_names: Sequence[str],
+    directions: Sequence[str],
+    annotations: dict[int, dict[str, Any]] | None = None,
+    default_method: str = "",
+) -> pd.DataFrame:
+    """One row per started Optuna trial (``optuna.trial.FrozenTrial``), with the driver's
+    ``annotations`` (by trial number: epochs_done, retries, fail_reason, run ids) merged in."""
+    annotations = annotations or {}
+    rows = []
+    for trial in trials:
+        state = trial.state.name
+        if state not in STATES:
+            continue  # WAITING: enqueued, not started yet
+        row: dict[str, Any] = {"number": trial.number, "state": state,
+                               "method": trial.params.get("method", default_method)}
+        row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.params.items()})
+        final = {k.removeprefix(FINAL_ATTR): v for k, v in trial.user_attrs.items() if k.startswith(FINAL_ATTR)}
+        if trial.values is not None:
+            final.update(zip(metric_names, trial.values))
+        row.update({m: float(final[m]) if final.get(m) is not None else math.nan for m in FINAL_METRICS})
+        row["start"] = trial.datetime_start
+        row["end"] = trial.datetime_complete
+        notes = annotations.get(trial.number, {})
+        row.update({k: notes.get(k) for k in ANNOTATIONS})
+        if row["fail_reason"] is None:
+            row["fail_reason"] = trial.user_attrs.get("fail_reason")
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=_trial_columns(rows))
+    frame["start"] = pd.to_datetime(frame["start"])
+    frame["end"] = pd.to_datetime(frame["end"])
+    frame["duration_s"] = (frame["end"] - frame["start"]).dt.total_seconds()
+    frame["epochs_done"] = frame["epochs_done"].fillna(0).astype("int64")
+    frame["retries"] = frame["retries"].fillna(0).astype("int64")
+    frame["pareto"] = front_mask(frame, metric_names, directions)
+    return frame.sort_values("number", ignore_index=True)
+
+
+def _trial_columns(rows: list[dict[str, Any]]) -> list[str]:
+    params = sorted({k for row in rows for k in row if k.startswith(PARAM_PREFIX)})
+    return ["number", "state", "method", *params, *FINAL_METRICS, "start", "end", *ANNOTATIONS]
+
+
+def front_mask(frame: pd.DataFrame, metric_names: Sequence[str], directions: Sequence[str]) -> np.ndarray:
+    """True for COMPLETE rows of ``frame`` on the Pareto front of ``metric_names``."""
+    mask = np.zeros(len(frame), dtype=bool)
+    complete = (frame["state"] == "COMPLETE").to_numpy()
+    if complete.any():
+        values = frame.loc[complete, list(metric_names)].to_numpy(dtype=np.float64)
+        mask[np.flatnonzero(complete)] = pareto_mask(values, directions)
+    return mask
+
+
+def front(frame: pd.DataFrame, metric_names: Sequence[str]) -> pd.DataFrame:
+    """The front's rows, best first objective first."""
+    rows = frame[frame["pareto"]]
+    return rows.sort_values(list(metric_names), ascending=False, ignore_index=True)
+
+
+def write_trials(frame: pd.DataFrame, layout: StudyLayout) -> None:
+    """Replace ``trials.parquet`` with ``frame`` (atomically)."""
+    frame = frame.copy()
+    for name in frame.columns:
+        if frame[name].dtype == object and not _uniform(frame[name].tolist()):
+            frame[name] = [None if v is None else str(v) for v in frame[name]]
+    write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), layout.trials_table)
+
+
+def read_trials(layout: StudyLayout) -> pd.DataFrame:
+    """``trials.parquet`` (empty frame when no trial has started yet)."""
+    if not layout.trials_table.exists():
+        return pd.DataFrame(columns=["number", "state", *FINAL_METRICS, "pareto"])
+    return pd.read_parquet(layout.trials_table)
+
+
+def annotations_of(frame: pd.DataFrame) -> dict[int, dict[str, Any]]:
+    """The driver's annotations stored in a trials table (to carry them over a resume)."""
+    present = [c for c in ANNOTATIONS if c in frame.columns]
+    return {int(row["number"]): {c: (None if _missing(row[c]) else row[c]) for c in present}
+            for _, row in frame.iterrows()}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# ----------------------------------------------------------------------------- allocations
+
+class AllocationWriter:
+    """Writes one trial's allocation rows as parts ``allocations/<number>/part-<index>.parquet``.
+
+    ``index`` is the epoch the rows belong to. A trial restarted from a checkpoint redoes the
+    epochs after it: :meth:`clear_from` drops their old parts first, and :meth:`write` replaces
+    a part, so a retried trial never duplicates rows.
+    """
+
+    def __init__(self, layout: StudyLayout, number: int):
+        self.folder = layout.allocation_parts / f"{number:05d}"
+        self.number = number
+
+    def write(self, rows: list[dict[str, Any]], index: int) -> None:
+        if rows:
+            table = pa.Table.from_pylist([{"trial": self.number, **row} for row in rows])
+            write_parquet_atomic(table, self.folder / f"part-{index:05d}.parquet")
+
+    def clear_from(self, index: int) -> None:
+        """Delete the parts of epochs ``index`` and later."""
+        for path in self.folder.glob("part-*.parquet"):
+            if int(path.stem.removeprefix("part-")) >= index:
+                path.unlink(missing_ok=True)
+
+
+def read_allocations(layout: StudyLayout) -> pd.DataFrame:
+    """Every allocation row written so far, read from the per-trial parts (always current)."""
+    parts = sorted(layout.allocation_parts.glob("*/part-*.parquet"))
+    tables = []
+    for path in parts:
+        try:
+            tables.append(pq.read_table(path))
+        except (OSError, pa.ArrowInvalid):
+            continue  # replaced between glob and read
+    if not tables:
+        return pd.DataFrame(columns=["trial"])
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def merge_allocations(layout: StudyLayout) -> int:
+    """Replace ``allocations.parquet`` with all parts joined; returns the number of rows."""
+    frame = read_allocations(layout)
+    if frame.empty:
+        return 0
+    write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), layout.allocations_table)
+    return len(frame)

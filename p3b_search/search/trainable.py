@@ -1,0 +1,210 @@
+"""What runs inside a Ray worker: one trial of the objective, its reports forwarded to Ray Tune,
+the allocation Parquet parts and (when tracking is on) its MLflow child run.
+
+A trial's per-epoch results carry the objective's metrics plus ``trial_finished = False`` and
+the objective keys ``objective_<name> = NaN``; only the last result, sent after the objective
+returned, carries ``trial_finished = True`` and the real objective values. The searcher tells
+Optuna COMPLETE only for that result (see :mod:`p3b_search.search.searcher`). The NaN
+placeholders exist because Ray Tune checks that every result carries the searcher's metrics.
+
+``workers_per_trial > 1``: the Tune trial launches a Ray Train ``TorchTrainer`` whose workers
+(gloo on CPU, NCCL on GPU) all run the objective under ``torch.distributed``; rank 0 forwards
+reports, writes allocation parts and logs to MLflow. Reducing pruning statistics across ranks
+is the methods' job (``torch.distributed.all_reduce`` when a process group exists).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+from p3b_search.reporting import TrialReporter
+from p3b_search.search.results import AllocationWriter
+from p3b_search.search.schema import StudyConfig, trial_config
+
+TRIAL_NUMBER = "trial_number"
+FINISHED = "trial_finished"
+OBJECTIVE_PREFIX = "objective_"
+MLFLOW_RUN_ID = "mlflow_run_id"
+DEFAULT_OBJECTIVE = "objectives.prune_finetune:run_trial"
+
+ReportFn = Callable[..., None]
+
+
+def load_objective(reference: str) -> Callable[..., dict[str, float]]:
+    """``"package.module:function"`` -> the function (imported in the worker)."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name or "run_trial")
+
+
+def objective_key(name: str) -> str:
+    """Result key of objective ``name`` (NaN until the trial finished)."""
+    return f"{OBJECTIVE_PREFIX}{name}"
+
+
+class TuneTrialReporter(TrialReporter):
+    """Forwards one trial's reports: per-epoch results (+ checkpoint) to Ray, allocation rows to
+    Parquet parts, everything to ``downstream`` (the MLflow reporter) when given.
+
+    Allocation rows received before the report of epoch ``e`` are written as part ``e``; the
+    first epoch reported after a restart drops the parts from that epoch on (see
+    :class:`~p3b_search.search.results.AllocationWriter`).
+    """
+
+    def __init__(self, report: ReportFn, metric_names: list[str], writer: AllocationWriter | None = None,
+                 downstream: TrialReporter | None = None):
+        super().__init__()
+        self._report = report
+        self._metric_names = metric_names
+        self._writer = writer
+        self._downstream = downstream
+        self._pending: list[dict[str, Any]] = []
+        self._last_epoch: int | None = None
+
+    def _extras(self) -> dict[str, Any]:
+        run_id = getattr(self._downstream, "run_id", None)
+        return {MLFLOW_RUN_ID: run_id} if run_id else {}
+
+    def report_epoch(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
+        super().report_epoch(metrics, checkpoint_dir)
+        epoch = int(metrics.get("epoch", len(self.epochs) - 1))
+        if self._writer is not None:
+            if self._last_epoch is None:
+                self._writer.clear_from(epoch)
+            self._writer.write(self._pending, epoch)
+        self._pending = []
+        self._last_epoch = epoch
+        if self._downstream is not None:
+            self._downstream.report_epoch(metrics, checkpoint_dir)
+        result = {**metrics, FINISHED: False, **{objective_key(m): math.nan for m in self._metric_names},
+                  **self._extras()}
+        self._report(result, checkpoint_dir)
+
+    def report_allocations(self, rows: list[dict[str, Any]]) -> None:
+        super().report_allocations(rows)
+        self._pending.extend(rows)
+        if self._downstream is not None:
+            self._downstream.report_allocations(rows)
+
+    def report_final(self, metrics: dict[str, float]) -> None:
+        super().report_final(metrics)
+        if self._downstream is not None:
+            self._downstream.report_final(metrics)
+
+    def finish(self, objectives: dict[str, float]) -> None:
+        """The trial's last result: ``trial_finished`` and the objective values."""
+        if self._writer is not None:
+            self._writer.write(self._pending, 0 if self._last_epoch is None else self._last_epoch + 1)
+        self._pending = []
+        values = {objective_key(m): float(objectives[m]) if m in objectives else math.nan
+                  for m in self._metric_names}
+        self._report({**objectives, FINISHED: True, **values, **self._extras()}, None)
+
+
+def _tune_report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    from ray import tune
+
+    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    tune.report(result, checkpoint=checkpoint)
+
+
+def _train_report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    import ray.train
+
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank0 else None
+    ray.train.report(result, checkpoint=checkpoint)
+
+
+def _mlflow_reporter(study: StudyConfig, tracking: dict[str, Any], number: int,
+                     params: dict[str, Any]) -> TrialReporter:
+    """The trial's MLflow child run; ``tracking``: ``tracking_uri``, ``experiment_id`` and
+    ``parent_run_id`` of the study's parent run (made by the driver's ``StudyTracker``)."""
+    from p3b_search.tracking.mlflow_tracker import MlflowTrialReporter
+
+    return MlflowTrialReporter(**tracking, run_name=f"{study.name}-trial-{number:04d}", trial_number=number,
+                               params=params)
+
+
+def run_objective(
+    config: dict[str, Any],
+    study: StudyConfig,
+    tracking: dict[str, Any] | None,
+    objective: str,
+    report: ReportFn,
+    checkpoint: Any,
+    lead: bool = True,
+) -> None:
+    """Run the objective for one trial's Ray config and report through ``report``.
+
+    ``checkpoint``: the Ray checkpoint to resume from (None for a fresh start); ``lead``:
+    this process writes allocation parts and the MLflow run (rank 0).
+    """
+    run = load_objective(objective)  # first: importing it may register methods
+    params = {k: v for k, v in config.items() if k != TRIAL_NUMBER}
+    number = int(config[TRIAL_NUMBER])
+    trial = trial_config(study, params)
+    workdir = study.layout.trial_dir(number)
+    workdir.mkdir(parents=True, exist_ok=True)
+    kwargs = {"measure_latency": True} if "latency_ms" in study.metric_names else {}
+    with ExitStack() as stack:
+        downstream = None
+        if tracking is not None and lead:
+            downstream = stack.enter_context(_mlflow_reporter(study, tracking, number, params))
+        writer = AllocationWriter(study.layout, number) if lead else None
+        reporter = TuneTrialReporter(report, study.metric_names, writer, downstream)
+        resume_from = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+        objectives = run(trial, reporter, workdir, resume_from, **kwargs)
+        reporter.finish(objectives)
+
+
+def tune_trainable(config: dict[str, Any], study: StudyConfig, tracking: dict[str, Any] | None,
+                   objective: str) -> None:
+    """The Ray Tune function trainable of a single-process trial."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
+    run_objective(config, study, tracking, objective, _tune_report, tune.get_checkpoint())
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial."""
+    import ray.train
+    import torch
+
+    study = loop_config["study"]
+    torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    run_objective(loop_config["config"], study, loop_config["tracking"], loop_config["objective"],
+                  _train_report, ray.train.get_checkpoint(), lead=rank0)
+
+
+def data_parallel_trainable(config: dict[str, Any], study: StudyConfig, tracking: dict[str, Any] | None,
+                            objective: str) -> None:
+    """The Ray Tune trainable of a ``workers_per_trial > 1`` trial: a ``TorchTrainer`` run.
+
+    Ray Train V2 restores the run's latest checkpoint by itself when a run of the same name and
+    storage path exists (a retried or resumed trial), and retries failed workers up to
+    ``max_failures`` times; rank 0's results reach Tune through ``TuneReportCallback``.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = study.resources_per_trial
+    number = int(config[TRIAL_NUMBER])
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": dict(config), "study": study,
+                           "tracking": tracking, "objective": objective},
+        torch_config=TorchConfig(backend="nccl" if resources.gpu > 0 else "gloo"),
+        scaling_config=ScalingConfig(num_workers=study.workers_per_trial, use_gpu=resources.gpu > 0,
+                                     resources_per_worker={"CPU": resources.cpu, "GPU": resources.gpu}),
+        run_config=RunConfig(name=f"trial-{number:05d}", storage_path=str(study.layout.ray_storage / "train"),
+                             failure_config=FailureConfig(max_failures=study.max_failures),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()

@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""p3b-search: find the best pruned vision transformer for your data set.
+
+Optuna proposes pruning settings, Ray Tune trains them (prune stage, then fine-tune), MLflow
+records every trial, and you pick a model from the accuracy / MACs Pareto front.
+
+  python search.py run studies/quickstart.yaml     # a 5-minute CPU demo (embedded digits data)
+  python search.py status quickstart               # trials so far and the current front
+  python search.py pareto quickstart               # the front as a table
+  python search.py ui quickstart                   # MLflow UI on http://127.0.0.1:5000
+  python search.py export quickstart --pick knee --out pruned/   # the chosen model
+  python search.py resume quickstart               # continue an interrupted study
+
+A study is a YAML file (see studies/); its results live in <output_dir>/<name>/ (default
+runs/<name>/). NAME is that folder, the study file, or a study name under --output-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+EXPORT_COMMANDS = ("export", "bench")
+
+
+def study_folder(name: str, output_dir: str) -> Path:
+    """The study folder NAME refers to: a folder, a study file, or a name under ``output_dir``."""
+    from p3b_search.search.schema import StudyError, load_study
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return load_study(path).layout.root
+    candidate = Path(output_dir).expanduser() / name
+    if candidate.is_dir():
+        return candidate
+    raise StudyError(f"study {name!r}: no study folder {candidate}: pass the folder printed by `search.py run`, "
+                     "the study file, or set --output-dir to where the study ran")
+
+
+def _table(frame: pd.DataFrame, study) -> str:
+    """A compact text table of trials: number, state, parameters, objectives, timing."""
+    if frame.empty:
+        return "(no trials yet)"
+    params = [c for c in frame.columns if c.startswith("param.")]
+    columns = ["number", "state", "method", *params, *study.metric_names, "epochs_done", "duration_s", "fail_reason"]
+    shown = frame[[c for c in columns if c in frame.columns]].rename(columns=lambda c: c.removeprefix("param."))
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.float_format", "{:.4g}".format):
+        return shown.to_string(index=False)
+
+
+def _print_front(outcome) -> None:
+    study = outcome.study
+    print(f"\nPareto front of {study.name} ({len(outcome.front)} of "
+          f"{int((outcome.trials['state'] == 'COMPLETE').sum()) if len(outcome.trials) else 0} finished trials; "
+          f"{' / '.join(f'{n} ({d})' for n, d in zip(study.metric_names, study.directions))}):")
+    print(_table(outcome.front, study))
+    reference = ", ".join(f"{n}={v:.4g}" for n, v in zip(study.metric_names, outcome.reference))
+    print(f"hypervolume {outcome.hypervolume:.6g} (reference point: {reference})")
+
+
+def _hints(folder: Path) -> None:
+    print(f"\nresults:   {folder}  (trials.parquet, allocations.parquet)")
+    print(f"MLflow UI: python search.py ui {folder}")
+    print(f"export:    python search.py export {folder} --pick knee --out {folder.name}-knee/")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from p3b_search.search.runner import run_study
+    from p3b_search.search.schema import load_study
+
+    if args.objective:
+        __import__(args.objective.partition(":")[0])  # a custom objective may register its own methods
+    study = load_study(args.study)
+    changes = {k: v for k, v in (("n_trials", args.trials), ("name", args.name), ("output_dir", args.output_dir))
+               if v is not None}
+    if changes:
+        study = study.with_overrides(**changes)
+    return _finish(run_study(study, address=args.address, objective=args.objective or _default_objective(),
+                             num_cpus=args.cpus, verbose=args.verbose))
+
+
+def _default_objective() -> str:
+    from p3b_search.search.trainable import DEFAULT_OBJECTIVE
+
+    return DEFAULT_OBJECTIVE
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from p3b_search.search.runner import run_study, study_from_folder
+
+    if args.objective:
+        __import__(args.objective.partition(":")[0])
+    study = study_from_folder(study_folder(args.study, args.output_dir))
+    return _finish(run_study(study, resume=True, address=args.address, objective=args.objective or _default_objective(),
+                             num_cpus=args.cpus, verbose=args.verbose))
+
+
+def _finish(outcome) -> int:
+    _print_front(outcome)
+    minutes, seconds = divmod(int(outcome.elapsed_s), 60)
+    print(f"{'interrupted' if outcome.interrupted else 'finished'} after {minutes}m{seconds:02d}s")
+    if outcome.interrupted:
+        print(f"continue with: python search.py resume {outcome.study.layout.root}")
+    _hints(outcome.study.layout.root)
+    return 130 if outcome.interrupted else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from p3b_search.search.runner import study_from_folder, study_summary
+
+    folder = study_folder(args.study, args.output_dir)
+    outcome = study_summary(study_from_folder(folder))
+    frame = outcome.trials
+    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
+    print(f"study {outcome.study.name} in {folder}: {outcome.study.n_trials} trials planned; "
+          + ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "RUNNING", "PRUNED", "FAIL")))
+    print(_table(frame, outcome.study))
+    _print_front(outcome)
+    return 0
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from p3b_search.search.runner import study_from_folder, study_summary
+
+    outcome = study_summary(study_from_folder(study_folder(args.study, args.output_dir)))
+    if args.csv:
+        outcome.front.to_csv(sys.stdout, index=False)
+    else:
+        _print_front(outcome)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from p3b_search.search.runner import study_from_folder
+
+    study = study_from_folder(study_folder(args.study, args.output_dir))
+    uri = study.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        print(f"study {study.name} logs to the tracking server {uri}: open it in a browser")
+        return 0
+    print(f"MLflow UI for {study.name}: http://127.0.0.1:{args.port}  (Ctrl-C to stop; filter the front with "
+          "tags.pareto = \"true\")")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="search.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def study_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("study", metavar="NAME", help="study folder, study file, or study name under --output-dir")
+        p.add_argument("--output-dir", default="runs", help="where studies live (default: runs)")
+
+    def ray_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="join a running Ray cluster ('auto', or ray://HEAD:10001) instead of "
+                                         "starting Ray on this machine; the study folder must be on shared storage")
+        p.add_argument("--cpus", type=int, help="CPUs local Ray may use (default: all)")
+        p.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own output")
+        p.add_argument("--objective", metavar="MODULE:FUNCTION",
+                       help="run another objective with the run_trial signature (default: "
+                            "objectives.prune_finetune:run_trial)")
+
+    run = sub.add_parser("run", help="start a study from a study file",
+                         description="Start a study: validate the file, then run its trials with Ray Tune.")
+    run.add_argument("study", metavar="STUDY.yaml", help="the study file (see studies/)")
+    run.add_argument("--trials", type=int, help="number of trials (overrides n_trials)")
+    run.add_argument("--name", help="study name (overrides name; results go to <output_dir>/<name>)")
+    run.add_argument("--output-dir", help="where the study folder is created (overrides output_dir)")
+    ray_args(run)
+    run.set_defaults(handler=_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted study (no trial lost or repeated)")
+    study_arg(resume)
+    ray_args(resume)
+    resume.set_defaults(handler=_resume)
+
+    status = sub.add_parser("status", help="trials so far and the current Pareto front (also while it runs)")
+    study_arg(status)
+    status.set_defaults(handler=_status)
+
+    pareto = sub.add_parser("pareto", help="the Pareto front as a table")
+    study_arg(pareto)
+    pareto.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    pareto.set_defaults(handler=_pareto)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the study's tracking store (127.0.0.1)")
+    study_arg(ui)
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui.set_defaults(handler=_ui)
+
+    sub.add_parser("export", help="export a trial's pruned model (see: search.py export --help)", add_help=False)
+    sub.add_parser("bench", help="benchmark an exported model against its dense parent "
+                                 "(see: search.py bench --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXPORT_COMMANDS:
+        from p3b_search.export.cli import main as export_main
+
+        return export_main(argv)
+    from p3b_search.search.schema import StudyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except StudyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""A small real objective for runner tests: an MLP on scikit-learn's digits, pruned.
+
+Same contract as ``objectives.prune_finetune.run_trial``: the prune stage trains the MLP and
+reports per-epoch allocation rows (the keep ratio of its hidden layer, ramping to
+``1 - prune_ratio``); then the hidden units with the smallest weight L1 norms are removed (the
+model is physically smaller) and the fine-tune stage trains the rest at ``2 * alpha`` times
+its learning rate (``alpha`` = 0: no fine-tuning, a hopeless trial for early stopping).
+It reads ``prune_ratio`` and ``alpha`` of the trial's method config (P3B's knobs).
+Full-state checkpoints each epoch; ``resume_from`` continues after the checkpointed epoch.
+
+Under ``torch.distributed`` (a ``workers_per_trial > 1`` trial) each rank trains on its own
+shard of the data and only rank 0 writes checkpoints.
+
+Test controls, read from the study folder (``workdir/../..``): ``epoch-seconds`` (sleep per
+epoch, to keep trials running while a test interrupts them) and ``fail-once-<number>``
+(raise once after the second epoch, to exercise retries).
+Every epoch trained is appended to ``workdir/epochs.log``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from p3b_search.config import TrialConfig
+from p3b_search.methods import get_method
+from p3b_search.methods.collective import average_across_ranks
+from p3b_search.reporting import TrialReporter
+
+HIDDEN = 32
+
+
+def _digits() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=generator)
+    train, val = order[:1400], order[1400:]
+    return x[train], y[train], x[val], y[val]
+
+
+def _mlp(hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def _shrink(model: nn.Sequential, keep: int, workdir: Path) -> nn.Sequential:
+    """Keep the ``keep`` hidden units of largest weight L1 norm; under ``torch.distributed`` the
+    scores are averaged over the ranks first, so every rank keeps the same units (recorded in
+    ``workdir/kept-rank<r>.txt``)."""
+    fc1, fc2 = model[0], model[2]
+    score = average_across_ranks(fc1.weight.detach().abs().sum(1) + fc2.weight.detach().abs().sum(0))
+    kept = score.topk(keep).indices.sort().values
+    if dist.is_initialized():
+        (workdir / f"kept-rank{dist.get_rank()}.txt").write_text(" ".join(map(str, kept.tolist())))
+    small = _mlp(keep)
+    with torch.no_grad():
+        small[0].weight.copy_(fc1.weight[kept])
+        small[0].bias.copy_(fc1.bias[kept])
+        small[2].weight.copy_(fc2.weight[:, kept])
+        small[2].bias.copy_(fc2.bias)
+    return small
+
+
+def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean() * 100)
+
+
+def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
+              resume_from: Path | None = None) -> dict[str, float]:
+    torch.manual_seed(config.training.seed)
+    knobs = get_method(config.method).config_cls(**config.method_config)
+    keep = max(1, round((1 - knobs.prune_ratio) * HIDDEN))
+    study_root = Path(workdir).parent.parent
+    pause = float((study_root / "epoch-seconds").read_text()) if (study_root / "epoch-seconds").exists() else 0.0
+    x, y, xv, yv = _digits()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    x, y = x[rank::world], y[rank::world]  # data-parallel: each rank trains on its own shard
+    lead = rank == 0
+    prune_epochs, total = config.training.prune.epochs, config.training.prune.epochs + config.training.finetune.epochs
+    model, start = _mlp(HIDDEN), 0
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / "state.pt")
+        model = _mlp(state["hidden"])
+        model.load_state_dict(state["model"])
+        start = state["epoch"] + 1
+    finetune_lr = config.training.finetune.lr * 2 * knobs.alpha
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.training.prune.lr if start < prune_epochs else finetune_lr)
+    checkpoint = Path(workdir) / "checkpoint"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start, total):
+        if epoch == prune_epochs:
+            reporter.report_allocations([{"step": epoch * 10, "layer": 0, "kind": "mlp",
+                                          "keep_ratio": keep / HIDDEN, "final": True}])
+            model = _shrink(model, keep, Path(workdir))
+            optimizer = torch.optim.Adam(model.parameters(), lr=finetune_lr)
+        for batch in torch.randperm(len(y)).split(config.training.batch_size):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+        time.sleep(pause)
+        if epoch < prune_epochs:
+            ramp = 1 - (1 - keep / HIDDEN) * (epoch + 1) / max(1, prune_epochs)
+            reporter.report_allocations([{"step": epoch * 10 + 9, "layer": 0, "kind": "mlp", "keep_ratio": ramp}])
+        hidden = model[0].out_features
+        macs = float(64 * hidden + hidden * 10)
+        if lead:
+            torch.save({"model": model.state_dict(), "hidden": hidden, "epoch": epoch}, checkpoint / "state.pt")
+            with open(Path(workdir) / "epochs.log", "a") as log:
+                log.write(f"{epoch}\n")
+        marker = study_root / f"fail-once-{int(Path(workdir).name)}"
+        reporter.report_epoch({"epoch": float(epoch), "stage": float(epoch >= prune_epochs), "loss": 0.0,
+                               "top1": _top1(model, xv, yv), "macs": macs,
+                               "kept_params": float(sum(p.numel() for p in model.parameters()))}, checkpoint)
+        if epoch == 1 and marker.exists():
+            marker.unlink()
+            raise RuntimeError("injected failure after epoch 1")
+    objectives = {"top1": _top1(model, xv, yv), "top5": 100.0, "macs": float(64 * keep + keep * 10),
+                  "params": float(sum(p.numel() for p in model.parameters()))}
+    reporter.report_final(objectives)
+    return objectives

@@ -1,0 +1,144 @@
+"""Parquet results: the trials table from Optuna's records, allocation parts, safe rewrites."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import optuna
+import pandas as pd
+import pyarrow.parquet as pq
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from p3b_search.search.layout import StudyLayout
+from p3b_search.search.pareto import pareto_mask
+from p3b_search.search.results import (
+    AllocationWriter,
+    annotations_of,
+    merge_allocations,
+    read_allocations,
+    read_trials,
+    trials_frame,
+    write_trials,
+)
+
+NAMES, DIRECTIONS = ["top1", "macs"], ["maximize", "minimize"]
+RATIO = FloatDistribution(0.2, 0.9)
+
+
+def recorded_study() -> optuna.Study:
+    """Trials in every state, as the searcher leaves them."""
+    study = optuna.create_study(directions=DIRECTIONS)
+
+    def ask(ratio: float) -> optuna.Trial:
+        study.enqueue_trial({"method_config.prune_ratio": ratio})
+        return study.ask({"method_config.prune_ratio": RATIO})
+
+    for ratio, values in [(0.5, [90.0, 2e6]), (0.7, [85.0, 1e6]), (0.3, [80.0, 3e6]), (0.6, [90.0, 2e6])]:
+        trial = ask(ratio)
+        trial.set_user_attr("final_top5", 99.0)
+        study.tell(trial, values)
+    study.tell(ask(0.4), state=TrialState.PRUNED)
+    failed = ask(0.8)
+    failed.set_user_attr("fail_reason", "invalid sample: method_config: start after finalize")
+    study.tell(failed, state=TrialState.FAIL)
+    ask(0.5)  # running
+    study.enqueue_trial({"method_config.prune_ratio": 0.5})  # waiting: not a row
+    return study
+
+
+def test_trials_frame_has_one_row_per_started_trial():
+    study = recorded_study()
+    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS, {6: {"epochs_done": 3, "ray_trial_id": "abc"}},
+                         default_method="p3b")
+    assert frame["number"].tolist() == list(range(7))
+    assert frame["state"].tolist() == ["COMPLETE"] * 4 + ["PRUNED", "FAIL", "RUNNING"]
+    assert (frame["method"] == "p3b").all()
+    assert frame.loc[0, "param.method_config.prune_ratio"] == 0.5
+    assert frame.loc[0, "top5"] == 99.0 and np.isnan(frame.loc[4, "top1"])
+    assert frame.loc[5, "fail_reason"] == "invalid sample: method_config: start after finalize"
+    assert frame.loc[6, "epochs_done"] == 3 and frame.loc[6, "ray_trial_id"] == "abc"
+    assert frame["duration_s"].iloc[:6].ge(0).all() and np.isnan(frame.loc[6, "duration_s"])
+    complete = frame["state"] == "COMPLETE"
+    expected = pareto_mask(frame.loc[complete, NAMES].to_numpy(), DIRECTIONS)
+    assert frame.loc[complete, "pareto"].tolist() == expected.tolist() == [True, True, False, True]
+    assert not frame.loc[~complete, "pareto"].any()  # a stopped trial is never on the front
+
+
+def test_trials_table_round_trips_through_parquet(tmp_path):
+    layout = StudyLayout(tmp_path)
+    study = recorded_study()
+    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS)
+    write_trials(frame, layout)
+    again = read_trials(layout)
+    pd.testing.assert_frame_equal(again, frame, check_dtype=False)
+    notes = annotations_of(again)
+    assert set(notes) == set(range(7)) and notes[0]["retries"] == 0
+
+
+def test_mixed_type_choices_are_stored_as_text(tmp_path):
+    study = optuna.create_study(directions=DIRECTIONS)
+    dist = {"model.overrides.depth": CategoricalDistribution((None, 4, "auto"))}
+    for value in (None, 4, "auto"):
+        study.enqueue_trial({"model.overrides.depth": value})
+        trial = study.ask(dist)
+        assert trial.params["model.overrides.depth"] == value
+        study.tell(trial, [1.0, 1.0])
+    write_trials(trials_frame(study.get_trials(), NAMES, DIRECTIONS), StudyLayout(tmp_path))
+    column = read_trials(StudyLayout(tmp_path))["param.model.overrides.depth"].tolist()
+    assert pd.isna(column[0]) and column[1:] == ["4", "auto"]
+
+
+def test_readers_never_see_a_partial_trials_table(tmp_path):
+    layout = StudyLayout(tmp_path)
+    study = recorded_study()
+    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS)
+    write_trials(frame, layout)
+    errors, reads = [], []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                reads.append(len(pd.read_parquet(layout.trials_table)))
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(60):
+        write_trials(frame, layout)
+    done.set()
+    thread.join()
+    assert not errors and reads and set(reads) == {len(frame)}
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"]  # no temporary files left
+
+
+def rows(update: int, blocks: int = 3) -> list[dict]:
+    return [{"step": update * 10, "layer": b // 2, "kind": "attn" if b % 2 == 0 else "mlp", "sub_block": b,
+             "keep_ratio": 1.0 - 0.1 * update} for b in range(blocks)]
+
+
+def test_allocation_parts_merge_and_survive_a_retry(tmp_path):
+    layout = StudyLayout(tmp_path)
+    first = AllocationWriter(layout, 0)
+    for epoch in range(3):
+        first.write(rows(epoch), epoch)
+    # trial 0 failed after epoch 2's rows; Ray restarts it from the checkpoint of epoch 1
+    first.clear_from(2)
+    first.write(rows(2), 2)
+    first.write(rows(3), 3)
+    AllocationWriter(layout, 1).write(rows(0, blocks=2), 0)
+    table = read_allocations(layout)
+    assert len(table) == 4 * 3 + 2
+    assert not table.duplicated(["trial", "step", "sub_block"]).any()
+    assert merge_allocations(layout) == 14
+    merged = pq.read_table(layout.allocations_table).to_pandas()
+    assert sorted(merged["trial"].unique().tolist()) == [0, 1]
+    assert merged.loc[merged["trial"] == 0, "step"].tolist() == [0] * 3 + [10] * 3 + [20] * 3 + [30] * 3
+
+
+def test_no_allocations_yet(tmp_path):
+    layout = StudyLayout(tmp_path)
+    assert read_allocations(layout).empty and merge_allocations(layout) == 0
+    assert not layout.allocations_table.exists()

@@ -1,0 +1,299 @@
+"""The runner: Optuna's records, the Parquet tables, the front, early stopping, retries, resume.
+
+The end-to-end tests run real local Ray (2 CPUs) with a small real objective
+(``tests/search_objective.py``: an MLP on scikit-learn's digits, pruned and fine-tuned).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from p3b_search.search.early_stopping import DominatedTrialStopper
+from p3b_search.search.layout import StudyLayout
+from p3b_search.search.pareto import pareto_mask
+from p3b_search.search.schema import EarlyStopping, StudyError, load_study
+from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
+from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
+
+ROOT = Path(__file__).parent.parent
+OBJECTIVE = "tests.search_objective:run_trial"
+
+
+def write_study(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'runs'}\n{text}")
+    return path
+
+
+# ----------------------------------------------------------------------------- the searcher's tell
+
+SEARCHED = """name: tell
+method: {name: p3b, config: {prune_finalize_epoch: 8}}
+training: {prune: {epochs: 8}}
+search_space:
+  method_config.prune_ratio: {type: float, low: 0.3, high: 0.8}
+  method_config.prune_start_epoch: {type: int, low: 0, high: 7}
+  method_config.prune_sparse_epoch: {type: int, low: 0, high: 8}
+sampler: {name: random, seed: 0}
+n_trials: 6
+"""
+
+
+def finished(values: list[float], done: bool) -> dict:
+    return {FINISHED: done, objective_key("top1"): values[0], objective_key("macs"): values[1],
+            "top1": values[0], "macs": values[1], "top5": 99.0, "params": 5e5}
+
+
+def test_searcher_tells_complete_only_for_a_finished_trial(tmp_path):
+    study = load_study(write_study(tmp_path, SEARCHED))
+    optuna_study = open_optuna_study(study)
+    searcher = FrontSafeOptunaSearch(study)
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c", "d")}
+    assert configs["a"][TRIAL_NUMBER] is not None
+    assert configs["a"]["method_config.prune_ratio"] == 0.5  # the reference trial comes first
+    # a trial stopped early whose last result holds finite objective-like values: PRUNED, no values
+    searcher.on_trial_complete("a", finished([95.0, 1e6], done=False))
+    searcher.on_trial_complete("b", finished([80.0, 2e6], done=True))
+    searcher.on_trial_complete("c", finished([float("nan"), 2e6], done=True))
+    searcher.on_trial_complete("d", None, error=True)
+    by_ray = {t.user_attrs["ray_trial_id"]: t for t in optuna_study.get_trials() if "ray_trial_id" in t.user_attrs}
+    assert by_ray["a"].state == TrialState.PRUNED and by_ray["a"].values is None
+    assert by_ray["b"].state == TrialState.COMPLETE and by_ray["b"].values == [80.0, 2e6]
+    assert by_ray["b"].user_attrs["final_top5"] == 99.0 and by_ray["b"].user_attrs["final_params"] == 5e5
+    assert by_ray["c"].state == TrialState.FAIL
+    assert by_ray["c"].user_attrs["fail_reason"] == "the objective returned no finite value for top1"
+    assert by_ray["d"].state == TrialState.FAIL
+    assert [t.number for t in optuna_study.best_trials] == [by_ray["b"].number]
+
+
+def test_searcher_rejects_invalid_samples_before_compute(tmp_path):
+    study = load_study(write_study(tmp_path, SEARCHED))
+    optuna_study = open_optuna_study(study)
+    searcher = FrontSafeOptunaSearch(study)
+    for i in range(6):
+        config = searcher.suggest(f"t{i}")
+        start, sparse = config["method_config.prune_start_epoch"], config["method_config.prune_sparse_epoch"]
+        assert start <= sparse  # what reached Ray is valid
+    failed = optuna_study.get_trials(states=(TrialState.FAIL,))
+    assert failed, "the random sampler should have drawn invalid start/sparse pairs"
+    assert all(t.user_attrs["fail_reason"].startswith("invalid sample: method_config: prune_sparse_epoch=")
+               for t in failed)
+
+
+def test_reopening_a_study_with_other_objectives_is_refused(tmp_path):
+    study = load_study(write_study(tmp_path, SEARCHED))
+    open_optuna_study(study)
+    other = study.with_overrides(objectives=["top1", "params"])
+    with pytest.raises(StudyError, match="objectives: the stored study 'tell' optimizes"):
+        open_optuna_study(other)
+
+
+def test_dominated_trial_stopper():
+    stopper = DominatedTrialStopper(EarlyStopping(enabled=True, grace_epochs=1, margin=2.0))
+    prune = {"stage": 0.0, "epoch": 1.0, "top1": 50.0, "macs": 1e6, FINISHED: False}
+    for trial in ("good", "bad", "cheap"):
+        assert not stopper(trial, dict(prune, macs=5e5 if trial == "cheap" else 1e6))
+    ft = {"stage": 1.0, FINISHED: False}  # fine-tune epochs carry no MACs: the prune stage's count
+    assert not stopper("good", dict(ft, epoch=2.0, top1=90.0))
+    assert not stopper("bad", dict(ft, epoch=2.0, top1=70.0))    # within the grace epoch
+    assert not stopper("good", dict(ft, epoch=3.0, top1=92.0))
+    assert not stopper("cheap", dict(ft, epoch=2.0, top1=60.0))
+    assert not stopper("cheap", dict(ft, epoch=3.0, top1=61.0))  # fewer MACs: not dominated
+    assert stopper("bad", dict(ft, epoch=3.0, top1=80.0))        # same MACs, 12 points worse
+    assert stopper.reasons["bad"].startswith("stopped at fine-tune epoch 1: trial good had top-1 92.00%")
+    assert not DominatedTrialStopper(EarlyStopping(enabled=False))("bad", dict(ft, epoch=3.0, top1=0.0))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+E2E = """name: e2e
+method: {name: p3b, config: {prune_ratio: 0.5}}
+training: {prune: {epochs: 2, lr: 0.01}, finetune: {epochs: 2, lr: 0.01}, batch_size: 64}
+search_space:
+  method_config.alpha: {type: categorical, choices: [0.5, 0.0]}
+  training.seed: {type: int, low: 0, high: 1000}
+objectives:
+  - {name: top1}
+  - {name: macs, reference: 3000}
+sampler: {name: random, seed: 2}   # alpha: 0.5 (reference), 0.5, 0.5, 0.0
+n_trials: 4
+concurrency: 1
+max_failures: 1
+early_stopping: {enabled: true, grace_epochs: 0, margin: 10.0}
+"""
+
+
+@pytest.mark.slow
+def test_study_end_to_end(tmp_path):
+    from mlflow import MlflowClient
+
+    from p3b_search.search.runner import run_study
+
+    study = load_study(write_study(tmp_path, E2E))
+    layout = study.layout
+    layout.root.mkdir(parents=True)
+    (layout.root / "fail-once-2").touch()  # trial 2 raises once after epoch 1: a retry from its checkpoint
+    lines: list[str] = []
+    outcome = run_study(study, objective=OBJECTIVE, num_cpus=2, printer=lines.append)
+    assert not outcome.interrupted
+
+    # Optuna's records: every trial ended; the hopeless one (alpha = 0: no fine-tuning) was stopped
+    records = optuna.load_study(study_name="e2e", storage=study.storage_url)
+    assert records.metric_names == ["top1", "macs"]
+    states = [t.state for t in records.trials]
+    assert states == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
+    assert records.trials[0].params["method_config.alpha"] == 0.5 and records.trials[0].user_attrs["reference"]
+    assert records.trials[3].params["method_config.alpha"] == 0.0 and records.trials[3].values is None
+
+    # the trials table agrees with Optuna
+    trials = pd.read_parquet(layout.trials_table)
+    assert trials["number"].tolist() == [0, 1, 2, 3]
+    assert trials["state"].tolist() == ["COMPLETE"] * 3 + ["PRUNED"]
+    for record, (_, row) in zip(records.trials[:3], trials.iterrows()):
+        assert [row["top1"], row["macs"]] == pytest.approx(record.values)
+        assert row["param.training.seed"] == record.params["training.seed"]
+    assert trials.loc[3, "fail_reason"].startswith("stopped at fine-tune epoch 0: trial ")
+    assert trials.loc[2, "retries"] == 1 and trials["retries"].sum() == 1
+    assert trials["epochs_done"].tolist()[:3] == [4, 4, 4]
+    assert trials["mlflow_run_id"].notna().all() and trials["ray_trial_id"].nunique() == 4
+
+    # the retried trial resumed from its checkpoint: no epoch trained twice
+    epochs = (layout.trial_dir(2) / "epochs.log").read_text().split()
+    assert epochs == ["0", "1", "2", "3"]
+
+    # the front: the project's own Pareto set of the COMPLETE trials, never the stopped one
+    complete = trials[trials["state"] == "COMPLETE"]
+    expected = pareto_mask(complete[["top1", "macs"]].to_numpy(), ["maximize", "minimize"])
+    assert complete["pareto"].tolist() == expected.tolist()
+    assert not trials.loc[3, "pareto"]
+    assert set(outcome.front["number"]) == set(complete.loc[expected, "number"])
+    assert outcome.reference == [0.0, 3000.0]
+    best = complete.loc[expected]
+    assert outcome.hypervolume == pytest.approx(best["top1"].max() * (3000 - best["macs"].min()))
+
+    # allocation rows: one per update per trial, the retried trial's rows not duplicated
+    allocations = pd.read_parquet(layout.allocations_table)
+    per_trial = allocations.groupby("trial").size().to_dict()
+    assert per_trial == {0: 3, 1: 3, 2: 3, 3: 3}  # 2 prune epochs + the finalize row
+    assert not allocations.duplicated(["trial", "step"]).any()
+
+    # MLflow: a child run per trial, the front tagged, the stopped trial's run ended as stopped
+    client = MlflowClient(study.tracking_uri)
+    experiment = client.get_experiment_by_name("e2e")
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    children = [r for r in runs.values() if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4
+    tagged = {r.info.run_id for r in children if r.data.tags.get("pareto") == "true"}
+    assert tagged == set(trials.loc[trials["pareto"], "mlflow_run_id"])
+    stopped = runs[trials.loc[3, "mlflow_run_id"]]
+    assert stopped.data.tags["state"] == "stopped" and stopped.info.status == "KILLED"
+    assert lines[-1].startswith("[") and "3/4 done" in lines[-1] and "1 stopped" in lines[-1]
+
+
+RESUMABLE = """name: resumable
+method: {name: p3b}
+training: {prune: {epochs: 2, lr: 0.01}, finetune: {epochs: 2, lr: 0.01}, batch_size: 64}
+search_space:
+  method_config.prune_ratio: {type: float, low: 0.2, high: 0.9}
+objectives: [top1, {name: macs, reference: 3000}]
+n_trials: 4
+concurrency: 2
+tracking: {enabled: false}
+"""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "search.py"), *args, "--objective", OBJECTIVE, "--cpus", "2"]
+
+
+def _wait_for(layout: StudyLayout, condition, timeout_s: float) -> pd.DataFrame:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if layout.trials_table.exists():
+            frame = pd.read_parquet(layout.trials_table)
+            if condition(frame):
+                return frame
+        time.sleep(0.3)
+    raise AssertionError("the study did not reach the expected state in time")
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
+    study = load_study(write_study(tmp_path, RESUMABLE))
+    layout = study.layout
+    layout.root.mkdir(parents=True)
+    (layout.root / "epoch-seconds").write_text("1.0")  # slow enough to interrupt trials mid-way
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(_cli("run", str(tmp_path / "study.yaml")), cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(layout, lambda f: ((f["state"] == "RUNNING") & (f["epochs_done"] >= 1)).any(), 150)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: Ray Tune stops gracefully and saves its state
+        output, _ = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130, output
+    assert f"continue with: python search.py resume {layout.root}" in output
+    before = pd.read_parquet(layout.trials_table)
+    interrupted = before.loc[before["state"] == "RUNNING", ["number", "epochs_done"]]
+    assert len(interrupted) and (interrupted["epochs_done"] >= 1).any() and len(before) < 4
+
+    second = subprocess.run(_cli("resume", str(layout.root)), cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=150)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "finished after" in second.stdout
+
+    records = optuna.load_study(study_name="resumable", storage=study.storage_url).trials
+    assert [t.number for t in records] == list(range(4))  # none lost, none duplicated
+    assert all(t.state == TrialState.COMPLETE for t in records)
+    assert len({t.user_attrs["ray_trial_id"] for t in records}) == 4
+    after = pd.read_parquet(layout.trials_table)
+    assert after["state"].tolist() == ["COMPLETE"] * 4 and after["number"].tolist() == list(range(4))
+    for number, done in interrupted.itertuples(index=False):
+        epochs = [int(e) for e in (layout.trial_dir(number) / "epochs.log").read_text().split()]
+        assert set(epochs) == set(range(4)) and epochs[-1] == 3
+        if done >= 1:  # it had a checkpoint: continued from it, not from scratch
+            assert epochs.count(0) == 1, epochs
+        ratio = "param.method_config.prune_ratio"
+        assert after.loc[after["number"] == number, ratio].item() == before.loc[before["number"] == number, ratio].item()
+
+
+def test_trial_reporter_forwards_epochs_and_writes_allocation_parts_once(tmp_path):
+    from p3b_search.reporting import TrialReporter
+    from p3b_search.search.results import AllocationWriter, read_allocations
+    from p3b_search.search.trainable import TuneTrialReporter
+
+    layout = StudyLayout(tmp_path)
+    sent: list[tuple[dict, object]] = []
+    downstream = TrialReporter()
+
+    def attempt(epochs: range, objectives: dict | None = None) -> None:
+        reporter = TuneTrialReporter(lambda result, folder: sent.append((result, folder)), ["top1", "macs"],
+                                     AllocationWriter(layout, 7), downstream)
+        for epoch in epochs:
+            reporter.report_allocations([{"step": epoch, "layer": 0, "kind": "attn", "keep_ratio": 0.9}])
+            reporter.report_epoch({"epoch": float(epoch), "top1": 50.0 + epoch, "macs": 1e6}, tmp_path / "ckpt")
+        if objectives is not None:
+            reporter.report_allocations([{"step": 99, "layer": 0, "kind": "attn", "keep_ratio": 0.5}])
+            reporter.finish(objectives)
+
+    attempt(range(3))               # fails after epoch 2 ...
+    attempt(range(2, 4), {"top1": 61.0, "macs": 5e5, "top5": 90.0})  # ... restarts from epoch 1's checkpoint
+    results = [result for result, _ in sent]
+    assert [r[FINISHED] for r in results] == [False] * 5 + [True]
+    assert all(math.isnan(r[objective_key("top1")]) for r in results[:5])
+    assert results[-1][objective_key("top1")] == 61.0 and results[-1][objective_key("macs")] == 5e5
+    assert sent[0][1] == tmp_path / "ckpt" and sent[-1][1] is None
+    table = read_allocations(layout)
+    assert table["step"].tolist() == [0, 1, 2, 3, 99]  # epoch 2 redone once, not twice
+    assert len(downstream.epochs) == 5 and downstream.allocations[-1]["step"] == 99
