@@ -117,6 +117,14 @@ class GateSet:
             for group, mask in groups.items():
                 self.values[index][group].copy_(mask.to(torch.float32))
 
+    def to(self, device: torch.device | str) -> "GateSet":
+        """Move the gates to ``device`` (e.g. after the model moved there); the hooks follow."""
+        for values in self.values.values():
+            for group, tensor in values.items():
+                if tensor.device != torch.device(device):
+                    values[group] = tensor.detach().to(device).requires_grad_(tensor.requires_grad)
+        return self
+
     def grads(self) -> Iterator[tuple[SubBlock, str, torch.Tensor | None]]:
         """(sub-block, group, ``dL/dm``) accumulated since the last :meth:`zero_grad`."""
         for sb, group, tensor in self.items():

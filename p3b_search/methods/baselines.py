@@ -1,0 +1,138 @@
+"""Cheap baselines that isolate what P3B adds (METHODS.md section 4), in P3B's framework: the
+same gates and unit groups, the same cost-aware threshold walk, ``shrink_model`` and cost
+accounting, the same schedule fields.
+
+* ``uniform-magnitude``: every sub-block keeps the same fraction kappa of its parameters,
+  solved for the global target ``(1-p)(sum W + W_nb) - W_nb``; inside a sub-block units are
+  ranked by the norm of the weights they own (``norm``: L1 or L2), rank-normalised per gate
+  with P3B's gate scales. One-shot and hard: at the prune start (``prune_at="start"``, after
+  the backward of the micro-batch before it, or before training when it is step 0; the rest
+  of the prune stage then trains the pruned model) or at the finalize epoch
+  (``prune_at="finalize"``, on the weights the dense fine-tuning reached).
+* ``global-taylor``: P3B's schedule, windows, squared Taylor scores, soft masks and ramp, but
+  no block benefit and no per-block budget: the rank-normalised scores of each gate *type*
+  (e.g. every MLP hidden unit of the model) are ranked together, scaled by the gate scales,
+  and one global cost-aware threshold walk keeps ``target(t)`` parameters over all sub-blocks,
+  with ``target(t)`` ramped from dense to the global target like P3B's keep ratios.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from p3b_search.methods.base import register_method
+from p3b_search.methods.p3b.budget import ramp_keep_ratios
+from p3b_search.methods.p3b.gated import (
+    GatedPruning,
+    GatedPruningConfig,
+    IterativePruningConfig,
+    TaylorGatedPruning,
+    per_gate_ranks,
+)
+from p3b_search.methods.p3b.selection import soft_mask, walk_threshold
+from p3b_search.surgery import ModelAdapter, SubBlock
+from p3b_search.training.hooks import StepInfo
+
+
+class UniformMagnitudeConfig(GatedPruningConfig):
+    """``uniform-magnitude`` knobs; the schedule fields are P3B's (sparse/update fields unused)."""
+
+    prune_at: Literal["start", "finalize"] = Field(
+        "start", description="When the one-shot pruning happens: at prune_start_epoch, or at the finalize epoch.")
+    norm: Literal["l1", "l2"] = Field("l2", description="Weight norm that ranks units within a gate.")
+
+
+def unit_weight_norms(adapter: ModelAdapter, sb: SubBlock, norm: str) -> dict[str, torch.Tensor]:
+    """Per unit of each P3B group, the L1 or L2 norm of the weights it owns: ``in`` a column
+    of qkv/fc1, ``head_dim`` 3H rows of qkv + H columns of proj, ``hidden`` a row of fc1 + a
+    column of fc2, ``out`` a row of proj/fc2."""
+    first, second = adapter.linears(sb)
+    power = 1 if norm == "l1" else 2
+    w1 = first.weight.detach().abs().pow(power).float()
+    w2 = second.weight.detach().abs().pow(power).float()
+    if sb.kind == "attn":
+        h, d = sb.num_heads, sb.head_dim
+        middle = w1.view(3, h, d, -1).sum(dim=(0, 1, 3)) + w2.view(-1, h, d).sum(dim=(0, 1))
+        sums = {"in": w1.sum(0), "head_dim": middle, "out": w2.sum(1)}
+    else:
+        sums = {"in": w1.sum(0), "hidden": w1.sum(1) + w2.sum(0), "out": w2.sum(1)}
+    return {group: total.pow(1.0 / power) for group, total in sums.items()}
+
+
+@register_method
+class UniformMagnitude(GatedPruning):
+    """Same keep fraction in every sub-block, units ranked by weight norm, one-shot."""
+
+    name: ClassVar[str] = "uniform-magnitude"
+    config_cls: ClassVar[type[UniformMagnitudeConfig]] = UniformMagnitudeConfig
+    config: UniformMagnitudeConfig
+    gate_gradients: ClassVar[bool] = False
+
+    def __init__(self, config: UniformMagnitudeConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.pruned = False
+
+    @property
+    def keep_ratio(self) -> float:
+        """kappa shared by every sub-block: the block target over the dense block parameters."""
+        return self.block_target / float(self.dense_params.sum())
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().on_train_start(model, optimizer)
+        if self.config.prune_at == "start" and self.schedule.start_step == 0 and not self.pruned:
+            self._prune(StepInfo(0, 0, self.steps_per_epoch, False))
+
+    def after_backward(self, info: StepInfo) -> None:
+        self._last_info = info
+        if self.finalized:
+            return
+        if self.config.prune_at == "start" and not self.pruned and info.step == self.schedule.start_step - 1:
+            self._prune(info)
+        if self.schedule.is_final(info.step):
+            self.update_masks(info, final=True)
+
+    def _prune(self, info: StepInfo) -> None:
+        norms = {sb.index: unit_weight_norms(self.adapter, sb, self.config.norm) for sb in self.adapter.sub_blocks}
+        ranks = per_gate_ranks(self.layout, self.layout.gather(norms), self.unit_scales)
+        keep = torch.full((len(self.adapter.sub_blocks),), self.keep_ratio, dtype=torch.float64)
+        self._set_gate_values(self._select_per_block(ranks, keep, tau=0.0))
+        self.pruned = True
+        self._record(info, keep_ratio_target=keep)
+
+    def update_masks(self, info: StepInfo, final: bool = False) -> None:
+        """The one-shot pruning if it has not happened yet; at ``final`` the masks are frozen."""
+        if not self.pruned:
+            self._prune(info)
+        if final:
+            self._freeze()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pruned": self.pruned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pruned = bool(state["pruned"])
+
+
+class GlobalTaylorConfig(IterativePruningConfig):
+    """``global-taylor`` knobs: P3B's schedule, tau and gate scales, no block-benefit knobs."""
+
+
+@register_method
+class GlobalTaylor(TaylorGatedPruning):
+    """P3B's gates and Taylor scores with one global ranking (no block benefit)."""
+
+    name: ClassVar[str] = "global-taylor"
+    config_cls: ClassVar[type[GlobalTaylorConfig]] = GlobalTaylorConfig
+    config: GlobalTaylorConfig
+
+    def decide(self, info: StepInfo, scores: torch.Tensor, *, tau: float, progress: float, final: bool) -> None:
+        ranks = per_gate_ranks(self.layout, scores, self.unit_scales, by_gate_type=True)
+        dense = float(self.dense_params.sum())
+        keep = ramp_keep_ratios(torch.tensor(self.block_target / dense, dtype=torch.float64), progress)
+        selection = walk_threshold(self.layout, ranks, float(keep) * dense)
+        self._set_gate_values(soft_mask(selection, tau))
+        self._record(info)

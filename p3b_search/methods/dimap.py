@@ -1,0 +1,323 @@
+"""DIMAP: data-independent module-aware pruning (one-shot, on the pretrained weights).
+
+Metric (per layer, no data): with the layer's weights sorted by descending magnitude,
+``Imp(w_j) = w_j^2 / sum_{|w_i| >= |w_j|} w_i^2`` (ties share the denominator that includes
+all of them). It bounds the layer's relative Frobenius distortion and keeps each layer's own
+ranking; the largest weight of every layer scores 1, so no layer is emptied.
+
+Modules: QKV (every ``attn.qkv``), PRJ (every ``attn.proj``), MLP (every ``mlp.fc1`` and
+``mlp.fc2``), across all stages of a Swin. Scores are ranked globally *within* a module, one
+threshold per module. AUX (patch embedding, patch merging, norms, position embeddings, Swin's
+relative position bias, classifier heads) and all biases are never pruned.
+
+Ratios: parameter prune ratios per module, counted over the module's weight matrices
+(biases excluded). The denominator of the overall ratio is the weights of all QKV, PRJ and
+MLP layers. Module ratios left unset share what ``prune_ratio`` still asks for over these
+weights: by default every module gets ``prune_ratio``; with all three set, ``prune_ratio`` is
+not used.
+
+* ``dimap`` (unstructured): weights below their module's threshold are zeroed; the masks stay
+  zero through both training stages (see :class:`~p3b_search.methods.sparsity.MaskedWeights`).
+  Parameters are reported as non-zeros, MACs both dense and non-zero; no real speed-up.
+* ``dimap-structured``: the metric is aggregated per unit (attention head, head dim, MLP
+  hidden unit, input/output channel; ``unit_groups``) as the *mean* score of the weights the
+  unit removes, i.e. importance per freed parameter. Units are removed cheapest first, each
+  costing the weights it still removes given the units already gone, until the module's
+  parameter target is met (QKV and PRJ together form the attention module, with target
+  ``r_qkv P_qkv + r_prj P_prj``). The last unit of a group is never removed, so no sub-block
+  disappears. The resulting hard masks act through gates while training and
+  :func:`~p3b_search.surgery.shrink_model` makes the model physically smaller at the end.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from p3b_search.methods.allocation import allocation_rows, structured_allocation_rows, structured_metrics
+from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
+from p3b_search.methods.sparsity import MaskedWeights, MaskKeeper, NonzeroCounter
+from p3b_search.surgery import (
+    BlockMasks,
+    GateSet,
+    ModelAdapter,
+    SubBlock,
+    attach_gates,
+    canonical_masks,
+    get_adapter,
+    shrink_model,
+)
+from p3b_search.training.hooks import StepInfo, TrainingHooks
+
+MODULES = ("qkv", "prj", "mlp")
+UnitGroup = Literal["in", "head_dim", "heads", "out", "hidden"]
+
+
+class DIMAPConfig(MethodConfig):
+    """Per-module parameter prune ratios in [0, 1); ``None``: derived from ``prune_ratio``
+    (see the module docstring)."""
+
+    qkv_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of QKV weights removed.")
+    prj_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of PRJ weights removed.")
+    mlp_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of MLP weights removed.")
+
+    def module_ratios(self, sizes: dict[str, int]) -> dict[str, float]:
+        """Ratio per module given each module's weight count ``sizes``; unset modules share
+        evenly what reaches ``prune_ratio`` over all three modules."""
+        given = {m: getattr(self, f"{m}_prune_ratio") for m in MODULES}
+        unset = [m for m in MODULES if given[m] is None]
+        if not unset:
+            return given
+        total = sum(sizes.values())
+        fixed = sum(given[m] * sizes[m] for m in MODULES if given[m] is not None)
+        share = (self.prune_ratio * total - fixed) / sum(sizes[m] for m in unset)
+        share = 0.0 if -1e-9 < share < 0.0 else share  # rounding of an exactly met budget
+        if not 0.0 <= share < 1.0:
+            set_text = ", ".join(f"{m}_prune_ratio={given[m]}" for m in MODULES if given[m] is not None)
+            raise ValueError(
+                f"dimap: prune_ratio={self.prune_ratio} with {set_text} needs {share:.3f} of the "
+                f"{'/'.join(unset)} weights removed: set every module ratio or pick ratios that fit in [0, 1)"
+            )
+        return {m: given[m] if given[m] is not None else share for m in MODULES}
+
+
+class DIMAPStructuredConfig(DIMAPConfig):
+    """DIMAP aggregated per unit; ``unit_groups`` are the kinds of units it may remove."""
+
+    unit_groups: tuple[UnitGroup, ...] = Field(
+        ("heads", "head_dim", "hidden", "in", "out"),
+        description="Unit groups that may be pruned: heads, head_dim, in, out (attention), hidden, in, out (MLP).",
+    )
+
+    @model_validator(mode="after")
+    def _groups_given(self) -> "DIMAPStructuredConfig":
+        if not self.unit_groups:
+            raise ValueError(
+                "dimap-structured.unit_groups is empty: name at least one of in, head_dim, heads, out, hidden")
+        if len(set(self.unit_groups)) != len(self.unit_groups):
+            raise ValueError(f"dimap-structured.unit_groups={list(self.unit_groups)} repeats a group: list each once")
+        return self
+
+
+@torch.no_grad()
+def dimap_scores(weight: torch.Tensor) -> torch.Tensor:
+    """DIMAP importance of every element of one layer's ``weight`` (same shape, float64):
+    ``w_j^2`` over the sum of squares of all weights of the layer at least as large."""
+    magnitudes, order = weight.detach().flatten().abs().sort(descending=True)
+    squares = magnitudes.to(torch.float64).square()
+    cumulative = squares.cumsum(0)
+    _, tie_counts = torch.unique_consecutive(magnitudes, return_counts=True)
+    denominator = cumulative[tie_counts.cumsum(0) - 1].repeat_interleave(tie_counts, output_size=squares.numel())
+    ranked = torch.where(denominator > 0, squares / denominator, 0.0)
+    return torch.empty_like(ranked).scatter_(0, order, ranked).view_as(weight)
+
+
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` lowest entries of the 1-D ``scores`` (ties at the threshold
+    go by position), found by selection rather than a full sort."""
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if count <= 0:
+        return chosen
+    threshold = scores.kthvalue(count).values
+    chosen = scores < threshold
+    tied = (scores == threshold).nonzero().flatten()
+    chosen[tied[: count - int(chosen.sum())]] = True
+    return chosen
+
+
+def module_layers(model: nn.Module, adapter: ModelAdapter) -> dict[str, dict[str, nn.Parameter]]:
+    """Weight matrices of each DIMAP module by parameter name: ``{"qkv": {...}, "prj": ..., "mlp": ...}``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers: dict[str, dict[str, nn.Parameter]] = {m: {} for m in MODULES}
+    for sb in adapter.sub_blocks:
+        first, second = adapter.linears(sb)
+        targets = ("qkv", "prj") if sb.kind == "attn" else ("mlp", "mlp")
+        for module, linear in zip(targets, (first, second)):
+            layers[module][names[id(linear.weight)]] = linear.weight
+    return layers
+
+
+def dimap_weight_masks(layers: dict[str, dict[str, nn.Parameter]], ratios: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Unstructured masks (True = kept): in each module the ``round(ratio * weights)`` lowest
+    scores are removed (one global threshold per module, ties broken by layer order)."""
+    masks: dict[str, torch.Tensor] = {}
+    for module, weights in layers.items():
+        scores = [dimap_scores(w).flatten() for w in weights.values()]
+        flat = torch.cat(scores)
+        keep = ~lowest(flat, round(ratios[module] * flat.numel()))
+        for (name, weight), part in zip(weights.items(), keep.split([s.numel() for s in scores])):
+            masks[name] = part.view_as(weight)
+    return masks
+
+
+def _module_sizes(layers: dict[str, dict[str, nn.Parameter]]) -> dict[str, int]:
+    return {m: sum(w.numel() for w in ws.values()) for m, ws in layers.items()}
+
+
+@register_method
+class DIMAP(PruningMethod):
+    """One-shot unstructured DIMAP; the prune stage and the fine-tune stage both train with
+    the pruned weights held at zero."""
+
+    name = "dimap"
+    config_cls = DIMAPConfig
+    structured = False
+    config: DIMAPConfig
+
+    def __init__(self, config: DIMAPConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self._weights: MaskedWeights | None = None
+        self._counter: NonzeroCounter | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self.ratios: dict[str, float] = {}
+
+    def prepare(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        layers = module_layers(model, adapter)
+        self.ratios = self.config.module_ratios(_module_sizes(layers))
+        self._weights = MaskedWeights(model, dimap_weight_masks(layers, self.ratios))
+        self._weights.apply()
+        self._counter = NonzeroCounter(model, self._weights.masks)
+        self._allocation_rows += allocation_rows(adapter, self._counter(self._weights).sub_blocks, step=0, epoch=0)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self._weights.enforce(optimizer)
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        self._weights.enforce(self._optimizer)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        return {**self._counter(self._weights).metrics(), "density": self._weights.kept() / self._weights.total()}
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        self._weights.apply()
+        return PrunedModel(model, structured=False, weight_masks=self._weights.cpu_masks())
+
+    def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
+        return MaskKeeper(pruned.weight_masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_masks": self._weights.cpu_masks()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._weights.load_masks(state["weight_masks"])
+
+
+# -- structured --------------------------------------------------------------------------------
+
+def unit_scores(adapter: ModelAdapter, sb: SubBlock) -> dict[str, torch.Tensor]:
+    """Mean DIMAP score of the weights each unit of ``sb`` removes, per unit group."""
+    first, second = (dimap_scores(linear.weight) for linear in adapter.linears(sb))
+    C = sb.dim
+    if sb.kind == "attn":
+        H, d = sb.num_heads, sb.head_dim
+        qkv = first.view(3, H, d, C)
+        proj = second.view(C, H, d)
+        return {
+            "heads": (qkv.sum((0, 2, 3)) + proj.sum((0, 2))) / (3 * d * C + C * d),
+            "head_dim": (qkv.sum((0, 1, 3)) + proj.sum((0, 1))) / (3 * H * C + C * H),
+            "in": qkv.sum((0, 1, 2)) / (3 * H * d),
+            "out": proj.sum((1, 2)) / (H * d),
+        }
+    hidden = sb.hidden
+    return {
+        "hidden": (first.sum(1) + second.sum(0)) / (2 * C),
+        "in": first.sum(0) / hidden,
+        "out": second.sum(1) / hidden,
+    }
+
+
+def _weights_removed_by_one(kind: str, group: str, kept: dict[str, int]) -> int:
+    """Weight-matrix entries that removing one more unit of ``group`` removes, given ``kept``."""
+    if kind == "attn":
+        width = kept["heads"] * kept["head_dim"]
+        return {
+            "heads": kept["head_dim"] * (3 * kept["in"] + kept["out"]),
+            "head_dim": kept["heads"] * (3 * kept["in"] + kept["out"]),
+            "in": 3 * width,
+            "out": width,
+        }[group]
+    return {"hidden": kept["in"] + kept["out"], "in": kept["hidden"], "out": kept["hidden"]}[group]
+
+
+def dimap_unit_masks(adapter: ModelAdapter, ratios: dict[str, float],
+                     unit_groups: tuple[str, ...]) -> BlockMasks:
+    """Hard unit masks removing ``ratios`` of each module's weights, cheapest units first."""
+    masks: BlockMasks = {sb.index: {g: torch.ones(n, dtype=torch.bool) for g, n in sb.groups.items()}
+                         for sb in adapter.sub_blocks}
+    kept = {sb.index: dict(sb.groups) for sb in adapter.sub_blocks}
+    for kind, modules in (("attn", ("qkv", "prj")), ("mlp", ("mlp",))):
+        blocks = [sb for sb in adapter.sub_blocks if sb.kind == kind]
+        dense = {"qkv": sum(3 * sb.num_heads * sb.head_dim * sb.dim for sb in blocks),
+                 "prj": sum(sb.num_heads * sb.head_dim * sb.dim for sb in blocks),
+                 "mlp": sum(2 * sb.hidden * sb.dim for sb in blocks)}
+        target = sum(ratios[m] * dense[m] for m in modules)
+        if target <= 0:
+            continue
+        candidates: list[tuple[float, int, str, int]] = []
+        for sb in blocks:
+            for group, scores in unit_scores(adapter, sb).items():
+                if group in unit_groups:
+                    candidates += [(s, sb.index, group, u) for u, s in enumerate(scores.tolist())]
+        candidates.sort(key=lambda c: c[0])
+        removed = 0
+        for _, j, group, unit in candidates:
+            if removed >= target:
+                break
+            if kept[j][group] <= 1:
+                continue
+            removed += _weights_removed_by_one(kind, group, kept[j])
+            kept[j][group] -= 1
+            masks[j][group][unit] = False
+        if removed < target:
+            raise ValueError(
+                f"dimap-structured: unit_groups={list(unit_groups)} can remove only {removed} of the "
+                f"{round(target)} {kind} weights the prune ratios ask for: add unit groups or lower the ratios"
+            )
+    return canonical_masks(adapter, masks)
+
+
+@register_method
+class DIMAPStructured(PruningMethod):
+    """DIMAP aggregated per unit: hard unit masks (gates) while training, a physically
+    smaller model at the end."""
+
+    name = "dimap-structured"
+    config_cls = DIMAPStructuredConfig
+    structured = True
+    config: DIMAPStructuredConfig
+
+    def __init__(self, config: DIMAPStructuredConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self._gates: GateSet | None = None
+        self.masks: BlockMasks = {}
+        self.ratios: dict[str, float] = {}
+
+    def prepare(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        self.ratios = self.config.module_ratios(_module_sizes(module_layers(model, adapter)))
+        self.masks = dimap_unit_masks(adapter, self.ratios, self.config.unit_groups)
+        self._gates = attach_gates(model, adapter, requires_grad=False)
+        self._gates.set_masks(self.masks)
+        self._allocation_rows += structured_allocation_rows(model, adapter, self.masks, step=0, epoch=0)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._gates.to(next(model.parameters()).device)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        return structured_metrics(self._gates.adapter.model, self.masks)
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        self._gates.remove()
+        return PrunedModel(shrink_model(model, self.masks), structured=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {j: {g: m.clone() for g, m in groups.items()} for j, groups in self.masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = canonical_masks(self._gates.adapter, state["masks"])
+        self._gates.set_masks(self.masks)
+

@@ -1,0 +1,202 @@
+"""Block benefit: how much each sub-block makes the residual stream more discriminative (METHODS.md 1.1).
+
+Every sub-block ``j`` gets two auxiliary classifiers that only *read* the residual stream
+(their inputs are detached, so no gradient reaches the backbone):
+
+* cls head ``psi_c``: ``Linear(C -> K)`` on the class token;
+* patch head ``psi_p``: two [``Conv3x3(C -> C, no bias)`` + ``BatchNorm`` + ``ReLU``] on the
+  patch tokens laid out on the patch grid, then global average pooling and ``Linear(C -> K)``.
+
+Each head is applied to the sub-block's input ``x_j`` and output ``x_{j+1}``;
+``Delta Psi_j = CE(psi(x_j), y) - CE(psi(x_{j+1}), y)`` (positive: the block helped).
+
+Where the features come from (forward hooks on the timm blocks, timm untouched): ``x_{2l}``
+is the input of block ``l``, ``x_{2l+1}`` the input of its ``norm2`` (the residual after
+``x + attn(...)``, i.e. the MLP's input), ``x_{2l+2}`` the block's output. Features are
+captured only while the block is in training mode.
+
+Token layouts. ViT/DeiT: prefix tokens (class, distillation, register tokens) are excluded
+from the patch grid; the cls head reads the class token, or the average of the patch tokens
+when the model has none. Swin has no class token: its features are ``(B, H, W, C)`` maps
+(``(B, H*W, C)`` at the MLP input) and the cls head reads the average-pooled token, i.e. the
+same vector Swin's own classifier pools.
+
+Losses use cross-entropy against the loop's targets: class indices (no label smoothing), or
+soft targets as given (mixup/cutmix already smooth them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from p3b_search.surgery import ModelAdapter
+
+
+class PatchHead(nn.Module):
+    """``(B, C, h, w)`` patch grid -> ``(B, K)`` logits: 2 x [Conv3x3 + BN + ReLU], GAP, Linear."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.convs = nn.Sequential(*(
+            layer
+            for _ in range(2)
+            for layer in (nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        ))
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(grid).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a model's residual stream holds its tokens.
+
+    ``prefix``: tokens before the patch grid; ``class_token``: whether token 0 is a class
+    token; ``grid``: (h, w) of the patch grid, or None when the features are already maps
+    (Swin, ``(B, H, W, C)``)."""
+
+    prefix: int
+    class_token: bool
+    grid: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> "TokenLayout":
+        model = adapter.model
+        if hasattr(model, "num_prefix_tokens"):  # VisionTransformer family
+            if getattr(model, "dynamic_img_size", False):
+                raise ValueError("P3B's patch heads need a fixed patch grid: build the model with dynamic_img_size=False")
+            return cls(model.num_prefix_tokens, bool(model.has_class_token), tuple(model.patch_embed.grid_size))
+        return cls(0, False, None)
+
+    def split(self, x: torch.Tensor, map_hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features -> (cls vector (B, C), patch grid (B, C, h, w)).
+
+        ``x``: ``(B, N, C)`` tokens or ``(B, H, W, C)`` maps; ``map_hw``: (H, W) of a Swin
+        block's maps, to lay out its flattened ``(B, H*W, C)`` MLP input."""
+        if x.dim() == 4:
+            grid = x.permute(0, 3, 1, 2)
+        else:
+            patches = x[:, self.prefix:]
+            h, w = self.grid if self.grid is not None else map_hw
+            if patches.shape[1] != h * w:
+                raise ValueError(f"residual stream has {patches.shape[1]} patch tokens, expected a {h}x{w} grid")
+            grid = patches.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+        cls_vector = x[:, 0] if self.class_token else grid.mean(dim=(2, 3))
+        return cls_vector, grid
+
+
+class _BlockTap:
+    """Detached residual-stream features around one timm block: input, MLP input, output."""
+
+    def __init__(self, block: nn.Module, enabled: "BlockBenefit"):
+        self.features: dict[str, torch.Tensor] = {}
+        self.map_hw: tuple[int, int] | None = None
+
+        def on_input(module: nn.Module, args: tuple) -> None:
+            if module.training and enabled.capturing:
+                x = args[0]
+                self.map_hw = tuple(x.shape[1:3]) if x.dim() == 4 else None
+                self.features["input"] = x.detach()
+
+        def on_middle(module: nn.Module, args: tuple) -> None:
+            if module.training and enabled.capturing:
+                self.features["middle"] = args[0].detach()
+
+        def on_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if module.training and enabled.capturing:
+                self.features["output"] = output.detach()
+
+        self.handles: list[RemovableHandle] = [
+            block.register_forward_pre_hook(on_input),
+            block.norm2.register_forward_pre_hook(on_middle),
+            block.register_forward_hook(on_output),
+        ]
+
+    def take(self, name: str) -> torch.Tensor:
+        try:
+            return self.features[name]
+        except KeyError:
+            raise RuntimeError("block benefit: no features were captured; run a training-mode forward first") from None
+
+
+@dataclass(frozen=True)
+class BenefitStep:
+    """One forward pass: ``loss`` (sum of the four auxiliary cross-entropies of every
+    sub-block, to train the heads) and ``delta_cls``/``delta_patch`` Delta Psi (2L,)."""
+
+    loss: torch.Tensor
+    delta_cls: torch.Tensor
+    delta_patch: torch.Tensor
+
+
+class BlockBenefit(nn.Module):
+    """The auxiliary heads of every sub-block of ``adapter``'s model and the hooks that feed them.
+
+    ``cls_heads[j]``/``patch_heads[j]`` serve sub-block ``j`` (width ``C_j``, K classes).
+    Call :meth:`attach` to start capturing features and :meth:`step` after each training
+    forward; :meth:`remove_hooks` takes the hooks off again.
+    """
+
+    def __init__(self, adapter: ModelAdapter, num_classes: int):
+        super().__init__()
+        self.layout = TokenLayout.of(adapter)
+        self.cls_heads = nn.ModuleList(nn.Linear(sb.dim, num_classes) for sb in adapter.sub_blocks)
+        self.patch_heads = nn.ModuleList(PatchHead(sb.dim, num_classes) for sb in adapter.sub_blocks)
+        self.capturing = True
+        self._taps: list[_BlockTap] = []
+        self._num_layers = adapter.num_layers
+        self._block_paths = [sb.block_path for sb in adapter.sub_blocks[0::2]]
+
+    def attach(self, model: nn.Module) -> None:
+        """Install the feature hooks on ``model``'s blocks (idempotent)."""
+        self.remove_hooks()
+        self._taps = [_BlockTap(model.get_submodule(path), self) for path in self._block_paths]
+
+    def remove_hooks(self) -> None:
+        for tap in self._taps:
+            for handle in tap.handles:
+                handle.remove()
+        self._taps = []
+
+    def _stream(self, j: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int] | None]:
+        """(x_j, x_{j+1}) of sub-block ``j`` and the block's map size (Swin)."""
+        if not self._taps:
+            raise RuntimeError("block benefit: the feature hooks are not attached; call attach(model) first")
+        tap = self._taps[j // 2]
+        names = ("input", "middle") if j % 2 == 0 else ("middle", "output")
+        return (tap.take(names[0]), tap.take(names[1])), tap.map_hw
+
+    def step(self, targets: torch.Tensor) -> BenefitStep:
+        """Auxiliary losses and Delta Psi of the last captured forward pass, against
+        ``targets`` (class indices (B,) or soft targets (B, K)); the features are released."""
+        losses = []
+        deltas_cls, deltas_patch = [], []
+        for j, (cls_head, patch_head) in enumerate(zip(self.cls_heads, self.patch_heads)):
+            (x_in, x_out), map_hw = self._stream(j)
+            dtype = cls_head.weight.dtype
+            ce = {}
+            for side, x in (("in", x_in), ("out", x_out)):
+                cls_vector, grid = self.layout.split(x.to(dtype), map_hw)
+                ce["cls", side] = _cross_entropy(cls_head(cls_vector), targets)
+                # channels-last is the grid's natural layout and the faster one for convolutions
+                grid = grid.contiguous(memory_format=torch.channels_last)
+                ce["patch", side] = _cross_entropy(patch_head(grid), targets)
+            losses.append(sum(ce.values()))
+            deltas_cls.append((ce["cls", "in"] - ce["cls", "out"]).detach())
+            deltas_patch.append((ce["patch", "in"] - ce["patch", "out"]).detach())
+        for tap in self._taps:
+            tap.features.clear()
+        return BenefitStep(torch.stack(losses).sum(), torch.stack(deltas_cls), torch.stack(deltas_patch))
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in float32; ``targets`` class indices or probabilities (B, K)."""
+    logits = logits.float()
+    if targets.is_floating_point():
+        return F.cross_entropy(logits, targets.float())
+    return F.cross_entropy(logits, targets)

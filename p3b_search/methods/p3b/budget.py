@@ -1,0 +1,147 @@
+"""From block benefit to a global parameter budget: keep ratios per sub-block (METHODS.md 1.2).
+
+Steps, for each of the cls and patch benefits ``D`` (one value per sub-block, shape (2L,)):
+
+1. ``u = S * D / max(D)`` with ``S`` the block-importance scale (10). The sources are silent
+   when no block helps (``max(D) <= 0``): we then divide by ``max(|D|)`` so the order of the
+   blocks is kept (all ``u <= 0``), and use ``u = 0`` when every ``D`` is exactly 0.
+2. Soft clamp into (0, S): ``T = softplus(1.4 u) - softplus(1.4 u - S)``.
+3. ``I = T / (R + 1e-6)`` with ``R`` the parameters each sub-block keeps now; ``I /= mean(I)``.
+4. EMA over windows, separately for cls and patch: ``I = gamma I_new + (1 - gamma) I_prev``
+   (the first window has no ``I_prev`` and is used as is).
+5. ``I = alpha Ic + (1 - alpha) Ip``.
+6. ``kappa = s I`` with ``s`` solved so that ``sum(kappa W) = (1-p)(sum(W) + W_nb) - W_nb``;
+   kappa is clamped to [0, 1]: sub-blocks that reach 1 (or 0) are fixed there and ``s`` is
+   re-solved for the others (:func:`solve_keep_ratios`).
+
+Step 7, the ramp from dense to the target, is :class:`KeepRatioRamp`. Everything here is
+float64 and works on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SOFT_CLAMP_SLOPE = 1.4
+KEPT_PARAMS_EPS = 1e-6
+#: The reference fails after 20 re-solve rounds; each round fixes at least one more sub-block,
+#: so we allow max(20, number of sub-blocks) rounds, which always converges.
+MIN_SOLVE_ROUNDS = 20
+
+
+def block_importance(benefit: torch.Tensor, kept_params: torch.Tensor, scale: float) -> torch.Tensor:
+    """Steps 1-3: window-mean benefit ``D`` and kept parameters ``R`` (both (2L,)) -> importance
+    per kept parameter, normalised to mean 1."""
+    benefit = benefit.to(torch.float64)
+    top = benefit.max()
+    if top <= 0:
+        top = benefit.abs().max()
+    u = scale * benefit / top if top > 0 else torch.zeros_like(benefit)
+    soft = F.softplus(SOFT_CLAMP_SLOPE * u) - F.softplus(SOFT_CLAMP_SLOPE * u - scale)
+    importance = soft / (kept_params.to(torch.float64) + KEPT_PARAMS_EPS)
+    return importance / importance.mean()
+
+
+def block_params_target(dense_params: torch.Tensor, never_pruned_params: float, prune_ratio: float) -> float:
+    """Parameters the sub-blocks may keep in total: ``(1-p)(sum(W) + W_nb) - W_nb``.
+
+    ``never_pruned_params`` = 0 gives the "block parameters only" variant (p of the blocks)."""
+    total = float(dense_params.sum()) + never_pruned_params
+    return (1.0 - prune_ratio) * total - never_pruned_params
+
+
+def solve_keep_ratios(importance: torch.Tensor, dense_params: torch.Tensor, target_params: float) -> torch.Tensor:
+    """Step 6: ``kappa = clamp(s * importance, 0, 1)`` with ``sum(kappa * W) = target_params``.
+
+    ``importance`` (2L,) >= 0, ``dense_params`` W (2L,). Sub-blocks whose ``s * I`` reaches 1
+    are fixed dense (0: fixed off) and ``s`` is re-solved for the rest until none crosses.
+    """
+    importance = importance.to(torch.float64)
+    weights = dense_params.to(torch.float64)
+    if target_params >= float(weights.sum()):
+        return torch.ones_like(importance)
+    if target_params <= 0:
+        return torch.zeros_like(importance)
+    dense = torch.zeros_like(importance, dtype=torch.bool)
+    off = importance <= 0
+    kappa = torch.where(off, 0.0, 1.0).to(importance)
+    for _ in range(max(MIN_SOLVE_ROUNDS, importance.numel())):
+        free = ~(dense | off)
+        if not bool(free.any()):
+            break
+        remaining = target_params - float(weights[dense].sum())
+        s = remaining / float((importance[free] * weights[free]).sum())
+        kappa = torch.where(dense, 1.0, torch.where(off, 0.0, s * importance))
+        crossing = free & ((kappa >= 1.0) | (kappa <= 0.0))
+        if not bool(crossing.any()):
+            break
+        dense |= free & (kappa >= 1.0)
+        off |= free & (kappa <= 0.0)
+    return kappa.clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class BudgetAllocation:
+    """One budget decision: ``keep_ratios`` kappa (2L,) and the importances it came from
+    (``importance_cls``/``importance_patch`` after the EMA, ``importance`` their alpha-mix)."""
+
+    keep_ratios: torch.Tensor
+    importance: torch.Tensor
+    importance_cls: torch.Tensor
+    importance_patch: torch.Tensor
+
+
+def allocate_budget(
+    benefit_cls: torch.Tensor,
+    benefit_patch: torch.Tensor,
+    kept_params: torch.Tensor,
+    dense_params: torch.Tensor,
+    never_pruned_params: float,
+    prune_ratio: float,
+    *,
+    alpha: float = 0.5,
+    gamma: float = 0.2,
+    scale: float = 10.0,
+    previous: BudgetAllocation | None = None,
+) -> BudgetAllocation:
+    """Steps 1-6 of METHODS.md 1.2 for one mask update.
+
+    ``benefit_*``: window-mean Delta-Psi per sub-block (2L,); ``kept_params`` R (2L,);
+    ``dense_params`` W (2L,); ``never_pruned_params`` W_nb (0: block parameters only);
+    ``previous``: the allocation of the previous update (its EMA'd importances), or None.
+    """
+    cls_now = block_importance(benefit_cls, kept_params, scale)
+    patch_now = block_importance(benefit_patch, kept_params, scale)
+    if previous is not None:
+        cls_now = gamma * cls_now + (1 - gamma) * previous.importance_cls.to(cls_now)
+        patch_now = gamma * patch_now + (1 - gamma) * previous.importance_patch.to(patch_now)
+    importance = alpha * cls_now + (1 - alpha) * patch_now
+    target = block_params_target(dense_params, never_pruned_params, prune_ratio)
+    return BudgetAllocation(solve_keep_ratios(importance, dense_params, target), importance, cls_now, patch_now)
+
+
+@dataclass(frozen=True)
+class KeepRatioRamp:
+    """Step 7: ``kappa(t) = 1 - (1 - kappa) * min(1, (t + 1 - t_start) / (t_sparse - t_start))``
+    at micro-batch ``t`` (before ``t_start`` the model stays dense; ``t_sparse == t_start``
+    jumps to the target at once)."""
+
+    start_step: int
+    sparse_step: int
+
+    def progress(self, step: int) -> float:
+        """Fraction of the way from dense (0) to the target keep ratios (1)."""
+        span = self.sparse_step - self.start_step
+        if span <= 0:
+            return 1.0 if step + 1 >= self.start_step else 0.0
+        return min(1.0, max(0.0, (step + 1 - self.start_step) / span))
+
+    def __call__(self, keep_ratios: torch.Tensor, step: int) -> torch.Tensor:
+        return ramp_keep_ratios(keep_ratios, self.progress(step))
+
+
+def ramp_keep_ratios(keep_ratios: torch.Tensor, progress: float) -> torch.Tensor:
+    """``1 - (1 - kappa) * progress``: dense at progress 0, the target ``kappa`` at 1."""
+    return 1.0 - (1.0 - keep_ratios) * progress

@@ -1,0 +1,327 @@
+"""What P3B and its baselines share: gates on the P3B unit groups, the schedule, cost
+accounting, allocation rows, state, and the finalize step that shrinks the model.
+
+A gated method keeps the model dense during the prune stage and expresses pruning as gate
+values (soft or 0/1) on the units of :data:`~p3b_search.methods.p3b.selection.P3B_GROUPS`.
+At the finalize step the gates are made hard; :meth:`GatedPruning.finalize` removes the gates
+and returns ``shrink_model`` of the hard masks (sub-blocks with nothing left are skipped).
+
+Allocation rows (one per sub-block per mask update) have exactly the keys of
+:data:`ALLOCATION_KEYS`: ``step``/``epoch`` of the update, ``layer``, ``kind``, ``sub_block``
+(j), ``benefit_cls``/``benefit_patch`` (window-mean Delta Psi, NaN when not measured),
+``importance`` (combined I_j, NaN when not used), ``keep_ratio_target`` (kappa_j(t) the
+update aimed at, NaN for a global ranking), ``keep_ratio`` (kept parameters of the hard masks
+/ W_j), ``kept_params`` and ``kept_macs`` (per image) of the sub-block under the hard masks.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from p3b_search.cost import dense_sub_block_params, model_cost, sub_block_cost
+from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
+from p3b_search.methods.p3b.budget import KeepRatioRamp, block_params_target
+from p3b_search.methods.p3b.schedule import PruneSchedule
+from p3b_search.methods.p3b.selection import (
+    TauSchedule,
+    UnitLayout,
+    normalised_ranks,
+    soft_mask,
+    taylor_terms,
+    walk_threshold,
+)
+from p3b_search.methods.p3b.window import WindowedSum
+from p3b_search.surgery import BlockMasks, GateSet, ModelAdapter, attach_gates, get_adapter, shrink_model
+from p3b_search.surgery.gates import masked_sizes
+from p3b_search.training.hooks import StepInfo
+
+ALLOCATION_KEYS: tuple[str, ...] = (
+    "step", "epoch", "layer", "kind", "sub_block", "benefit_cls", "benefit_patch", "importance",
+    "keep_ratio_target", "keep_ratio", "kept_params", "kept_macs",
+)
+NAN = float("nan")
+
+
+class GatedPruningConfig(MethodConfig):
+    """Knobs shared by P3B and its baselines (reference flag names in brackets)."""
+
+    prune_start_epoch: float | None = Field(
+        None, ge=0, description="[--prune-start-epoch] Epoch (may be fractional) at which pruning starts; "
+        "None: 0.2 x the finalize epoch (the README run's 10 of 50).")
+    prune_finalize_epoch: float | None = Field(
+        None, gt=0, description="[--prune-finalize-epoch] Epoch at which masks become hard; "
+        "None: the end of the prune stage. Must not exceed the prune stage's epochs.")
+    block_params_only: bool = Field(
+        False, description="[--prune-rate-by-block-param-only] prune_ratio counts only sub-block parameters; "
+        "False: the never-pruned ones (stem, position embedding, head) count too.")
+    gate_scale_attn_in: float = Field(1.0, gt=0, description="Rank scale s_g of attention input channels.")
+    gate_scale_attn_head_dim: float = Field(1.0, gt=0, description="Rank scale s_g of the qkv head dims.")
+    gate_scale_attn_out: float = Field(1.5, gt=0, description="Rank scale s_g of attention output channels.")
+    gate_scale_mlp_in: float = Field(1.0, gt=0, description="Rank scale s_g of MLP input channels.")
+    gate_scale_mlp_hidden: float = Field(0.75, gt=0, description="Rank scale s_g of MLP hidden units.")
+    gate_scale_mlp_out: float = Field(1.5, gt=0, description="Rank scale s_g of MLP output channels.")
+
+    @model_validator(mode="after")
+    def _start_before_finalize(self) -> "GatedPruningConfig":
+        start, final = self.prune_start_epoch, self.prune_finalize_epoch
+        if start is not None and final is not None and start >= final:
+            raise ValueError(
+                f"prune_start_epoch={start:g} is not before prune_finalize_epoch={final:g}: "
+                "start pruning earlier or finalize later"
+            )
+        return self
+
+    def gate_scales(self) -> dict[str, float]:
+        """``{"attn.in": s, ..., "mlp.out": s}`` (the keys of ``Segment.gate_type``)."""
+        return {f"{kind}.{group}": getattr(self, f"gate_scale_{kind}_{group}")
+                for kind, groups in (("attn", ("in", "head_dim", "out")), ("mlp", ("in", "hidden", "out")))
+                for group in groups}
+
+
+class IterativePruningConfig(GatedPruningConfig):
+    """Knobs of methods that update soft masks during training (P3B, global Taylor)."""
+
+    prune_steps_update_mask: int = Field(
+        100, ge=1, description="[--prune-steps-update-mask] N: a mask update every N micro-batches from the "
+        "start epoch on (README run: 100, about 3 per epoch there).")
+    prune_sparse_epoch: float | None = Field(
+        None, ge=0, description="[--prune-sparse-epoch] Epoch at which the keep-ratio ramp reaches the target "
+        "and tau starts falling; None: start + 0.375 x (finalize - start) (the README run's 25 of 10..50).")
+    tau_max: float = Field(0.1, gt=0, description="[--pr-tau-max] Soft-mask width tau until the sparse epoch.")
+    tau_min: float = Field(0.0, ge=0, description="[--pr-tau-min] tau reached at the finalize epoch (0: hard).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IterativePruningConfig":
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min={self.tau_min:g} exceeds tau_max={self.tau_max:g}: tau only falls over time")
+        sparse = self.prune_sparse_epoch
+        if sparse is not None:
+            if self.prune_start_epoch is not None and sparse < self.prune_start_epoch:
+                raise ValueError(f"prune_sparse_epoch={sparse:g} is before prune_start_epoch={self.prune_start_epoch:g}")
+            if self.prune_finalize_epoch is not None and sparse > self.prune_finalize_epoch:
+                raise ValueError(
+                    f"prune_sparse_epoch={sparse:g} is after prune_finalize_epoch={self.prune_finalize_epoch:g}")
+        return self
+
+
+class GatedPruning(PruningMethod):
+    """Base of the gated structured methods (not registered itself)."""
+
+    config: GatedPruningConfig
+    structured: ClassVar[bool] = True
+    #: whether gate gradients are needed (Taylor scores)
+    gate_gradients: ClassVar[bool] = True
+
+    def __init__(self, config: GatedPruningConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.schedule = PruneSchedule.from_epochs(  # one-shot configs have no sparse epoch or update period
+            start_epoch=config.prune_start_epoch,
+            sparse_epoch=getattr(config, "prune_sparse_epoch", None),
+            finalize_epoch=config.prune_finalize_epoch,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            update_every=getattr(config, "prune_steps_update_mask", None),
+        )
+        self.adapter: ModelAdapter | None = None
+        self.gates: GateSet | None = None
+        self.finalized = False
+        self._last_info: StepInfo | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Measure the dense model (W_j, W_nb), check the target is reachable, attach gates."""
+        adapter = get_adapter(model)
+        self.adapter = adapter
+        self.dense_params = torch.tensor(
+            [float(w) for w in dense_sub_block_params(adapter).values()], dtype=torch.float64)
+        dense = model_cost(model)
+        self.other_params, self.other_macs = dense.other_params, dense.other_macs
+        self.dense_total_params = dense.params
+        self.counted_other_params = 0 if self.config.block_params_only else dense.other_params
+        self.block_target = block_params_target(self.dense_params, self.counted_other_params, self.config.prune_ratio)
+        if self.block_target < 0:
+            total = float(self.dense_params.sum()) + self.counted_other_params
+            raise ValueError(
+                f"prune_ratio={self.config.prune_ratio:g} asks to remove more than the sub-blocks hold "
+                f"(at most {float(self.dense_params.sum()) / total:.3f} with the never-pruned parameters counted): "
+                "lower prune_ratio or set block_params_only=true"
+            )
+        self.layout = UnitLayout(adapter, adapter.sub_blocks)
+        self.block_layouts = [UnitLayout(adapter, [sb]) for sb in adapter.sub_blocks]
+        self.block_spans = [self.layout.block_span(sb.index) for sb in adapter.sub_blocks]
+        self.unit_scales = self.layout.per_unit(self.config.gate_scales())
+        self.gates = attach_gates(model, adapter, requires_grad=self.gate_gradients)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Move the gates (not model tensors) to where the model now lives."""
+        self.gates.to(next(model.parameters()).device)
+
+    # -- masks and costs -----------------------------------------------------------------
+    def hard_masks(self) -> BlockMasks:
+        """The current gates thresholded at 0.5 (canonical: emptied sub-blocks fully off)."""
+        return self.gates.hard_masks()
+
+    def kept_params(self, masks: BlockMasks | None = None) -> torch.Tensor:
+        """Parameters each sub-block keeps under ``masks`` (default: the current hard masks) (2L,)."""
+        masks = self.hard_masks() if masks is None else masks
+        return torch.tensor([float(c.params) for c in self._kept_costs(masks)], dtype=torch.float64)
+
+    def _kept_costs(self, masks: BlockMasks):
+        return [sub_block_cost(self.adapter, sb, masked_sizes(sb, masks[sb.index])) for sb in self.adapter.sub_blocks]
+
+    def _set_gate_values(self, values: torch.Tensor) -> None:
+        for s in self.layout:
+            self.gates.set(s.sub_block.index, s.group, values[s.span])
+
+    def _select_per_block(self, ranks: torch.Tensor, keep_ratios: torch.Tensor, tau: float) -> torch.Tensor:
+        """Per sub-block threshold walk to ``keep_ratios[j] * W_j``; returns all gate values (N,)."""
+        values = torch.empty(self.layout.size, dtype=torch.float32)
+        for j, (layout, span) in enumerate(zip(self.block_layouts, self.block_spans)):
+            selection = walk_threshold(layout, ranks[span], float(keep_ratios[j]) * float(self.dense_params[j]))
+            values[span] = soft_mask(selection, tau)
+        return values
+
+    def _record(self, info: StepInfo, *, keep_ratio_target: torch.Tensor | None = None,
+                importance: torch.Tensor | None = None, benefit: torch.Tensor | None = None) -> None:
+        """Append one allocation row per sub-block for the update after ``info``'s step."""
+        costs = self._kept_costs(self.hard_masks())
+
+        def value(t: torch.Tensor | None, j: int) -> float:
+            return NAN if t is None else float(t[j])
+
+        for sb, cost in zip(self.adapter.sub_blocks, costs):
+            j = sb.index
+            self._allocation_rows.append({
+                "step": info.step, "epoch": info.epoch, "layer": sb.layer, "kind": sb.kind, "sub_block": j,
+                "benefit_cls": value(None if benefit is None else benefit[0], j),
+                "benefit_patch": value(None if benefit is None else benefit[1], j),
+                "importance": value(importance, j), "keep_ratio_target": value(keep_ratio_target, j),
+                "keep_ratio": cost.params / float(self.dense_params[j]),
+                "kept_params": int(cost.params), "kept_macs": int(cost.macs),
+            })
+
+    def _freeze(self) -> None:
+        """Masks are final: stop gate gradients."""
+        self.finalized = True
+        self.gates.zero_grad()
+        for _, _, tensor in self.gates.items():
+            tensor.requires_grad_(False)
+
+    def _final_info(self) -> StepInfo:
+        step = self.schedule.final_step - 1
+        return self._last_info or StepInfo(step, step // self.steps_per_epoch, self.steps_per_epoch, True)
+
+    # -- the hooks -------------------------------------------------------------------------
+    def update_masks(self, info: StepInfo, final: bool = False) -> None:
+        """Decide new gate values after ``info``'s backward (``final``: hard, then frozen)."""
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """``kept_params``, ``macs`` (per image) and ``keep_ratio`` of the model the current hard
+        masks would shrink to."""
+        costs = self._kept_costs(self.hard_masks())
+        kept = sum(c.params for c in costs) + self.other_params
+        return {"kept_params": float(kept), "macs": float(sum(c.macs for c in costs) + self.other_macs),
+                "keep_ratio": kept / self.dense_total_params}
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        """Hard masks (made now if the finalize step was not reached), gates and auxiliary
+        modules removed, then ``shrink_model`` (a copy; ``model`` is left dense and clean)."""
+        if not self.finalized:
+            self.update_masks(self._final_info(), final=True)
+        masks = self.hard_masks()
+        self.gates.remove()
+        self._remove_auxiliary(model)
+        return PrunedModel(shrink_model(model, masks), structured=True)
+
+    def _remove_auxiliary(self, model: nn.Module) -> None:
+        """Take off anything besides the gates that the method put on ``model``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        gates = {f"{sb.index}/{group}": tensor.detach().cpu().clone() for sb, group, tensor in self.gates.items()}
+        return {"gates": gates, "finalized": self.finalized}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sb, group, tensor in self.gates.items():
+            saved = state["gates"][f"{sb.index}/{group}"]
+            if saved.shape != tensor.shape:
+                raise ValueError(f"method state: gate {sb.name}.{group} has shape {tuple(saved.shape)}, "
+                                 f"this model's has {tuple(tensor.shape)}: resume with the same model")
+            with torch.no_grad():
+                tensor.copy_(saved)
+        if state["finalized"] and not self.finalized:
+            self._freeze()
+
+
+class TaylorGatedPruning(GatedPruning):
+    """Gated methods scored by squared Taylor terms and updated every N micro-batches
+    (P3B and global Taylor): the windowed scores, tau schedule, ramp and update timing."""
+
+    config: IterativePruningConfig
+
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        device = next(model.parameters()).device
+        self.taylor = WindowedSum(self.layout.size, device)
+        self.tau = TauSchedule(self.schedule.sparse_step, self.schedule.final_step,
+                               self.config.tau_max, self.config.tau_min)
+        self.ramp = KeepRatioRamp(self.schedule.start_step, self.schedule.sparse_step)
+
+    def windows(self) -> list[WindowedSum]:
+        """Every windowed statistic (reduced across ranks and rolled at each update)."""
+        return [self.taylor]
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().on_train_start(model, optimizer)
+        device = next(model.parameters()).device
+        for window in self.windows():
+            window.to(device)
+
+    def after_backward(self, info: StepInfo) -> None:
+        """At optimizer steps inside the prune window: add ``(m dL/dm)^2`` to the window and
+        clear the gate gradients; then a scheduled (or the final) mask update."""
+        self._last_info = info
+        if self.finalized:
+            return
+        if info.optimizer_step:
+            if self.schedule.collecting(info.step):
+                self.taylor.add(taylor_terms(self.gates, self.layout))
+            self.gates.zero_grad()
+        if self.schedule.is_final(info.step):
+            self.update_masks(info, final=True)
+        elif self.schedule.is_update(info.step):
+            self.update_masks(info)
+
+    def update_masks(self, info: StepInfo, final: bool = False) -> None:
+        """All-reduce the window, decide (combining the last two windows when ``final``),
+        set the gates (soft with the current tau, or hard), record rows, start a new window."""
+        for window in self.windows():
+            window.reduce_across_ranks()
+        scores = self.taylor.mean(with_previous=final)
+        tau = 0.0 if final else self.tau(info.step)
+        progress = 1.0 if final else self.ramp.progress(info.step)
+        self.decide(info, scores, tau=tau, progress=progress, final=final)
+        for window in self.windows():
+            window.roll()
+        if final:
+            self._freeze()
+
+    def decide(self, info: StepInfo, scores: torch.Tensor, *, tau: float, progress: float, final: bool) -> None:
+        """Set new gate values from window-mean Taylor ``scores`` (N,) and record rows."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "taylor": self.taylor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.taylor.load_state_dict(state["taylor"])
+
+
+def per_gate_ranks(layout: UnitLayout, scores: torch.Tensor, unit_scales: torch.Tensor,
+                   by_gate_type: bool = False) -> torch.Tensor:
+    """Normalised ranks within each gate (or each gate type across sub-blocks), times s_g."""
+    return normalised_ranks(scores, layout.segment_ids(by_gate_type=by_gate_type), unit_scales)

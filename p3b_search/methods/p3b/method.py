@@ -1,0 +1,157 @@
+"""P3B, Pruning by Block Benefit (also published as Depth Aware Pruning): the method as a
+set of training hooks (METHODS.md section 1).
+
+During the prune stage, on the dense model:
+
+* every forward pass trains per-sub-block auxiliary heads on the detached residual stream and
+  measures each sub-block's benefit Delta Psi (:mod:`.benefit`), summed from the prune start;
+* every optimizer step adds squared Taylor scores of the gates to the window (:mod:`.selection`);
+* every N micro-batches from the start epoch on, the window's mean benefit becomes keep ratios
+  kappa_j (:func:`~.budget.allocate_budget`, ramped from dense to the target by the sparse
+  epoch) and, inside each sub-block, soft masks at the cost-aware threshold of the
+  rank-normalised Taylor scores. Masks are rebuilt from scratch each time, so units come back
+  when a block's budget grows;
+* at the finalize epoch the last two windows are combined, the masks made hard and frozen.
+
+``finalize`` removes gates and heads and returns the physically shrunk model. The auxiliary
+heads live on the model as ``model.p3b_aux_heads`` during the prune stage (so they move with
+it, are saved in its checkpoints and sit in their own optimizer group, lr ``aux_head_lr``
+unscaled) and are gone after ``finalize``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from p3b_search.methods.base import register_method
+from p3b_search.methods.p3b.benefit import BlockBenefit
+from p3b_search.methods.p3b.budget import BudgetAllocation, allocate_budget, ramp_keep_ratios
+from p3b_search.methods.p3b.gated import IterativePruningConfig, TaylorGatedPruning, per_gate_ranks
+from p3b_search.methods.p3b.window import WindowedSum
+from p3b_search.training.hooks import StepInfo
+
+AUX_HEADS_ATTR = "p3b_aux_heads"
+
+
+class P3BConfig(IterativePruningConfig):
+    """P3B's knobs, reference defaults (flag names of the reference code in brackets).
+
+    Inherited: ``prune_ratio`` [--prune-ratio], ``prune_start_epoch``, ``prune_sparse_epoch``,
+    ``prune_finalize_epoch``, ``prune_steps_update_mask``, ``block_params_only``, the six
+    ``gate_scale_*`` [--prune-scale-gate-imp] and ``tau_max``/``tau_min``.
+    """
+
+    alpha: float = Field(0.5, ge=0, le=1, description="[--pr-alpha] Mix of cls (alpha) and patch (1-alpha) importance.")
+    gamma: float = Field(0.2, gt=0, le=1, description="[--pr-gamma] EMA weight of the newest window's importance.")
+    block_importance_scale: float = Field(
+        10.0, gt=0, description="[--pr-block-imp-scale] S: benefits are scaled to max S and soft-clamped into (0, S).")
+    aux_head_lr: float = Field(
+        5e-4, gt=0, description="Learning rate of the auxiliary cls/patch heads (not scaled by the batch).")
+    keep_ratios: tuple[float, ...] | None = Field(
+        None, description="[--prune-kr-handcraft] Hand-set kappa per sub-block (2L values, attention of layer 0 "
+        "first); replaces the block-benefit budget (no auxiliary heads are trained).")
+
+    @field_validator("keep_ratios")
+    @classmethod
+    def _ratios_in_unit_interval(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None:
+            bad = [r for r in value if not 0.0 <= r <= 1.0]
+            if bad or not value:
+                raise ValueError(f"keep_ratios must be non-empty values in [0, 1], got {bad or list(value)}")
+        return value
+
+
+@register_method
+class P3B(TaylorGatedPruning):
+    """Pruning by Block Benefit (see module docstring)."""
+
+    name: ClassVar[str] = "p3b"
+    config_cls: ClassVar[type[P3BConfig]] = P3BConfig
+    config: P3BConfig
+
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        num_sub_blocks = len(self.adapter.sub_blocks)
+        self.allocation: BudgetAllocation | None = None
+        self.benefit: BlockBenefit | None = None
+        if self.config.keep_ratios is not None:
+            if len(self.config.keep_ratios) != num_sub_blocks:
+                raise ValueError(
+                    f"keep_ratios has {len(self.config.keep_ratios)} values but the model has {num_sub_blocks} "
+                    "sub-blocks (attention and MLP of each layer): give one per sub-block"
+                )
+            return
+        device = next(model.parameters()).device
+        self.benefit = BlockBenefit(self.adapter, self.num_classes).to(device)
+        model.add_module(AUX_HEADS_ATTR, self.benefit)
+        self.benefit.attach(model)
+        self.benefit_window = WindowedSum((2, num_sub_blocks), device)
+
+    def windows(self) -> list[WindowedSum]:
+        return super().windows() + ([self.benefit_window] if self.benefit is not None else [])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The auxiliary heads at ``aux_head_lr`` (no weight decay on norms and biases)."""
+        if self.benefit is None:
+            return []
+        decay = [p for p in self.benefit.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.benefit.parameters() if p.ndim <= 1]
+        return [{"params": decay, "lr": self.config.aux_head_lr},
+                {"params": no_decay, "lr": self.config.aux_head_lr, "weight_decay": 0.0}]
+
+    def extra_loss(self, info: StepInfo, inputs: torch.Tensor, targets: torch.Tensor, outputs: Any) -> torch.Tensor | None:
+        """The heads' losses (before finalize); Delta Psi is summed from the prune start on."""
+        if self.benefit is None or self.finalized:
+            return None
+        step = self.benefit.step(targets)
+        if self.schedule.collecting(info.step):
+            self.benefit_window.add(torch.stack([step.delta_cls, step.delta_patch]))
+        return step.loss
+
+    def decide(self, info: StepInfo, scores: torch.Tensor, *, tau: float, progress: float, final: bool) -> None:
+        """Budget (block benefit, or the hand-set ratios), ramp, then per-sub-block selection."""
+        benefit = importance = None
+        if self.benefit is None:
+            keep_ratios = torch.tensor(self.config.keep_ratios, dtype=torch.float64)
+        else:
+            benefit = self.benefit_window.mean(with_previous=final).cpu()
+            self.allocation = allocate_budget(
+                benefit[0], benefit[1], self.kept_params(), self.dense_params, self.counted_other_params,
+                self.config.prune_ratio, alpha=self.config.alpha, gamma=self.config.gamma,
+                scale=self.config.block_importance_scale, previous=self.allocation,
+            )
+            keep_ratios, importance = self.allocation.keep_ratios, self.allocation.importance
+        target = ramp_keep_ratios(keep_ratios, progress)
+        ranks = per_gate_ranks(self.layout, scores, self.unit_scales)
+        self._set_gate_values(self._select_per_block(ranks, target, tau))
+        self._record(info, keep_ratio_target=target, importance=importance, benefit=benefit)
+        if final and self.benefit is not None:
+            self.benefit.capturing = False
+
+    def _remove_auxiliary(self, model: nn.Module) -> None:
+        if self.benefit is not None:
+            self.benefit.remove_hooks()
+            if hasattr(model, AUX_HEADS_ATTR):
+                delattr(model, AUX_HEADS_ATTR)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.benefit is not None:
+            state["benefit"] = self.benefit_window.state_dict()
+            state["allocation"] = None if self.allocation is None else {
+                "keep_ratios": self.allocation.keep_ratios.clone(), "importance": self.allocation.importance.clone(),
+                "importance_cls": self.allocation.importance_cls.clone(),
+                "importance_patch": self.allocation.importance_patch.clone(),
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.benefit is not None:
+            self.benefit_window.load_state_dict(state["benefit"])
+            saved = state["allocation"]
+            self.allocation = None if saved is None else BudgetAllocation(**saved)
+            self.benefit.capturing = not self.finalized

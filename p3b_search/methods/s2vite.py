@@ -1,0 +1,291 @@
+"""S²ViTE: structured sparse training, pruning and regrowing whole heads and MLP neurons.
+
+Units are switched off by the hard ``heads`` and ``hidden`` gates of
+:func:`~p3b_search.surgery.attach_gates` (a head: its q, k, v rows and proj columns; a neuron:
+its fc1 row and fc2 column), so the final masks go straight to
+:func:`~p3b_search.surgery.shrink_model` and the result is physically smaller.
+
+* Densities: each attention keeps ``round(head_density * H)`` heads and each MLP
+  ``round(mlp_density * hidden)`` neurons (at least one), from the start and through every
+  update (a swap drops and grows the same number). Default densities: ``1 - prune_ratio``,
+  which removes about ``prune_ratio`` of the blocks' weights.
+* Initial units (no data at ``prepare``): the largest by weight L1, ``||W_qkv[rows of h]||_1 +
+  ||W_proj[:, cols of h]||_1`` for heads and ``||W_fc1[i,:]||_1 + ||W_fc2[:,i]||_1`` for
+  neurons (``init="magnitude"``), or a seeded random draw as in the reference (``"random"``).
+* Every ΔT micro-batches until ``t_end`` (the schedule and cosine death rate of
+  :mod:`p3b_search.methods.svite`), per layer ``k = ceil(p_t * active)`` units are dropped and
+  ``k`` grown, from the statistics of the optimizer window that closes the update:
+
+  - head prune score ``|sum A_h * dL/dA_h|`` (A_h: head output before proj, summed over the
+    window's tokens and images) = ``|dL/dm_h|`` of the ``heads`` gate; grow score
+    ``||dL/dA_h||_1``, the gradient at the proj input, which a switched-off head still gets;
+  - neuron prune score ``||W_fc1[i,:]||_1 + ||W_fc2[:,i]||_1``; grow score the same on the
+    gradients the neuron's weights would get if it were on (computed from the window's fc1
+    input, pre-activation and fc2 output gradient: the gate blocks the real ones).
+
+  The statistics are collected only in windows that close an update (hooks are armed from
+  the window's first micro-batch; with gradient accumulation an update that falls inside a
+  window waits for the next whole window). With ``torch.distributed`` initialised they are
+  averaged over ranks before the decision.
+* A switched-off unit keeps its weights (frozen: no gradient reaches them, only weight decay)
+  and its optimizer state is cleared, so a regrown unit resumes from the weights its grow
+  score was measured with, without stale moments. (Zeroing both its fc1 row and fc2 column
+  instead would leave it no gradient to ever come back.)
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from p3b_search.methods.allocation import structured_allocation_rows, structured_metrics
+from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
+from p3b_search.methods.collective import average_across_ranks
+from p3b_search.methods.sparsity import drop_and_grow, keep_largest, zero_optimizer_state
+from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
+from p3b_search.surgery import (
+    BlockMasks,
+    GateSet,
+    ModelAdapter,
+    SubBlock,
+    attach_gates,
+    canonical_masks,
+    get_adapter,
+    shrink_model,
+)
+from p3b_search.training.hooks import StepInfo
+
+#: the unit group S²ViTE prunes in each kind of sub-block
+UNIT_GROUP = {"attn": "heads", "mlp": "hidden"}
+
+
+class S2ViTEConfig(PruneGrowConfig):
+    head_density: float | None = Field(None, gt=0.0, le=1.0,
+                                       description="Kept fraction of heads per attention; None: 1 - prune_ratio.")
+    mlp_density: float | None = Field(None, gt=0.0, le=1.0,
+                                      description="Kept fraction of neurons per MLP; None: 1 - prune_ratio.")
+
+    def density(self, kind: str) -> float:
+        given = self.head_density if kind == "attn" else self.mlp_density
+        return given if given is not None else 1.0 - self.prune_ratio
+
+
+@torch.no_grad()
+def unit_weight_l1(adapter: ModelAdapter, sb: SubBlock) -> torch.Tensor:
+    """L1 norm of each head's (q, k, v rows + proj columns) or neuron's (fc1 row + fc2 column) weights."""
+    first, second = (linear.weight.detach().float().abs() for linear in adapter.linears(sb))
+    if sb.kind == "attn":
+        H, d = sb.num_heads, sb.head_dim
+        return first.view(3, H, d, sb.dim).sum((0, 2, 3)) + second.view(sb.dim, H, d).sum((0, 2))
+    return first.sum(1) + second.sum(0)
+
+
+def unit_parameters(adapter: ModelAdapter, sb: SubBlock,
+                    units: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, bool positions) of everything the ``units`` (bool over heads or neurons) own."""
+    first, second = adapter.linears(sb)
+    if sb.kind == "attn":
+        H, d = sb.num_heads, sb.head_dim
+        rows = units.view(1, H, 1).expand(3, H, d).reshape(-1)
+        owned = [(first.weight, rows[:, None].expand_as(first.weight)),
+                 (second.weight, units.view(1, H, 1).expand(sb.dim, H, d).reshape(sb.dim, -1))]
+    else:
+        rows = units
+        owned = [(first.weight, rows[:, None].expand_as(first.weight)),
+                 (second.weight, units[None, :].expand_as(second.weight))]
+    if first.bias is not None:
+        owned.append((first.bias, rows))
+    return owned
+
+
+class GrowthStatistics:
+    """Forward/backward hooks that, while ``armed``, sum S²ViTE's grow signals over a window.
+
+    ``heads[j]``: ``||dL/dA_h||_1`` per head (gradient at the proj input, after the gate).
+    ``fc1[j]`` / ``fc2[j]``: the weight gradients of fc1 / fc2 as if every neuron were on.
+    """
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+        self.armed = False
+        self.heads: dict[int, torch.Tensor] = {}
+        self.fc1: dict[int, torch.Tensor] = {}
+        self.fc2: dict[int, torch.Tensor] = {}
+        self._fc1_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list[RemovableHandle] = []
+        for sb in adapter.sub_blocks:
+            first, second = adapter.linears(sb)
+            if sb.kind == "attn":
+                self._handles.append(second.register_forward_pre_hook(partial(self._on_proj_input, sb)))
+            else:
+                self._handles.append(first.register_forward_hook(partial(self._on_fc1, sb)))
+                self._handles.append(second.register_forward_hook(partial(self._on_fc2, sb), prepend=True))
+
+    def reset(self) -> None:
+        self.heads.clear()
+        self.fc1.clear()
+        self.fc2.clear()
+        self._fc1_io.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    @staticmethod
+    def _add(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
+        store[index] = value if index not in store else store[index] + value
+
+    # -- attention: gradient at the proj input, per head ----------------------------------------
+    def _on_proj_input(self, sb: SubBlock, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if self.armed and x.requires_grad:
+            x.register_hook(partial(self._on_head_grad, sb))
+
+    def _on_head_grad(self, sb: SubBlock, grad: torch.Tensor) -> None:
+        per_head = grad.detach().float().abs().unflatten(-1, (sb.num_heads, sb.head_dim))
+        self._add(self.heads, sb.index, per_head.flatten(0, -3).sum((0, 2)))
+
+    # -- MLP: weight gradients as if every neuron were on -----------------------------------------
+    def _on_fc1(self, sb: SubBlock, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.armed and output.requires_grad:
+            self._fc1_io[sb.index] = (args[0].detach(), output.detach())
+
+    def _on_fc2(self, sb: SubBlock, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured = self._fc1_io.pop(sb.index, None)
+        if captured is not None and output.requires_grad:
+            output.register_hook(partial(self._on_fc2_grad, sb, *captured))
+
+    def _on_fc2_grad(self, sb: SubBlock, x: torch.Tensor, z: torch.Tensor, grad: torch.Tensor) -> None:
+        act = self.adapter.branch(sb).act
+        fc2 = self.adapter.linears(sb)[1]
+        g = grad.detach().float().flatten(0, -2)
+        x, z = x.float().flatten(0, -2), z.float().flatten(0, -2)
+        with torch.enable_grad():  # backward hooks run with grad mode off
+            z = z.requires_grad_()
+            h = act(z)
+            (act_slope,) = torch.autograd.grad(h, z, torch.ones_like(h))
+        h = h.detach()
+        self._add(self.fc2, sb.index, g.T @ h)
+        self._add(self.fc1, sb.index, ((g @ fc2.weight.detach().float()) * act_slope).T @ x)
+
+
+@register_method
+class S2ViTE(PruningMethod):
+    """Structured prune-and-grow of heads and MLP neurons, ending in a smaller model."""
+
+    name = "s2vite"
+    config_cls = S2ViTEConfig
+    structured = True
+    config: S2ViTEConfig
+
+    def __init__(self, config: S2ViTEConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.masks: BlockMasks = {}
+        self._gates: GateSet | None = None
+        self._stats: GrowthStatistics | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._window_start = 0
+        self._window_armed = False
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        for sb in adapter.sub_blocks:
+            group = UNIT_GROUP[sb.kind]
+            size = sb.groups[group]
+            keep = max(1, round(self.config.density(sb.kind) * size))
+            if self.config.init == "magnitude":
+                scores = unit_weight_l1(adapter, sb).cpu()
+            else:
+                scores = torch.rand(size, generator=generator)
+            self.masks[sb.index] = {group: keep_largest(scores, keep)}
+        self._gates = attach_gates(model, adapter, requires_grad=False)
+        for sb in adapter.sub_blocks:
+            if sb.kind == "attn":
+                self._gates.values[sb.index]["heads"].requires_grad_(True)
+        self._gates.set_masks(self.masks)
+        self._stats = GrowthStatistics(adapter)
+        self._allocation_rows += structured_allocation_rows(model, adapter, self.masks, step=0, epoch=0)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return self._gates.adapter
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self._gates.to(next(model.parameters()).device)
+        self._begin_window(self._window_start)
+
+    # -- arming -----------------------------------------------------------------------------------
+    def _begin_window(self, step: int) -> None:
+        """Micro-batch ``step`` opens a new optimizer window."""
+        self._window_start = step
+        self._stats.reset()
+        self._gates.zero_grad()
+        self._stats.armed = self._window_armed = self.clock.is_due(step)
+
+    def after_backward(self, info: StepInfo) -> None:
+        if not info.optimizer_step:
+            self._stats.armed = self.clock.is_due(info.step + 1)
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        if self.clock.is_due(info.step) and self._window_armed:
+            self._update(info)
+            self.clock.advance(info.step)
+            self._allocation_rows += structured_allocation_rows(
+                self.adapter.model, self.adapter, self.masks, step=info.step, epoch=info.epoch)
+        self._begin_window(info.step + 1)
+
+    # -- the update -------------------------------------------------------------------------------
+    def _scores(self, sb: SubBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prune score, grow score) per unit of ``sb``, averaged over ranks."""
+        if sb.kind == "attn":
+            gate = self._gates.values[sb.index]["heads"]
+            prune = gate.grad if gate.grad is not None else torch.zeros_like(gate)
+            grow = self._stats.heads.get(sb.index, torch.zeros_like(gate))
+            return average_across_ranks(prune).abs(), average_across_ranks(grow)
+        prune = unit_weight_l1(self.adapter, sb)
+        if sb.index not in self._stats.fc1:
+            return prune, torch.zeros_like(prune)
+        fc1, fc2 = (average_across_ranks(stats[sb.index]) for stats in (self._stats.fc1, self._stats.fc2))
+        return prune, fc1.abs().sum(1) + fc2.abs().sum(0)
+
+    def _update(self, info: StepInfo) -> None:
+        rate = self.clock.death_rate(info.step)
+        for sb in self.adapter.sub_blocks:
+            group = UNIT_GROUP[sb.kind]
+            mask = self.masks[sb.index][group]
+            prune, grow = self._scores(sb)
+            grown = drop_and_grow(mask, prune.cpu(), grow.cpu(), rate)
+            self._gates.set(sb.index, group, mask.float())
+            for param, positions in unit_parameters(self.adapter, sb, ~mask | grown):
+                zero_optimizer_state(self._optimizer, param, positions)
+
+    # -- results ----------------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        return structured_metrics(self.adapter.model, self.masks)
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        masks = canonical_masks(self.adapter, self.masks)
+        self._stats.remove()
+        self._gates.remove()
+        return PrunedModel(shrink_model(model, masks), structured=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {j: {g: m.clone() for g, m in groups.items()} for j, groups in self.masks.items()},
+                "clock": self.clock.state_dict(), "window_start": self._window_start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = {int(j): {g: m.bool().cpu() for g, m in groups.items()} for j, groups in state["masks"].items()}
+        self._gates.set_masks(self.masks)
+        self.clock.load_state_dict(state["clock"])
+        self._window_start = int(state["window_start"])
+

@@ -1,0 +1,228 @@
+"""Unstructured weight masks shared by DIMAP and SViTE.
+
+* :func:`erk_densities`: Erdős–Rényi-kernel layer densities for a target overall density.
+* :class:`MaskedWeights`: bool masks (True = kept) on named parameters of one model; keeps the
+  pruned weights at exactly zero through optimizer steps by re-applying the masks *and*
+  zeroing every per-weight optimizer state tensor (AdamW's ``exp_avg``/``exp_avg_sq``, SGD's
+  momentum) at pruned positions, so stale moments can never move a pruned weight again.
+* :class:`MaskKeeper`: the fine-tune stage's hooks for an unstructured model.
+* :class:`NonzeroCounter`: dense and non-zero parameters and MACs. Non-zero MACs are what a
+  sparse kernel *could* skip; the dense model still runs every MAC, so an unstructured result
+  is never a speed-up by itself (``PrunedModel.structured`` is False for it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from p3b_search.cost import model_cost, weight_uses_per_image
+from p3b_search.surgery import get_adapter
+from p3b_search.training.hooks import StepInfo, TrainingHooks
+
+
+def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
+    """Per-layer densities ``min(1, eps * sum(shape) / prod(shape))`` (Erdős–Rényi-kernel; for
+    a linear layer ``eps (n_in + n_out) / (n_in n_out)``) with ``eps`` solved so that the
+    parameter-weighted mean density is ``density``. Layers that would exceed 1 are kept dense
+    and ``eps`` is solved again for the rest (this only raises ``eps``, so every layer marked
+    dense stays dense)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density}: must be in (0, 1]")
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    budget = density * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        sparse = [name for name in shapes if name not in dense]
+        if not sparse:
+            return dict.fromkeys(shapes, 1.0)
+        eps = (budget - sum(sizes[n] for n in dense)) / sum(raw[n] * sizes[n] for n in sparse)
+        too_dense = {n for n in sparse if eps * raw[n] >= 1.0}
+        if not too_dense:
+            return {name: 1.0 if name in dense else eps * raw[name] for name in shapes}
+        dense |= too_dense
+
+
+def keep_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of ``scores``' shape keeping exactly the ``keep`` largest entries."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        mask[scores.flatten().topk(min(keep, scores.numel())).indices] = True
+    return mask.view_as(scores)
+
+
+@torch.no_grad()
+def drop_and_grow(mask: torch.Tensor, prune_score: torch.Tensor, grow_score: torch.Tensor,
+                  death_rate: float) -> torch.Tensor:
+    """One prune-and-grow swap on ``mask`` (bool, True = active; changed in place): drop the
+    ``k = ceil(death_rate * active)`` active entries of lowest ``prune_score``, then activate
+    the ``k`` inactive entries (just dropped ones included) of highest ``grow_score``.
+    Returns the bool tensor of the grown entries; the active count is unchanged."""
+    active = int(mask.sum())
+    k = min(active, math.ceil(death_rate * active))
+    grown = torch.zeros_like(mask)
+    if k == 0:
+        return grown
+    flat_mask, flat_grown = mask.view(-1), grown.view(-1)
+    dying = prune_score.detach().flatten().float().masked_fill(~flat_mask, float("inf"))
+    flat_mask[dying.topk(k, largest=False).indices] = False
+    growing = grow_score.detach().flatten().float().masked_fill(flat_mask, -float("inf"))
+    flat_grown[growing.topk(k).indices] = True
+    flat_mask |= flat_grown
+    return grown
+
+
+@torch.no_grad()
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, positions: torch.Tensor) -> None:
+    """Zero ``param``'s per-element optimizer state (AdamW ``exp_avg``/``exp_avg_sq``, SGD
+    momentum, ...) where ``positions`` (bool, broadcastable to ``param``) is True. Scalar state
+    such as AdamW's ``step`` is left alone."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(positions.to(value.device), 0)
+
+
+class MaskedWeights:
+    """Unstructured masks bound to the parameters of ``model`` they name (True = kept)."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
+        params = dict(model.named_parameters())
+        self.params: dict[str, nn.Parameter] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        for name, mask in masks.items():
+            if name not in params:
+                raise ValueError(f"weight mask {name!r} names no parameter of {type(model).__name__}")
+            param = params[name]
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(f"weight mask {name!r}: shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+            self.params[name] = param
+            self.masks[name] = mask.to(device=param.device, dtype=torch.bool)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Set every pruned weight to exactly zero (masks follow their parameters' device)."""
+        for name, param in self.params.items():
+            if self.masks[name].device != param.device:
+                self.masks[name] = self.masks[name].to(param.device)
+            param.masked_fill_(~self.masks[name], 0.0)
+
+    def clear_optimizer_state(self, optimizer: torch.optim.Optimizer,
+                              where: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Zero the optimizer's per-weight state at pruned positions (or, with ``where``, at
+        its True positions of the parameters it names)."""
+        for name in self.params if where is None else where:
+            positions = ~self.masks[name] if where is None else where[name]
+            zero_optimizer_state(optimizer, self.params[name], positions)
+
+    def enforce(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """After an optimizer step: zero pruned weights and their optimizer state."""
+        self.apply()
+        if optimizer is not None:
+            self.clear_optimizer_state(optimizer)
+
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    def total(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def cpu_masks(self) -> dict[str, torch.Tensor]:
+        """The masks as CPU bool tensors (for checkpoints and ``PrunedModel.weight_masks``)."""
+        return {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+
+    def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace the masks (same names and shapes) and zero the newly pruned weights."""
+        if set(masks) != set(self.masks):
+            raise ValueError("saved weight masks name other parameters than this model's: "
+                             "resume with the configuration that wrote them")
+        for name, mask in masks.items():
+            self.masks[name].copy_(mask.to(self.masks[name].device, torch.bool))
+        self.apply()
+
+
+class MaskKeeper(TrainingHooks):
+    """Fine-tune hooks of an unstructured model: pruned weights stay exactly zero."""
+
+    def __init__(self, weight_masks: Mapping[str, torch.Tensor]):
+        self._masks = {name: mask.detach().cpu().bool() for name, mask in weight_masks.items()}
+        self._bound: MaskedWeights | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._bound = MaskedWeights(model, self._masks)
+        self._optimizer = optimizer
+        self._bound.enforce(optimizer)
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        self._bound.enforce(self._optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_masks": {name: mask.clone() for name, mask in self._masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._masks = {name: mask.bool() for name, mask in state["weight_masks"].items()}
+
+
+@dataclass(frozen=True)
+class UnstructuredCost:
+    """Parameters and MACs per image of a dense-shaped model with zeroed weights.
+
+    ``sub_blocks[j] = (kept_params, kept_macs)`` counts non-zeros of sub-block ``j``."""
+
+    dense_params: int
+    nonzero_params: int
+    dense_macs: int
+    nonzero_macs: int
+    sub_blocks: dict[int, tuple[int, int]]
+
+    def metrics(self) -> dict[str, float]:
+        """Epoch metrics: ``kept_params`` (non-zero), ``keep_ratio``, ``macs`` (dense: what
+        the model really runs), ``nonzero_macs``, ``structured`` = 0."""
+        return {"kept_params": float(self.nonzero_params),
+                "keep_ratio": self.nonzero_params / self.dense_params,
+                "macs": float(self.dense_macs), "nonzero_macs": float(self.nonzero_macs),
+                "structured": 0.0}
+
+
+class NonzeroCounter:
+    """Dense and non-zero parameter/MAC counts of one model under unstructured masks.
+
+    Built once (one forward pass of one image to count how often each masked weight is used);
+    then :meth:`__call__` is cheap. MACs are counted as in :mod:`p3b_search.cost`; a zeroed
+    weight saves one MAC per use.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        names = list(names)
+        adapter = get_adapter(model)
+        self._dense = model_cost(model)
+        self._uses = weight_uses_per_image(model, names)
+        owner = {name: sb.index for sb in adapter.sub_blocks for name, _ in adapter.branch_parameters(sb)}
+        self._sub_block = {name: owner.get(name) for name in names}
+
+    def __call__(self, weights: MaskedWeights) -> UnstructuredCost:
+        pruned_params = {c.index: 0 for c in self._dense.sub_blocks}
+        pruned_macs = dict(pruned_params)
+        other_params = other_macs = 0
+        for name, mask in weights.masks.items():
+            zeros = mask.numel() - int(mask.sum())
+            j = self._sub_block[name]
+            if j is None:
+                other_params += zeros
+                other_macs += zeros * self._uses[name]
+            else:
+                pruned_params[j] += zeros
+                pruned_macs[j] += zeros * self._uses[name]
+        sub_blocks = {c.index: (c.params - pruned_params[c.index], c.macs - pruned_macs[c.index])
+                      for c in self._dense.sub_blocks}
+        removed_params = sum(pruned_params.values()) + other_params
+        removed_macs = sum(pruned_macs.values()) + other_macs
+        return UnstructuredCost(self._dense.params, self._dense.params - removed_params,
+                                self._dense.macs, self._dense.macs - removed_macs, sub_blocks)

@@ -1,0 +1,223 @@
+"""SViTE: unstructured sparse training by prune-and-grow (Chen et al., NeurIPS'21).
+
+* Masked: the weight of every ``nn.Linear`` and ``nn.Conv2d`` (``scope="all"``: patch
+  embedding, qkv/proj/fc1/fc2, Swin patch merging, classifier heads) or only the sub-blocks'
+  qkv/proj/fc1/fc2 (``scope="blocks"``). Biases, norms, position embeddings and Swin's
+  relative position tables are never masked.
+* Initial densities: Erdős–Rényi-kernel (:func:`~p3b_search.methods.sparsity.erk_densities`)
+  for the target density (``density``, default ``1 - prune_ratio``, counted over the masked
+  weights). The reference trains from scratch and draws the initial masks at random
+  (``init="random"``); starting from pretrained weights the default keeps each layer's
+  largest weights (``init="magnitude"``).
+* Every ``update_interval`` micro-batches (ΔT) while ``t < t_end = end_fraction * T`` (T: the
+  prune stage's micro-batches), at the optimizer step that closes the window: per layer drop
+  the ``k = ceil(p_t * nnz)`` active weights of smallest ``|w|``, then grow the ``k`` inactive
+  positions (the ones just dropped included) of largest ``|dL/dw|``. The gradient is dense:
+  masking is by zeroing weights, so pruned weights still get gradients. Grown weights start
+  at 0 with cleared optimizer state. Layers that ERK keeps dense are left alone.
+* Death rate ``p_t = p_end + (p_0 - p_end)(1 + cos(pi t / T)) / 2`` (``p_0 = 0.5``,
+  ``p_end = 0.005``).
+* After every optimizer step the masks are re-applied and the optimizer state of pruned
+  weights is zeroed (:class:`~p3b_search.methods.sparsity.MaskedWeights`).
+* With ``torch.distributed`` initialised, gradients are averaged over ranks before growth.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from p3b_search.methods.allocation import allocation_rows
+from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
+from p3b_search.methods.collective import average_across_ranks
+from p3b_search.methods.sparsity import (
+    MaskedWeights,
+    MaskKeeper,
+    NonzeroCounter,
+    drop_and_grow,
+    erk_densities,
+    keep_largest,
+)
+from p3b_search.surgery import ModelAdapter, get_adapter
+from p3b_search.training.hooks import StepInfo, TrainingHooks
+
+
+class PruneGrowConfig(MethodConfig):
+    """The prune-and-grow schedule shared by SViTE and S²ViTE (times in micro-batches)."""
+
+    update_interval: int = Field(100, ge=1, description="ΔT: micro-batches between prune-and-grow updates.")
+    end_fraction: float = Field(0.8, gt=0.0, le=1.0, description="Updates stop at t_end = end_fraction x T.")
+    death_rate: float = Field(0.5, gt=0.0, le=1.0,
+                              description="p_0: fraction of active weights/units dropped at t = 0.")
+    final_death_rate: float = Field(0.005, ge=0.0, le=1.0, description="p_t at t = T (cosine decay).")
+    init: Literal["magnitude", "random"] = Field("magnitude", description="How the initial masks are drawn.")
+    seed: int = Field(0, description="Seed of init='random'.")
+
+    @model_validator(mode="after")
+    def _decaying(self) -> "PruneGrowConfig":
+        if self.final_death_rate > self.death_rate:
+            raise ValueError(f"final_death_rate={self.final_death_rate} exceeds death_rate={self.death_rate}: "
+                             "the death rate decays, lower final_death_rate")
+        return self
+
+
+class SViTEConfig(PruneGrowConfig):
+    density: float | None = Field(None, gt=0.0, le=1.0,
+                                  description="Kept fraction of the masked weights; None: 1 - prune_ratio.")
+    scope: Literal["all", "blocks"] = Field(
+        "all", description="all: every Linear/Conv2d weight; blocks: qkv/proj/fc1/fc2.")
+
+    @property
+    def target_density(self) -> float:
+        return self.density if self.density is not None else 1.0 - self.prune_ratio
+
+
+def cosine_death_rate(t: int, total: int, initial: float, final: float) -> float:
+    """``p_t = final + (initial - final)(1 + cos(pi t / total)) / 2``."""
+    return final + (initial - final) * (1.0 + math.cos(math.pi * t / total)) / 2.0
+
+
+class PruneGrowClock:
+    """When prune-and-grow updates fire and at which death rate.
+
+    ``step`` counts micro-batches over the prune stage (``StepInfo.step``); an update is due
+    once ``step + 1`` reaches the next multiple of ``update_interval`` and fires at the
+    optimizer step closing that micro-batch's window, while ``step < t_end``.
+    """
+
+    def __init__(self, config: PruneGrowConfig, *, method: str, epochs: int, steps_per_epoch: int):
+        self.config = config
+        self.total = epochs * steps_per_epoch
+        self.end = math.floor(config.end_fraction * self.total)
+        if config.update_interval > self.end:
+            raise ValueError(
+                f"{method}.update_interval={config.update_interval} micro-batches leaves no prune-and-grow update "
+                f"before t_end={self.end} (end_fraction x {self.total} prune-stage micro-batches): lower "
+                "update_interval or train the prune stage longer"
+            )
+        self.next_update = config.update_interval
+
+    def is_due(self, step: int) -> bool:
+        """An update is due at (or before) micro-batch ``step``."""
+        return step + 1 >= self.next_update and step < self.end
+
+    def death_rate(self, step: int) -> float:
+        return cosine_death_rate(step, self.total, self.config.death_rate, self.config.final_death_rate)
+
+    def advance(self, step: int) -> None:
+        """The update for micro-batch ``step`` fired: schedule the next one."""
+        interval = self.config.update_interval
+        self.next_update = ((step + 1) // interval + 1) * interval
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_update": self.next_update}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_update = int(state["next_update"])
+
+
+def masked_weights(model: nn.Module, scope: str) -> dict[str, nn.Parameter]:
+    """The weights SViTE masks (see the module docstring), by parameter name."""
+    if scope == "blocks":
+        adapter = get_adapter(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(linear.weight)]: linear.weight
+                for sb in adapter.sub_blocks for linear in adapter.linears(sb)}
+    return {f"{name}.weight": module.weight for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+def initial_masks(weights: dict[str, nn.Parameter], density: float, init: str, seed: int) -> dict[str, torch.Tensor]:
+    """ERK densities for ``density``; per layer the largest weights (``magnitude``) or a
+    seeded uniform draw (``random``) of ``round(density_l * numel)`` positions."""
+    densities = erk_densities({n: tuple(w.shape) for n, w in weights.items()}, density)
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, weight in weights.items():
+        keep = round(densities[name] * weight.numel())
+        scores = weight.detach().abs() if init == "magnitude" else torch.rand(weight.shape, generator=generator)
+        masks[name] = keep_largest(scores, keep).to(weight.device)
+    return masks
+
+
+def prune_and_grow(weight: nn.Parameter, mask: torch.Tensor, grad: torch.Tensor, death_rate: float) -> torch.Tensor:
+    """One SViTE update of one layer (``mask`` and ``weight`` changed in place): magnitude
+    death, gradient growth, grown weights set to zero. Returns the grown positions."""
+    grown = drop_and_grow(mask, weight.detach().abs(), grad.abs(), death_rate)
+    with torch.no_grad():
+        weight.masked_fill_(grown, 0.0)
+    return grown
+
+
+@register_method
+class SViTE(PruningMethod):
+    """Unstructured prune-and-grow sparse training; the result keeps dense shapes."""
+
+    name = "svite"
+    config_cls = SViTEConfig
+    structured = False
+    config: SViTEConfig
+
+    def __init__(self, config: SViTEConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self._adapter: ModelAdapter | None = None
+        self._weights: MaskedWeights | None = None
+        self._counter: NonzeroCounter | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._evolving: list[str] = []
+
+    def prepare(self, model: nn.Module) -> None:
+        self._adapter = get_adapter(model)
+        weights = masked_weights(model, self.config.scope)
+        masks = initial_masks(weights, self.config.target_density, self.config.init, self.config.seed)
+        self._weights = MaskedWeights(model, masks)
+        self._weights.apply()
+        self._evolving = [name for name, mask in masks.items() if not bool(mask.all())]
+        self._counter = NonzeroCounter(model, masks)
+        self._record(step=0, epoch=0)
+
+    def _record(self, step: int, epoch: int) -> None:
+        kept = self._counter(self._weights).sub_blocks
+        self._allocation_rows += allocation_rows(self._adapter, kept, step=step, epoch=epoch)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self._weights.enforce(optimizer)
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        self._weights.enforce(self._optimizer)
+        if not self.clock.is_due(info.step):
+            return
+        rate = self.clock.death_rate(info.step)
+        grown = {}
+        for name in self._evolving:
+            param = self._weights.params[name]
+            if param.grad is None:
+                continue
+            grown[name] = prune_and_grow(param, self._weights.masks[name], average_across_ranks(param.grad), rate)
+        self._weights.apply()
+        self._weights.clear_optimizer_state(self._optimizer)
+        self._weights.clear_optimizer_state(self._optimizer, where=grown)
+        self.clock.advance(info.step)
+        self._record(step=info.step, epoch=info.epoch)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        return {**self._counter(self._weights).metrics(), "density": self._weights.kept() / self._weights.total()}
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        self._weights.apply()
+        return PrunedModel(model, structured=False, weight_masks=self._weights.cpu_masks())
+
+    def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
+        return MaskKeeper(pruned.weight_masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_masks": self._weights.cpu_masks(), "clock": self.clock.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._weights.load_masks(state["weight_masks"])
+        self.clock.load_state_dict(state["clock"])

@@ -1,0 +1,63 @@
+"""Tiny timm models and a minimal driver of a method's hooks, for the method tests."""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from p3b_search.methods.base import PruningMethod
+from p3b_search.training.hooks import StepInfo, TrainingHooks
+from p3b_search.training.loop import build_optimizer
+
+NUM_CLASSES = 5
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """A 2-layer ViT on 16x16 images (patch 4, width 32, 2 heads)."""
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=NUM_CLASSES)
+
+
+def small_swin(seed: int = 0) -> nn.Module:
+    """A 2-stage Swin on 56x56 images (width 32, 2+2 blocks, 2 and 4 heads, window 7)."""
+    torch.manual_seed(seed)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
+                             depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=NUM_CLASSES)
+
+
+def batch(model: nn.Module, size: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    h, w = model.patch_embed.img_size
+    return torch.randn(size, 3, h, w, generator=gen), torch.randint(0, NUM_CLASSES, (size,), generator=gen)
+
+
+def make(method_cls: type[PruningMethod], epochs: int = 2, steps_per_epoch: int = 4, **config) -> PruningMethod:
+    return method_cls(method_cls.config_cls(**config), num_classes=NUM_CLASSES, epochs=epochs,
+                      steps_per_epoch=steps_per_epoch)
+
+
+def drive(hooks: TrainingHooks, model: nn.Module, steps: int, *, steps_per_epoch: int = 4, lr: float = 1e-2,
+          weight_decay: float = 0.05, optimizer: torch.optim.Optimizer | None = None,
+          after_step=None) -> torch.optim.Optimizer:
+    """Train ``model`` for ``steps`` micro-batches with AdamW, calling ``hooks`` in the loop's
+    order (one micro-batch per optimizer step); ``after_step(step, optimizer)`` runs after each
+    step's hooks, before the gradients are cleared."""
+    if optimizer is None:
+        optimizer = build_optimizer(model, lr, weight_decay, hooks.param_groups())
+        hooks.on_train_start(model, optimizer)
+    model.train()
+    for step in range(steps):
+        inputs, targets = batch(model, seed=step)
+        info = StepInfo(step=step, epoch=step // steps_per_epoch, steps_per_epoch=steps_per_epoch, optimizer_step=True)
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        hooks.after_backward(info)
+        optimizer.step()
+        hooks.after_optimizer_step(info)
+        if after_step is not None:
+            after_step(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if step % steps_per_epoch == steps_per_epoch - 1:
+            hooks.on_epoch_end(info.epoch)
+    return optimizer
