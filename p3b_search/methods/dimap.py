@@ -36,9 +36,18 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from p3b_search.methods.allocation import allocation_rows, structured_allocation_rows, structured_metrics
-from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
-from p3b_search.methods.sparsity import MaskedWeights, MaskKeeper, NonzeroCounter
+from p3b_search.methods.allocation import (
+    allocation_rows,
+    structured_allocation_rows,
+    structured_metrics,
+)
+from p3b_search.methods.base import (
+    MethodConfig,
+    PrunedModel,
+    PruningMethod,
+    register_method,
+)
+from p3b_search.methods.sparsity import UnstructuredMethod
 from p3b_search.surgery import (
     BlockMasks,
     GateSet,
@@ -49,7 +58,6 @@ from p3b_search.surgery import (
     get_adapter,
     shrink_model,
 )
-from p3b_search.training.hooks import StepInfo, TrainingHooks
 
 MODULES = ("qkv", "prj", "mlp")
 UnitGroup = Literal["in", "head_dim", "heads", "out", "hidden"]
@@ -157,53 +165,24 @@ def _module_sizes(layers: dict[str, dict[str, nn.Parameter]]) -> dict[str, int]:
 
 
 @register_method
-class DIMAP(PruningMethod):
+class DIMAP(UnstructuredMethod):
     """One-shot unstructured DIMAP; the prune stage and the fine-tune stage both train with
     the pruned weights held at zero."""
 
     name = "dimap"
     config_cls = DIMAPConfig
-    structured = False
     config: DIMAPConfig
 
     def __init__(self, config: DIMAPConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
-        self._weights: MaskedWeights | None = None
-        self._counter: NonzeroCounter | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self.ratios: dict[str, float] = {}
 
     def prepare(self, model: nn.Module) -> None:
         adapter = get_adapter(model)
         layers = module_layers(model, adapter)
         self.ratios = self.config.module_ratios(_module_sizes(layers))
-        self._weights = MaskedWeights(model, dimap_weight_masks(layers, self.ratios))
-        self._weights.apply()
-        self._counter = NonzeroCounter(model, self._weights.masks)
+        self._mask(model, dimap_weight_masks(layers, self.ratios))
         self._allocation_rows += allocation_rows(adapter, self._counter(self._weights).sub_blocks, step=0, epoch=0)
-
-    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
-        self._weights.enforce(optimizer)
-
-    def after_optimizer_step(self, info: StepInfo) -> None:
-        self._weights.enforce(self._optimizer)
-
-    def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        return {**self._counter(self._weights).metrics(), "density": self._weights.kept() / self._weights.total()}
-
-    def finalize(self, model: nn.Module) -> PrunedModel:
-        self._weights.apply()
-        return PrunedModel(model, structured=False, weight_masks=self._weights.cpu_masks())
-
-    def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
-        return MaskKeeper(pruned.weight_masks)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weight_masks": self._weights.cpu_masks()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._weights.load_masks(state["weight_masks"])
 
 
 # -- structured --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from p3b_search.cost import model_cost, weight_uses_per_image
+from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
 from p3b_search.surgery import get_adapter
 from p3b_search.training.hooks import StepInfo, TrainingHooks
 
@@ -226,3 +227,47 @@ class NonzeroCounter:
         removed_macs = sum(pruned_macs.values()) + other_macs
         return UnstructuredCost(self._dense.params, self._dense.params - removed_params,
                                 self._dense.macs, self._dense.macs - removed_macs, sub_blocks)
+
+
+class UnstructuredMethod(PruningMethod):
+    """Base of methods whose result keeps dense shapes with zeroed weights (DIMAP, SViTE).
+
+    Subclasses build their masks in ``prepare`` and call :meth:`_mask`; from then on the
+    pruned weights stay zero after every optimizer step, in both stages."""
+
+    structured = False
+
+    def __init__(self, config: MethodConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
+        super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self._weights: MaskedWeights | None = None
+        self._counter: NonzeroCounter | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def _mask(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        """Zero the pruned weights of ``model`` and start counting non-zeros."""
+        self._weights = MaskedWeights(model, masks)
+        self._weights.apply()
+        self._counter = NonzeroCounter(model, self._weights.masks)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self._weights.enforce(optimizer)
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        self._weights.enforce(self._optimizer)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        return {**self._counter(self._weights).metrics(), "density": self._weights.kept() / self._weights.total()}
+
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        self._weights.apply()
+        return PrunedModel(model, structured=False, weight_masks=self._weights.cpu_masks())
+
+    def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
+        return MaskKeeper(pruned.weight_masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_masks": self._weights.cpu_masks()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._weights.load_masks(state["weight_masks"])

@@ -31,18 +31,19 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from p3b_search.methods.allocation import allocation_rows
-from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
+from p3b_search.methods.base import (
+    MethodConfig,
+    register_method,
+)
 from p3b_search.methods.collective import average_across_ranks
 from p3b_search.methods.sparsity import (
-    MaskedWeights,
-    MaskKeeper,
-    NonzeroCounter,
+    UnstructuredMethod,
     drop_and_grow,
     erk_densities,
     keep_largest,
 )
 from p3b_search.surgery import ModelAdapter, get_adapter
-from p3b_search.training.hooks import StepInfo, TrainingHooks
+from p3b_search.training.hooks import StepInfo
 
 
 class PruneGrowConfig(MethodConfig):
@@ -153,43 +154,33 @@ def prune_and_grow(weight: nn.Parameter, mask: torch.Tensor, grad: torch.Tensor,
 
 
 @register_method
-class SViTE(PruningMethod):
+class SViTE(UnstructuredMethod):
     """Unstructured prune-and-grow sparse training; the result keeps dense shapes."""
 
     name = "svite"
     config_cls = SViTEConfig
-    structured = False
     config: SViTEConfig
 
     def __init__(self, config: SViTEConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self._adapter: ModelAdapter | None = None
-        self._weights: MaskedWeights | None = None
-        self._counter: NonzeroCounter | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self._evolving: list[str] = []
 
     def prepare(self, model: nn.Module) -> None:
         self._adapter = get_adapter(model)
         weights = masked_weights(model, self.config.scope)
         masks = initial_masks(weights, self.config.target_density, self.config.init, self.config.seed)
-        self._weights = MaskedWeights(model, masks)
-        self._weights.apply()
+        self._mask(model, masks)
         self._evolving = [name for name, mask in masks.items() if not bool(mask.all())]
-        self._counter = NonzeroCounter(model, masks)
         self._record(step=0, epoch=0)
 
     def _record(self, step: int, epoch: int) -> None:
         kept = self._counter(self._weights).sub_blocks
         self._allocation_rows += allocation_rows(self._adapter, kept, step=step, epoch=epoch)
 
-    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
-        self._weights.enforce(optimizer)
-
     def after_optimizer_step(self, info: StepInfo) -> None:
-        self._weights.enforce(self._optimizer)
+        super().after_optimizer_step(info)
         if not self.clock.is_due(info.step):
             return
         rate = self.clock.death_rate(info.step)
@@ -205,19 +196,9 @@ class SViTE(PruningMethod):
         self.clock.advance(info.step)
         self._record(step=info.step, epoch=info.epoch)
 
-    def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        return {**self._counter(self._weights).metrics(), "density": self._weights.kept() / self._weights.total()}
-
-    def finalize(self, model: nn.Module) -> PrunedModel:
-        self._weights.apply()
-        return PrunedModel(model, structured=False, weight_masks=self._weights.cpu_masks())
-
-    def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
-        return MaskKeeper(pruned.weight_masks)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"weight_masks": self._weights.cpu_masks(), "clock": self.clock.state_dict()}
+        return {**super().state_dict(), "clock": self.clock.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._weights.load_masks(state["weight_masks"])
+        super().load_state_dict(state)
         self.clock.load_state_dict(state["clock"])

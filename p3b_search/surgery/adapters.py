@@ -153,7 +153,14 @@ class ModelAdapter:
 
     def input_size(self) -> tuple[int, int, int]:
         """(channels, height, width) of one input image."""
-        raise NotImplementedError
+        pe = self.model.patch_embed
+        return (pe.proj.in_channels, *pe.img_size)
+
+    def patch_embed_macs(self) -> int:
+        """MACs per image of the patch-embedding convolution."""
+        pe = self.model.patch_embed
+        conv = pe.proj
+        return pe.grid_size[0] * pe.grid_size[1] * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size)
 
     def stem_and_head_macs(self) -> int:
         """MACs per image outside the sub-blocks (patch embedding, merging, classifier heads)."""
@@ -207,16 +214,9 @@ class VisionTransformerAdapter(ModelAdapter):
             yield SubBlock(2 * layer + 1, layer, "mlp", path, 0, geo["dim"], tokens, tokens,
                            hidden=geo["hidden"])
 
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        return (pe.proj.in_channels, *pe.img_size)
-
     def stem_and_head_macs(self) -> int:
         model = self.model
-        pe = model.patch_embed
-        grid = pe.grid_size
-        conv = pe.proj
-        macs = grid[0] * grid[1] * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size)
+        macs = self.patch_embed_macs()
         for head_name in ("head", "head_dist"):
             head = getattr(model, head_name, None)
             if isinstance(head, nn.Linear):
@@ -243,15 +243,9 @@ class SwinTransformerAdapter(ModelAdapter):
                                hidden=geo["hidden"])
                 layer += 1
 
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        return (pe.proj.in_channels, *pe.img_size)
-
     def stem_and_head_macs(self) -> int:
         model = self.model
-        pe = model.patch_embed
-        conv = pe.proj
-        macs = pe.grid_size[0] * pe.grid_size[1] * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size)
+        macs = self.patch_embed_macs()
         for stage in model.layers:
             reduction = getattr(stage.downsample, "reduction", None)
             if reduction is not None:
