@@ -1,0 +1,50 @@
+"""p3b_search.tracking.figures: allocation tables, keep-ratio heatmaps and Pareto plots."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from p3b_search.tracking.figures import (
+    allocation_table,
+    check_allocation_row,
+    keep_ratio_heatmap,
+    pareto_plotly,
+    pareto_png,
+)
+
+
+def test_allocation_table_orders_columns_and_heatmap_rows_follow_the_network():
+    rows = [dict(step=s, layer=l, kind=k, keep_ratio=1.0 - 0.1 * s * l, extra_note="x")
+            for s in (0, 5) for l in (1, 0) for k in ("mlp", "attn")]  # no sub_block, no benefits
+    table = allocation_table(rows)
+    assert list(table.columns) == ["name", "step", "layer", "kind", "keep_ratio", "extra_note"]
+    fig = keep_ratio_heatmap(table, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["L00.attn", "L00.mlp", "L01.attn", "L01.mlp"]
+    grid = ax.images[0].get_array()
+    assert grid.shape == (4, 2) and grid[2, 1] == pytest.approx(0.5) and grid[0, 1] == pytest.approx(1.0)
+
+
+def test_allocation_row_without_keep_ratio_is_rejected():
+    with pytest.raises(ValueError, match="lacks step, keep_ratio"):
+        check_allocation_row({"layer": 0, "kind": "mlp"})
+
+
+@pytest.mark.parametrize("objectives", [
+    {"top1": "maximize"},
+    {"top1": "maximize", "macs": "minimize"},
+    {"top1": "maximize", "macs": "minimize", "latency_ms": "minimize"},
+])
+def test_pareto_figures_for_one_two_and_three_objectives(objectives):
+    points = pd.DataFrame({"number": [0, 1, 2], "top1": [70.0, 80.0, 60.0], "macs": [1.0, 2.0, 3.0],
+                           "latency_ms": [1.0, 3.0, 2.0]})
+    on_front = np.array([True, True, False])
+    hover = [f"trial {n}" for n in points["number"]]
+    fig = pareto_plotly(points, objectives, on_front, 1, hover, "front")
+    kinds = {trace.type for trace in fig.data}
+    assert kinds == ({"splom"} if len(objectives) >= 3 else {"scatter"})
+    front_trace = next(trace for trace in fig.data if trace.name == "Pareto front")
+    assert list(front_trace.hovertext) == ["trial 0", "trial 1"]
+    png = pareto_png(points, objectives, on_front, 1, "front")
+    assert png.axes[0].get_ylabel().startswith("top1")
