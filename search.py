@@ -136,15 +136,20 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
     from p3b_search.search.runner import study_from_folder
+    from p3b_search.tracking.mlflow_tracker import ui_url
 
     study = study_from_folder(study_folder(args.study, args.output_dir))
     uri = study.tracking_uri
+    experiment = MlflowClient(uri).get_experiment_by_name(study.name)
+    route = ui_url("", experiment.experiment_id) if experiment is not None else ""
     if uri.startswith(("http://", "https://")):
-        print(f"study {study.name} logs to the tracking server {uri}: open it in a browser")
+        print(f"study {study.name} logs to the tracking server: {uri.rstrip('/')}/{route}")
         return 0
-    print(f"MLflow UI for {study.name}: http://127.0.0.1:{args.port}  (Ctrl-C to stop; filter the front with "
-          "tags.pareto = \"true\")")
+    print(f"MLflow UI for {study.name}: http://127.0.0.1:{args.port}/{route}\n"
+          "(Ctrl-C to stop; list the front with the filter tags.pareto = \"true\")")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(args.port)]
     try:

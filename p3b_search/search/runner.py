@@ -280,8 +280,12 @@ class StudyProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         reason = self.stopper.reasons.get(trial.trial_id) if self.stopper is not None else None
         session = self._note(trial, **({"fail_reason": reason} if reason else {}))
-        if reason and session.tracker is not None:
-            _mark_stopped_run(session, _trial_number(trial), reason)
+        number = _trial_number(trial)
+        if reason and session.tracker is not None and number is not None:
+            try:
+                session.tracker.end_trial(number, "stopped", reason)
+            except Exception as error:  # noqa: BLE001  (a tracking store error must not end the study)
+                logger.warning("MLflow: could not mark trial %s stopped: %s", number, error)
         self._ended(session)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -297,22 +301,6 @@ class StudyProgress(Callback):
         session.refresh()
         session.publish_front()
         session.say(session.progress_line())
-
-
-def _mark_stopped_run(session: StudySession, number: int | None, reason: str) -> None:
-    """End the MLflow child run of an early-stopped trial as KILLED with state ``stopped``."""
-    from p3b_search.tracking.mlflow_tracker import REASON_TAG, STATE_TAG
-
-    run_id = session.annotations.get(number, {}).get(MLFLOW_RUN_ID) if number is not None else None
-    if not run_id:
-        return
-    client = session.tracker.client
-    try:
-        client.set_tag(run_id, STATE_TAG, "stopped")
-        client.set_tag(run_id, REASON_TAG, reason[:5000])
-        client.set_terminated(run_id, "KILLED")
-    except Exception as error:  # noqa: BLE001  (a tracking store error must not end the study)
-        logger.warning("MLflow: could not mark run %s stopped: %s", run_id, error)
 
 
 # ----------------------------------------------------------------------------- running
