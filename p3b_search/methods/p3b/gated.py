@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from p3b_search.cost import dense_sub_block_params, model_cost, sub_block_cost
+from p3b_search.cost import SubBlockCost, dense_sub_block_params, model_cost, sub_block_cost
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
 from p3b_search.methods.p3b.budget import KeepRatioRamp, block_params_target
 from p3b_search.methods.p3b.schedule import PruneSchedule
@@ -169,7 +169,7 @@ class GatedPruning(PruningMethod):
         masks = self.hard_masks() if masks is None else masks
         return torch.tensor([float(c.params) for c in self._kept_costs(masks)], dtype=torch.float64)
 
-    def _kept_costs(self, masks: BlockMasks):
+    def _kept_costs(self, masks: BlockMasks) -> list[SubBlockCost]:
         return [sub_block_cost(self.adapter, sb, masked_sizes(sb, masks[sb.index])) for sb in self.adapter.sub_blocks]
 
     def _set_gate_values(self, values: torch.Tensor) -> None:
@@ -282,7 +282,11 @@ class TaylorGatedPruning(GatedPruning):
 
     def after_backward(self, info: StepInfo) -> None:
         """At optimizer steps inside the prune window: add ``(m dL/dm)^2`` to the window and
-        clear the gate gradients; then a scheduled (or the final) mask update."""
+        clear the gate gradients; then a scheduled (or the final) mask update.
+
+        The gate gradients of an accumulation window are complete after the backward of its
+        last micro-batch, so they are read here rather than in ``after_optimizer_step`` (gates
+        are no optimizer parameters): an update scheduled on that micro-batch sees its scores."""
         self._last_info = info
         if self.finalized:
             return

@@ -44,10 +44,6 @@ class WindowedSum:
         count = self.count + self.previous_count if with_previous else self.count
         return total / count.clamp(min=1.0)
 
-    def is_empty(self, with_previous: bool = False) -> bool:
-        count = self.count + self.previous_count if with_previous else self.count
-        return bool(count == 0)
-
     def roll(self) -> None:
         """Close the current window: it becomes the previous one, and a new one starts empty."""
         self.previous_sum, self.previous_count = self.sum, self.count
