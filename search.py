@@ -73,8 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     from p3b_search.search.runner import run_study
     from p3b_search.search.schema import load_study
 
-    if args.objective:
-        __import__(args.objective.partition(":")[0])  # a custom objective may register its own methods
+    _import_objective(args.objective)  # a custom objective may register its own methods
     study = load_study(args.study)
     changes = {k: v for k, v in (("n_trials", args.trials), ("name", args.name), ("output_dir", args.output_dir))
                if v is not None}
@@ -82,6 +81,34 @@ def _run(args: argparse.Namespace) -> int:
         study = study.with_overrides(**changes)
     return _finish(run_study(study, address=args.address, objective=args.objective or _default_objective(),
                              num_cpus=args.cpus, verbose=args.verbose))
+
+
+def _import_objective(objective: str | None) -> None:
+    """Import the module of ``--objective MODULE:FUNCTION`` (one-line error when it cannot be)."""
+    from p3b_search.search.schema import StudyError
+
+    if not objective:
+        return
+    module, _, function = objective.partition(":")
+    try:
+        imported = __import__(module, fromlist=["_"])
+    except ImportError as error:
+        raise StudyError(f"--objective {objective}: cannot import {module!r} ({error}): check the module name "
+                         "and that it is importable here (PYTHONPATH)") from None
+    if not callable(getattr(imported, function or "run_trial", None)):
+        raise StudyError(f"--objective {objective}: module {module!r} has no function "
+                         f"{function or 'run_trial'!r}: name one with the run_trial signature")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of counts: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
 
 
 def _default_objective() -> str:
@@ -93,8 +120,7 @@ def _default_objective() -> str:
 def _resume(args: argparse.Namespace) -> int:
     from p3b_search.search.runner import run_study, study_from_folder
 
-    if args.objective:
-        __import__(args.objective.partition(":")[0])
+    _import_objective(args.objective)
     study = study_from_folder(study_folder(args.study, args.output_dir))
     return _finish(run_study(study, resume=True, address=args.address, objective=args.objective or _default_objective(),
                              num_cpus=args.cpus, verbose=args.verbose))
@@ -170,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     def ray_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--address", help="join a running Ray cluster ('auto', or ray://HEAD:10001) instead of "
                                          "starting Ray on this machine; the study folder must be on shared storage")
-        p.add_argument("--cpus", type=int, help="CPUs local Ray may use (default: all)")
+        p.add_argument("--cpus", type=_positive_int, help="CPUs local Ray may use (default: all)")
         p.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own output")
         p.add_argument("--objective", metavar="MODULE:FUNCTION",
                        help="run another objective with the run_trial signature (default: "
@@ -179,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a study from a study file",
                          description="Start a study: validate the file, then run its trials with Ray Tune.")
     run.add_argument("study", metavar="STUDY.yaml", help="the study file (see studies/)")
-    run.add_argument("--trials", type=int, help="number of trials (overrides n_trials)")
+    run.add_argument("--trials", type=_positive_int, help="number of trials (overrides n_trials)")
     run.add_argument("--name", help="study name (overrides name; results go to <output_dir>/<name>)")
     run.add_argument("--output-dir", help="where the study folder is created (overrides output_dir)")
     ray_args(run)

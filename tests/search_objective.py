@@ -11,13 +11,21 @@ Full-state checkpoints each epoch; ``resume_from`` continues after the checkpoin
 Under ``torch.distributed`` (a ``workers_per_trial > 1`` trial) each rank trains on its own
 shard of the data and only rank 0 writes checkpoints.
 
+The checkpoint holds the model, the optimizer and the RNG state, so a resumed trial ends
+exactly as an undisturbed one with the same seed. A non-finite training loss raises
+``FloatingPointError`` (as the training loop does).
+
 Test controls, read from the study folder (``workdir/../..``): ``epoch-seconds`` (sleep per
-epoch, to keep trials running while a test interrupts them) and ``fail-once-<number>``
-(raise once after the second epoch, to exercise retries).
-Every epoch trained is appended to ``workdir/epochs.log``.
+epoch, to keep trials running while a test interrupts them), ``fail-once-<number>``
+(raise once after the second epoch, to exercise retries) and ``oom-<number>`` (raise
+``torch.OutOfMemoryError`` in the first epoch, as a too-large batch on a GPU would).
+Every epoch trained is appended to ``workdir/epochs.log``; the process id of the latest
+attempt is in ``workdir/pid``.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +87,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     keep = max(1, round((1 - knobs.prune_ratio) * HIDDEN))
     study_root = Path(workdir).parent.parent
     pause = float((study_root / "epoch-seconds").read_text()) if (study_root / "epoch-seconds").exists() else 0.0
+    (Path(workdir) / "pid").write_text(str(os.getpid()))
     x, y, xv, yv = _digits()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     x, y = x[rank::world], y[rank::world]  # data-parallel: each rank trains on its own shard
@@ -92,6 +101,9 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         start = state["epoch"] + 1
     finetune_lr = config.training.finetune.lr * 2 * knobs.alpha
     optimizer = torch.optim.Adam(model.parameters(), lr=config.training.prune.lr if start < prune_epochs else finetune_lr)
+    if resume_from is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
     checkpoint = Path(workdir) / "checkpoint"
     checkpoint.mkdir(parents=True, exist_ok=True)
     for epoch in range(start, total):
@@ -100,10 +112,18 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
                                           "keep_ratio": keep / HIDDEN, "final": True}])
             model = _shrink(model, keep, Path(workdir))
             optimizer = torch.optim.Adam(model.parameters(), lr=finetune_lr)
+        if epoch == 0 and (study_root / f"oom-{int(Path(workdir).name)}").exists():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
+        losses = []
         for batch in torch.randperm(len(y)).split(config.training.batch_size):
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
             optimizer.step()
+            losses.append(loss.item())
+        if not math.isfinite(sum(losses)):
+            raise FloatingPointError(f"training loss became {sum(losses) / len(losses)} in epoch {epoch}: "
+                                     "lower the stage lr")
         time.sleep(pause)
         if epoch < prune_epochs:
             ramp = 1 - (1 - keep / HIDDEN) * (epoch + 1) / max(1, prune_epochs)
@@ -111,7 +131,8 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         hidden = model[0].out_features
         macs = float(64 * hidden + hidden * 10)
         if lead:
-            torch.save({"model": model.state_dict(), "hidden": hidden, "epoch": epoch}, checkpoint / "state.pt")
+            torch.save({"model": model.state_dict(), "hidden": hidden, "epoch": epoch,
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint / "state.pt")
             with open(Path(workdir) / "epochs.log", "a") as log:
                 log.write(f"{epoch}\n")
         marker = study_root / f"fail-once-{int(Path(workdir).name)}"

@@ -237,9 +237,9 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     first = subprocess.Popen(_cli("run", str(tmp_path / "study.yaml")), cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(layout, lambda f: ((f["state"] == "RUNNING") & (f["epochs_done"] >= 1)).any(), 150)
+        _wait_for(layout, lambda f: ((f["state"] == "RUNNING") & (f["epochs_done"] >= 1)).any(), 400)
         first.send_signal(signal.SIGINT)  # Ctrl-C: Ray Tune stops gracefully and saves its state
-        output, _ = first.communicate(timeout=60)
+        output, _ = first.communicate(timeout=180)
     finally:
         first.kill()
     assert first.returncode == 130, output
@@ -249,7 +249,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     assert len(interrupted) and (interrupted["epochs_done"] >= 1).any() and len(before) < 4
 
     second = subprocess.run(_cli("resume", str(layout.root)), cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=150)
+                            text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "finished after" in second.stdout
 

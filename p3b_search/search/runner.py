@@ -111,6 +111,21 @@ def reference_point(study: StudyConfig) -> list[float]:
     return point
 
 
+def _check_image_folder(source: str, root: Path) -> None:
+    """``root/train`` and ``root/val`` (or ``validation``) exist and each holds an image in a class folder."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    layout = "expected root/train/<class>/*.jpg and root/val/<class>/*.jpg"
+    suffixes = get_img_extensions(as_set=True)
+    for names in (("train",), ("val", "validation")):
+        split = next((root / name for name in names if (root / name).is_dir()), None)
+        if split is None:
+            raise StudyError(f"{source}: data.root: {root} has no {names[0]}/ folder: {layout}")
+        images = (f for d in split.iterdir() if d.is_dir() for f in d.rglob("*") if f.suffix.lower() in suffixes)
+        if next(images, None) is None:
+            raise StudyError(f"{source}: data.root: {split} holds no images in class folders: {layout}")
+
+
 def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus: int | None = None) -> None:
     """Machine-side checks before anything starts; one-line :class:`StudyError` on failure."""
     import timm
@@ -121,12 +136,18 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
                          "timm.list_models()")
     if study.data.kind != "digits" and not study.data.root.is_dir():
         raise StudyError(f"{source}: data.root: folder {study.data.root} does not exist: point it at the data set")
-    if study.data.kind == "imagefolder" and not (study.data.root / "train").is_dir():
-        raise StudyError(f"{source}: data.root: {study.data.root} has no train/ folder: expected "
-                         "root/train/<class>/* and root/val/<class>/*")
+    if study.data.kind == "imagefolder":
+        _check_image_folder(source, study.data.root)
     weights = study.model.weights
-    if weights not in (None, "hub", "source-pretrained") and not Path(weights).is_file():
-        raise StudyError(f"{source}: model.weights: file {weights} does not exist: set a local .pth/.safetensors")
+    if weights not in (None, "hub", "source-pretrained"):
+        if not Path(weights).is_file():
+            raise StudyError(f"{source}: model.weights: file {weights} does not exist: set a local .pth/.safetensors")
+        from p3b_search.weights import WeightsError, read_state_dict
+
+        try:  # read it once here: a corrupt file fails now, not in every trial
+            read_state_dict(weights)
+        except WeightsError as error:
+            raise StudyError(f"{source}: model.weights: {error}") from None
     module = objective.partition(":")[0]
     try:
         found = importlib.util.find_spec(module) is not None
