@@ -301,7 +301,7 @@ with tracker:
     start(tracker, folder)
     reporter = MlflowTrialReporter(**tracker.child_run_args(0, {{"alpha": 1.0}}))
     reporter.report_epoch({{"epoch": 0, "loss": 1.0}})
-    while reporter.run_id is None:
+    while reporter.run_id is None or reporter._sender.pending:  # the epoch is in the store
         time.sleep(0.05)
     print(tracker.parent_run_id, reporter.run_id, flush=True)
     if {crash!r}:
