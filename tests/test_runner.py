@@ -237,7 +237,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     first = subprocess.Popen(_cli("run", str(tmp_path / "study.yaml")), cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(layout, lambda f: ((f["state"] == "RUNNING") & (f["epochs_done"] >= 1)).any(), 400)
+        _wait_for(layout, lambda f: ((f["state"] == "RUNNING") & (f["epochs_saved"] >= 1)).any(), 400)
         first.send_signal(signal.SIGINT)  # Ctrl-C: Ray Tune stops gracefully and saves its state
         output, _ = first.communicate(timeout=180)
     finally:
@@ -245,8 +245,8 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     assert first.returncode == 130, output
     assert f"continue with: python search.py resume {layout.root}" in output
     before = pd.read_parquet(layout.trials_table)
-    interrupted = before.loc[before["state"] == "RUNNING", ["number", "epochs_done"]]
-    assert len(interrupted) and (interrupted["epochs_done"] >= 1).any() and len(before) < 4
+    interrupted = before.loc[before["state"] == "RUNNING", ["number", "epochs_saved"]]
+    assert len(interrupted) and (interrupted["epochs_saved"] >= 1).any() and len(before) < 4
 
     second = subprocess.run(_cli("resume", str(layout.root)), cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -259,10 +259,10 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     assert len({t.user_attrs["ray_trial_id"] for t in records}) == 4
     after = pd.read_parquet(layout.trials_table)
     assert after["state"].tolist() == ["COMPLETE"] * 4 and after["number"].tolist() == list(range(4))
-    for number, done in interrupted.itertuples(index=False):
+    for number, saved in interrupted.itertuples(index=False):
         epochs = [int(e) for e in (layout.trial_dir(number) / "epochs.log").read_text().split()]
         assert set(epochs) == set(range(4)) and epochs[-1] == 3
-        if done >= 1:  # it had a checkpoint: continued from it, not from scratch
+        if saved >= 1:  # Ray had its checkpoint: continued from it, not from scratch
             assert epochs.count(0) == 1, epochs
         ratio = "param.method_config.prune_ratio"
         assert after.loc[after["number"] == number, ratio].item() == before.loc[before["number"] == number, ratio].item()

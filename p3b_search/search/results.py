@@ -10,7 +10,9 @@
                   parameters per image/model); NaN unless the trial finished
     pareto        True for COMPLETE trials on the current front of the study's objectives
     start, end, duration_s   Optuna's timestamps (the driver's local time) and seconds
-    epochs_done   epochs reported so far; retries: restarts from a checkpoint after a failure
+    epochs_done   epochs reported so far; epochs_saved: epochs covered by the trial's latest
+                  checkpoint that Ray has registered (where a resume or a retry continues from);
+                  retries: restarts from a checkpoint after a failure
     fail_reason   one line for FAIL (PRUNED: why it was stopped)
     mlflow_run_id, ray_trial_id
 
@@ -38,7 +40,7 @@ from p3b_search.search.pareto import pareto_mask
 PARAM_PREFIX = "param."
 FINAL_METRICS = ("top1", "top5", "macs", "params", "latency_ms")
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-ANNOTATIONS = ("epochs_done", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
+ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
 FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
 
 
@@ -69,7 +71,7 @@ def trials_frame(
     default_method: str = "",
 ) -> pd.DataFrame:
     """One row per started Optuna trial (``optuna.trial.FrozenTrial``), with the driver's
-    ``annotations`` (by trial number: epochs_done, retries, fail_reason, run ids) merged in."""
+    ``annotations`` (by trial number: epoch counts, retries, fail_reason, run ids) merged in."""
     annotations = annotations or {}
     rows = []
     for trial in trials:
@@ -94,8 +96,8 @@ def trials_frame(
     frame["start"] = pd.to_datetime(frame["start"])
     frame["end"] = pd.to_datetime(frame["end"])
     frame["duration_s"] = (frame["end"] - frame["start"]).dt.total_seconds()
-    frame["epochs_done"] = frame["epochs_done"].fillna(0).astype("int64")
-    frame["retries"] = frame["retries"].fillna(0).astype("int64")
+    for count in ("epochs_done", "epochs_saved", "retries"):
+        frame[count] = frame[count].fillna(0).astype("int64")
     frame["pareto"] = front_mask(frame, metric_names, directions)
     return frame.sort_values("number", ignore_index=True)
 

@@ -290,6 +290,13 @@ class StudyProgress(Callback):
             notes[MLFLOW_RUN_ID] = result[MLFLOW_RUN_ID]
         self._note(trial, **notes).refresh(force=False)
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # Ray registers a reported checkpoint after the result's on_trial_result; the trial's
+        # last result is still the one the checkpoint was reported with.
+        epoch = (trial.last_result or {}).get("epoch")
+        if isinstance(epoch, (int, float)) and math.isfinite(epoch):
+            self._note(trial, epochs_saved=int(epoch) + 1).refresh(force=False)
+
     def on_trial_recover(self, iteration, trials, trial, **info):
         session = _SESSIONS[self.root]
         number = _trial_number(trial)
