@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _import_objective(objective: str | None) -> None:
     """Import the module of ``--objective MODULE:FUNCTION`` (one-line error when it cannot be)."""
-    from p3b_search.search.schema import StudyError
+    from p3b_search.search.schema import StudyError, did_you_mean
 
     if not objective:
         return
@@ -242,9 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         from p3b_search.export.cli import main as export_main
 
         return export_main(argv)
-    from p3b_search.search.schema import StudyError
+    from p3b_search.search.schema import StudyError, did_you_mean
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001  (argparse keeps them there)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        parser.error(f"unknown command '{argv[0]}': {did_you_mean(argv[0], list(commands))}"
+                     f"choose one of {', '.join(commands)}")
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except StudyError as error:

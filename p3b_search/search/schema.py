@@ -293,7 +293,7 @@ def _join(loc: tuple[Any, ...]) -> str:
     return text
 
 
-def _suggest(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     return f"did you mean {close[0]}? " if close else ""
 
@@ -374,7 +374,7 @@ def _first_error(error: ValidationError, model: type[BaseModel], prefix: tuple =
     if first["type"] == "extra_forbidden":
         holder = _model_at(model, tuple(first["loc"]))
         options = sorted(holder.model_fields) if holder else []
-        return _join(prefix + loc), (f"unknown key: {_suggest(str(loc[-1]), options)}"
+        return _join(prefix + loc), (f"unknown key: {did_you_mean(str(loc[-1]), options)}"
                                      f"remove it or use one of {', '.join(options)}")
     return _join(prefix + loc), _message(first)
 
@@ -386,7 +386,7 @@ def _method_class(name: str, path: str):
         return get_method(name)
     except ValueError:
         names = available_methods()
-        raise _FieldError(path, f"unknown pruning method {name!r}: {_suggest(name, names)}"
+        raise _FieldError(path, f"unknown pruning method {name!r}: {did_you_mean(name, names)}"
                                 f"choose one of {', '.join(names)}") from None
 
 
@@ -412,7 +412,7 @@ def _not_a_knob(knob: str, methods: list[str]) -> str:
     belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
     which = f"method {methods[0]!r}" if len(methods) == 1 else f"any of the methods {', '.join(methods)}"
     knobs = sorted({k for m in methods for k in method_knobs(m)})
-    return (f"not a knob of {which}{belongs}: {_suggest(knob, knobs)}"
+    return (f"not a knob of {which}{belongs}: {did_you_mean(knob, knobs)}"
             f"remove it or use one of {', '.join(knobs)}")
 
 
@@ -464,7 +464,7 @@ def _field_at(path: str) -> Any:
         where = ".".join(parts[: i + 1])
         if part not in fields:
             raise _FieldError(f"search_space.{path}", f"{where} is not a field of the trial configuration: "
-                                                      f"{_suggest(part, sorted(fields))}use one of "
+                                                      f"{did_you_mean(part, sorted(fields))}use one of "
                                                       f"{', '.join('.'.join(parts[:i] + [f]) for f in sorted(fields))}")
         info = fields[part]
         nested = _first_model(info.annotation)

@@ -1,0 +1,205 @@
+"""Bad input, as a user meets it: study files, data folders, weights files, CLI arguments and
+export picks. Each case checks the exact one-line error and the exit status, and that nothing
+was started or left behind (no study folder, no Optuna or MLflow store, no Ray, no export folder).
+
+Every case calls ``search.main(argv)`` in this process: what ``python search.py ...`` runs.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import search
+from p3b_search.methods import available_methods
+from p3b_search.search.schema import StudyConfig
+from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
+
+ROOT = Path(__file__).parent.parent
+HEAD = "name: s\noutput_dir: {tmp}/runs\n"
+TIMM_VIT = "model: {{name: vit_tiny_patch16_224, weights: {weights}}}\n"
+SAFETENSORS_TRUNCATED = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"  # header says 16 bytes, file ends early
+
+
+def _keys() -> str:
+    return ", ".join(sorted(StudyConfig.model_fields))
+
+
+# (files to create under tmp: path -> text | bytes | None for a folder; argv; expected stderr after
+# "error: "). "{tmp}" stands for the test's folder in all three.
+STUDY_CASES = [
+    pytest.param({"s.yaml": HEAD + "n_trial: 3\n"}, ["run", "{tmp}/s.yaml"],
+                 lambda: "{tmp}/s.yaml: n_trial: unknown key: did you mean n_trials? remove it or use one of "
+                         + _keys(), id="study-unknown-key"),
+    pytest.param({"s.yaml": HEAD + "n_trials: many\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: n_trials: must be a whole number (got 'many')", id="study-bad-type"),
+    pytest.param({"s.yaml": HEAD + "method: {name: p3bb}\n"}, ["run", "{tmp}/s.yaml"],
+                 lambda: "{tmp}/s.yaml: method.name: unknown pruning method 'p3bb': did you mean p3b? choose one of "
+                         + ", ".join(available_methods()), id="study-unknown-method"),
+    pytest.param({"s.yaml": HEAD + "search_space:\n  method_config.prune_ratio: {type: float, low: 0.8, high: 0.3}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: search_space.method_config.prune_ratio.low: must be <= high (0.3) (got 0.8): swap them",
+                 id="study-bad-range"),
+    pytest.param({"s.yaml": HEAD + "n_trials: [\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml:4:1: invalid YAML: expected the node content, but found '<stream end>'",
+                 id="study-invalid-yaml"),
+    pytest.param({"s.yaml": ""}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: the study file is empty: start from studies/quickstart.yaml", id="study-empty"),
+    pytest.param({}, ["run", "{tmp}/missing.yaml"],
+                 "{tmp}/missing.yaml: cannot read the study file (No such file or directory)", id="study-missing"),
+    pytest.param({"s.yaml": HEAD + "model: {name: vit_tiny_patch16_2244}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: model.name: 'vit_tiny_patch16_2244' is not a timm model: pick one from "
+                 "timm.list_models()", id="study-unknown-model"),
+    pytest.param({"s.yaml": HEAD + "resources_per_trial: {cpu: 3}\n"}, ["run", "{tmp}/s.yaml", "--cpus", "2"],
+                 "{tmp}/s.yaml: resources_per_trial.cpu: a trial needs 3 CPUs, local Ray has 2: lower it (or join "
+                 "a cluster with --address)", id="study-too-many-cpus"),
+    # data folders
+    pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: data: data.root is required for data.kind='imagefolder': set it to the data set "
+                 "folder", id="data-root-missing"),
+    pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder, root: {tmp}/food}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: data.root: folder {tmp}/food does not exist: point it at the data set",
+                 id="data-folder-nonexistent"),
+    pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder, root: {tmp}/food}\n", "food/train/pizza": None,
+                  "food/val/pizza": None}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: data.root: {tmp}/food/train holds no images in class folders: expected "
+                 "root/train/<class>/*.jpg and root/val/<class>/*.jpg", id="data-imagefolder-empty"),
+    pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder, root: {tmp}/food}\n", "food/train/pizza/1.jpg": b"",
+                  "food/valid/pizza/1.jpg": b""}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: data.root: {tmp}/food has no val/ folder: expected root/train/<class>/*.jpg and "
+                 "root/val/<class>/*.jpg", id="data-imagefolder-without-val"),
+    pytest.param({"s.yaml": HEAD + "data: {kind: cifar100, root: {tmp}/cifar}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: data.root: folder {tmp}/cifar does not exist: point it at the data set",
+                 id="data-cifar-nonexistent"),
+    # weights files
+    pytest.param({"s.yaml": HEAD + TIMM_VIT.format(weights="{tmp}/deit.pth")}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: model.weights: file {tmp}/deit.pth does not exist: set a local .pth/.safetensors",
+                 id="weights-missing"),
+    pytest.param({"s.yaml": HEAD + TIMM_VIT.format(weights="{tmp}/deit.safetensors"),
+                  "deit.safetensors": SAFETENSORS_TRUNCATED}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: model.weights: cannot read weights file {tmp}/deit.safetensors (corrupt, truncated "
+                 "or not a weights file): Error while deserializing header: invalid header length",
+                 id="weights-truncated-safetensors"),
+    pytest.param({"s.yaml": HEAD + TIMM_VIT.format(weights="{tmp}/deit.pth"), "deit.pth": b"PK\x03\x04 garbage"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: model.weights: cannot read weights file {tmp}/deit.pth (corrupt, truncated or not a "
+                 "weights file): PytorchStreamReader failed reading zip archive: not a ZIP archive. This is an internal "
+                 "miniz error. If you are seeing this error, there is a high likelihood that your checkpoint file is "
+                 "corrupted. This can happen if the checkpoint was not saved properly, was transferred incorrectly, "
+                 "or the file was modified after saving.",
+                 id="weights-corrupt-pth"),
+    pytest.param({"s.yaml": HEAD + TIMM_VIT.format(weights="{tmp}/deit.npz"), "deit.npz": b"\x93NUMPY"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: model.weights: weights file {tmp}/deit.npz has an unsupported suffix '.npz': use "
+                 ".pth, .pt or .safetensors", id="weights-unsupported-suffix"),
+    # objective
+    pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--objective", "objectives.prune_finetuen:run_trial"],
+                 "--objective objectives.prune_finetuen:run_trial: cannot import 'objectives.prune_finetuen' (No "
+                 "module named 'objectives.prune_finetuen'): check the module name and that it is importable here "
+                 "(PYTHONPATH)", id="objective-unknown-module"),
+    pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--objective", "objectives.prune_finetune:run"],
+                 "--objective objectives.prune_finetune:run: module 'objectives.prune_finetune' has no function "
+                 "'run': name one with the run_trial signature", id="objective-unknown-function"),
+]
+
+EXPORT_CASES = [
+    pytest.param(["--pick", "best"], "--pick 'best': use max-accuracy, knee or 'trial N' (N: an Optuna trial number)",
+                 id="export-unknown-pick"),
+    pytest.param(["--pick", "knee", "--max-macs", "0.5M"],
+                 "--max-macs 5e+05: no COMPLETE trial qualifies; the smallest macs available is 1e+06 (trial 1, "
+                 "top-1 85.00 %)", id="export-nothing-meets-constraint"),
+    pytest.param(["--pick", "trial", "7"], "--pick trial 7: the study has no such trial (trials: 0..2)",
+                 id="export-no-such-trial"),
+    pytest.param(["--pick", "knee", "--max-params", "lots"],
+                 "--max-params: must be a positive number such as 1.2e9 or 350M (got 'lots')", id="export-bad-amount"),
+    pytest.param(["--pick", "trial", "1", "--max-macs", "2M"],
+                 "--max-macs/--max-params/--max-latency apply to max-accuracy and knee, not to --pick trial N: "
+                 "remove them or pick by rule", id="export-limit-with-trial"),
+]
+
+# the command line itself: (argv, last line of stderr)
+CLI_CASES = {
+    "cli-status-unknown-study": (["status", "nope", "--output-dir", "{tmp}"],
+                                 "error: study 'nope': no study folder {tmp}/nope: pass the folder printed by "
+                                 "`search.py run`, the study file, or set --output-dir to where the study ran"),
+    "cli-resume-unknown-study": (["resume", "nope", "--output-dir", "{tmp}"],
+                                 "error: study 'nope': no study folder {tmp}/nope: pass the folder printed by "
+                                 "`search.py run`, the study file, or set --output-dir to where the study ran"),
+    "cli-export-unknown-study": (["export", "nope", "--pick", "knee", "--out", "{tmp}/out", "--output-dir", "{tmp}"],
+                                 "error: study 'nope': no study folder {tmp}/nope (pass the study folder, its study "
+                                 "file, or set --output-dir to where the study ran)"),
+    "cli-trials-not-a-number": (["run", "studies/quickstart.yaml", "--trials", "ten", "--output-dir", "{tmp}"],
+                                "search.py run: error: argument --trials: must be a whole number >= 1 (got 'ten')"),
+    "cli-trials-zero": (["run", "studies/quickstart.yaml", "--trials", "0", "--output-dir", "{tmp}"],
+                        "search.py run: error: argument --trials: must be a whole number >= 1 (got '0')"),
+    "cli-unknown-command": (["staus", "quickstart"],
+                            "search.py: error: unknown command 'staus': did you mean status? choose one of run, resume, "
+                            "status, pareto, ui, export, bench"),
+}
+
+
+def _fill(text: str, tmp: Path) -> str:
+    return text.replace("{tmp}", str(tmp))
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.parametrize(("files", "argv", "expected"), STUDY_CASES)
+def test_bad_study_input_fails_in_one_line_before_compute(files, argv, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a store or folder created relative to the working folder would show
+    for name, content in files.items():
+        path = tmp_path / name
+        if content is None:
+            path.mkdir(parents=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(_fill(content, tmp_path))
+    before = _tree(tmp_path)
+    argv = [_fill(a, tmp_path) for a in argv]
+    if "--objective" not in argv:
+        argv += ["--objective", "tests.search_objective:run_trial"]
+    assert search.main(argv) == 2
+    err = capsys.readouterr().err
+    message = expected() if callable(expected) else expected
+    assert err == f"error: {_fill(message, tmp_path)}\n"
+    assert _tree(tmp_path) == before  # no study folder, optuna.db, mlflow.db, mlruns/ or ray/
+    assert not _ray_running()
+
+
+@pytest.mark.parametrize(("argv", "expected"), EXPORT_CASES)
+def test_bad_export_pick_fails_in_one_line_and_writes_nothing(argv, expected, study_folder, tmp_path, capsys):  # noqa: F811
+    before = _tree(tmp_path)
+    out = tmp_path / "exported"
+    assert search.main(["export", str(study_folder), *argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert not out.exists() and _tree(tmp_path) == before
+
+
+def _exit_code(argv: list[str]) -> int:
+    """``search.main(argv)``'s exit status, also where argparse ends it with ``SystemExit``."""
+    try:
+        return search.main(argv)
+    except SystemExit as stop:
+        return int(stop.code)
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_bad_command_line_fails_with_a_clear_last_line(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # where a newcomer runs `python search.py ...`
+    argv, expected = CLI_CASES[case]
+    assert _exit_code([_fill(a, tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == _fill(expected, tmp_path)
+    assert "Traceback" not in err
+    assert _tree(tmp_path) == set()  # nothing written: no study folder, no store, no export folder
+    assert not _ray_running()
