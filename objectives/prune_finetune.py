@@ -16,6 +16,10 @@ Working folder (``workdir``)::
 
 ``resume_from`` is such a ``checkpoint`` folder (or a copy of it): the trial continues after
 the epoch it holds, in the stage it names, and ends exactly as an uninterrupted run would.
+
+Under ``torch.distributed`` (a ``workers_per_trial > 1`` trial) every rank trains its shard of
+the data (see :mod:`p3b_search.distributed`) and takes the same mask decisions; only rank 0
+writes to ``workdir``.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from torch import nn
 from p3b_search.config import TrialConfig
 from p3b_search.cost import model_cost, nonzero_macs
 from p3b_search.data import build_loaders, resolve_input_config
+from p3b_search.distributed import rank_and_world
 from p3b_search.methods import PrunedModel, PruningMethod, get_method
 from p3b_search.models import build_model, create_timm_model
 from p3b_search.reporting import TrialReporter
@@ -112,6 +117,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     ``params``, ``macs`` (per image), ``nonzero_macs``, and ``latency_ms`` when asked."""
     workdir = Path(workdir)
     checkpoint_dir = workdir / "checkpoint"
+    lead = rank_and_world()[0] == 0
     method_cls = get_method(config.method)
     method_config = method_cls.config_cls(**config.method_config)
     training = config.training
@@ -136,19 +142,21 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         model = build_model(config.model, num_classes, drop_path_rate=training.drop_path or None)
         method.prepare(model)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(checkpoint_dir / STATE_FILE, {"stage": "prune"})
+        if lead:
+            _write_json(checkpoint_dir / STATE_FILE, {"stage": "prune"})
         train_stage(model, train_loader, val_loader, training.prune, training, method,
                     on_epoch_end=on_epoch_end(0), checkpoint_dir=checkpoint_dir, resume_from=resume_from)
         pruned = method.finalize(model)
         reporter.report_allocations(method.pop_allocation_rows())
-        _save_pruned(pruned, config, num_classes, checkpoint_dir / PRUNED_DIR)
-        _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
+        if lead:
+            _save_pruned(pruned, config, num_classes, checkpoint_dir / PRUNED_DIR)
+            _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
         finetune_resume = None
     else:
-        if Path(resume_from).resolve() != checkpoint_dir.resolve():
+        pruned = _load_pruned_structure(Path(resume_from) / PRUNED_DIR)
+        if lead and Path(resume_from).resolve() != checkpoint_dir.resolve():
             _copy_pruned(Path(resume_from) / PRUNED_DIR, checkpoint_dir / PRUNED_DIR)
             _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
-        pruned = _load_pruned_structure(checkpoint_dir / PRUNED_DIR)
         finetune_resume = resume_from  # its model state is loaded by the training loop
     history = train_stage(pruned.model, train_loader, val_loader, training.finetune, training,
                           method.finetune_hooks(pruned), on_epoch_end=on_epoch_end(1),
@@ -156,9 +164,10 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
                           epoch_offset=training.prune.epochs)
     final = history[-1] if history else evaluate(pruned.model, val_loader, amp=training.amp)
     objectives = objectives_of(pruned, final)
-    if measure_latency:
+    if measure_latency and lead:
         objectives["latency_ms"] = _measure_latency_ms(pruned.model, (3, *resolve_input_config(config.data, probe)["input_size"][1:]))
-    _save_final(pruned, config, num_classes, probe, workdir, objectives)
+    if lead:
+        _save_final(pruned, config, num_classes, probe, workdir, objectives)
     reporter.report_final(objectives)
     return objectives
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import get_method
-from p3b_search.methods.collective import average_across_ranks
+from p3b_search.distributed import average_across_ranks
 from p3b_search.reporting import TrialReporter
 
 HIDDEN = 32

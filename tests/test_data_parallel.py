@@ -2,7 +2,7 @@
 
 The objective (``tests/search_objective.py``) trains each rank on its own shard of the data and
 decides which hidden units to keep from scores averaged over the ranks
-(``p3b_search.methods.collective.average_across_ranks``, as the pruning methods do): both ranks
+(``p3b_search.distributed.average_across_ranks``, as the pruning methods do): both ranks
 must keep the same units, and only rank 0 reports, checkpoints and writes allocation rows.
 """
 from __future__ import annotations

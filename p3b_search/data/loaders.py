@@ -10,19 +10,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from p3b_search.config import DataConfig
 from p3b_search.data.digits import digits_datasets
 from p3b_search.data.folders import cifar_datasets, image_folder_datasets
+from p3b_search.distributed import rank_and_world
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of ``range(num_samples)`` fixed by ``(seed, epoch)``.
+    """A random permutation of ``range(num_samples)`` fixed by ``(seed, epoch)``; with
+    ``world_size`` ranks, rank ``r`` takes every ``world_size``-th index from position ``r``
+    (the permutation's tail that does not fill a round is dropped, so all ranks take the same
+    number of steps).
 
     The training loop calls :meth:`set_epoch` before each epoch (as with torch's
     ``DistributedSampler``), so the order of any epoch is reproducible without saving
     generator state: a run resumed at epoch ``e`` sees exactly the batches it would have seen.
     """
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.num_samples = num_samples
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -30,10 +37,11 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator)
+        return iter(order[self.rank: len(self) * self.world_size: self.world_size].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples // self.world_size
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int]:
@@ -88,21 +96,29 @@ def build_loaders(
 
     The train loader shuffles with an :class:`EpochShuffleSampler` seeded by ``seed`` and drops
     the last incomplete batch; ``data.max_train_samples`` keeps a seeded random subset.
-    ``domain`` picks the digits task's ``"source"`` or ``"target"`` domain.
+    ``domain`` picks the digits task's ``"source"`` or ``"target"`` domain. Under
+    ``torch.distributed`` each rank gets its shard of both sets (``batch_size`` is per rank);
+    :func:`~p3b_search.training.loop.evaluate` sums the validation counts over the ranks.
     """
     train, val, num_classes = _datasets(data, model, domain)
     if data.max_train_samples is not None and data.max_train_samples < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: data.max_train_samples]
         train = Subset(train, sorted(keep.tolist()))
-    if batch_size > len(train):
+    rank, world = rank_and_world()
+    sampler = EpochShuffleSampler(len(train), seed, rank, world)
+    if batch_size > len(sampler):
+        shard = f" (this rank's share of {len(train)}, over {world} ranks)" if world > 1 else ""
         raise ValueError(
-            f"training.batch_size={batch_size} exceeds the {len(train)} training samples: lower training.batch_size"
+            f"training.batch_size={batch_size} exceeds the {len(sampler)} training samples{shard}: "
+            "lower training.batch_size"
         )
+    if world > 1:
+        val = Subset(val, range(rank, len(val), world))
     # Workers are restarted each epoch (not persistent): their seeds then come from the global
     # torch RNG, which checkpoints restore, so augmentations replay exactly after a resume.
     workers = dict(num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
     train_loader = DataLoader(
-        train, batch_size=batch_size, sampler=EpochShuffleSampler(len(train), seed), drop_last=True, **workers
+        train, batch_size=batch_size, sampler=sampler, drop_last=True, **workers
     )
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, drop_last=False, **workers)
     return train_loader, val_loader, num_classes

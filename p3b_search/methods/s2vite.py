@@ -44,7 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from p3b_search.methods.allocation import structured_allocation_rows, structured_metrics
 from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
-from p3b_search.methods.collective import average_across_ranks
+from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.sparsity import drop_and_grow, keep_largest, zero_optimizer_state
 from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
 from p3b_search.surgery import (

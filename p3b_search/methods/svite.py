@@ -35,7 +35,7 @@ from p3b_search.methods.base import (
     MethodConfig,
     register_method,
 )
-from p3b_search.methods.collective import average_across_ranks
+from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.sparsity import (
     UnstructuredMethod,
     drop_and_grow,

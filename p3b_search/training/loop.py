@@ -12,6 +12,11 @@ model and loaders. A run resumed from the checkpoint of epoch ``e`` continues wi
 model, optimizer, schedule, method state, RNG state and batch order, so it ends bit-identical
 to an uninterrupted run on the same device with the same number of CPU threads (float sums
 depend on it) — on CUDA up to the nondeterminism of some kernels.
+
+Data parallel: under ``torch.distributed`` (see :mod:`p3b_search.distributed`) every rank runs
+this loop on its shard of the data; the ranks start each stage from rank 0's state, average
+gradients before every optimizer update and sum the validation counts, so they stay one model.
+Only rank 0 writes the checkpoint.
 """
 from __future__ import annotations
 
@@ -28,6 +33,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from p3b_search.config import StageConfig, TrainingConfig
+from p3b_search.distributed import (
+    average_across_ranks,
+    average_gradients,
+    broadcast_state,
+    rank_and_world,
+    sum_across_ranks,
+)
 from p3b_search.training.checkpoint import load_checkpoint, save_checkpoint
 from p3b_search.training.hooks import StepInfo, TrainingHooks
 from p3b_search.training.rng import rng_state, set_rng_state
@@ -89,24 +101,23 @@ def _autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device | None = None, amp: bool = True) -> dict[str, float]:
     """``{"top1", "top5"}`` in percent and ``"loss"`` (mean cross-entropy) over ``loader``.
-    top-5 is top-min(5, classes). ``device`` defaults to the model's."""
+    top-5 is top-min(5, classes). ``device`` defaults to the model's. Under ``torch.distributed``
+    the counts are summed over the ranks (each evaluates its shard of the set)."""
     device = device or next(model.parameters()).device
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
-    count = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
         with _autocast(device, amp):
             logits = _logits(model(inputs)).float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
         ks = (1, min(5, logits.shape[1]))
-        correct += torch.stack(_topk_correct(logits, targets, ks)).to(correct.dtype)
-        count += targets.shape[0]
+        hits = _topk_correct(logits, targets, ks)
+        sums += torch.stack([nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+                             *(h.double() for h in hits), torch.tensor(targets.shape[0], dtype=sums.dtype, device=device)])
+    loss, top1, top5, count = sum_across_ranks(sums).tolist()  # each rank evaluated its shard
     if count == 0:
         raise ValueError("evaluate: the validation loader yielded no samples")
-    top1, top5 = (100.0 * correct / count).tolist()
-    return {"top1": top1, "top5": top5, "loss": loss_sum.item() / count}
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count}
 
 
 @dataclass
@@ -152,15 +163,21 @@ def _train_epoch(run: _Stage, loader: DataLoader, epoch: int) -> dict[str, float
         run.hooks.after_backward(info)
         if info.optimizer_step:
             last_lr = run.optimizer.param_groups[0]["lr"]
+            average_gradients(_optimized(run.optimizer))
             run.optimizer.step()
             run.scheduler.step()
             run.hooks.after_optimizer_step(info)
             run.optimizer.zero_grad(set_to_none=True)
         loss_sums += torch.stack((task_loss.detach(), loss.detach())).double()
-    train_loss, total_loss = (loss_sums / steps).tolist()
+    train_loss, total_loss = (average_across_ranks(loss_sums) / steps).tolist()  # all ranks fail alike
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"training loss became {total_loss} in epoch {epoch}: lower the stage lr")
     return {"train_loss": train_loss, "lr": last_lr}
+
+
+def _optimized(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters ``optimizer`` updates, in its group order (the same on every rank)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -246,6 +263,7 @@ def train_stage(
         _restore(run, state, stage, train_loader, Path(resume_from))
         history, start_epoch, rng_to_restore = list(state["history"]), state["epoch"] + 1, state["rng"]
     hooks.on_train_start(model, optimizer)
+    broadcast_state([model], _optimized(optimizer))  # data-parallel ranks start as rank 0
     if rng_to_restore is not None:  # last, so nothing above shifts the random streams
         set_rng_state(rng_to_restore)
 
@@ -255,10 +273,11 @@ def train_stage(
             train_loader.sampler.set_epoch(epoch)
         metrics: dict[str, float] = {"epoch": float(epoch_offset + epoch), **_train_epoch(run, train_loader, epoch)}
         metrics.update(hooks.on_epoch_end(epoch))
+        broadcast_state([model])  # buffers that each rank updated alone, e.g. BatchNorm statistics
         metrics.update(evaluate(model, val_loader, device=device, amp=training.amp))
         metrics["epoch_seconds"] = time.perf_counter() - started
         history.append(metrics)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and rank_and_world()[0] == 0:
             save_checkpoint(
                 {
                     "epoch": epoch, "epochs": stage.epochs, "steps_per_epoch": steps,

@@ -13,13 +13,15 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from p3b_search.config import StageConfig, TrainingConfig
+from p3b_search.distributed import rank_and_world
 
 REFERENCE_BATCH = 512
 
 
 def scaled_lr(lr: float, training: TrainingConfig) -> float:
-    """``lr`` given for a batch of 512, scaled linearly to the effective batch (batch x accumulation)."""
-    return lr * training.batch_size * training.grad_accum / REFERENCE_BATCH
+    """``lr`` given for a batch of 512, scaled linearly to the effective batch: batch (per rank) x
+    accumulation x data-parallel ranks, as DeiT scales it."""
+    return lr * training.batch_size * training.grad_accum * rank_and_world()[1] / REFERENCE_BATCH
 
 
 def lr_multiplier(update: int, *, total_updates: int, warmup_updates: int, schedule: str, min_ratio: float) -> float:

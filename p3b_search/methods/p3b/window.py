@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from p3b_search.distributed import sum_across_ranks
+
 
 class WindowedSum:
     """A running sum of fixed-shape tensors and how many were added, for the current window
@@ -34,9 +36,8 @@ class WindowedSum:
 
     def reduce_across_ranks(self) -> None:
         """All-reduce (sum) the current window over the ranks of an initialised process group."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sum, op=torch.distributed.ReduceOp.SUM)
-            torch.distributed.all_reduce(self.count, op=torch.distributed.ReduceOp.SUM)
+        sum_across_ranks(self.sum)
+        sum_across_ranks(self.count)
 
     def mean(self, with_previous: bool = False) -> torch.Tensor:
         """Average over the current window (and the previous one); zeros when nothing was added."""
