@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from p3b_search.search.results import FINAL_ATTR, FINAL_METRICS
 from p3b_search.search.schema import StudyConfig, StudyError, trial_config
+from p3b_search.search.shared_store import open_shared_store
 from p3b_search.search.space import create_sampler, reference_params, suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 
@@ -48,7 +49,8 @@ def open_optuna_study(study: StudyConfig, create: bool = True) -> optuna.Study:
     reference trial enqueued when it does not exist yet and ``create``)."""
     if study.storage is None:
         study.layout.root.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.get_storage(study.storage_url)
+    storage = open_shared_store(lambda: optuna.storages.get_storage(study.storage_url), study.storage_url,
+                                "Optuna storage")
     names = study.metric_names
     try:
         existing = optuna.load_study(study_name=study.name, storage=storage, sampler=create_sampler(study))

@@ -48,6 +48,7 @@ from mlflow.utils.validation import (
 
 from p3b_search.reporting import TrialReporter
 from p3b_search.search.pareto import hypervolume, knee_index, pareto_mask
+from p3b_search.search.shared_store import open_shared_store
 from p3b_search.tracking.background import BackgroundSender
 from p3b_search.tracking.figures import (
     allocation_table,
@@ -193,7 +194,8 @@ class StudyTracker:
         self.experiment_name = experiment_name
         self.study_name = study_name
         self.artifact_location = artifact_location
-        self.client = MlflowClient(tracking_uri)
+        # an SQL store creates its tables here; another study may be creating them too
+        self.client = open_shared_store(lambda: MlflowClient(tracking_uri), tracking_uri, "MLflow tracking store")
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._closed = False
@@ -210,7 +212,7 @@ class StudyTracker:
         objectives = dict(objectives)
         _check_server(self.tracking_uri)
         try:
-            self.experiment_id = self._experiment_id()
+            self.experiment_id = open_shared_store(self._experiment_id, self.tracking_uri, "MLflow experiment")
             existing = _search_all(self.client, self.experiment_id, f"tags.`{STUDY_TAG}` = '{_quote(self.study_name)}'")
         except MlflowException as error:
             raise RuntimeError(

@@ -1,0 +1,81 @@
+"""Opening a database that another study may be creating at the same moment.
+
+Optuna's RDB storage and MLflow's SQL tracking store create their schema on first use. Two
+studies started together on one new shared store both try: the loser fails with "table ...
+already exists", a unique-constraint error on the schema-version row, or (MLflow, whose
+alembic migrations run one by one) a half-migrated schema. So:
+
+* an SQLite file (one machine) is opened under an exclusive lock on ``<file>.lock``: one
+  process creates the schema, the others wait and then open a complete store;
+* a server database is opened again, with a jittered back-off, while the failure reads like
+  such a creation race.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RACE_MARKERS = (
+    "already exists", "unique constraint", "duplicate", "database is locked",  # two creators collide
+    "online migration expected", "out-of-date database schema",  # MLflow: another process is migrating
+)
+ATTEMPTS = 6
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an ``sqlite:///PATH`` URL (None for other URLs and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(url[len(prefix):].split("?")[0])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _creation_race(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in RACE_MARKERS)
+
+
+def open_shared_store(open_store: Callable[[], T], url: str, what: str) -> T:
+    """``open_store()`` for the store at ``url``: under the SQLite file's lock, and retried with
+    a back-off (0.2 s doubling, 6 attempts) while it fails with a schema-creation race; other
+    errors pass at once. ``what`` names the store in the log."""
+    database = sqlite_path(url)
+    lock = _file_lock(database.with_name(database.name + ".lock")) if database else contextlib.nullcontext()
+    with lock:
+        delay = 0.2
+        for _ in range(ATTEMPTS - 1):
+            try:
+                return open_store()
+            except Exception as error:  # noqa: BLE001  (sqlalchemy, alembic and MLflow wrap it differently)
+                if not _creation_race(error):
+                    raise
+                logger.info("%s is being created by another process (%s); retrying", what,
+                            str(error).splitlines()[0])
+                time.sleep(delay * (1 + random.random()))
+                delay *= 2
+        return open_store()
