@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _import_objective(objective: str | None) -> None:
     """Import the module of ``--objective MODULE:FUNCTION`` (one-line error when it cannot be)."""
-    from p3b_search.search.schema import StudyError, did_you_mean
+    from p3b_search.search.schema import StudyError
 
     if not objective:
         return

@@ -8,9 +8,6 @@ its learning rate (``alpha`` = 0: no fine-tuning, a hopeless trial for early sto
 It reads ``prune_ratio`` and ``alpha`` of the trial's method config (P3B's knobs).
 Full-state checkpoints each epoch; ``resume_from`` continues after the checkpointed epoch.
 
-Under ``torch.distributed`` (a ``workers_per_trial > 1`` trial) each rank trains on its own
-shard of the data and only rank 0 writes checkpoints.
-
 The checkpoint holds the model, the optimizer and the RNG state, so a resumed trial ends
 exactly as an undisturbed one with the same seed. A non-finite training loss raises
 ``FloatingPointError`` (as the training loop does).
@@ -30,12 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import get_method
-from p3b_search.distributed import average_across_ranks
 from p3b_search.reporting import TrialReporter
 
 HIDDEN = 32
@@ -57,15 +52,11 @@ def _mlp(hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
-def _shrink(model: nn.Sequential, keep: int, workdir: Path) -> nn.Sequential:
-    """Keep the ``keep`` hidden units of largest weight L1 norm; under ``torch.distributed`` the
-    scores are averaged over the ranks first, so every rank keeps the same units (recorded in
-    ``workdir/kept-rank<r>.txt``)."""
+def _shrink(model: nn.Sequential, keep: int) -> nn.Sequential:
+    """Keep the ``keep`` hidden units of largest weight L1 norm."""
     fc1, fc2 = model[0], model[2]
-    score = average_across_ranks(fc1.weight.detach().abs().sum(1) + fc2.weight.detach().abs().sum(0))
+    score = fc1.weight.detach().abs().sum(1) + fc2.weight.detach().abs().sum(0)
     kept = score.topk(keep).indices.sort().values
-    if dist.is_initialized():
-        (workdir / f"kept-rank{dist.get_rank()}.txt").write_text(" ".join(map(str, kept.tolist())))
     small = _mlp(keep)
     with torch.no_grad():
         small[0].weight.copy_(fc1.weight[kept])
@@ -89,9 +80,6 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     pause = float((study_root / "epoch-seconds").read_text()) if (study_root / "epoch-seconds").exists() else 0.0
     (Path(workdir) / "pid").write_text(str(os.getpid()))
     x, y, xv, yv = _digits()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    x, y = x[rank::world], y[rank::world]  # data-parallel: each rank trains on its own shard
-    lead = rank == 0
     prune_epochs, total = config.training.prune.epochs, config.training.prune.epochs + config.training.finetune.epochs
     model, start = _mlp(HIDDEN), 0
     if resume_from is not None:
@@ -110,7 +98,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         if epoch == prune_epochs:
             reporter.report_allocations([{"step": epoch * 10, "layer": 0, "kind": "mlp",
                                           "keep_ratio": keep / HIDDEN, "final": True}])
-            model = _shrink(model, keep, Path(workdir))
+            model = _shrink(model, keep)
             optimizer = torch.optim.Adam(model.parameters(), lr=finetune_lr)
         if epoch == 0 and (study_root / f"oom-{int(Path(workdir).name)}").exists():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
@@ -130,11 +118,10 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
             reporter.report_allocations([{"step": epoch * 10 + 9, "layer": 0, "kind": "mlp", "keep_ratio": ramp}])
         hidden = model[0].out_features
         macs = float(64 * hidden + hidden * 10)
-        if lead:
-            torch.save({"model": model.state_dict(), "hidden": hidden, "epoch": epoch,
-                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint / "state.pt")
-            with open(Path(workdir) / "epochs.log", "a") as log:
-                log.write(f"{epoch}\n")
+        torch.save({"model": model.state_dict(), "hidden": hidden, "epoch": epoch,
+                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint / "state.pt")
+        with open(Path(workdir) / "epochs.log", "a") as log:
+            log.write(f"{epoch}\n")
         marker = study_root / f"fail-once-{int(Path(workdir).name)}"
         reporter.report_epoch({"epoch": float(epoch), "stage": float(epoch >= prune_epochs), "loss": 0.0,
                                "top1": _top1(model, xv, yv), "macs": macs,
