@@ -66,7 +66,7 @@ class TrainingConfig(_Strict):
 
     prune: StageConfig = StageConfig(epochs=10, schedule="constant")
     finetune: StageConfig = StageConfig(epochs=5, schedule="cosine")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Images per step and data-parallel rank.")
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.05, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
