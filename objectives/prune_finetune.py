@@ -36,6 +36,7 @@ from p3b_search.config import TrialConfig
 from p3b_search.cost import model_cost, nonzero_macs
 from p3b_search.data import build_loaders, resolve_input_config
 from p3b_search.distributed import rank_and_world
+from p3b_search.files import atomic_write
 from p3b_search.methods import PrunedModel, PruningMethod, get_method
 from p3b_search.models import build_model, create_timm_model
 from p3b_search.reporting import TrialReporter
@@ -56,9 +57,8 @@ def _model_kwargs(config: TrialConfig, num_classes: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
 
 
 def _save_pruned(pruned: PrunedModel, config: TrialConfig, num_classes: int, folder: Path,

@@ -264,8 +264,8 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 def test_checkpoint_write_interrupted_keeps_the_previous_one(tmp_path, monkeypatch):
     save_checkpoint({"epoch": 0, "w": torch.ones(3)}, tmp_path)
 
-    def dying_save(obj, f):
-        f.write(b"PK\x03\x04 partial")
+    def dying_save(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04 partial")
         raise KeyboardInterrupt  # killed mid-write
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)

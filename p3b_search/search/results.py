@@ -24,7 +24,6 @@ then rename), so a reader never sees a half-written file.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from p3b_search.files import atomic_write
 from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import pareto_mask
 
@@ -46,10 +46,8 @@ FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` so readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _uniform(values: list[Any]) -> bool:

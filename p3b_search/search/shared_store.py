@@ -16,9 +16,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from p3b_search.files import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +39,6 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len(prefix):].split("?")[0])
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where it is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _creation_race(error: BaseException) -> bool:
     text = str(error).lower()
     return any(marker in text for marker in RACE_MARKERS)
@@ -65,7 +49,7 @@ def open_shared_store(open_store: Callable[[], T], url: str, what: str) -> T:
     a back-off (0.2 s doubling, 6 attempts) while it fails with a schema-creation race; other
     errors pass at once. ``what`` names the store in the log."""
     database = sqlite_path(url)
-    lock = _file_lock(database.with_name(database.name + ".lock")) if database else contextlib.nullcontext()
+    lock = file_lock(database.with_name(database.name + ".lock")) if database else contextlib.nullcontext()
     with lock:
         delay = 0.2
         for _ in range(ATTEMPTS - 1):

@@ -6,12 +6,12 @@ writing leaves the previous checkpoint intact. It is read back with ``weights_on
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from p3b_search.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -24,19 +24,9 @@ def checkpoint_path(location: str | Path) -> Path:
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``state`` to ``directory/checkpoint.pt`` atomically; returns the file path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CHECKPOINT_FILE
-    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    target = Path(directory) / CHECKPOINT_FILE
+    with atomic_write(target) as tmp:
+        torch.save(state, tmp)
     return target
 
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 
 from p3b_search.config import DataConfig, ModelConfig, StageConfig, TrainingConfig
 from p3b_search.data import build_loaders
+from p3b_search.files import atomic_write, file_lock
 from p3b_search.models import create_timm_model
 from p3b_search.training.loop import evaluate, resolve_device, train_stage
 from p3b_search.training.rng import rng_state, seed_everything, set_rng_state
@@ -65,22 +65,6 @@ def cache_key(model_cfg: ModelConfig, device_type: str) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the atomic rename below still prevents torn files
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def _torch_threads(count: int):
     """Run with ``count`` intra-op CPU threads, then restore the previous setting."""
     previous = torch.get_num_threads()
@@ -119,7 +103,7 @@ def source_pretrained_weights(model_cfg: ModelConfig, cache_dir: str | Path | No
     path = directory / f"{model_cfg.name}-digits-source-{key[:16]}.safetensors"
     if path.is_file():
         return path
-    with _file_lock(directory / f"{path.name}.lock"):
+    with file_lock(directory / f"{path.name}.lock"):
         if path.is_file():  # another process trained it while we waited
             return path
         _logger.info("pretraining %s on the digits source domain (cache miss, key %s)", model_cfg.name, key[:16])
@@ -130,14 +114,8 @@ def source_pretrained_weights(model_cfg: ModelConfig, cache_dir: str | Path | No
             set_rng_state(saved_rng)
         metadata = {"key": key, "code_version": str(CODE_VERSION), "device": device_type,
                     **{f"source_val_{k}": repr(v) for k, v in metrics.items()}}
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(state, tmp_name, metadata=metadata)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp:
+            save_file(state, tmp, metadata=metadata)
     return path
 
 
