@@ -15,21 +15,7 @@ import timm
 import torch
 
 from p3b_search.cost import model_cost, torch_macs
-from p3b_search.surgery import get_adapter, shrink_model
-
-
-def random_structured_masks(adapter, keep: float, seed: int) -> dict:
-    """Each unit of every group kept with probability ``keep`` (at least one per group)."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for sb in adapter.sub_blocks:
-        groups = {}
-        for group, size in sb.groups.items():
-            mask = torch.rand(size, generator=gen) < keep
-            mask[torch.randint(size, (1,), generator=gen)] = True
-            groups[group] = mask
-        masks[sb.index] = groups
-    return masks
+from p3b_search.surgery import get_adapter, random_masks, shrink_model
 
 
 def main() -> None:
@@ -42,7 +28,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False).eval()
-    masks = random_structured_masks(get_adapter(model), args.keep, args.seed)
+    masks = random_masks(get_adapter(model), keep=args.keep, seed=args.seed)
     shrunk = shrink_model(model, masks)
     rows = []
     for label, net, analytic in (("dense", model, model_cost(model)),

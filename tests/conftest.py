@@ -32,22 +32,6 @@ def make_model(key: str, num_classes: int = 10, seed: int = 0) -> torch.nn.Modul
     return model
 
 
-def random_masks(adapter, seed: int, keep: float, dead_prob: float = 0.1) -> dict:
-    """Random hard masks: each unit kept with probability ``keep``; each group emptied
-    entirely with probability ``dead_prob`` (so skipped sub-blocks are exercised)."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for sb in adapter.sub_blocks:
-        groups = {}
-        for group, size in sb.groups.items():
-            mask = torch.rand(size, generator=gen) < keep
-            if torch.rand((), generator=gen) < dead_prob:
-                mask[:] = False
-            groups[group] = mask
-        masks[sb.index] = groups
-    return masks
-
-
 @pytest.fixture(scope="session")
 def model_factory():
     return make_model

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from p3b_search.surgery import ArchSpec, get_adapter, shrink_model
-from tests.conftest import MODEL_CONFIGS, make_model, random_masks
+from p3b_search.surgery import ArchSpec, get_adapter, random_masks, shrink_model
+from tests.conftest import MODEL_CONFIGS, make_model
 
 
 @pytest.mark.parametrize("key", ["deit_tiny", "deit_tiny_distilled", "swin_tiny"])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from p3b_search.cost import dense_sub_block_params, model_cost, torch_macs
-from p3b_search.surgery import get_adapter, shrink_model
-from tests.conftest import MODEL_CONFIGS, make_model, random_masks
+from p3b_search.surgery import get_adapter, random_masks, shrink_model
+from tests.conftest import MODEL_CONFIGS, make_model
 
 
 @pytest.mark.parametrize("key", list(MODEL_CONFIGS))

@@ -35,9 +35,8 @@ from p3b_search.export.writer import export_trial
 from p3b_search.methods import PrunedModel
 from p3b_search.models import DIGITS_VIT, create_timm_model
 from p3b_search.search.layout import StudyLayout
-from p3b_search.surgery import get_adapter, shrink_model
+from p3b_search.surgery import get_adapter, random_masks, shrink_model
 from p3b_search.training.loop import evaluate
-from tests.conftest import random_masks
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "digits-export"

@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 
 import p3b_search
 from p3b_search.export.load import ExportError, load_pruned
-from p3b_search.surgery import ArchSpec, get_adapter, shrink_model
-from tests.conftest import random_masks
+from p3b_search.surgery import ArchSpec, get_adapter, random_masks, shrink_model
 
 REPO = Path(__file__).resolve().parents[1]
 #: The digits task's tiny ViT (0.3M parameters): building it costs milliseconds.

@@ -6,9 +6,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p3b_search.surgery import attach_gates, canonical_masks, get_adapter, shrink_model
+from p3b_search.surgery import (
+    attach_gates,
+    canonical_masks,
+    get_adapter,
+    random_masks,
+    shrink_model,
+)
 from p3b_search.surgery.shrink import SlicedLinear
-from tests.conftest import make_model, random_masks
+from tests.conftest import make_model
 
 EXAMPLES = {"deit_tiny": 6, "deit_small": 4, "deit_tiny_distilled": 4, "swin_tiny": 3, "deit3_small": 3}
 
@@ -34,7 +40,7 @@ def test_shrunk_logits_equal_masked_logits(key):
     @settings(max_examples=EXAMPLES[key], deadline=None, suppress_health_check=list(HealthCheck))
     @given(seed=st.integers(0, 2**31 - 1), keep=st.floats(0.05, 1.0), dead=st.sampled_from([0.0, 0.15]))
     def check(seed, keep, dead):
-        masks = random_masks(adapter, seed, keep, dead)
+        masks = random_masks(adapter, keep=keep, seed=seed, dead_prob=dead)
         masked, shrunk_logits, _ = masked_and_shrunk_logits(model, masks, x)
         assert (masked - shrunk_logits).abs().max().item() <= 1e-4
 

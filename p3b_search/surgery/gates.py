@@ -164,6 +164,22 @@ def full_masks(adapter: ModelAdapter) -> BlockMasks:
     }
 
 
+def random_masks(adapter: ModelAdapter, *, keep: float, seed: int, dead_prob: float = 0.0) -> BlockMasks:
+    """Random hard masks (for tests and benchmarks): each unit kept with probability ``keep``;
+    each group emptied entirely with probability ``dead_prob`` (its sub-block is then skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for sb in adapter.sub_blocks:
+        groups = {}
+        for group, size in sb.groups.items():
+            mask = torch.rand(size, generator=gen) < keep
+            if torch.rand((), generator=gen) < dead_prob:
+                mask[:] = False
+            groups[group] = mask
+        masks[sb.index] = groups
+    return masks
+
+
 def is_dead(sb: SubBlock, groups: dict[str, torch.Tensor]) -> bool:
     """True when the branch can only emit a constant: some group in its path has no unit left."""
     return any(not bool(groups[g].any()) for g in GROUPS[sb.kind] if g in groups)
