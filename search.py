@@ -49,6 +49,10 @@ def _table(frame: pd.DataFrame, study) -> str:
     params = [c for c in frame.columns if c.startswith("param.")]
     columns = ["number", "state", "method", *params, *study.metric_names, "epochs_done", "duration_s", "fail_reason"]
     shown = frame[[c for c in columns if c in frame.columns]].rename(columns=lambda c: c.removeprefix("param."))
+    if "fail_reason" in shown:  # blank where there is none; no column when no trial has one
+        shown = shown.assign(fail_reason=shown["fail_reason"].fillna(""))
+        if not shown["fail_reason"].any():
+            shown = shown.drop(columns="fail_reason")
     with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.float_format", "{:.4g}".format):
         return shown.to_string(index=False)
 

@@ -410,7 +410,7 @@ class StudyTracker:
         if isinstance(row[RUN_ID_COLUMN], str):
             lines += [f"run {row[RUN_ID_COLUMN]}", f"open: {self.run_link(row[RUN_ID_COLUMN])}"]
         lines += [f"{key}: {_format(value)}" for key, value in row.items()
-                  if key not in (NUMBER_COLUMN, RUN_ID_COLUMN) and not (np.isscalar(value) and pd.isna(value))]
+                  if key not in (NUMBER_COLUMN, RUN_ID_COLUMN) and not (pd.api.types.is_scalar(value) and pd.isna(value))]
         return "<br>".join(lines)
 
     def _publish_front(self, finished: pd.DataFrame, directions: dict[str, str], on_front: np.ndarray,
