@@ -150,3 +150,53 @@ def test_swin_cls_head_reads_the_average_pooled_token():
     step = benefit.step(torch.tensor([0, 1]))
     assert step.delta_cls.shape == (4,) and step.delta_patch.shape == (4,) and torch.isfinite(step.loss)
     assert [h.in_features for h in benefit.cls_heads] == [16, 16, 32, 32]
+
+
+def _straightforward_step(benefit: BlockBenefit, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """METHODS.md 1.1 written plainly: every head called once per side, the patch head as
+    ``Sequential`` + ``mean`` pooling; returns (loss, Delta Psi cls, Delta Psi patch)."""
+    ce = nn.functional.cross_entropy
+    losses, deltas_cls, deltas_patch = [], [], []
+    for j, (cls_head, patch_head) in enumerate(zip(benefit.cls_heads, benefit.patch_heads)):
+        (x_in, x_out), map_hw = benefit._stream(j)
+        terms = {}
+        for side, x in (("in", x_in), ("out", x_out)):
+            cls_vector, grid = benefit.layout.split(x, map_hw)
+            terms["cls", side] = ce(cls_head(cls_vector), targets)
+            terms["patch", side] = ce(patch_head.fc(patch_head.convs(grid.contiguous()).mean(dim=(2, 3))), targets)
+        losses.append(sum(terms.values()))
+        deltas_cls.append(terms["cls", "in"] - terms["cls", "out"])
+        deltas_patch.append(terms["patch", "in"] - terms["patch", "out"])
+    return torch.stack(losses).sum(), torch.stack(deltas_cls).detach(), torch.stack(deltas_patch).detach()
+
+
+@pytest.mark.parametrize("model_fn", [tiny_vit, tiny_swin], ids=["vit", "swin"])
+def test_stacked_sides_compute_what_separate_head_calls_compute(model_fn):
+    """The optimised step (both sides as one batch, per-side BatchNorm, sum pooling) gives the
+    straightforward formulation's losses, Delta Psi, head gradients and BN running statistics."""
+    torch.manual_seed(0)
+    model = model_fn().train()
+    adapter = get_adapter(model)
+    optimised = BlockBenefit(adapter, NUM_CLASSES)
+    plain = BlockBenefit(adapter, NUM_CLASSES)
+    plain.load_state_dict(optimised.state_dict())
+    optimised.attach(model)
+    plain.attach(model)
+    images = torch.randn(6, 3, *(16, 16) if model_fn is tiny_vit else (32, 32))
+    targets = torch.arange(6) % NUM_CLASSES
+    for _ in range(2):  # the second pass runs on running statistics the first one updated
+        model(images)
+        optimised.zero_grad()
+        plain.zero_grad()
+        fast = optimised.step(targets)
+        loss, delta_cls, delta_patch = _straightforward_step(plain, targets)
+        fast.loss.backward()
+        loss.backward()
+        torch.testing.assert_close(fast.loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.delta_cls, delta_cls, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.delta_patch, delta_patch, atol=1e-5, rtol=1e-5)
+        for (name, a), b in zip(optimised.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+        for (name, a), b in zip(optimised.named_buffers(), plain.buffers()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert int(optimised.patch_heads[0].convs[1].num_batches_tracked) == 4  # once per side per pass

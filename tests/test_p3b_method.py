@@ -12,7 +12,7 @@ from p3b_search.cost import model_cost
 from p3b_search.methods import get_method
 from p3b_search.methods.p3b import ALLOCATION_KEYS, P3B, P3BConfig
 from p3b_search.training.hooks import StepInfo
-from p3b_search.training.loop import train_stage
+from p3b_search.training.loop import build_optimizer, train_stage
 from tests.p3b_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
 
 EPOCHS = 4
@@ -89,6 +89,13 @@ def test_registered_and_heads_get_their_own_learning_rate():
     head_params = {id(p) for p in model.p3b_aux_heads.parameters()}
     assert {id(p) for g in groups for p in g["params"]} == head_params
     assert len(model.p3b_aux_heads.cls_heads) == 6
+    assert all(g["fused"] for g in groups)  # CPU has the fused AdamW kernel: one call per group
+    optimizer = build_optimizer(model, 1e-3, 0.05, groups)
+    model.train()(torch.randn(2, 3, 16, 16))
+    model.p3b_aux_heads.step(torch.tensor([0, 1])).loss.backward()
+    before = [p.detach().clone() for p in model.p3b_aux_heads.parameters()]
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.p3b_aux_heads.parameters()))
 
 
 def test_rows_are_recorded_at_every_update_with_the_contract_keys(trained):

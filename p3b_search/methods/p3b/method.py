@@ -34,6 +34,8 @@ from p3b_search.methods.p3b.window import WindowedSum
 from p3b_search.training.hooks import StepInfo
 
 AUX_HEADS_ATTR = "p3b_aux_heads"
+#: devices with torch's fused AdamW kernel for float32 parameters (torch >= 2.4)
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 class P3BConfig(IterativePruningConfig):
@@ -94,13 +96,19 @@ class P3B(TaylorGatedPruning):
         return super().windows() + ([self.benefit_window] if self.benefit is not None else [])
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The auxiliary heads at ``aux_head_lr`` (no weight decay on norms and biases)."""
+        """The auxiliary heads at ``aux_head_lr`` (no weight decay on norms and biases).
+
+        The heads are ~10 small tensors per sub-block, so their groups ask for the fused AdamW
+        kernel (one call per group instead of a Python loop over tensors; the same update up to
+        float rounding) where torch has it for the heads' device, else for the multi-tensor one."""
         if self.benefit is None:
             return []
         decay = [p for p in self.benefit.parameters() if p.ndim > 1]
         no_decay = [p for p in self.benefit.parameters() if p.ndim <= 1]
-        return [{"params": decay, "lr": self.config.aux_head_lr},
-                {"params": no_decay, "lr": self.config.aux_head_lr, "weight_decay": 0.0}]
+        fused = decay[0].device.type in FUSED_ADAMW_DEVICES
+        kernel = {"fused": True} if fused else {"foreach": True}
+        return [{"params": decay, "lr": self.config.aux_head_lr, **kernel},
+                {"params": no_decay, "lr": self.config.aux_head_lr, "weight_decay": 0.0, **kernel}]
 
     def extra_loss(self, info: StepInfo, inputs: torch.Tensor, targets: torch.Tensor, outputs: Any) -> torch.Tensor | None:
         """The heads' losses (before finalize); Delta Psi is summed from the prune start on."""

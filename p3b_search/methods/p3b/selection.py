@@ -34,6 +34,8 @@ from p3b_search.surgery import BranchSizes, GateSet, ModelAdapter, SubBlock
 #: The gates P3B prunes, per sub-block kind, in concatenation order.
 P3B_GROUPS: dict[str, tuple[str, ...]] = {"attn": ("in", "head_dim", "out"), "mlp": ("in", "hidden", "out")}
 MAX_WALK_ROUNDS = 30
+#: memoised sub-block costs per layout (see :meth:`UnitLayout.params_at`); cleared when full
+PARAMS_CACHE_SIZE = 65536
 SOFT_MASK_LOGIT = math.log(9.0)
 
 
@@ -63,6 +65,7 @@ class UnitLayout:
     def __init__(self, adapter: ModelAdapter, sub_blocks: list[SubBlock]):
         self.adapter = adapter
         self.sub_blocks = list(sub_blocks)
+        self._params_cache: dict[tuple[int, BranchSizes], float] = {}
         self.segments: list[Segment] = []
         start = 0
         for sb in self.sub_blocks:
@@ -115,10 +118,23 @@ class UnitLayout:
             counts = {s.group: int(kept[s.span].sum()) for s in own}
             sizes = _sizes(sb, counts)
             dead = any(n == 0 for n in counts.values())
-            params.append(0.0 if dead else float(sub_block_cost(self.adapter, sb, sizes).params))
-            for s, cost in zip(own, _unit_costs(self.adapter, sb, sizes, [s.group for s in own])):
-                costs[s.span] = cost
+            params.append(0.0 if dead else self.params_at(sb, sizes))
+            for s in own:
+                costs[s.span] = self.params_at(sb, sizes) - self.params_at(sb, _one_less(sizes, s.group))
         return torch.tensor(params, dtype=torch.float64), costs
+
+    def params_at(self, sb: SubBlock, sizes: BranchSizes) -> float:
+        """Parameters of ``sb`` at widths ``sizes`` (``sub_block_cost``), memoised: threshold walks
+        revisit the same widths within and across mask updates, and during the prune stage the
+        modules (hence the cost of given widths) do not change. At most
+        :data:`PARAMS_CACHE_SIZE` entries are kept."""
+        key = (sb.index, sizes)
+        value = self._params_cache.get(key)
+        if value is None:
+            if len(self._params_cache) >= PARAMS_CACHE_SIZE:
+                self._params_cache.clear()
+            value = self._params_cache[key] = float(sub_block_cost(self.adapter, sb, sizes).params)
+        return value
 
 
 def _sizes(sb: SubBlock, counts: dict[str, int]) -> BranchSizes:
@@ -132,14 +148,11 @@ def _sizes(sb: SubBlock, counts: dict[str, int]) -> BranchSizes:
 _SIZE_FIELD = {"in": "c_in", "out": "c_out", "head_dim": "head_dim", "hidden": "hidden", "heads": "heads"}
 
 
-def _unit_costs(adapter: ModelAdapter, sb: SubBlock, sizes: BranchSizes, groups: list[str]) -> list[float]:
-    """Parameters one more removed unit of each group takes away at widths ``sizes``.
-
-    The cost is bilinear in the widths, so this is exact: e.g. a qkv head-dim unit removes
-    3H rows of qkv (``c_in`` weights + bias each) and H columns of proj (``c_out`` each)."""
-    full = sub_block_cost(adapter, sb, sizes).params
-    return [float(full - sub_block_cost(adapter, sb, replace(sizes, **{_SIZE_FIELD[g]: sizes.group_size(g) - 1})).params)
-            for g in groups]
+def _one_less(sizes: BranchSizes, group: str) -> BranchSizes:
+    """``sizes`` with one unit fewer in ``group``: the parameters a unit removes are the cost
+    difference. The cost is bilinear in the widths, so this is exact: e.g. a qkv head-dim unit
+    removes 3H rows of qkv (``c_in`` weights + bias each) and H columns of proj (``c_out`` each)."""
+    return replace(sizes, **{_SIZE_FIELD[group]: sizes.group_size(group) - 1})
 
 
 def taylor_terms(gates: GateSet, layout: UnitLayout) -> torch.Tensor:
