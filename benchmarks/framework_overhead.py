@@ -1,22 +1,31 @@
 """Framework overhead: one trial's wall time under Ray Tune + MLflow vs the same objective
 called directly, side by side.
 
-    python -m benchmarks.framework_overhead                       # ~60 s trial, 2 repeats
-    python -m benchmarks.framework_overhead --prune-epochs 3 --finetune-epochs 3 --repeats 3
+    python -m benchmarks.framework_overhead                       # 2 trials per side, 2 repeats
+    python -m benchmarks.framework_overhead --prune-epochs 20 --finetune-epochs 6 --trials 2 --repeats 2 \\
+        --out benchmarks/results/framework_overhead.json
 
 The study is the quickstart (``studies/quickstart.yaml``) with its search space removed (the
-P3B knobs fixed at ``--fixed``), one trial, concurrency 1, MLflow tracking on (embedded SQLite
-store), and ``--prune-epochs``/``--finetune-epochs`` sizing the trial. Per repeat, in
-alternating order:
+P3B knobs fixed at ``--fixed``), ``--trials`` identical trials, concurrency 1, MLflow tracking
+on (embedded SQLite store), and ``--prune-epochs``/``--finetune-epochs`` sizing each trial.
+Per repeat, in alternating order:
 
-* *framework*: ``python search.py run STUDY`` in a fresh process. The trial's time is its
-  Optuna start -> end (``duration_s`` in ``trials.parquet``: from the searcher's ask, through
-  the Ray worker's start, the objective, MLflow logging, to the tell); the command's time adds
-  Ray's start-up and shutdown, the Optuna and MLflow stores' creation and the final tables.
+* *framework*: ``python search.py run STUDY`` in a fresh process. A trial's time is its Optuna
+  start -> end (``duration_s`` in ``trials.parquet``: from the searcher's ask, through the Ray
+  worker's start, the objective, MLflow logging, to the tell). The first trial pays for starting
+  the Ray worker process and importing torch/timm in it; later trials reuse that worker
+  (``reuse_actors``). The command's time adds Ray's start-up and shutdown, the Optuna and MLflow
+  stores' creation and the final tables.
 * *direct*: a fresh ``python`` process that builds the same ``TrialConfig``
   (``p3b_search.search.schema.trial_config``) and calls ``objectives.prune_finetune.run_trial``
-  with the in-memory ``TrialReporter``, with the torch threads a Ray trial gets; the trial's
-  time is that call, the command's time the whole process.
+  ``--trials`` times with the in-memory ``TrialReporter`` and the torch threads a Ray trial gets;
+  a trial's time is that call (imports happen before it), the command's time the whole process.
+
+Where a framework trial's extra time goes is split with Ray's own per-trial clock
+(``time_total_s`` of its last result: the trainable function's run): *outside* the trainable
+(the ask, worker start or reuse, deserialising and importing the trainable, the tell) and the
+trainable's time other than the epochs (``epoch_seconds``: training + validation), against the
+direct call's time other than its epochs.
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ from benchmarks.study_variants import (
     write_variant,
 )
 
+Timing = dict[str, float]  # trial_s, epochs_s and, for framework trials, inside_s
+
 
 def study_file(args: argparse.Namespace, folder: Path, name: str) -> Path:
     import yaml
@@ -46,11 +57,11 @@ def study_file(args: argparse.Namespace, folder: Path, name: str) -> Path:
     training["prune"]["epochs"], training["finetune"]["epochs"] = args.prune_epochs, args.finetune_epochs
     method = {**base["method"], "config": {**base["method"].get("config", {}), **json.loads(args.fixed)}}
     return write_variant(args.study, folder, name, training=training, method=method, search_space={},
-                         n_trials=1, concurrency=1, tracking={"enabled": True})
+                         n_trials=args.trials, concurrency=1, enqueue_reference=False, tracking={"enabled": True})
 
 
-def direct(path: Path) -> float:
-    """This process: the study file's single trial through ``run_trial``; returns its seconds."""
+def direct(path: Path, trials: int) -> list[Timing]:
+    """This process: the study file's trial ``trials`` times through ``run_trial``."""
     import torch
 
     from objectives.prune_finetune import run_trial
@@ -60,62 +71,123 @@ def direct(path: Path) -> float:
     study = load_study(path)
     torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
     config = trial_config(study, {})
-    workdir = Path(tempfile.mkdtemp(prefix="p3b-direct-"))
-    began = time.perf_counter()
-    run_trial(config, TrialReporter(), workdir)
-    return time.perf_counter() - began
+    timings = []
+    for _ in range(trials):
+        reporter = TrialReporter()
+        workdir = Path(tempfile.mkdtemp(prefix="p3b-direct-"))
+        began = time.perf_counter()
+        run_trial(config, reporter, workdir)
+        timings.append({"trial_s": time.perf_counter() - began,
+                        "epochs_s": sum(epoch["epoch_seconds"] for epoch in reporter.epochs)})
+    return timings
 
 
-def run_direct(path: Path) -> tuple[float, float]:
-    """(trial s, command s) of :func:`direct` in a fresh process."""
+def run_direct(path: Path, trials: int) -> tuple[list[Timing], float]:
+    """(per-trial timings, command s) of :func:`direct` in a fresh process."""
     began = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "benchmarks.framework_overhead", "--direct", str(path)],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.framework_overhead", "--direct", str(path),
+                             "--trials", str(trials)],
                             cwd=REPO, capture_output=True, text=True, check=False)
     command = time.perf_counter() - began
     if result.returncode != 0:
         raise SystemExit(f"direct trial failed:\n{result.stderr[-3000:]}")
-    return float(result.stdout.strip().splitlines()[-1]), command
+    return json.loads(result.stdout.strip().splitlines()[-1]), command
 
 
-def run_framework(path: Path) -> tuple[float, float]:
-    """(trial s from trials.parquet, command s) of ``search.py run`` on ``path``."""
+def ray_results(layout, ray_trial_id: str) -> list[dict]:
+    """The per-epoch results Ray Tune logged for one trial (its ``result.json``)."""
+    found = sorted(layout.ray_experiment.glob(f"*_{ray_trial_id}_*/result.json"))
+    if len(found) != 1:
+        raise SystemExit(f"{layout.ray_experiment}: expected one result.json of Ray trial {ray_trial_id}, found {found}")
+    return [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()]
+
+
+def run_framework(path: Path, trials: int) -> tuple[list[Timing], float]:
+    """(per-trial timings from trials.parquet and Ray's results, command s) of ``search.py run``."""
     from p3b_search.search.results import read_trials
     from p3b_search.search.schema import load_study
 
     command = run_search(path)
-    trials = read_trials(load_study(path).layout)
-    if list(trials["state"]) != ["COMPLETE"]:
-        raise SystemExit(f"{path}: expected one COMPLETE trial, got {list(trials['state'])}")
-    return float(trials["duration_s"].iloc[0]), command
+    layout = load_study(path).layout
+    frame = read_trials(layout).sort_values("number")
+    if list(frame["state"]) != ["COMPLETE"] * trials:
+        raise SystemExit(f"{path}: expected {trials} COMPLETE trials, got {list(frame['state'])}")
+    timings = []
+    for _, row in frame.iterrows():
+        results = ray_results(layout, row["ray_trial_id"])
+        timings.append({"trial_s": float(row["duration_s"]), "inside_s": float(results[-1]["time_total_s"]),
+                        "epochs_s": sum(r["epoch_seconds"] for r in results if "epoch_seconds" in r)})
+    return timings, command
+
+
+def ratios(runs: list[dict], select: slice) -> list[float]:
+    """Per repeat: framework / direct of the mean trial time over the trials ``select``."""
+    out = []
+    for run in runs:
+        f, d = (statistics.mean(t["trial_s"] for t in run[mode]["trials"][select]) for mode in ("framework", "direct"))
+        out.append(f / d)
+    return out
+
+
+def summary(runs: list[dict]) -> list[str]:
+    lines = []
+    labels = [("first trial (cold worker)", slice(0, 1))]
+    if len(runs[0]["framework"]["trials"]) > 1:
+        labels.append(("later trials (reused worker)", slice(1, None)))
+    for label, select in labels:
+        values = ratios(runs, select)
+        lines.append(f"{label}: trial-time ratio framework/direct per repeat "
+                     f"{', '.join(f'{v:.3f}' for v in values)}; median {statistics.median(values):.3f}")
+    commands = [run["framework"]["command_s"] / run["direct"]["command_s"] for run in runs]
+    lines.append(f"whole command ratio per repeat {', '.join(f'{v:.3f}' for v in commands)}; "
+                 f"median {statistics.median(commands):.3f}")
+    return lines
+
+
+def breakdown(run: dict) -> list[str]:
+    """Per trial: where the framework trial's extra seconds go."""
+    lines = []
+    for k, (f, d) in enumerate(zip(run["framework"]["trials"], run["direct"]["trials"])):
+        lines.append(f"  trial {k}: framework {f['trial_s']:.1f} s = outside the trainable "
+                     f"{f['trial_s'] - f['inside_s']:.1f} + trainable {f['inside_s']:.1f} (epochs {f['epochs_s']:.1f}, "
+                     f"rest {f['inside_s'] - f['epochs_s']:.1f}); direct {d['trial_s']:.1f} s "
+                     f"(epochs {d['epochs_s']:.1f}, rest {d['trial_s'] - d['epochs_s']:.1f})")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", type=Path, default=QUICKSTART, help="base study file (default: quickstart)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--prune-epochs", type=int, default=9)
+    parser.add_argument("--trials", type=int, default=2, help="identical trials per side and repeat")
+    parser.add_argument("--prune-epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--fixed", default='{"prune_ratio": 0.5, "prune_start_epoch": 0.5, "alpha": 0.5, "gamma": 0.2}',
                         help="JSON of the method knobs fixed in place of the search space")
     parser.add_argument("--folder", type=Path, help="where study files and folders go (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="also write every timing (JSON) here")
     parser.add_argument("--direct", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct:
-        print(direct(args.direct))
+        print(json.dumps(direct(args.direct, args.trials)))
         return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="p3b-framework-overhead-"))
-    times: dict[str, list[tuple[float, float]]] = {"framework": [], "direct": []}
+    runs = []
     for repeat in range(args.repeats):
         path = study_file(args, folder, f"overhead-{repeat}")
+        run = {}
         for mode in ("framework", "direct") if repeat % 2 == 0 else ("direct", "framework"):
-            times[mode].append(run_framework(path) if mode == "framework" else run_direct(path))
-            trial_s, command_s = times[mode][-1]
-            print(f"repeat {repeat} {mode}: trial {trial_s:.1f} s, command {command_s:.1f} s ({load_line()})", flush=True)
-    for index, label in ((0, "trial"), (1, "whole command")):
-        f = statistics.median(t[index] for t in times["framework"])
-        d = statistics.median(t[index] for t in times["direct"])
-        print(f"median {label} wall time over {args.repeats}: framework {f:.1f} s, direct {d:.1f} s, "
-              f"ratio framework/direct = {f / d:.3f}")
+            before = load_line()
+            trials, command_s = run_framework(path, args.trials) if mode == "framework" else run_direct(path, args.trials)
+            run[mode] = {"trials": trials, "command_s": command_s, "load_before": before, "load_after": load_line()}
+            shown = ", ".join(f"{t['trial_s']:.1f}" for t in trials)
+            print(f"repeat {repeat} {mode}: trials {shown} s, command {command_s:.1f} s "
+                  f"({before} -> {run[mode]['load_after']})", flush=True)
+        runs.append(run)
+        print("\n".join(breakdown(run)), flush=True)
+    print("\n".join(summary(runs)))
+    if args.out:
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
