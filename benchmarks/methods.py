@@ -152,7 +152,8 @@ def summary_table(results: pd.DataFrame, recipe: Recipe) -> str:
         f"Digits transfer (source digits 0-4 -> target 5-9), "
         f"{'DIGITS_VIT' if recipe.model == 'vit' else 'small Swin'}, "
         f"{recipe.prune_epochs} prune + "
-        f"{recipe.finetune_epochs} fine-tune epochs for every method, mask update every {recipe.update_every} "
+        f"{recipe.finetune_epochs} fine-tune epochs for every method (base LR {recipe.prune_lr:g} / "
+        f"{recipe.finetune_lr:g} per 512 images), mask update every {recipe.update_every} "
         f"micro-batches, {results.seed.nunique()} seeds.\n",
         "Structured rows are physically smaller (a real speed-up); unstructured rows keep dense shapes: their "
         "params count non-zeros, their MACs stay dense and the non-zero MACs need sparse kernels to pay off.\n",
@@ -208,8 +209,9 @@ def main() -> None:
     parser.add_argument("--name", default="methods", help="stem of the output files")
     parser.add_argument("--prune-epochs", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=5)
-    parser.add_argument("--prune-lr", type=float, default=2e-3, help="base LR for a batch of 512")
-    parser.add_argument("--finetune-lr", type=float, default=2e-3, help="base LR for a batch of 512")
+    parser.add_argument("--prune-lr", type=float, default=1e-2,
+                        help="base LR for a batch of 512 (default 1e-2, as studies/quickstart.yaml)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-2, help="base LR for a batch of 512")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--update-every", type=int, default=4,
                         help="micro-batches between P3B mask updates (about 3 per epoch, as the README run)")
