@@ -15,8 +15,8 @@ from p3b_search.tracking.figures import (
 
 
 def test_allocation_table_orders_columns_and_heatmap_rows_follow_the_network():
-    rows = [dict(step=s, layer=l, kind=k, keep_ratio=1.0 - 0.1 * s * l, extra_note="x")
-            for s in (0, 5) for l in (1, 0) for k in ("mlp", "attn")]  # no sub_block, no benefits
+    rows = [dict(step=s, layer=layer, kind=k, keep_ratio=1.0 - 0.1 * s * layer, extra_note="x")
+            for s in (0, 5) for layer in (1, 0) for k in ("mlp", "attn")]  # no sub_block, no benefits
     table = allocation_table(rows)
     assert list(table.columns) == ["name", "step", "layer", "kind", "keep_ratio", "extra_note"]
     fig = keep_ratio_heatmap(table, "t")

@@ -192,7 +192,7 @@ def test_gates_follow_the_model_to_its_device():
     method = make(S2ViTE, update_interval=1)
     method.prepare(model)
     method._gates.to("meta")
-    for j, groups in method._gates.values.items():
+    for groups in method._gates.values.values():
         for group, gate in groups.items():
             assert gate.device.type == "meta"
             assert gate.requires_grad == (group == "heads")

@@ -45,7 +45,7 @@ def allocation_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     table = pd.DataFrame(list(rows))
     if table.empty:
         return table
-    table.insert(0, "name", [sub_block_name(l, k) for l, k in zip(table["layer"], table["kind"])])
+    table.insert(0, "name", [sub_block_name(layer, kind) for layer, kind in zip(table["layer"], table["kind"])])
     known = [c for c in ALLOCATION_COLUMNS if c in table.columns]
     extra = [c for c in table.columns if c not in known and c != "name"]
     return table[["name", *known, *extra]]
