@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output-dir", default="runs", help="where studies live (default: runs)")
 
     def ray_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--address", help="join a running Ray cluster ('auto', or ray://HEAD:10001) instead of "
-                                         "starting Ray on this machine; the study folder must be on shared storage")
+        p.add_argument("--address", help="join a running Ray cluster ('auto', HEAD:6379 or ray://HEAD:10001) "
+                                         "instead of starting Ray on this machine; the study folder must be on "
+                                         "shared storage")
         p.add_argument("--cpus", type=_positive_int, help="CPUs local Ray may use (default: all)")
         p.add_argument("--verbose", action="store_true", help="show Ray's and the trials' own output")
         p.add_argument("--objective", metavar="MODULE:FUNCTION",

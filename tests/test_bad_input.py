@@ -54,6 +54,12 @@ STUDY_CASES = [
     pytest.param({"s.yaml": HEAD + "resources_per_trial: {cpu: 3}\n"}, ["run", "{tmp}/s.yaml", "--cpus", "2"],
                  "{tmp}/s.yaml: resources_per_trial.cpu: a trial needs 3 CPUs, local Ray has 2: lower it (or join "
                  "a cluster with --address)", id="study-too-many-cpus"),
+    pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--address", "127.0.0.1:1"],
+                 "--address 127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused): start the head node "
+                 "with `ray start --head --port 1`, or fix --address", id="cli-address-unreachable"),
+    pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--address", "head-node"],
+                 "--address head-node: expected HOST:PORT (the head's GCS port, 6379 by default), ray://HOST:10001 "
+                 "or auto", id="cli-address-malformed"),
     # data folders
     pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder}\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: data: data.root is required for data.kind='imagefolder': set it to the data set "

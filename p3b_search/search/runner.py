@@ -2,10 +2,11 @@
 
 Driver-side flow of :func:`run_study`::
 
-    preflight checks (paths, resources, objective importable)  -> StudyError before any compute
+    preflight checks (paths, resources, objective importable,
+                      the cluster's address answers)          -> StudyError before any compute
+    Ray (local, or --address to join a cluster)                -> StudyError if the cluster refuses us
     Optuna study in its storage (reference trial enqueued)     -> searcher.open_optuna_study
     MLflow parent run (optional)                               -> tracking.mlflow_tracker.StudyTracker
-    Ray (local, or --address to join a cluster)
     Tuner(FrontSafeOptunaSearch behind a ConcurrencyLimiter, per-trial resources,
           FailureConfig retries from the last checkpoint, DominatedTrialStopper)
       or Tuner.restore(...) to resume an interrupted study
@@ -23,6 +24,7 @@ import importlib.util
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,19 +164,42 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
         except ImportError as error:
             raise StudyError(f"{source}: tracking.enabled: MLflow tracking is unavailable ({error}): "
                              "install mlflow or set tracking.enabled: false") from None
-    if address is None:
-        resources = study.resources_per_trial
-        cpus = num_cpus or os.cpu_count() or 1
-        needed = resources.cpu * study.workers_per_trial + (DRIVER_CPU if study.workers_per_trial > 1 else 0)
-        if needed > cpus:
-            raise StudyError(f"{source}: resources_per_trial.cpu: a trial needs {needed:g} CPUs, local Ray has "
-                             f"{cpus}: lower it (or join a cluster with --address)")
-        if resources.gpu > 0:
-            import torch
+    if address:
+        _check_reachable(address)
+        return
+    needed_cpus, needed_gpus = trial_needs(study)
+    cpus = num_cpus or os.cpu_count() or 1
+    if needed_cpus > cpus:
+        raise StudyError(f"{source}: resources_per_trial.cpu: a trial needs {needed_cpus:g} CPUs, local Ray has "
+                         f"{cpus}: lower it (or join a cluster with --address)")
+    if needed_gpus > 0:
+        import torch
 
-            if torch.cuda.device_count() * 1.0 < resources.gpu * study.workers_per_trial:
-                raise StudyError(f"{source}: resources_per_trial.gpu: this machine has "
-                                 f"{torch.cuda.device_count()} GPU(s): set gpu: 0 to run on CPU")
+        if torch.cuda.device_count() * 1.0 < needed_gpus:
+            raise StudyError(f"{source}: resources_per_trial.gpu: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): set gpu: 0 to run on CPU")
+
+
+def trial_needs(study: StudyConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds while it runs, all its data-parallel workers included."""
+    resources, workers = study.resources_per_trial, study.workers_per_trial
+    return resources.cpu * workers + (DRIVER_CPU if workers > 1 else 0), resources.gpu * workers
+
+
+def cluster_lines(study: StudyConfig, address: str) -> list[str]:
+    """What the joined cluster offers, and a warning when one trial needs more than that now
+    (its trials then wait for nodes to join, e.g. from an autoscaler)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    lines = [f"joined the Ray cluster at {address}: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs"]
+    needed_cpus, needed_gpus = trial_needs(study)
+    if needed_cpus > cpus or needed_gpus > gpus:
+        lines.append(f"warning: one trial needs {needed_cpus:g} CPUs and {needed_gpus:g} GPUs, more than the "
+                     "cluster has now: trials wait until nodes join (or lower resources_per_trial)")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the live study
@@ -354,13 +379,60 @@ def _init_ray(study: StudyConfig, address: str | None, num_cpus: int | None, ver
         return False
     common = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     if address:
-        ray.init(address=address, **common)
+        _join_cluster(address, common)
         return True
     project_root = str(Path(__file__).resolve().parents[2])
     paths = [project_root, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     ray.init(num_cpus=num_cpus or os.cpu_count(),
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}, **common)
     return True
+
+
+def _join_cluster(address: str, options: dict[str, Any]) -> None:
+    """``ray.init(address=...)``, with a one-line :class:`StudyError` when the cluster refuses us."""
+    import ray
+
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as error:
+        if _refused_token(error):
+            # Ray sends a token to an explicitly named cluster only in token mode: a local token
+            # is never handed to another cluster by default
+            raise StudyError(f"--address {address}: the cluster refused our authentication token: export "
+                             "RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or "
+                             "RAY_AUTH_TOKEN") from None
+        raise StudyError(f"--address {address}: cannot join the Ray cluster ({error}): check that "
+                         "`ray start --head` runs there") from None
+
+
+def _refused_token(error: BaseException | None) -> bool:
+    """Whether ``error`` or one of its causes is Ray's authentication failure (Ray passes it on
+    as an exception object or only as the text of a RuntimeError)."""
+    from ray.exceptions import AuthenticationError
+
+    while error is not None:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens at ``address`` (``ray.init`` would wait for minutes).
+
+    ``address``: ``HOST:PORT`` or ``ray://HOST:PORT``; ``auto`` (find the local node's cluster) is
+    left to Ray, which fails fast when there is none."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"--address {address}: expected HOST:PORT (the head's GCS port, 6379 by default), "
+                         "ray://HOST:10001 or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise StudyError(f"--address {address}: nothing answers at {host}:{port} ({error.strerror or error}): "
+                         f"start the head node with `ray start --head --port {port}`, or fix --address") from None
 
 
 def _quiet_libraries(verbose: bool) -> Callable[[], None]:
@@ -492,13 +564,17 @@ def run_study(
     quiet = _quiet_libraries(verbose)
     tracker, started_ray, interrupted = None, False, True
     try:
+        # Ray first: a cluster that refuses us is an error before the study leaves any trace
+        started_ray = _init_ray(study, address, num_cpus, verbose)
         _write_study_file(study)
         optuna_study = open_optuna_study(study)
         reference = reference_point(study)
         tracker, tracking = _start_tracker(study, resume)
         session = StudySession(study, optuna_study, reference, tracker, annotations_of(read_trials(layout)), printer)
         _SESSIONS[str(layout.root)] = session
-        started_ray = _init_ray(study, address, num_cpus, verbose)
+        if address:
+            for line in cluster_lines(study, address):
+                session.say(line)
         tuner = _tuner(study, session, _trainable(study, tracking, objective), resume)
         session.say(f"study {study.name}: {study.n_trials} trials, {study.concurrency} at a time, "
                     f"results in {layout.root}")
