@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from p3b_search.tracking.mlflow_tracker import ui_url
 
+ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,7 +38,6 @@ objectives: [top1, {{name: macs, reference: 3000}}]
 sampler: {{name: random, seed: 0}}
 n_trials: {n_trials}
 concurrency: 2
-tracking: {{uri: "{uri}"}}
 """
 
 
@@ -57,6 +57,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Wait until the MLflow server at ``url`` answers; kill it and fail (with its log) otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                pytest.fail(f"the MLflow server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """URL of a real tracking server (SQLite backend, served artifacts) in its own process group."""
@@ -70,16 +84,7 @@ def mlflow_server(tmp_path):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job workers
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                os.killpg(server.pid, signal.SIGKILL)
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    wait_for_health(url, server, tmp_path / "server.log")
     yield url
     os.killpg(server.pid, signal.SIGTERM)
     try:
@@ -89,13 +94,15 @@ def mlflow_server(tmp_path):
     log.close()
 
 
-def run_tiny_study(url: str, folder: Path):
-    """A real study through the search runner, tracked on the server at ``url``."""
+def run_tiny_study(url: str | None, folder: Path):
+    """A real study through the search runner, tracked on the server at ``url`` (None: in the
+    embedded store of the study folder)."""
     from p3b_search.search.runner import run_study
     from p3b_search.search.schema import load_study
 
     study_file = folder / "study.yaml"
-    study_file.write_text(STUDY_FILE.format(name=STUDY, output_dir=folder / "runs", n_trials=N_TRIALS, uri=url))
+    text = STUDY_FILE.format(name=STUDY, output_dir=folder / "runs", n_trials=N_TRIALS)
+    study_file.write_text(text + (f'tracking: {{uri: "{url}"}}\n' if url else ""))
     outcome = run_study(load_study(study_file), objective="tests.search_objective:run_trial", num_cpus=2,
                         printer=lambda line: None)
     assert not outcome.interrupted
@@ -159,3 +166,32 @@ def test_the_study_review_is_visible_in_the_mlflow_ui(mlflow_server, tmp_path):
         page.screenshot(path=str(shots / "ui_pareto_artifact.png"))
         browser.close()
     print(f"browser checks in {time.monotonic() - began:.1f} s; screenshots: {shots}")
+
+
+def test_search_py_ui_serves_the_study_s_embedded_store(tmp_path):
+    """`search.py ui NAME` on a study tracked in its own folder (the default): the MLflow UI it
+    starts on 127.0.0.1 lists the front's runs under ``tags.pareto = "true"`` and serves the
+    parent run's Pareto HTML."""
+    outcome = run_tiny_study(None, tmp_path)
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        ui = subprocess.Popen([sys.executable, str(ROOT / "search.py"), "ui", str(outcome.study.layout.root),
+                               "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                              start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, ui, log)
+        client = MlflowClient(url)
+        experiment_id = client.get_experiment_by_name(STUDY).experiment_id
+        assert log.read_text().startswith(f"MLflow UI for {STUDY}: {ui_url(url, experiment_id)}")
+        tagged = client.search_runs([experiment_id], "tags.pareto = 'true'")
+        assert {int(run.data.tags["trial_number"]) for run in tagged} == set(outcome.front["number"])
+        (parent,) = client.search_runs([experiment_id], f"tags.`p3b.study` = '{STUDY}'")
+        with urllib.request.urlopen(f"{url}/get-artifact?path=pareto/front.html&run_uuid={parent.info.run_id}",
+                                    timeout=30) as response:
+            page = response.read().decode()
+        assert f"Pareto front of {N_TRIALS} finished trials" in page
+    finally:
+        os.killpg(ui.pid, signal.SIGKILL)
+        ui.wait(timeout=30)
