@@ -16,7 +16,8 @@ single-process path pays nothing.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,16 @@ def _buckets(tensors: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
         yield bucket
 
 
+def _in_flat_buckets(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """Run ``collective`` (in place on a flat 1-D tensor) on ``tensors`` bucket by bucket, one
+    call per bucket instead of one per tensor, and copy the results back into ``tensors``."""
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+        collective(flat)
+        for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            tensor.copy_(part.view_as(tensor))
+
+
 def average_gradients(params: Iterable[torch.Tensor]) -> None:
     """Replace the ``.grad`` of each parameter by its mean over the ranks.
 
@@ -81,11 +92,7 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     world = rank_and_world()[1]
-    for bucket in _buckets([p.grad for p in params]):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        sum_across_ranks(flat).div_(world)
-        for grad, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-            grad.copy_(part.view_as(grad))
+    _in_flat_buckets([p.grad for p in params], lambda flat: sum_across_ranks(flat).div_(world))
 
 
 def broadcast_state(modules: Iterable[nn.Module], params: Iterable[torch.Tensor] = ()) -> None:
@@ -100,8 +107,4 @@ def broadcast_state(modules: Iterable[nn.Module], params: Iterable[torch.Tensor]
             seen.add(id(tensor))
             tensors.append(tensor)
     with torch.no_grad():
-        for bucket in _buckets(tensors):
-            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
-            dist.broadcast(flat, src=0)
-            for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
-                tensor.copy_(part.view_as(tensor))
+        _in_flat_buckets(tensors, lambda flat: dist.broadcast(flat, src=0))

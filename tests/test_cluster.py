@@ -44,6 +44,14 @@ tracking: {enabled: false}
 """ + STUDY
 
 
+def _env(with_token: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of a cluster process: this one's, with the repository on the path (the
+    workers import the test objective from it, as a real node imports the installed project)
+    and, ``with_token``, the cluster's token in token mode."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    return {**env, "PYTHONPATH": str(ROOT), **(CLUSTER_AUTH if with_token else {}), **extra}
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -59,11 +67,8 @@ def ray_head(tmp_path):
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
                f"--num-cpus={HEAD_CPUS}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
                f"--temp-dir={temp_dir}", "--block"]
-    # the cluster's workers import the test objective from the repository, as a real node imports
-    # the installed project
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **CLUSTER_AUTH}
     with log.open("w") as out:
-        head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(command, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in log.read_text():
@@ -79,8 +84,7 @@ def ray_head(tmp_path):
 def test_study_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head):
     head, address = ray_head
     study = load_study(write_study(tmp_path, JOINED))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **CLUSTER_AUTH}
-    run = subprocess.run(cli("run", str(tmp_path / "study.yaml"), "--address", address), cwd=tmp_path, env=env,
+    run = subprocess.run(cli("run", str(tmp_path / "study.yaml"), "--address", address), cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     # the trials ran on the cluster it joined, not on a local Ray of its own (which would have 2 CPUs)
@@ -99,10 +103,9 @@ def test_study_joins_a_running_cluster_and_leaves_it_running(tmp_path, ray_head)
 def test_a_trial_bigger_than_the_cluster_is_announced(tmp_path, ray_head):
     head, address = ray_head
     write_study(tmp_path, JOINED.replace("n_trials: 3", "n_trials: 1\nresources_per_trial: {cpu: 4}"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **CLUSTER_AUTH}
     driver = subprocess.Popen(cli("run", str(tmp_path / "study.yaml"), "--address", address), cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+                              env=_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
     # the trial waits for a node that never joins: read the announcement, then stop the driver
     # (the timer ends a driver that never says it, so the loop below always ends)
     timer = threading.Timer(120, _kill_session, [driver.pid])
@@ -125,10 +128,8 @@ def test_a_trial_bigger_than_the_cluster_is_announced(tmp_path, ray_head):
 def test_a_driver_without_the_cluster_token_gets_a_one_line_error(tmp_path, ray_head):
     _, address = ray_head
     write_study(tmp_path, JOINED)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
-    env["PYTHONPATH"] = str(ROOT)
-    run = subprocess.run(cli("run", str(tmp_path / "study.yaml"), "--address", address), cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cli("run", str(tmp_path / "study.yaml"), "--address", address), cwd=tmp_path,
+                         env=_env(with_token=False), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: --address {address}: the cluster refused our authentication token: export RAY_AUTH_MODE=token, "

@@ -118,9 +118,10 @@ class UnitLayout:
             counts = {s.group: int(kept[s.span].sum()) for s in own}
             sizes = _sizes(sb, counts)
             dead = any(n == 0 for n in counts.values())
-            params.append(0.0 if dead else self.params_at(sb, sizes))
+            full = self.params_at(sb, sizes)
+            params.append(0.0 if dead else full)
             for s in own:
-                costs[s.span] = self.params_at(sb, sizes) - self.params_at(sb, _one_less(sizes, s.group))
+                costs[s.span] = full - self.params_at(sb, _one_less(sizes, s.group))
         return torch.tensor(params, dtype=torch.float64), costs
 
     def params_at(self, sb: SubBlock, sizes: BranchSizes) -> float:
