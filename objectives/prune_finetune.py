@@ -139,7 +139,8 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         return report
 
     if stage == "prune":
-        model = build_model(config.model, num_classes, drop_path_rate=training.drop_path or None)
+        model = build_model(config.model, num_classes, drop_path_rate=training.drop_path or None,
+                            source_task=config.data.source_task)
         method.prepare(model)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if lead:

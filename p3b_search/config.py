@@ -12,6 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+#: Data kinds generated from what the installed packages ship (no ``root``; a source domain for pretraining).
+EMBEDDED_TASKS = ("digits", "glyphs")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,19 +37,27 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     """Where images come from. ``digits``: the embedded scikit-learn digits transfer task
-    (source classes 0-4, target classes 5-9). ``imagefolder``: ``root/train/<class>/*`` and
+    (source classes 0-4, target classes 5-9). ``glyphs``: the embedded glyphs transfer task
+    (source: capitals A-Z in sans-serif faces on plain grey; target: lower-case a-z in serif
+    faces, coloured, cluttered and noisy; see :mod:`p3b_search.data.glyphs`). ``imagefolder``: ``root/train/<class>/*`` and
     ``root/val/<class>/*``. ``cifar10``/``cifar100``: torchvision's python-pickle folder at
     ``root``. ``image_size`` None: the model's pretrained config input size."""
 
-    kind: Literal["digits", "imagefolder", "cifar10", "cifar100"] = "digits"
+    kind: Literal["digits", "glyphs", "imagefolder", "cifar10", "cifar100"] = "digits"
     root: Path | None = None
     image_size: int | None = Field(None, ge=8)
     num_workers: int = Field(0, ge=0)
     max_train_samples: int | None = Field(None, ge=1, description="Subsample for quick runs.")
 
+    @property
+    def source_task(self) -> str:
+        """The embedded task whose source domain ``model.weights: source-pretrained`` trains on:
+        this one where ``kind`` is embedded, else ``digits``."""
+        return self.kind if self.kind in EMBEDDED_TASKS else "digits"
+
     @model_validator(mode="after")
     def _root_needed(self) -> "DataConfig":
-        if self.kind != "digits" and self.root is None:
+        if self.kind not in EMBEDDED_TASKS and self.root is None:
             raise ValueError(f"data.root is required for data.kind={self.kind!r}: set it to the data set folder")
         return self
 

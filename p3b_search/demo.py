@@ -18,7 +18,8 @@ from p3b_search.config import DataConfig, ModelConfig, StageConfig, TrainingConf
 from p3b_search.data import build_loaders
 from p3b_search.models import DIGITS_VIT, build_model
 from p3b_search.training.loop import train_stage
-from p3b_search.training.pretrain import CACHE_ENV, source_metrics, source_pretrained_weights
+from p3b_search.files import CACHE_ENV
+from p3b_search.training.pretrain import source_metrics, source_pretrained_weights
 from p3b_search.training.rng import seed_everything
 
 #: Dense fine-tuning on the target domain (digits 5-9).

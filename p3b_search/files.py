@@ -7,6 +7,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+#: Environment variable naming the folder of generated data and cached pretrained weights.
+CACHE_ENV = "P3B_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$P3B_CACHE_DIR`` if set, else ``~/.cache/p3b_search``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "p3b_search").expanduser()
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:

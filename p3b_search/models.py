@@ -17,6 +17,14 @@ DIGITS_VIT = ModelConfig(
     weights=SOURCE_PRETRAINED,
 )
 
+#: The ViT of the embedded glyphs transfer task: 24x24 inputs cut into 4x4 patches (36 tokens +
+#: class token), 6 layers = 12 prunable sub-blocks, width 64, about 0.3M parameters.
+GLYPHS_VIT = ModelConfig(
+    name="vit_tiny_patch16_224",
+    overrides=dict(img_size=24, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0),
+    weights=SOURCE_PRETRAINED,
+)
+
 
 def create_timm_model(cfg: ModelConfig, num_classes: int, *, pretrained: bool = False, **extra) -> nn.Module:
     """``timm.create_model(cfg.name, num_classes=..., **cfg.overrides, **extra)`` with one-line errors."""
@@ -37,12 +45,14 @@ def create_timm_model(cfg: ModelConfig, num_classes: int, *, pretrained: bool = 
         ) from None
 
 
-def build_model(cfg: ModelConfig, num_classes: int, *, drop_path_rate: float | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, *, drop_path_rate: float | None = None,
+                source_task: str = "digits") -> nn.Module:
     """The timm model ``cfg`` describes, with ``num_classes`` outputs and the weights of ``cfg.weights``.
 
     ``weights``: ``None`` random init; ``"hub"`` timm's pretrained tag (network needed);
-    ``"source-pretrained"`` the cached digits source-domain pretraining of this architecture
-    (head re-initialised, its classes being the source domain's); else a local file path.
+    ``"source-pretrained"`` the cached pretraining of this architecture on the source domain of
+    the embedded task ``source_task`` (``digits`` or ``glyphs``; head re-initialised, its
+    classes being the source domain's); else a local file path.
     ``drop_path_rate`` (stochastic depth, e.g. ``TrainingConfig.drop_path``) overrides
     ``cfg.overrides``.
     """
@@ -56,7 +66,8 @@ def build_model(cfg: ModelConfig, num_classes: int, *, drop_path_rate: float | N
     if cfg.weights == SOURCE_PRETRAINED:
         from p3b_search.training.pretrain import source_pretrained_weights
 
-        load_pretrained_weights(model, source_pretrained_weights(cfg), reset_classifier=True)
+        load_pretrained_weights(model, source_pretrained_weights(cfg, task=source_task),
+                                reset_classifier=True)
     elif cfg.weights not in (None, HUB):
         load_pretrained_weights(model, cfg.weights)
     return model

@@ -59,7 +59,7 @@ def test_bad_requests_fail_in_one_line(tmp_path):
         build_loaders(DataConfig(), model, batch_size=2000, seed=0)
     with pytest.raises(ValueError, match="data.image_size=32 but the model takes 16x16"):
         build_loaders(DataConfig(image_size=32), model, batch_size=8, seed=0)
-    with pytest.raises(ValueError, match="domain='source' exists only for data.kind='digits'"):
+    with pytest.raises(ValueError, match="domain='source' exists only for the embedded tasks digits, glyphs"):
         build_loaders(DataConfig(kind="cifar10", root=tmp_path), model, 8, 0, domain="source")
 
 

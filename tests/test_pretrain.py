@@ -38,7 +38,7 @@ def test_source_accuracy_is_real_and_stored_with_the_weights(pretrained_file):
 
 def test_cache_hit_returns_the_file_without_training(pretrained_file, monkeypatch):
     mtime = pretrained_file.stat().st_mtime_ns
-    monkeypatch.setattr(pretrain, "_pretrain", lambda cfg: pytest.fail("retrained on a cache hit"))
+    monkeypatch.setattr(pretrain, "_pretrain", lambda cfg, task: pytest.fail("retrained on a cache hit"))
     assert source_pretrained_weights(DIGITS_VIT) == pretrained_file
     assert pretrained_file.stat().st_mtime_ns == mtime
 
@@ -52,7 +52,7 @@ def test_build_model_uses_the_pretraining_with_a_fresh_head(pretrained_file):
 
 
 def test_pretraining_is_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "SOURCE_STAGE", StageConfig(epochs=1, lr=2e-2))
+    monkeypatch.setitem(pretrain.SOURCE_STAGES, "digits", StageConfig(epochs=1, lr=2e-2))
     tiny = DIGITS_VIT.model_copy(update={"overrides": {**DIGITS_VIT.overrides, "depth": 1}})
     first = load_file(source_pretrained_weights(tiny, tmp_path / "a"))
     second = load_file(source_pretrained_weights(tiny, tmp_path / "b"))
@@ -65,7 +65,7 @@ def test_cache_key_covers_architecture_recipe_and_code_version(monkeypatch):
     deeper = DIGITS_VIT.model_copy(update={"overrides": {**DIGITS_VIT.overrides, "depth": 7}})
     assert cache_key(deeper, "cpu") != key
     assert cache_key(DIGITS_VIT, "cuda") != key
-    monkeypatch.setattr(pretrain, "SOURCE_STAGE", pretrain.SOURCE_STAGE.model_copy(update={"epochs": 3}))
+    monkeypatch.setitem(pretrain.SOURCE_STAGES, "digits", pretrain.SOURCE_STAGES["digits"].model_copy(update={"epochs": 3}))
     assert cache_key(DIGITS_VIT, "cpu") != key
     monkeypatch.undo()
     monkeypatch.setattr(pretrain, "CODE_VERSION", pretrain.CODE_VERSION + 1)
@@ -75,7 +75,7 @@ def test_cache_key_covers_architecture_recipe_and_code_version(monkeypatch):
 def test_concurrent_callers_train_once_and_rng_is_restored(tmp_path, monkeypatch):
     calls = []
 
-    def slow_fake_pretrain(cfg):
+    def slow_fake_pretrain(cfg, task):
         calls.append(cfg)
         torch.rand(100)  # consumes the global RNG, which must be restored afterwards
         time.sleep(0.3)

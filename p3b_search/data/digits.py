@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+
+from p3b_search.data.tensors import normalised_images
 
 Domain = Literal["source", "target"]
 
@@ -35,17 +36,6 @@ def _domain_arrays(domain: str):
     return images, labels
 
 
-def _to_tensor(images, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(n, 8, 8)`` pixels 0..16 -> normalised ``(n, 3, image_size, image_size)`` float32."""
-    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / _PIXEL_MAX
-    if image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = x.expand(-1, 3, -1, -1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - mean_t) / std_t).contiguous()
-
-
 def digits_datasets(
     domain: Domain, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[TensorDataset, TensorDataset, int]:
@@ -59,7 +49,7 @@ def digits_datasets(
 
     def subset(idx) -> TensorDataset:
         return TensorDataset(
-            _to_tensor(images[idx], image_size, mean, std), torch.as_tensor(labels[idx], dtype=torch.long)
+            normalised_images(torch.as_tensor(images[idx]).unsqueeze(1), _PIXEL_MAX, image_size, mean, std), torch.as_tensor(labels[idx], dtype=torch.long)
         )
 
     return subset(train_idx), subset(val_idx), len(DOMAIN_CLASSES[domain])

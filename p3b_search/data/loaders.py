@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from p3b_search.config import DataConfig
-from p3b_search.data.digits import digits_datasets
+from p3b_search.config import EMBEDDED_TASKS, DataConfig
+from p3b_search.data.digits import DOMAIN_CLASSES, digits_datasets
+from p3b_search.data.glyphs import GLYPHS, glyphs_datasets
 from p3b_search.data.folders import cifar_datasets, image_folder_datasets
 from p3b_search.distributed import rank_and_world
 
@@ -71,15 +72,28 @@ def resolve_input_config(data: DataConfig, model: nn.Module) -> dict[str, Any]:
     return resolve_model_data_config(model, args={"input_size": (3, height, width)})
 
 
+def embedded_datasets(kind: str, domain: str, image_size: int, mean, std) -> tuple[Dataset, Dataset, int]:
+    """``(train, val, num_classes)`` of one domain of an embedded task (``digits`` or ``glyphs``)."""
+    if kind == "digits":
+        return digits_datasets(domain, image_size, mean, std)
+    return glyphs_datasets(domain, image_size, mean, std)
+
+
+def embedded_class_count(kind: str, domain: str = "target") -> int:
+    """Classes of one domain of an embedded task, without generating its images."""
+    return len(DOMAIN_CLASSES[domain]) if kind == "digits" else len(GLYPHS.classes(domain))
+
+
 def _datasets(data: DataConfig, model: nn.Module, domain: str) -> tuple[Dataset, Dataset, int]:
     config = resolve_input_config(data, model)
-    if data.kind == "digits":
+    if data.kind in EMBEDDED_TASKS:
         _, height, width = config["input_size"]
         if height != width:
-            raise ValueError(f"the digits task needs a square model input, the model takes {height}x{width}")
-        return digits_datasets(domain, height, config["mean"], config["std"])
+            raise ValueError(f"the {data.kind} task needs a square model input, the model takes {height}x{width}")
+        return embedded_datasets(data.kind, domain, height, config["mean"], config["std"])
     if domain != "target":
-        raise ValueError(f"domain={domain!r} exists only for data.kind='digits' (got data.kind={data.kind!r})")
+        raise ValueError(f"domain={domain!r} exists only for the embedded tasks {', '.join(EMBEDDED_TASKS)} "
+                         f"(got data.kind={data.kind!r})")
     from timm.data import create_transform
 
     train_tf = create_transform(**config, is_training=True)
@@ -96,7 +110,7 @@ def build_loaders(
 
     The train loader shuffles with an :class:`EpochShuffleSampler` seeded by ``seed`` and drops
     the last incomplete batch; ``data.max_train_samples`` keeps a seeded random subset.
-    ``domain`` picks the digits task's ``"source"`` or ``"target"`` domain. Under
+    ``domain`` picks an embedded task's ``"source"`` or ``"target"`` domain. Under
     ``torch.distributed`` each rank gets its shard of both sets (``batch_size`` is per rank);
     :func:`~p3b_search.training.loop.evaluate` sums the validation counts over the ranks.
     """

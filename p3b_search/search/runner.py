@@ -39,6 +39,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.search import ConcurrencyLimiter
 
+from p3b_search.config import EMBEDDED_TASKS
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import hypervolume
@@ -75,10 +76,10 @@ def _class_count(study: StudyConfig) -> int:
     if study.model.num_classes is not None:
         return study.model.num_classes
     data = study.data
-    if data.kind == "digits":
-        from p3b_search.data.digits import DOMAIN_CLASSES
+    if data.kind in EMBEDDED_TASKS:
+        from p3b_search.data.loaders import embedded_class_count
 
-        return len(DOMAIN_CLASSES["target"])
+        return embedded_class_count(data.kind)
     if data.kind in ("cifar10", "cifar100"):
         return 10 if data.kind == "cifar10" else 100
     return sum(1 for p in (data.root / "train").iterdir() if p.is_dir())
