@@ -16,8 +16,10 @@ from p3b_search.methods.dimap import (
     dimap_scores,
     dimap_unit_masks,
     module_layers,
+    removal_orders,
 )
 from p3b_search.methods.sparsity import MaskKeeper
+from p3b_search.methods.target import kept_params
 from p3b_search.surgery import get_adapter
 from tests.conftest import make_model
 from tests.method_drivers import batch, drive, make, small_swin, tiny_vit
@@ -38,14 +40,24 @@ def test_tied_weights_share_the_denominator_of_all_weights_at_least_as_large():
 
 def test_module_ratios_default_spread_evenly_and_unset_modules_share_the_rest():
     sizes = {"qkv": 300, "prj": 100, "mlp": 800}
-    assert DIMAPConfig(prune_ratio=0.4).module_ratios(sizes) == pytest.approx({"qkv": 0.4, "prj": 0.4, "mlp": 0.4})
-    ratios = DIMAPConfig(prune_ratio=0.5, mlp_prune_ratio=0.6).module_ratios(sizes)
+    assert DIMAPConfig(prune_ratio=0.4).module_ratios(sizes, 1200) == pytest.approx(
+        {"qkv": 0.4, "prj": 0.4, "mlp": 0.4})
+    ratios = DIMAPConfig(prune_ratio=0.5, mlp_prune_ratio=0.6).module_ratios(sizes, 1200)
     assert ratios["mlp"] == 0.6 and ratios["qkv"] == ratios["prj"] == pytest.approx(0.3)
     assert sum(ratios[m] * sizes[m] for m in MODULES) == pytest.approx(0.5 * 1200)
     every = DIMAPConfig(prune_ratio=0.1, qkv_prune_ratio=0.2, prj_prune_ratio=0.0, mlp_prune_ratio=0.7)
-    assert every.module_ratios(sizes) == {"qkv": 0.2, "prj": 0.0, "mlp": 0.7}
-    with pytest.raises(ValueError, match="needs 1.600 of the qkv/prj weights"):
-        DIMAPConfig(prune_ratio=0.8, mlp_prune_ratio=0.4).module_ratios(sizes)
+    assert every.module_ratios(sizes, 1200) == {"qkv": 0.2, "prj": 0.0, "mlp": 0.7}
+    with pytest.raises(ValueError, match="needs 1.600 of the qkv/prj weights removed: set every module ratio"):
+        DIMAPConfig(prune_ratio=0.8, mlp_prune_ratio=0.4).module_ratios(sizes, 1200)
+
+
+def test_never_pruned_parameters_stay_in_the_denominator_of_prune_ratio():
+    sizes = {"qkv": 300, "prj": 100, "mlp": 800}  # plus 300 parameters no module holds
+    ratios = DIMAPConfig(prune_ratio=0.4).module_ratios(sizes, 1500)
+    assert sum(ratios[m] * sizes[m] for m in MODULES) == pytest.approx(0.4 * 1500)
+    assert ratios == pytest.approx(dict.fromkeys(MODULES, 0.5))
+    with pytest.raises(ValueError, match=r"prune_ratio=0.9 of all 1500 parameters needs 1.125 .*: lower prune_ratio"):
+        DIMAPConfig(prune_ratio=0.9).module_ratios(sizes, 1500)
 
 
 def test_config_errors_are_one_line_and_name_the_field():
@@ -103,7 +115,8 @@ def test_pruned_weights_stay_zero_through_both_stages_and_costs_are_reported():
     drive(method, model, steps=4, after_step=zeros_hold)
     metrics = method.on_epoch_end(0)
     dense = model_cost(model)
-    assert metrics["density"] == pytest.approx(0.4, abs=1e-3)
+    assert metrics["keep_ratio"] == pytest.approx(0.4, abs=1e-3)  # of all parameters
+    assert metrics["density"] < 0.4  # the masked weights pay for the never-pruned parameters
     assert metrics["macs"] == dense.macs > metrics["nonzero_macs"]
     assert metrics["kept_params"] < dense.params and metrics["structured"] == 0.0
     pruned = method.finalize(model)
@@ -128,7 +141,7 @@ def test_structured_variant_removes_the_asked_weights_and_keeps_every_group():
     model = small_swin()
     adapter = get_adapter(model)
     groups = ("heads", "head_dim", "hidden", "in", "out")
-    masks = dimap_unit_masks(adapter, {"qkv": 0.5, "prj": 0.5, "mlp": 0.4}, groups)
+    masks = dimap_unit_masks(adapter, {"qkv": 0.5, "prj": 0.5, "mlp": 0.4}, removal_orders(adapter, groups))
     layers = module_layers(model, adapter)
     attn_weights = sum(w.numel() for m in ("qkv", "prj") for w in layers[m].values())
     mlp_weights = sum(w.numel() for w in layers["mlp"].values())
@@ -148,7 +161,7 @@ def test_structured_variant_removes_the_asked_weights_and_keeps_every_group():
     assert 0 <= attn_weights - kept["attn"] - 0.5 * attn_weights < largest_unit["attn"]
     assert 0 <= mlp_weights - kept["mlp"] - 0.4 * mlp_weights < largest_unit["mlp"]
     with pytest.raises(ValueError, match="can remove only"):
-        dimap_unit_masks(adapter, {"qkv": 0.9, "prj": 0.9, "mlp": 0.0}, ("heads",))
+        dimap_unit_masks(adapter, {"qkv": 0.9, "prj": 0.9, "mlp": 0.0}, removal_orders(adapter, ("heads",)))
 
 
 def test_structured_dimap_on_swin_tiny_shrinks_to_the_masked_logits():
@@ -187,3 +200,15 @@ def test_structured_state_round_trip_and_gates_follow_the_masks():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # gates are off
     with torch.no_grad():
         assert pruned.model(x).shape == (4, 5)
+
+
+def test_structured_variant_solves_the_unset_ratios_for_the_whole_model_budget():
+    model = make_model("deit_tiny")
+    dense = model_cost(model).params
+    method = make(DIMAPStructured, prune_ratio=0.6, mlp_prune_ratio=0.5)
+    method.prepare(model)
+    assert method.ratios["mlp"] == 0.5 and method.ratios["qkv"] == method.ratios["prj"] > 0.6
+    assert method.on_epoch_end(0)["keep_ratio"] == pytest.approx(0.4, abs=0.01)
+    assert kept_params(method.finalize(model)) / dense == pytest.approx(0.4, abs=0.01)
+    with pytest.raises(ValueError, match=r"dimap-structured: prune_ratio=0.9 .*: add unit groups to unit_groups=\['in'\]"):
+        make(DIMAPStructured, prune_ratio=0.9, unit_groups=("in",)).prepare(make_model("deit_tiny"))

@@ -11,10 +11,10 @@ threshold per module. AUX (patch embedding, patch merging, norms, position embed
 relative position bias, classifier heads) and all biases are never pruned.
 
 Ratios: parameter prune ratios per module, counted over the module's weight matrices
-(biases excluded). The denominator of the overall ratio is the weights of all QKV, PRJ and
-MLP layers. Module ratios left unset share what ``prune_ratio`` still asks for over these
-weights: by default every module gets ``prune_ratio``; with all three set, ``prune_ratio`` is
-not used.
+(biases excluded). ``prune_ratio`` is a fraction of *all* the model's parameters (the
+never-pruned ones stay in the denominator, see :mod:`p3b_search.methods.target`): module
+ratios left unset share one ratio, solved so that the model keeps ``1 - prune_ratio`` of its
+parameters (by default every module gets it); with all three set, ``prune_ratio`` is not used.
 
 * ``dimap`` (unstructured): weights below their module's threshold are zeroed; the masks stay
   zero through both training stages (see :class:`~p3b_search.methods.sparsity.MaskedWeights`).
@@ -23,19 +23,24 @@ not used.
   hidden unit, input/output channel; ``unit_groups``) as the *mean* score of the weights the
   unit removes, i.e. importance per freed parameter. Units are removed cheapest first, each
   costing the weights it still removes given the units already gone, until the module's
-  parameter target is met (QKV and PRJ together form the attention module, with target
+  weight target is met (QKV and PRJ together form the attention module, with target
   ``r_qkv P_qkv + r_prj P_prj``). The last unit of a group is never removed, so no sub-block
-  disappears. The resulting hard masks act through gates while training and
+  disappears. Units also take their biases (and Swin position-bias columns) with them, so
+  the shared ratio of unset modules is solved on the parameter count of the masked model.
+  The resulting hard masks act through gates while training and
   :func:`~p3b_search.surgery.shrink_model` makes the model physically smaller at the end.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from p3b_search.cost import model_cost
 from p3b_search.methods.allocation import (
     allocation_rows,
     structured_allocation_rows,
@@ -48,6 +53,7 @@ from p3b_search.methods.base import (
     register_method,
 )
 from p3b_search.methods.sparsity import UnstructuredMethod
+from p3b_search.methods.target import check_kept, kept_target, solve_monotone
 from p3b_search.surgery import (
     BlockMasks,
     GateSet,
@@ -60,6 +66,8 @@ from p3b_search.surgery import (
 )
 
 MODULES = ("qkv", "prj", "mlp")
+#: the DIMAP modules whose weights each kind of sub-block holds
+KIND_MODULES = {"attn": ("qkv", "prj"), "mlp": ("mlp",)}
 UnitGroup = Literal["in", "head_dim", "heads", "out", "hidden"]
 
 
@@ -71,24 +79,33 @@ class DIMAPConfig(MethodConfig):
     prj_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of PRJ weights removed.")
     mlp_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of MLP weights removed.")
 
-    def module_ratios(self, sizes: dict[str, int]) -> dict[str, float]:
-        """Ratio per module given each module's weight count ``sizes``; unset modules share
-        evenly what reaches ``prune_ratio`` over all three modules."""
-        given = {m: getattr(self, f"{m}_prune_ratio") for m in MODULES}
+    def given_ratios(self) -> dict[str, float | None]:
+        """The module ratios as set (``None``: unset)."""
+        return {m: getattr(self, f"{m}_prune_ratio") for m in MODULES}
+
+    def with_share(self, share: float) -> dict[str, float]:
+        """The module ratios with every unset one equal to ``share``."""
+        return {m: share if r is None else r for m, r in self.given_ratios().items()}
+
+    def module_ratios(self, sizes: dict[str, int], total_params: int) -> dict[str, float]:
+        """Ratio per module given each module's weight count ``sizes`` and the model's
+        parameter count ``total_params``: unset modules share evenly what removes
+        ``prune_ratio x total_params`` weights (exactly the budget when only weights go)."""
+        given = self.given_ratios()
         unset = [m for m in MODULES if given[m] is None]
         if not unset:
             return given
-        total = sum(sizes.values())
         fixed = sum(given[m] * sizes[m] for m in MODULES if given[m] is not None)
-        share = (self.prune_ratio * total - fixed) / sum(sizes[m] for m in unset)
+        share = (self.prune_ratio * total_params - fixed) / sum(sizes[m] for m in unset)
         share = 0.0 if -1e-9 < share < 0.0 else share  # rounding of an exactly met budget
         if not 0.0 <= share < 1.0:
-            set_text = ", ".join(f"{m}_prune_ratio={given[m]}" for m in MODULES if given[m] is not None)
+            set_text = "".join(f" with {m}_prune_ratio={given[m]}" for m in MODULES if given[m] is not None)
+            fix = "set every module ratio or pick ratios that fit in [0, 1)" if set_text else "lower prune_ratio"
             raise ValueError(
-                f"dimap: prune_ratio={self.prune_ratio} with {set_text} needs {share:.3f} of the "
-                f"{'/'.join(unset)} weights removed: set every module ratio or pick ratios that fit in [0, 1)"
+                f"dimap: prune_ratio={self.prune_ratio} of all {total_params} parameters{set_text} needs "
+                f"{share:.3f} of the {'/'.join(unset)} weights removed: {fix}"
             )
-        return {m: given[m] if given[m] is not None else share for m in MODULES}
+        return self.with_share(share)
 
 
 class DIMAPStructuredConfig(DIMAPConfig):
@@ -180,7 +197,7 @@ class DIMAP(UnstructuredMethod):
     def prepare(self, model: nn.Module) -> None:
         adapter = get_adapter(model)
         layers = module_layers(model, adapter)
-        self.ratios = self.config.module_ratios(_module_sizes(layers))
+        self.ratios = self.config.module_ratios(_module_sizes(layers), sum(p.numel() for p in model.parameters()))
         self._mask(model, dimap_weight_masks(layers, self.ratios))
         self._allocation_rows += allocation_rows(adapter, self._counter(self._weights).sub_blocks, step=0, epoch=0)
 
@@ -222,41 +239,105 @@ def _weights_removed_by_one(kind: str, group: str, kept: dict[str, int]) -> int:
     return {"hidden": kept["in"] + kept["out"], "in": kept["hidden"], "out": kept["hidden"]}[group]
 
 
-def dimap_unit_masks(adapter: ModelAdapter, ratios: dict[str, float],
-                     unit_groups: tuple[str, ...]) -> BlockMasks:
-    """Hard unit masks removing ``ratios`` of each module's weights, cheapest units first."""
-    masks: BlockMasks = {sb.index: {g: torch.ones(n, dtype=torch.bool) for g, n in sb.groups.items()}
-                         for sb in adapter.sub_blocks}
-    kept = {sb.index: dict(sb.groups) for sb in adapter.sub_blocks}
-    for kind, modules in (("attn", ("qkv", "prj")), ("mlp", ("mlp",))):
-        blocks = [sb for sb in adapter.sub_blocks if sb.kind == kind]
-        dense = {"qkv": sum(3 * sb.num_heads * sb.head_dim * sb.dim for sb in blocks),
-                 "prj": sum(sb.num_heads * sb.head_dim * sb.dim for sb in blocks),
-                 "mlp": sum(2 * sb.hidden * sb.dim for sb in blocks)}
-        target = sum(ratios[m] * dense[m] for m in modules)
-        if target <= 0:
+@dataclass(frozen=True)
+class RemovalOrder:
+    """The order in which DIMAP removes the units of one kind of sub-block (``attn`` or
+    ``mlp``), cheapest first, each unit costing the weights it still removes given the units
+    already gone; the last unit of a group is never removed.
+
+    ``unit_groups``: the groups walked; ``position[j][group][u]``: place of unit ``u`` in
+    the order (``len`` of the order when it is never removed); ``removed_weights[n]``:
+    weight-matrix entries the first ``n`` units remove, ``n = 0 .. len``."""
+
+    kind: str
+    unit_groups: tuple[str, ...]
+    position: dict[int, dict[str, torch.Tensor]]
+    removed_weights: list[int]
+
+    def count(self, target: float) -> int:
+        """Units removed for a target of ``target`` weights: up to the first unit that
+        reaches it (every unit of the order if none does)."""
+        return min(bisect_left(self.removed_weights, target), len(self.removed_weights) - 1)
+
+    def masks(self, count: int) -> BlockMasks:
+        """Hard masks of this kind's sub-blocks with the first ``count`` units removed."""
+        return {j: {g: place >= count for g, place in groups.items()} for j, groups in self.position.items()}
+
+
+def removal_order(adapter: ModelAdapter, kind: str, unit_groups: tuple[str, ...]) -> RemovalOrder:
+    """The DIMAP removal order of the ``unit_groups`` of every ``kind`` sub-block."""
+    blocks = [sb for sb in adapter.sub_blocks if sb.kind == kind]
+    kept = {sb.index: dict(sb.groups) for sb in blocks}
+    candidates: list[tuple[float, int, str, int]] = []
+    for sb in blocks:
+        for group, scores in unit_scores(adapter, sb).items():
+            if group in unit_groups:
+                candidates += [(s, sb.index, group, u) for u, s in enumerate(scores.tolist())]
+    candidates.sort(key=lambda c: c[0])
+    removed, places = [0], []
+    for _, j, group, unit in candidates:
+        if kept[j][group] <= 1:
             continue
-        candidates: list[tuple[float, int, str, int]] = []
-        for sb in blocks:
-            for group, scores in unit_scores(adapter, sb).items():
-                if group in unit_groups:
-                    candidates += [(s, sb.index, group, u) for u, s in enumerate(scores.tolist())]
-        candidates.sort(key=lambda c: c[0])
-        removed = 0
-        for _, j, group, unit in candidates:
-            if removed >= target:
-                break
-            if kept[j][group] <= 1:
-                continue
-            removed += _weights_removed_by_one(kind, group, kept[j])
-            kept[j][group] -= 1
-            masks[j][group][unit] = False
-        if removed < target:
-            raise ValueError(
-                f"dimap-structured: unit_groups={list(unit_groups)} can remove only {removed} of the "
-                f"{round(target)} {kind} weights the prune ratios ask for: add unit groups or lower the ratios"
-            )
+        removed.append(removed[-1] + _weights_removed_by_one(kind, group, kept[j]))
+        kept[j][group] -= 1
+        places.append((j, group, unit))
+    position = {sb.index: {g: torch.full((n,), len(places)) for g, n in sb.groups.items()} for sb in blocks}
+    for place, (j, group, unit) in enumerate(places):
+        position[j][group][unit] = place
+    return RemovalOrder(kind, unit_groups, position, removed)
+
+
+def removal_orders(adapter: ModelAdapter, unit_groups: tuple[str, ...]) -> list[RemovalOrder]:
+    """The removal orders of the attention and the MLP sub-blocks."""
+    return [removal_order(adapter, kind, unit_groups) for kind in KIND_MODULES]
+
+
+def _weight_target(order: RemovalOrder, ratios: dict[str, float], sizes: dict[str, int]) -> float:
+    """Weights ``ratios`` remove from the modules of ``order``'s kind."""
+    return sum(ratios[m] * sizes[m] for m in KIND_MODULES[order.kind])
+
+
+def _unit_masks(adapter: ModelAdapter, orders: list[RemovalOrder], ratios: dict[str, float],
+                sizes: dict[str, int]) -> BlockMasks:
+    """Hard unit masks for ``ratios`` of the module weights ``sizes``, every order walked
+    at most to its end."""
+    masks: BlockMasks = {}
+    for order in orders:
+        masks.update(order.masks(order.count(_weight_target(order, ratios, sizes))))
     return canonical_masks(adapter, masks)
+
+
+def dimap_unit_masks(adapter: ModelAdapter, ratios: dict[str, float], orders: list[RemovalOrder]) -> BlockMasks:
+    """Hard unit masks removing ``ratios`` of each module's weights, cheapest units first
+    (``orders``: :func:`removal_orders`)."""
+    sizes = _module_sizes(module_layers(adapter.model, adapter))
+    for order in orders:
+        target = _weight_target(order, ratios, sizes)
+        if target > order.removed_weights[-1]:
+            raise ValueError(
+                f"dimap-structured: unit_groups={list(order.unit_groups)} can remove only {order.removed_weights[-1]} of "
+                f"the {round(target)} {order.kind} weights the prune ratios ask for: add unit groups or lower the ratios"
+            )
+    return _unit_masks(adapter, orders, ratios, sizes)
+
+
+def solve_unit_ratios(model: nn.Module, config: "DIMAPStructuredConfig", orders: list[RemovalOrder]) -> dict[str, float]:
+    """Module ratios of ``config`` with the unset ones sharing the ratio whose unit masks keep
+    ``1 - prune_ratio`` of the model's parameters (counted by :func:`~p3b_search.cost.model_cost`)."""
+    given = config.given_ratios()
+    if None not in given.values():
+        return dict(given)
+    adapter = get_adapter(model)
+    sizes = _module_sizes(module_layers(model, adapter))
+    dense = model_cost(model).params
+
+    def kept(share: float) -> int:
+        return model_cost(model, _unit_masks(adapter, orders, config.with_share(share), sizes)).params
+
+    share = solve_monotone(kept, kept_target(dense, config.prune_ratio), 0.0, 1.0)
+    check_kept("dimap-structured", kept(share), dense, config.prune_ratio,
+               fix=f"add unit groups to unit_groups={list(config.unit_groups)} or lower prune_ratio")
+    return config.with_share(share)
 
 
 @register_method
@@ -277,8 +358,9 @@ class DIMAPStructured(PruningMethod):
 
     def prepare(self, model: nn.Module) -> None:
         adapter = get_adapter(model)
-        self.ratios = self.config.module_ratios(_module_sizes(module_layers(model, adapter)))
-        self.masks = dimap_unit_masks(adapter, self.ratios, self.config.unit_groups)
+        orders = removal_orders(adapter, self.config.unit_groups)
+        self.ratios = solve_unit_ratios(model, self.config, orders)
+        self.masks = dimap_unit_masks(adapter, self.ratios, orders)
         self._gates = attach_gates(model, adapter, requires_grad=False)
         self._gates.set_masks(self.masks)
         self._allocation_rows += structured_allocation_rows(model, adapter, self.masks, step=0, epoch=0)

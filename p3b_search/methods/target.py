@@ -1,0 +1,55 @@
+"""One parameter budget for every method.
+
+``prune_ratio`` p is the fraction of *all* the model's parameters removed: the never-pruned
+ones (embeddings, norms, classifier heads, biases no method removes) stay in the denominator,
+so every method keeps ``(1 - p) x`` the dense parameter count, within :data:`TOLERANCE` of
+it (as a fraction of the dense count). Unstructured results count their unmasked weights.
+Methods whose own knobs (DIMAP's module ratios, SViTE's density, S²ViTE's head and neuron
+densities) decide the count solve the knobs left unset for this target.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from p3b_search.methods.base import PrunedModel
+
+#: largest allowed distance between the kept fraction and 1 - prune_ratio (fraction of all parameters)
+TOLERANCE = 0.01
+
+
+def kept_target(dense_params: int, prune_ratio: float) -> float:
+    """Parameters a method should keep: ``(1 - prune_ratio) x dense_params``."""
+    return (1.0 - prune_ratio) * dense_params
+
+
+def kept_params(pruned: PrunedModel) -> int:
+    """Parameters a prune stage's result keeps: every parameter of its model less the zeros
+    that its ``weight_masks`` pin (an unstructured result counts its unmasked weights)."""
+    total = sum(p.numel() for p in pruned.model.parameters())
+    return total - sum(int((~mask).sum()) for mask in pruned.weight_masks.values())
+
+
+def solve_monotone(kept: Callable[[float], int], target: float, lo: float, hi: float,
+                   iterations: int = 40) -> float:
+    """The ``x`` in ``[lo, hi]`` whose ``kept(x)`` (parameters, monotone in ``x``, a step
+    function) is nearest ``target``, by bisection on the step that crosses it; an end of the
+    interval when ``target`` lies beyond ``kept``'s range."""
+    increasing = kept(hi) >= kept(lo)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if (kept(mid) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return min((lo, hi), key=lambda x: abs(kept(x) - target))
+
+
+def check_kept(method: str, kept: int, dense: int, prune_ratio: float, fix: str) -> None:
+    """One-line ``ValueError`` (ending in ``fix``) when ``kept / dense`` parameters is more
+    than :data:`TOLERANCE` from ``1 - prune_ratio``."""
+    fraction = kept / dense
+    if abs(fraction - (1.0 - prune_ratio)) > TOLERANCE:
+        raise ValueError(
+            f"{method}: prune_ratio={prune_ratio:g} asks to keep {1.0 - prune_ratio:.3f} of the parameters, "
+            f"the closest this configuration reaches is {fraction:.3f}: {fix}"
+        )
