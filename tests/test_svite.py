@@ -54,6 +54,15 @@ def test_an_interval_past_t_end_is_a_one_line_error():
     assert get_method("svite") is SViTE
 
 
+def test_default_density_keeps_one_minus_prune_ratio_of_all_parameters():
+    config = SViTEConfig(prune_ratio=0.6, scope="blocks")
+    assert config.masked_density(masked=800, total=1000) == pytest.approx(0.25)  # 200 + 0.25 x 800 = 400
+    assert SViTEConfig(prune_ratio=0.6, density=0.7).masked_density(800, 1000) == 0.7
+    with pytest.raises(ValueError, match=r"svite: prune_ratio=0.9 .* scope='blocks' never masks 0.200 of them: "
+                                         r"lower prune_ratio or set scope='all'"):
+        SViTEConfig(prune_ratio=0.9, scope="blocks").masked_density(800, 1000)
+
+
 def test_magnitude_death_and_gradient_growth_by_hand():
     weight = torch.nn.Parameter(torch.tensor([[0.5, -0.1, 0.0], [0.0, 2.0, -0.3]]))
     mask = torch.tensor([[True, True, False], [False, True, True]])
@@ -164,7 +173,8 @@ def test_swin_is_supported():
     method.prepare(model)
     drive(method, model, steps=2)
     metrics = method.on_epoch_end(0)
-    assert metrics["density"] == pytest.approx(0.3, abs=2e-3)
+    assert metrics["keep_ratio"] == pytest.approx(0.3, abs=2e-3)  # of all parameters
+    assert metrics["density"] < 0.3  # the masked weights pay for the unmasked parameters
     assert "layers.1.downsample.reduction.weight" in method.state_dict()["weight_masks"]
     assert not any("relative_position" in n for n in method.state_dict()["weight_masks"])
     masks = method.state_dict()["weight_masks"]

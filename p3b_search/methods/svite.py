@@ -5,8 +5,9 @@
   qkv/proj/fc1/fc2 (``scope="blocks"``). Biases, norms, position embeddings and Swin's
   relative position tables are never masked.
 * Initial densities: Erdős–Rényi-kernel (:func:`~p3b_search.methods.sparsity.erk_densities`)
-  for the target density (``density``, default ``1 - prune_ratio``, counted over the masked
-  weights). The reference trains from scratch and draws the initial masks at random
+  for the target density over the masked weights: ``density`` if set, else the one that keeps
+  ``1 - prune_ratio`` of *all* the model's parameters (the unmasked ones count as kept, see
+  :mod:`p3b_search.methods.target`). The reference trains from scratch and draws the initial masks at random
   (``init="random"``); starting from pretrained weights the default keeps each layer's
   largest weights (``init="magnitude"``).
 * Every ``update_interval`` micro-batches (ΔT) while ``t < t_end = end_fraction * T`` (T: the
@@ -42,6 +43,7 @@ from p3b_search.methods.sparsity import (
     erk_densities,
     keep_largest,
 )
+from p3b_search.methods.target import kept_target
 from p3b_search.surgery import ModelAdapter, get_adapter
 from p3b_search.training.hooks import StepInfo
 
@@ -66,14 +68,25 @@ class PruneGrowConfig(MethodConfig):
 
 
 class SViTEConfig(PruneGrowConfig):
-    density: float | None = Field(None, gt=0.0, le=1.0,
-                                  description="Kept fraction of the masked weights; None: 1 - prune_ratio.")
+    density: float | None = Field(None, gt=0.0, le=1.0, description="Kept fraction of the masked weights; "
+                                  "None: the one that keeps 1 - prune_ratio of all the model's parameters.")
     scope: Literal["all", "blocks"] = Field(
         "all", description="all: every Linear/Conv2d weight; blocks: qkv/proj/fc1/fc2.")
 
-    @property
-    def target_density(self) -> float:
-        return self.density if self.density is not None else 1.0 - self.prune_ratio
+    def masked_density(self, masked: int, total: int) -> float:
+        """Kept fraction of the ``masked`` weights (a count) of a model of ``total`` parameters:
+        ``density`` if set, else the one that keeps ``1 - prune_ratio`` of ``total`` with every
+        unmasked parameter kept."""
+        if self.density is not None:
+            return self.density
+        density = (kept_target(total, self.prune_ratio) - (total - masked)) / masked
+        if density <= 0.0:
+            raise ValueError(
+                f"svite: prune_ratio={self.prune_ratio:g} asks to keep {1.0 - self.prune_ratio:.3f} of the parameters, "
+                f"but scope={self.scope!r} never masks {(total - masked) / total:.3f} of them: "
+                "lower prune_ratio or set scope='all'"
+            )
+        return density
 
 
 def cosine_death_rate(t: int, total: int, initial: float, final: float) -> float:
@@ -170,7 +183,9 @@ class SViTE(UnstructuredMethod):
     def prepare(self, model: nn.Module) -> None:
         self._adapter = get_adapter(model)
         weights = masked_weights(model, self.config.scope)
-        masks = initial_masks(weights, self.config.target_density, self.config.init, self.config.seed)
+        density = self.config.masked_density(sum(w.numel() for w in weights.values()),
+                                             sum(p.numel() for p in model.parameters()))
+        masks = initial_masks(weights, density, self.config.init, self.config.seed)
         self._mask(model, masks)
         self._evolving = [name for name, mask in masks.items() if not bool(mask.all())]
         self._record(step=0, epoch=0)
