@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from p3b_search.methods import get_method
-from p3b_search.methods.s2vite import S2ViTE, S2ViTEConfig
+from p3b_search.cost import model_cost
+from p3b_search.methods.s2vite import S2ViTE, S2ViTEConfig, count_masks, kept_units, solve_densities
+from p3b_search.surgery import get_adapter
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer
+from tests.conftest import make_model
 from tests.method_drivers import batch, drive, make, small_swin, tiny_vit
 
 
@@ -184,7 +187,23 @@ def test_state_round_trip_and_config_errors():
         S2ViTEConfig(head_density=1.5)
     with pytest.raises(ValueError, match="s2vite.update_interval=100"):
         make(S2ViTE)
-    assert S2ViTEConfig(prune_ratio=0.3).density("attn") == pytest.approx(0.7)
+
+
+def test_unset_densities_are_solved_for_the_whole_model_budget():
+    model = make_model("deit_small")
+    dense = model_cost(model).params
+    densities = solve_densities(model, S2ViTEConfig(prune_ratio=0.75))
+    assert densities["attn"] == 0.25  # round(0.25 x 6) = 2 heads: the neurons make up the rest
+    kept = model_cost(model, count_masks(get_adapter(model), densities)).params
+    assert kept / dense == pytest.approx(0.25, abs=0.01)
+    heads_solved = solve_densities(model, S2ViTEConfig(prune_ratio=0.5, mlp_density=0.5))
+    assert heads_solved["mlp"] == 0.5 and kept_units(6, heads_solved["attn"]) == 3
+    assert model_cost(model, count_masks(get_adapter(model), heads_solved)).params / dense == pytest.approx(0.5, abs=0.01)
+    both = S2ViTEConfig(prune_ratio=0.5, head_density=0.9, mlp_density=0.9)
+    assert solve_densities(model, both) == {"attn": 0.9, "mlp": 0.9}  # as set: prune_ratio is not used
+    with pytest.raises(ValueError, match=r"s2vite: prune_ratio=0.5 .* with mlp_density=1 no head_density reaches it: "
+                                         r"leave mlp_density unset"):
+        solve_densities(model, S2ViTEConfig(prune_ratio=0.5, mlp_density=1.0))
 
 
 def test_gates_follow_the_model_to_its_device():

@@ -7,8 +7,11 @@ its fc1 row and fc2 column), so the final masks go straight to
 
 * Densities: each attention keeps ``round(head_density * H)`` heads and each MLP
   ``round(mlp_density * hidden)`` neurons (at least one), from the start and through every
-  update (a swap drops and grows the same number). Default densities: ``1 - prune_ratio``,
-  which removes about ``prune_ratio`` of the blocks' weights.
+  update (a swap drops and grows the same number). ``prune_ratio`` counts *all* the model's
+  parameters (see :mod:`p3b_search.methods.target`); whole heads are too coarse to meet it
+  alone, so the density left unset is solved for it: ``mlp_density`` (with ``head_density``
+  as set, default ``1 - prune_ratio``), or ``head_density`` when only ``mlp_density`` is set.
+  With both set, ``prune_ratio`` is not used.
 * Initial units (no data at ``prepare``): the largest by weight L1, ``||W_qkv[rows of h]||_1 +
   ||W_proj[:, cols of h]||_1`` for heads and ``||W_fc1[i,:]||_1 + ||W_fc2[:,i]||_1`` for
   neurons (``init="magnitude"``), or a seeded random draw as in the reference (``"random"``).
@@ -42,11 +45,13 @@ from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from p3b_search.cost import model_cost
 from p3b_search.methods.allocation import structured_allocation_rows, structured_metrics
 from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
 from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.sparsity import drop_and_grow, keep_largest, zero_optimizer_state
 from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
+from p3b_search.methods.target import check_kept, kept_target, solve_monotone
 from p3b_search.surgery import (
     BlockMasks,
     GateSet,
@@ -63,15 +68,61 @@ from p3b_search.training.hooks import StepInfo
 UNIT_GROUP = {"attn": "heads", "mlp": "hidden"}
 
 
-class S2ViTEConfig(PruneGrowConfig):
-    head_density: float | None = Field(None, gt=0.0, le=1.0,
-                                       description="Kept fraction of heads per attention; None: 1 - prune_ratio.")
-    mlp_density: float | None = Field(None, gt=0.0, le=1.0,
-                                      description="Kept fraction of neurons per MLP; None: 1 - prune_ratio.")
+#: the density knob of each kind of sub-block
+DENSITY_KNOB = {"attn": "head_density", "mlp": "mlp_density"}
 
-    def density(self, kind: str) -> float:
-        given = self.head_density if kind == "attn" else self.mlp_density
-        return given if given is not None else 1.0 - self.prune_ratio
+
+class S2ViTEConfig(PruneGrowConfig):
+    head_density: float | None = Field(
+        None, gt=0.0, le=1.0, description="Kept fraction of heads per attention; None: 1 - prune_ratio, "
+        "or solved for prune_ratio when mlp_density is set.")
+    mlp_density: float | None = Field(
+        None, gt=0.0, le=1.0, description="Kept fraction of neurons per MLP; None: solved so that the model "
+        "keeps 1 - prune_ratio of all its parameters.")
+
+    def given_densities(self) -> dict[str, float | None]:
+        """The density of each kind of sub-block as set (``None``: unset)."""
+        return {kind: getattr(self, knob) for kind, knob in DENSITY_KNOB.items()}
+
+
+def kept_units(size: int, density: float) -> int:
+    """Units a group of ``size`` keeps at ``density``: ``round(density x size)``, at least one."""
+    return max(1, round(density * size))
+
+
+def count_masks(adapter: ModelAdapter, densities: dict[str, float]) -> BlockMasks:
+    """Masks with the unit counts of ``densities`` (the first units kept): for costs only."""
+    masks: BlockMasks = {}
+    for sb in adapter.sub_blocks:
+        size = sb.groups[UNIT_GROUP[sb.kind]]
+        masks[sb.index] = {UNIT_GROUP[sb.kind]: torch.arange(size) < kept_units(size, densities[sb.kind])}
+    return masks
+
+
+def solve_densities(model: nn.Module, config: S2ViTEConfig) -> dict[str, float]:
+    """Head (``attn``) and neuron (``mlp``) densities: as set, with the unset one solved so
+    that the model keeps ``1 - prune_ratio`` of its parameters (:func:`~p3b_search.cost.model_cost`)."""
+    given = config.given_densities()
+    if None not in given.values():
+        return dict(given)
+    free = "mlp" if given["mlp"] is None else "attn"
+    fixed = "attn" if free == "mlp" else "mlp"
+    fixed_density = given[fixed] if given[fixed] is not None else 1.0 - config.prune_ratio
+    adapter = get_adapter(model)
+    dense = model_cost(model).params
+
+    def densities(x: float) -> dict[str, float]:
+        return {free: x, fixed: fixed_density}
+
+    def kept(x: float) -> int:
+        return model_cost(model, count_masks(adapter, densities(x))).params
+
+    solved = solve_monotone(kept, kept_target(dense, config.prune_ratio), 0.0, 1.0)
+    hint = ("leave mlp_density unset to have it solved, or set head_density too" if free == "attn"
+            else "pick another head_density or prune_ratio")
+    check_kept("s2vite", kept(solved), dense, config.prune_ratio,
+               fix=f"with {DENSITY_KNOB[fixed]}={fixed_density:g} no {DENSITY_KNOB[free]} reaches it: {hint}")
+    return densities(solved)
 
 
 @torch.no_grad()
@@ -188,6 +239,7 @@ class S2ViTE(PruningMethod):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self.masks: BlockMasks = {}
+        self.densities: dict[str, float] = {}
         self._gates: GateSet | None = None
         self._stats: GrowthStatistics | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -198,10 +250,11 @@ class S2ViTE(PruningMethod):
     def prepare(self, model: nn.Module) -> None:
         adapter = get_adapter(model)
         generator = torch.Generator().manual_seed(self.config.seed)
+        self.densities = solve_densities(model, self.config)
         for sb in adapter.sub_blocks:
             group = UNIT_GROUP[sb.kind]
             size = sb.groups[group]
-            keep = max(1, round(self.config.density(sb.kind) * size))
+            keep = kept_units(size, self.densities[sb.kind])
             if self.config.init == "magnitude":
                 scores = unit_weight_l1(adapter, sb).cpu()
             else:
