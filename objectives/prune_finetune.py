@@ -99,22 +99,25 @@ def _measure_latency_ms(model: nn.Module, input_size: tuple[int, ...], repeats: 
     return float(sorted(times)[len(times) // 2])
 
 
-def objectives_of(pruned: PrunedModel, metrics: dict[str, float]) -> dict[str, float]:
+def objectives_of(pruned: PrunedModel, metrics: dict[str, float], dense_params: int) -> dict[str, float]:
     """The trial's objectives: accuracy, and the cost of what was really kept.
 
     Structured models are counted as they are; unstructured ones keep dense shapes, so
     ``params`` counts non-zeros and ``macs`` stays dense (no speed-up without sparse kernels),
-    with ``nonzero_macs`` beside it."""
+    with ``nonzero_macs`` beside it. ``kept_fraction`` = ``params`` / ``dense_params`` (the
+    unpruned model's parameters)."""
     cost = model_cost(pruned.model)
     zeros = sum(int((~mask).sum()) for mask in pruned.weight_masks.values())
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "params": float(cost.params - zeros),
+    params = float(cost.params - zeros)
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "params": params, "kept_fraction": params / dense_params,
             "macs": float(cost.macs), "nonzero_macs": float(nonzero_macs(pruned.model, pruned.weight_masks))}
 
 
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
               resume_from: Path | None = None, measure_latency: bool = False) -> dict[str, float]:
     """Run one trial (both stages) and return its objectives: ``top1``, ``top5`` (percent),
-    ``params``, ``macs`` (per image), ``nonzero_macs``, and ``latency_ms`` when asked."""
+    ``params``, ``kept_fraction``, ``macs`` (per image), ``nonzero_macs``, and ``latency_ms``
+    when asked."""
     workdir = Path(workdir)
     checkpoint_dir = workdir / "checkpoint"
     lead = rank_and_world()[0] == 0
@@ -129,6 +132,8 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     with torch.device("meta"):  # only its input config is read: costs nothing
         probe = create_timm_model(config.model, config.model.num_classes or 2)
     train_loader, val_loader, num_classes = build_loaders(config.data, probe, training.batch_size, training.seed)
+    with torch.device("meta"):
+        dense_params = model_cost(create_timm_model(config.model, num_classes)).params
     method: PruningMethod = method_cls(method_config, num_classes=num_classes, epochs=training.prune.epochs,
                                        steps_per_epoch=len(train_loader))
 
@@ -164,7 +169,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
                           checkpoint_dir=checkpoint_dir, resume_from=finetune_resume,
                           epoch_offset=training.prune.epochs)
     final = history[-1] if history else evaluate(pruned.model, val_loader, amp=training.amp)
-    objectives = objectives_of(pruned, final)
+    objectives = objectives_of(pruned, final, dense_params)
     if measure_latency and lead:
         objectives["latency_ms"] = _measure_latency_ms(pruned.model, (3, *resolve_input_config(config.data, probe)["input_size"][1:]))
     if lead:

@@ -5,7 +5,8 @@ reports per-epoch allocation rows (the keep ratio of its hidden layer, ramping t
 ``1 - prune_ratio``); then the hidden units with the smallest weight L1 norms are removed (the
 model is physically smaller) and the fine-tune stage trains the rest at ``2 * alpha`` times
 its learning rate (``alpha`` = 0: no fine-tuning, a hopeless trial for early stopping).
-It reads ``prune_ratio`` and ``alpha`` of the trial's method config (P3B's knobs).
+It reads ``prune_ratio`` and ``alpha`` of the trial's method config (P3B's knobs; ``alpha`` is
+0.5 for a method without it) and reports ``kept_fraction`` = kept / dense parameters.
 Full-state checkpoints each epoch; ``resume_from`` continues after the checkpointed epoch.
 
 The checkpoint holds the model, the optimizer and the RNG state, so a resumed trial ends
@@ -75,6 +76,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
               resume_from: Path | None = None) -> dict[str, float]:
     torch.manual_seed(config.training.seed)
     knobs = get_method(config.method).config_cls(**config.method_config)
+    alpha = getattr(knobs, "alpha", 0.5)
     keep = max(1, round((1 - knobs.prune_ratio) * HIDDEN))
     study_root = Path(workdir).parent.parent
     pause = float((study_root / "epoch-seconds").read_text()) if (study_root / "epoch-seconds").exists() else 0.0
@@ -87,7 +89,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         model = _mlp(state["hidden"])
         model.load_state_dict(state["model"])
         start = state["epoch"] + 1
-    finetune_lr = config.training.finetune.lr * 2 * knobs.alpha
+    finetune_lr = config.training.finetune.lr * 2 * alpha
     optimizer = torch.optim.Adam(model.parameters(), lr=config.training.prune.lr if start < prune_epochs else finetune_lr)
     if resume_from is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -129,7 +131,8 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         if epoch == 1 and marker.exists():
             marker.unlink()
             raise RuntimeError("injected failure after epoch 1")
+    params = float(sum(p.numel() for p in model.parameters()))
     objectives = {"top1": _top1(model, xv, yv), "top5": 100.0, "macs": float(64 * keep + keep * 10),
-                  "params": float(sum(p.numel() for p in model.parameters()))}
+                  "params": params, "kept_fraction": params / sum(p.numel() for p in _mlp(HIDDEN).parameters())}
     reporter.report_final(objectives)
     return objectives

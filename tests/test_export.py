@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from objectives.prune_finetune import _save_final, objectives_of
 from p3b_search.config import DataConfig, TrialConfig
+from p3b_search.cost import model_cost
 from p3b_search.data import build_loaders
 from p3b_search.export.bench import bench
 from p3b_search.export.card import UNSTRUCTURED_NOTE
@@ -86,6 +87,7 @@ def _make_trial(layout: StudyLayout, number: int, kind: str, keep: float, loader
                          method=method, method_config={"prune_ratio": round(1 - keep, 3)})
     torch.manual_seed(number)
     dense = create_timm_model(config.model, num_classes).eval()
+    dense_params = model_cost(dense).params
     if kind == "structured":
         model = shrink_model(dense, random_masks(get_adapter(dense), seed=number, keep=keep, dead_prob=0.1))
         pruned = PrunedModel(model, structured=True)
@@ -97,7 +99,7 @@ def _make_trial(layout: StudyLayout, number: int, kind: str, keep: float, loader
             for name, param in pruned.model.named_parameters():
                 if name in pruned.weight_masks:
                     param.mul_(pruned.weight_masks[name])
-    objectives = objectives_of(pruned, evaluate(pruned.model, val_loader, amp=False))
+    objectives = objectives_of(pruned, evaluate(pruned.model, val_loader, amp=False), dense_params)
     workdir = layout.trial_dir(number)
     workdir.mkdir(parents=True)
     _save_final(pruned, config, num_classes, pruned.model, workdir, objectives)

@@ -51,7 +51,8 @@ def test_trial_reports_every_epoch_and_saves_a_loadable_model(tmp_path):
     assert [e["epoch"] for e in reporter.epochs] == [0, 1, 2, 3]
     assert [e["stage"] for e in reporter.epochs] == [0, 0, 1, 1]
     assert reporter.final == objectives
-    assert set(objectives) >= {"top1", "top5", "params", "macs", "nonzero_macs"}
+    assert set(objectives) >= {"top1", "top5", "params", "kept_fraction", "macs", "nonzero_macs"}
+    assert objectives["kept_fraction"] == 1.0  # dense keeps every parameter
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["state"] == "finished" and result["objectives"]["top1"] == objectives["top1"]
     spec = ArchSpec.load(tmp_path / "model" / "arch.json")

@@ -19,9 +19,14 @@ from p3b_search.training.hooks import TrainingHooks
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's knobs: unknown keys are rejected, values validated."""
+    """Base of every method's knobs: unknown keys are rejected, values validated.
+
+    ``fixed_knobs``: fields the method pins to their default (dense's ``prune_ratio`` = 0); a
+    study never sets or searches them for this method (its trials ignore such a search entry).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    fixed_knobs: ClassVar[frozenset[str]] = frozenset()
 
     prune_ratio: float = Field(
         0.5, ge=0.0, lt=1.0, description="Fraction of parameters removed (not FLOPs), in [0, 1)."

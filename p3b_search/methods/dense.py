@@ -8,8 +8,9 @@ from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, re
 
 
 class DenseConfig(MethodConfig):
-    """No knobs: ``prune_ratio`` must stay 0."""
+    """No knobs: ``prune_ratio`` stays 0 (a searched prune ratio does not apply to dense)."""
 
+    fixed_knobs = frozenset({"prune_ratio"})
     prune_ratio: float = Field(0.0, ge=0.0, le=0.0, description="dense prunes nothing.")
 
 

@@ -1,13 +1,16 @@
 """The study's results as Parquet tables, readable with pandas/pyarrow while the study runs.
 
-``trials.parquet`` (one row per trial that started; written by the driver only)::
+``trials.parquet`` (one row per trial that started; written by the driver only; a grid point
+skipped as a repeat of an earlier trial's configuration is no row)::
 
     number        Optuna trial number (int)
     state         COMPLETE | PRUNED (stopped early) | FAIL | RUNNING
     method        the trial's pruning method
     param.<path>  every sampled parameter, e.g. ``param.method_config.prune_ratio``
-    top1, top5, macs, params, latency_ms   final metrics (top-1/top-5 in %, MACs and
-                  parameters per image/model); NaN unless the trial finished
+    top1, top5, macs, params, latency_ms, kept_fraction   final metrics (top-1/top-5 in %,
+                  MACs per image, parameters of the final model (non-zeros when unstructured),
+                  latency in ms, kept_fraction = params / the dense model's); NaN unless the
+                  trial finished (and its objective reported the metric)
     pareto        True for COMPLETE trials on the current front of the study's objectives
     start, end, duration_s   Optuna's timestamps (the driver's local time) and seconds
     epochs_done   epochs reported so far; epochs_saved: epochs covered by the trial's latest
@@ -38,10 +41,11 @@ from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import pareto_mask
 
 PARAM_PREFIX = "param."
-FINAL_METRICS = ("top1", "top5", "macs", "params", "latency_ms")
+FINAL_METRICS = ("top1", "top5", "macs", "params", "latency_ms", "kept_fraction")
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
 FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
+DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the trial it repeats
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -74,8 +78,8 @@ def trials_frame(
     rows = []
     for trial in trials:
         state = trial.state.name
-        if state not in STATES:
-            continue  # WAITING: enqueued, not started yet
+        if state not in STATES or DUPLICATE_ATTR in trial.user_attrs:
+            continue  # WAITING: enqueued, not started yet; a skipped grid point: never started
         row: dict[str, Any] = {"number": trial.number, "state": state,
                                "method": trial.params.get("method", default_method)}
         row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.params.items()})

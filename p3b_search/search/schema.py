@@ -11,7 +11,12 @@ with a **search space** whose keys are dotted paths into the trial configuration
       method: {type: categorical, choices: [p3b, uniform-magnitude]}
 
 ``method_config.<knob>`` addresses a knob of the method (validated by the method's own
-``config_cls``); with ``method`` searched, a knob is sampled only for the methods that have it.
+``config_cls``); with ``method`` searched, a knob is sampled only for the methods that have it
+(and do not fix it: dense ignores a searched ``prune_ratio``).
+
+``sampler: {name: grid}`` runs every distinct trial configuration of the grid once (see
+:func:`grid_configs`); every float range then needs a ``step``, an omitted ``n_trials`` means the
+whole grid and a larger one is an error.
 :func:`load_study` checks everything before any compute and raises :class:`StudyError` with
 one line naming the field and the fix, e.g.
 ``study.yaml: search_space.method_config.prune_ratio.high: must be < 1 (got 1.5)``.
@@ -24,6 +29,7 @@ import difflib
 import itertools
 import math
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -38,6 +44,7 @@ OBJECTIVE_NAMES = ("top1", "top5", "macs", "params", "latency_ms")
 MAXIMIZED = ("top1", "top5")
 _NAMED_WEIGHTS = ("source-pretrained", "hub")
 _MAX_CROSS_CHECKS = 256
+MAX_GRID_POINTS = 10_000
 
 
 class StudyError(ValueError):
@@ -110,9 +117,10 @@ class Objective(_Strict):
 
 
 class SamplerConfig(_Strict):
-    """Optuna sampler: ``tpe`` (default; multivariate, constant liar), ``nsga2``, ``gp``, ``random``."""
+    """Optuna sampler: ``tpe`` (default; multivariate, constant liar), ``nsga2``, ``gp``, ``random``,
+    or ``grid`` (each distinct configuration of the grid once, in an order shuffled by ``seed``)."""
 
-    name: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    name: Literal["tpe", "nsga2", "gp", "random", "grid"] = "tpe"
     seed: int | None = 0
 
 
@@ -165,7 +173,8 @@ class StudyConfig(_Strict):
     storage: str | None = Field(None, description="Optuna storage URL; None: SQLite in the study folder.")
     tracking: TrackingConfig = TrackingConfig()
     early_stopping: EarlyStopping = EarlyStopping()
-    enqueue_reference: bool = Field(True, description="Run the methods' default knobs as the first trial.")
+    enqueue_reference: bool = Field(True, description="Run the methods' default knobs as the first trial "
+                                                      "(not with sampler grid: every trial is a grid point).")
 
     _source: str = PrivateAttr("study.yaml")
 
@@ -262,6 +271,8 @@ def _validated(raw: dict[str, Any], source: str) -> StudyConfig:
     study._source = source
     try:
         _check_study(study)
+        if study.sampler.name == "grid":
+            study = _with_grid_trials(study)
     except _FieldError as error:
         raise StudyError(f"{source}: {error.path}: {error.message}", error.path, error.message) from None
     return study
@@ -403,8 +414,18 @@ def _check_method_config(cls: Any, knobs: dict[str, Any], path: str) -> None:
 
 
 def method_knobs(method: str) -> list[str]:
-    """The knobs (config fields) of a registered method, sorted."""
-    return sorted(get_method(method).config_cls.model_fields)
+    """The knobs (config fields) a study may set or search for a registered method, sorted
+    (the method's ``fixed_knobs`` left out)."""
+    config_cls = get_method(method).config_cls
+    return sorted(set(config_cls.model_fields) - config_cls.fixed_knobs)
+
+
+def active_keys(study: StudyConfig, method: str) -> list[str]:
+    """The search-space entries a trial of ``method`` samples: all but ``method`` itself and the
+    ``method_config.<knob>`` entries whose knob ``method`` lacks (or fixes)."""
+    knobs = set(method_knobs(method))
+    return [key for key in study.search_space
+            if key != "method" and (not key.startswith("method_config.") or key.removeprefix("method_config.") in knobs)]
 
 
 def _not_a_knob(knob: str, methods: list[str]) -> str:
@@ -412,6 +433,8 @@ def _not_a_knob(knob: str, methods: list[str]) -> str:
     belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
     which = f"method {methods[0]!r}" if len(methods) == 1 else f"any of the methods {', '.join(methods)}"
     knobs = sorted({k for m in methods for k in method_knobs(m)})
+    if not knobs:
+        return f"not a knob of {which}{belongs}: remove it ({which} has no knobs to set)"
     return (f"not a knob of {which}{belongs}: {did_you_mean(knob, knobs)}"
             f"remove it or use one of {', '.join(knobs)}")
 
@@ -612,7 +635,7 @@ def trial_config(study: StudyConfig, params: dict[str, Any]) -> TrialConfig:
     """
     method = str(params.get("method", study.method.name))
     config_cls = get_method(method).config_cls
-    knobs = {k: v for k, v in study.method.config.items() if k in config_cls.model_fields}
+    knobs = {k: v for k, v in study.method.config.items() if k in method_knobs(method)}
     tree: dict[str, Any] = {
         "model": study.model.model_dump(mode="python"),
         "data": study.data.model_dump(mode="python"),
@@ -645,3 +668,73 @@ def _short(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
     return _got(value)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def grid_values(dim: FloatRange | IntRange | Choice) -> list[Any]:
+    """The values of one dimension on the grid: its choices, or ``low, low + step, ..., high``."""
+    if isinstance(dim, Choice):
+        return list(dim.choices)
+    if isinstance(dim, IntRange):
+        return list(range(dim.low, dim.high + 1, dim.step))
+    low, step = Decimal(repr(dim.low)), Decimal(repr(dim.step))  # exact decimal steps: 0.1 + 0.2 = 0.3
+    return [float(low + i * step) for i in range(round((dim.high - dim.low) / dim.step) + 1)]
+
+
+def grid_point_count(study: StudyConfig) -> int:
+    """Points of the full grid: the product of every dimension's number of values."""
+    return math.prod(len(grid_values(dim)) for dim in study.search_space.values())
+
+
+def config_key(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A hashable identity of sampled parameters (``repr`` keeps ``1``, ``1.0`` and ``True`` apart)."""
+    return tuple(sorted((name, repr(value)) for name, value in params.items()))
+
+
+def grid_configs(study: StudyConfig) -> list[dict[str, Any]]:
+    """The grid's distinct valid trial configurations (sampled parameters by name), in grid order.
+
+    The grid is the product of every dimension's :func:`grid_values`. A point keeps only the
+    entries its method samples (:func:`active_keys`): points that differ only in a knob their
+    method lacks or fixes (dense and ``prune_ratio``) are one configuration, run once. Points
+    that are no valid trial configuration are left out (the searcher rejects them unrun).
+    """
+    keys = list(study.search_space)
+    configs: dict[tuple, dict[str, Any]] = {}
+    for values in itertools.product(*(grid_values(dim) for dim in study.search_space.values())):
+        point = dict(zip(keys, values))
+        method = str(point.get("method", study.method.name))
+        params = {k: point[k] for k in keys if k == "method" or k in active_keys(study, method)}
+        configs.setdefault(config_key(params), params)
+    valid = []
+    for params in configs.values():
+        try:
+            trial_config(study, params)
+        except StudyError:
+            continue
+        valid.append(params)
+    return valid
+
+
+def _with_grid_trials(study: StudyConfig) -> StudyConfig:
+    """Check a ``sampler: grid`` study (finite dimensions, a grid of runnable size, ``n_trials``
+    within it); returns it with ``n_trials`` = the whole grid when the file omits ``n_trials``."""
+    for key, dim in study.search_space.items():
+        if isinstance(dim, FloatRange) and dim.step is None:
+            raise _FieldError(f"search_space.{key}", "sampler grid needs the values of every dimension: add "
+                                                     "step (without log: true) or list them with type: categorical")
+    points = grid_point_count(study)
+    if points > MAX_GRID_POINTS:
+        raise _FieldError("search_space", f"the grid has {points} points (at most {MAX_GRID_POINTS}): use coarser "
+                                          "steps, fewer choices or another sampler")
+    size = len(grid_configs(study))
+    if size == 0:
+        raise _FieldError("search_space", "no point of the grid is a valid trial configuration: widen the grid "
+                                          "(see search_space for each method's knobs)")
+    if "n_trials" not in study.model_fields_set:
+        return study.model_copy(update={"n_trials": size})
+    if study.n_trials > size:
+        raise _FieldError("n_trials", f"{study.n_trials} is more than the grid's {size} distinct trial "
+                                      f"configurations: set n_trials: {size} or fewer (or omit it: the whole grid)")
+    return study

@@ -17,7 +17,10 @@ the Optuna trial RUNNING forever. :class:`FrontSafeOptunaSearch` replaces that o
 
 ``suggest`` also checks each sampled configuration with the method's own validation (e.g. a
 start epoch after the finalize epoch): an invalid one is told FAIL with its reason and Optuna
-is asked again, so no compute is spent on it.
+is asked again, so no compute is spent on it. With ``sampler: grid`` a grid point whose
+configuration an earlier trial already has (dense at another prune ratio, a knob its method
+lacks) is told FAIL with the user attr ``duplicate_of`` (that trial's number) the same way; the
+trials table leaves such points out.
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from p3b_search.search.results import FINAL_ATTR, FINAL_METRICS
-from p3b_search.search.schema import StudyConfig, StudyError, trial_config
+from p3b_search.search.results import DUPLICATE_ATTR, FINAL_ATTR, FINAL_METRICS
+from p3b_search.search.schema import StudyConfig, StudyError, config_key, grid_point_count, trial_config
 from p3b_search.search.shared_store import open_shared_store
 from p3b_search.search.space import create_sampler, reference_params, suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
@@ -71,7 +74,7 @@ def open_optuna_study(study: StudyConfig, create: bool = True) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         created.set_metric_names(names)
-    if study.enqueue_reference:
+    if study.enqueue_reference and study.sampler.name != "grid":
         created.enqueue_trial(reference_params(study), user_attrs={REFERENCE_ATTR: True})
     return created
 
@@ -91,24 +94,42 @@ class FrontSafeOptunaSearch(OptunaSearch):
         )
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        for _ in range(MAX_INVALID_SAMPLES):
+        grid = self._study_config.sampler.name == "grid"
+        # on the grid every point comes once before any repeats: it runs out only when exhausted
+        for _ in range(grid_point_count(self._study_config) if grid else MAX_INVALID_SAMPLES):
             params = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
-            try:
-                trial_config(self._study_config, params)
-            except StudyError as error:
-                reason = f"invalid sample: {error.field}: {error.reason}"
-                logger.warning("trial %d: %s", ot_trial.number, reason)
-                ot_trial.set_user_attr("fail_reason", reason)
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-                del self._ot_trials[trial_id]
-                continue
-            ot_trial.set_user_attr("ray_trial_id", trial_id)
-            return {**params, TRIAL_NUMBER: ot_trial.number}
+            rejection = self._rejection(ot_trial, params, grid)
+            if rejection is None:
+                ot_trial.set_user_attr("ray_trial_id", trial_id)
+                return {**params, TRIAL_NUMBER: ot_trial.number}
+            ot_trial.set_user_attr(*rejection)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            del self._ot_trials[trial_id]
+        source = self._study_config.source
+        if grid:
+            raise StudyError(f"{source}: n_trials: every configuration of the grid has run: lower n_trials")
         raise StudyError(
-            f"{self._study_config.source}: search_space: {MAX_INVALID_SAMPLES} samples in a row were invalid "
+            f"{source}: search_space: {MAX_INVALID_SAMPLES} samples in a row were invalid "
             "trial configurations: narrow the ranges (see the trials' fail_reason)"
         )
+
+    def _rejection(self, ot_trial: optuna.Trial, params: dict[str, Any], grid: bool) -> tuple[str, Any] | None:
+        """Why ``params`` must not run, as the user attr to record (None: run it): on the grid,
+        the configuration of an earlier trial; always, an invalid trial configuration."""
+        if grid:
+            key = config_key(params)
+            for earlier in ot_trial.study.get_trials(deepcopy=False):
+                if "ray_trial_id" in earlier.user_attrs and config_key(earlier.params) == key:
+                    logger.info("trial %d: skipped, the configuration of trial %d", ot_trial.number, earlier.number)
+                    return DUPLICATE_ATTR, earlier.number
+        try:
+            trial_config(self._study_config, params)
+        except StudyError as error:
+            reason = f"invalid sample: {error.field}: {error.reason}"
+            logger.warning("trial %d: %s", ot_trial.number, reason)
+            return "fail_reason", reason
+        return None
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

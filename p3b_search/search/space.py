@@ -3,19 +3,34 @@
 Parameter names are the study's dotted paths (``method_config.prune_ratio``,
 ``training.prune.lr``, ``method``), so Optuna's records, Ray's trial configs, MLflow params
 and the Parquet columns all use the same names. With ``method`` searched the space is
-conditional: a ``method_config.<knob>`` is sampled only when the sampled method has that knob.
+conditional: a ``method_config.<knob>`` is sampled only when the sampled method has that knob
+(and does not fix it, as dense its prune ratio).
+
+``sampler: grid`` is Optuna's ``GridSampler`` over the product of every dimension's grid
+values (:func:`~p3b_search.search.schema.grid_values`). A grid point whose method lacks a
+knob samples the same configuration as another point; the searcher skips such repeats unrun
+(see :mod:`p3b_search.search.searcher`).
 """
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from p3b_search.methods import get_method
-from p3b_search.search.schema import Choice, FloatRange, IntRange, SamplerConfig, StudyConfig, method_knobs
+from p3b_search.search.schema import (
+    Choice,
+    FloatRange,
+    IntRange,
+    SamplerConfig,
+    StudyConfig,
+    active_keys,
+    grid_values,
+)
 
 METHOD = "method"
 _KNOB = "method_config."
@@ -33,13 +48,6 @@ def distribution(dim: FloatRange | IntRange | Choice) -> BaseDistribution:
 def distributions(study: StudyConfig) -> dict[str, BaseDistribution]:
     """Every entry of the space by name (conditional entries included)."""
     return {key: distribution(dim) for key, dim in study.search_space.items()}
-
-
-def active_keys(study: StudyConfig, method: str) -> list[str]:
-    """The entries sampled for a trial of ``method`` (method-specific knobs of others dropped)."""
-    knobs = set(method_knobs(method))
-    return [key for key in study.search_space
-            if key != METHOD and (not key.startswith(_KNOB) or key.removeprefix(_KNOB) in knobs)]
 
 
 def suggest_params(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
@@ -102,14 +110,31 @@ def reference_params(study: StudyConfig) -> dict[str, Any]:
     return params
 
 
+class RayGridSampler(optuna.samplers.GridSampler):
+    """Optuna's ``GridSampler`` that leaves ending the study to Ray Tune.
+
+    Optuna's calls ``study.stop()`` when the last grid point is told, which raises outside
+    ``study.optimize``; here Ray Tune's searcher asks and tells, and the study ends after
+    ``n_trials`` trials (at most the grid's size, see the schema).
+    """
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
+        """Nothing to do: no ``study.stop()``."""
+
+
 def create_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named in the study, seeded.
 
     TPE and GP start model-based sampling after ``min(10, n_trials // 4)`` (at least 1) trials,
     so small studies also benefit; TPE is multivariate with constant liar (parallel trials) and
-    groups the conditional space when ``method`` is searched.
+    groups the conditional space when ``method`` is searched. The grid sampler hands out each
+    grid point once, also to trials asked while others run: Optuna gives trial number ``k`` the
+    ``k``-th point of its shuffled grid, and any later trial a point no running or ended trial has.
     """
     config: SamplerConfig = study.sampler
+    if config.name == "grid":
+        return RayGridSampler({key: grid_values(dim) for key, dim in study.search_space.items()}, seed=config.seed)
     startup = max(1, min(10, study.n_trials // 4))
     with warnings.catch_warnings():  # multivariate/group/GP are flagged experimental by Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
