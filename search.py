@@ -7,6 +7,7 @@ records every trial, and you pick a model from the accuracy / MACs Pareto front.
   python search.py run studies/quickstart.yaml     # a 5-minute CPU demo (embedded digits data)
   python search.py status quickstart               # trials so far and the current front
   python search.py pareto quickstart               # the front as a table
+  python search.py compare method_comparison       # methods x prune ratios over seeds, with 95 % CIs
   python search.py ui quickstart                   # MLflow UI on http://127.0.0.1:5000
   python search.py export quickstart --pick knee --out pruned/   # the chosen model
   python search.py resume quickstart               # continue an interrupted study
@@ -165,6 +166,22 @@ def _pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from p3b_search.search.compare import comparison_table, display_table, title, trial_results, write_comparison
+    from p3b_search.search.results import read_trials
+    from p3b_search.search.runner import study_from_folder
+
+    study = study_from_folder(study_folder(args.study, args.output_dir))
+    results = trial_results(study, read_trials(study.layout))
+    table = comparison_table(results, study.candidate_methods())
+    print(title(study))
+    print(display_table(table).to_string(index=False) if len(table) else "(no finished trials yet)")
+    if args.out:
+        for path in write_comparison(study, results, table, Path(args.out).expanduser()):
+            print(f"wrote {path}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
@@ -229,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     study_arg(pareto)
     pareto.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     pareto.set_defaults(handler=_pareto)
+
+    compare = sub.add_parser("compare", help="methods x prune ratios over seeds: top-1 with 95 %% CIs, kept "
+                                             "params, MACs, paired difference to the best baseline",
+                             description="Compare the methods of a study (e.g. studies/method_comparison.yaml) "
+                                         "per prune ratio over its seeds.")
+    study_arg(compare)
+    compare.add_argument("--out", metavar="PREFIX", help="also write PREFIX.md, PREFIX.parquet and, when the "
+                                                         "trials recorded allocations, PREFIX_depth.png")
+    compare.set_defaults(handler=_compare)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the study's tracking store (127.0.0.1)")
     study_arg(ui)

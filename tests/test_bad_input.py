@@ -141,7 +141,7 @@ CLI_CASES = {
                         "search.py run: error: argument --trials: must be a whole number >= 1 (got '0')"),
     "cli-unknown-command": (["staus", "quickstart"],
                             "search.py: error: unknown command 'staus': did you mean status? choose one of run, resume, "
-                            "status, pareto, ui, export, bench"),
+                            "status, pareto, compare, ui, export, bench"),
 }
 
 

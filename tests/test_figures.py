@@ -8,6 +8,7 @@ import pytest
 from p3b_search.tracking.figures import (
     allocation_table,
     check_allocation_row,
+    keep_ratio_by_depth,
     keep_ratio_heatmap,
     pareto_plotly,
     pareto_png,
@@ -24,6 +25,16 @@ def test_allocation_table_orders_columns_and_heatmap_rows_follow_the_network():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["L00.attn", "L00.mlp", "L01.attn", "L01.mlp"]
     grid = ax.images[0].get_array()
     assert grid.shape == (4, 2) and grid[2, 1] == pytest.approx(0.5) and grid[0, 1] == pytest.approx(1.0)
+
+
+def test_keep_ratio_by_depth_has_a_panel_per_ratio_and_a_line_per_method_and_kind():
+    rows = pd.DataFrame([dict(method=m, prune_ratio=r, trial=seed, layer=layer, kind=k, keep_ratio=1 - r)
+                         for m in ("p3b", "uniform-magnitude") for r in (0.5, 0.75) for seed in (0, 1)
+                         for layer in range(3) for k in ("attn", "mlp")])
+    fig = keep_ratio_by_depth(rows, "p3b")
+    assert [ax.get_title() for ax in fig.axes] == ["prune ratio 0.5", "prune ratio 0.75"]
+    labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert labels == ["p3b attn", "p3b mlp", "uniform-magnitude attn", "uniform-magnitude mlp"]
 
 
 def test_allocation_row_without_keep_ratio_is_rejected():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).parent.parent
 def test_help_lists_every_command():
     result = subprocess.run([sys.executable, str(ROOT / "search.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("run", "resume", "status", "pareto", "ui", "export", "bench"):
+    for command in ("run", "resume", "status", "pareto", "compare", "ui", "export", "bench"):
         assert f"    {command}" in result.stdout
     assert "python search.py run studies/quickstart.yaml" in result.stdout
 

@@ -1,5 +1,6 @@
 """Tables and figures the MLflow runs carry: a trial's allocation table and keep-ratio heatmap,
-and the study's Pareto front (interactive plotly HTML and a static PNG).
+and the study's Pareto front (interactive plotly HTML and a static PNG); and the method
+comparison's keep ratio by depth (``search.py compare --out``).
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state), so they are safe
 in worker threads and headless processes.
@@ -155,4 +156,29 @@ def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np
     ax.set_title(title if len(objectives) <= 2 else f"{title} (first two objectives)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def keep_ratio_by_depth(allocations: pd.DataFrame, highlight: str) -> Figure:
+    """Keep ratio per sub-block vs layer at the end of pruning, one panel per prune ratio.
+
+    ``allocations``: the last mask update's rows of each trial, with ``method`` and
+    ``prune_ratio``; one line per method and sub-block kind, mean ± std over the trials
+    (seeds). Lines of method ``highlight`` are drawn opaque, the others faded."""
+    ratios = sorted(allocations["prune_ratio"].unique())
+    fig = Figure(figsize=(5.5 * len(ratios), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(ratios), sharey=True, squeeze=False)[0]
+    for ax, ratio in zip(axes, ratios):
+        rows = allocations[allocations["prune_ratio"] == ratio]
+        for (method, kind), group in rows.groupby(["method", "kind"]):
+            stats = group.groupby("layer")["keep_ratio"].agg(["mean", "std"]).reset_index()
+            ax.errorbar(stats["layer"] + (0.08 if kind == "mlp" else -0.08), stats["mean"],
+                        yerr=stats["std"].fillna(0), fmt="-o" if kind == "mlp" else "--s", capsize=2,
+                        label=f"{method} {kind}", alpha=1.0 if method == highlight else 0.6)
+        ax.set_title(f"prune ratio {ratio:g}")
+        ax.set_xlabel("layer (depth)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("keep ratio at the end of pruning")
+    axes[-1].legend(fontsize=7, loc="best")
     return fig
