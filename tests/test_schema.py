@@ -84,8 +84,8 @@ BAD_STUDIES = [
                  lambda: f"search_space.method.choices[1]: unknown pruning method 'svitee': did you mean svite? "
                          f"choose one of {methods()}", id="unknown-method-choice"),
     pytest.param("name: s\nsearch_space:\n  data.kind: {type: categorical, choices: [digits, mnist]}\n",
-                 lambda: "search_space.data.kind.choices[1]: must be one of 'digits', 'imagefolder', 'cifar10' or "
-                         "'cifar100' (got 'mnist')", id="bad-choice-value"),
+                 lambda: "search_space.data.kind.choices[1]: must be one of 'digits', 'glyphs', 'imagefolder', "
+                         "'cifar10' or 'cifar100' (got 'mnist')", id="bad-choice-value"),
     pytest.param("name: s\nobjectives: [top1, {name: macs, direction: maximize}]\n",
                  lambda: "objectives[1].direction: macs is always minimized: set minimize or remove direction",
                  id="wrong-direction"),
@@ -96,8 +96,8 @@ BAD_STUDIES = [
                  lambda: "objectives[1].reference: latency_ms needs a reference (the milliseconds a useful model "
                          "must beat, e.g. the dense model's)", id="latency-without-reference"),
     pytest.param("name: s\ndata: {kind: imagenet}\n",
-                 lambda: "data.kind: must be one of 'digits', 'imagefolder', 'cifar10' or 'cifar100' (got 'imagenet')",
-                 id="bad-data-kind"),
+                 lambda: "data.kind: must be one of 'digits', 'glyphs', 'imagefolder', 'cifar10' or 'cifar100' "
+                         "(got 'imagenet')", id="bad-data-kind"),
     pytest.param("name: s\ntraining: {prune: {epochs: -1}}\n",
                  lambda: "training.prune.epochs: must be >= 0 (got -1)", id="nested-bound"),
     pytest.param("name: s\nresources_per_trial: {cpu: 4, gpu: 4}\n",
