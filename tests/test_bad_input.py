@@ -60,6 +60,16 @@ STUDY_CASES = [
     pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--address", "head-node"],
                  "--address head-node: expected HOST:PORT (the head's GCS port, 6379 by default), ray://HOST:10001 "
                  "or auto", id="cli-address-malformed"),
+    pytest.param({"s.yaml": HEAD + "sampler: {name: grid}\nsearch_space:\n"
+                            "  training.seed: {type: categorical, choices: [0, 1, 2]}\n"},
+                 ["run", "{tmp}/s.yaml", "--trials", "4"],
+                 "{tmp}/s.yaml: n_trials: 4 is more than the grid's 3 distinct trial configurations: set n_trials: 3 "
+                 "or fewer (or omit it: the whole grid)", id="cli-trials-beyond-grid"),
+    pytest.param({"s.yaml": HEAD + "sampler: {name: grid}\nsearch_space:\n"
+                            "  method_config.alpha: {type: float, low: 0.0, high: 1.0}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: search_space.method_config.alpha: sampler grid needs the values of every dimension: "
+                 "add step (without log: true) or list them with type: categorical", id="study-grid-float-without-step"),
     # data folders
     pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder}\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: data: data.root is required for data.kind='imagefolder': set it to the data set "

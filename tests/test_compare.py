@@ -56,7 +56,8 @@ def test_table_rows_roles_and_verdicts():
     p3b = rows["p3b", 0.5]
     assert p3b["baseline"] == "uniform-magnitude" and p3b["pairs"] == 5 and p3b["verdict"] == "separated"
     expected = paired_difference({s: v + 2 + 0.1 * s for s, v in SEEDS.items()}, SEEDS)
-    assert (p3b["diff"], p3b["diff_low"], p3b["diff_high"]) == pytest.approx((expected.mean, expected.low, expected.high))
+    assert [p3b["diff"], p3b["diff_low"], p3b["diff_high"]] == pytest.approx([expected.mean, expected.low,
+                                                                             expected.high])
     assert p3b["top1_low"] < rows["uniform-magnitude", 0.5]["top1_high"]  # unpaired, the intervals overlap
     assert rows["global-taylor", 0.5]["diff"] == pytest.approx(-1 + 0.3 * 2 / 5)
     assert rows["p3b", 0.75]["verdict"] == "not separated (n = 3 < 5)"
@@ -148,4 +149,4 @@ def test_grid_study_runs_each_point_once_and_compares(tmp_path, capsys):
     # the test objective trains p3b and uniform-magnitude alike: identical per seed
     p3b = table[table["method"] == "p3b"]
     assert (p3b["diff"] == 0).all() and (p3b["verdict"] == "not separated").all()
-    assert Path(f"{prefix}.md").read_text() .startswith("Method comparison of study cmp")
+    assert Path(f"{prefix}.md").read_text().startswith("Method comparison of study cmp")

@@ -423,9 +423,9 @@ def method_knobs(method: str) -> list[str]:
 def active_keys(study: StudyConfig, method: str) -> list[str]:
     """The search-space entries a trial of ``method`` samples: all but ``method`` itself and the
     ``method_config.<knob>`` entries whose knob ``method`` lacks (or fixes)."""
-    knobs = set(method_knobs(method))
+    knobs = {f"method_config.{knob}" for knob in method_knobs(method)}
     return [key for key in study.search_space
-            if key != "method" and (not key.startswith("method_config.") or key.removeprefix("method_config.") in knobs)]
+            if key != "method" and (not key.startswith("method_config.") or key in knobs)]
 
 
 def _not_a_knob(knob: str, methods: list[str]) -> str:
