@@ -15,6 +15,7 @@ from p3b_search.search.compare import comparison_table, markdown, trial_results
 from p3b_search.search.results import read_trials
 from p3b_search.search.schema import StudyError, load_study
 from p3b_search.stats import paired_difference
+from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
 OBJECTIVE = "tests.search_objective:run_trial"
 METHODS = ["dense", "p3b", "uniform-magnitude", "global-taylor"]
@@ -150,3 +151,16 @@ def test_grid_study_runs_each_point_once_and_compares(tmp_path, capsys):
     p3b = table[table["method"] == "p3b"]
     assert (p3b["diff"] == 0).all() and (p3b["verdict"] == "not separated").all()
     assert Path(f"{prefix}.md").read_text().startswith("Method comparison of study cmp")
+
+
+def test_compare_of_a_search_study_folder(study_folder, capsys):  # noqa: F811
+    """Any study folder compares: a P3B-only search gives one row per sampled prune ratio."""
+    assert search.main(["compare", str(study_folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Method comparison of study cli") and len(lines) == 2 + 3
+    assert all(line.split()[0] == "p3b" and line.endswith("no baseline") for line in lines[2:])
+    empty = study_folder.parent / "empty"
+    empty.mkdir()
+    (empty / "study.yaml").write_text((study_folder / "study.yaml").read_text().replace("name: cli", "name: empty"))
+    assert search.main(["compare", str(empty)]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "(no finished trials yet)"
