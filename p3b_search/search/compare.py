@@ -51,7 +51,9 @@ def trial_results(study: StudyConfig, trials: pd.DataFrame) -> pd.DataFrame:
                      **{m: float(row[m]) if m in row else math.nan for m in RESULT_COLUMNS[4:]}})
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     numbers = results.groupby(["method", "prune_ratio", "seed"])["number"].apply(list)
-    for (method, ratio, seed), repeated in numbers[numbers.map(len) > 1].items():
+    repeats = numbers[numbers.map(len) > 1]
+    if len(repeats):
+        (method, ratio, seed), repeated = next(iter(repeats.items()))
         raise StudyError(f"study {study.name!r}: trials {', '.join(map(str, repeated))} all ran {method} at prune "
                          f"ratio {ratio:g} with seed {seed}: compare needs one trial per method, prune ratio and "
                          "seed (search only method, method_config.prune_ratio and training.seed, e.g. on a grid)")
