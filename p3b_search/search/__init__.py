@@ -4,8 +4,9 @@ the Parquet results.
 Modules (import what you need; only :mod:`.runner`, :mod:`.searcher`, :mod:`.trainable` and
 :mod:`.early_stopping` import Ray):
 
-* :mod:`.schema` -- the study file (``load_study``, ``trial_config``, ``StudyError``)
+* :mod:`.schema` -- the study file (``load_study``, ``trial_config``, ``StudyError``), the grid
 * :mod:`.space` -- Optuna distributions, define-by-run sampling, the reference trial, samplers
+* :mod:`.compare` -- the method comparison table (``search.py compare``)
 * :mod:`.pareto` -- ``pareto_mask``, ``hypervolume``, ``knee_index``
 * :mod:`.results` -- ``trials.parquet`` and ``allocations.parquet``
 * :mod:`.layout` -- the files of a study folder
