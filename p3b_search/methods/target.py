@@ -9,6 +9,7 @@ densities) decide the count solve the knobs left unset for this target.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Callable
 
 from p3b_search.methods.base import PrunedModel
@@ -34,6 +35,7 @@ def solve_monotone(kept: Callable[[float], int], target: float, lo: float, hi: f
     """The ``x`` in ``[lo, hi]`` whose ``kept(x)`` (parameters, monotone in ``x``, a step
     function) is nearest ``target``, by bisection on the step that crosses it; an end of the
     interval when ``target`` lies beyond ``kept``'s range."""
+    kept = cache(kept)
     increasing = kept(hi) >= kept(lo)
     for _ in range(iterations):
         mid = (lo + hi) / 2
