@@ -44,11 +44,48 @@ def test_head_scores_are_taylor_of_the_head_output_and_gradient_at_proj_input():
     grad_x = (seen["g"] @ proj.weight).detach().unflatten(-1, (H, d))  # dL/dA_h at the proj input
     alive = method.masks[0]["heads"]
     assert alive.sum() == 1
-    expected_prune = (x * grad_x).flatten(0, -3).sum((0, 2)).abs()
+    expected_prune = (x * grad_x).sum((1, 3)).abs().mean(0)  # |per-image Taylor sum|, mean over images
     assert torch.allclose(prune[alive], expected_prune[alive], rtol=1e-4, atol=1e-7)
     expected_grow = grad_x.abs().flatten(0, -3).sum((0, 2))
     assert torch.allclose(grow, expected_grow, rtol=1e-4)
     assert grow[~alive].item() > 0  # a switched-off head still sees a gradient to grow by
+
+
+def _head_scores(model: nn.Module, images: torch.Tensor, signs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """After one backward of ``sum_b signs[b] x logits[b]``: the prune score of the first
+    attention's heads, and its batch-summed Taylor term ``sum A_h * dL/dA_h`` (from autograd)."""
+    method = make(S2ViTE, head_density=1.0, mlp_density=1.0, update_interval=1)
+    method.prepare(model)
+    sb = method.adapter.sub_blocks[0]
+    proj = method.adapter.linears(sb)[1]
+    seen = {}
+
+    def capture(module, args, out):
+        seen["x"] = args[0]
+        out.register_hook(lambda g: seen.update(g=g))
+
+    handle = proj.register_forward_hook(capture)
+    method._stats.armed = True
+    logits = model.eval()(images)  # no drop path: both calls see the same network
+    (logits.sum(1) * torch.tensor(signs)).sum().backward()
+    handle.remove()
+    prune, _ = method._scores(sb)
+    method.finalize(model)
+    taylor = (seen["x"] * (seen["g"] @ proj.weight)).detach().reshape(-1, sb.num_heads, sb.head_dim).sum((0, 2))
+    return prune, taylor
+
+
+@pytest.mark.parametrize("build", [tiny_vit, small_swin])
+def test_head_prune_score_takes_the_absolute_value_per_image_then_the_mean(build):
+    model = build()
+    image, _ = batch(model, size=1)
+    alone, taylor = _head_scores(model, image, [1.0])
+    assert torch.allclose(alone, taylor.abs(), rtol=1e-4, atol=1e-9)  # one image: all its tokens (and windows)
+    assert alone.min() > 0
+    # the same image with opposite loss signs: the batch sum cancels, the per-image values do not
+    opposite, batch_sum = _head_scores(model, image.expand(2, -1, -1, -1), [1.0, -1.0])
+    assert batch_sum.abs().max() < 1e-3 * alone.min()
+    assert torch.allclose(opposite, alone, rtol=1e-4, atol=1e-9)
 
 
 def test_neuron_grow_score_is_the_gradient_the_neuron_would_get_if_on():
@@ -214,4 +251,4 @@ def test_gates_follow_the_model_to_its_device():
     for groups in method._gates.values.values():
         for group, gate in groups.items():
             assert gate.device.type == "meta"
-            assert gate.requires_grad == (group == "heads")
+            assert not gate.requires_grad  # the head scores come from the proj input, not the gates

@@ -19,8 +19,10 @@ its fc1 row and fc2 column), so the final masks go straight to
   :mod:`p3b_search.methods.svite`), per layer ``k = ceil(p_t * active)`` units are dropped and
   ``k`` grown, from the statistics of the optimizer window that closes the update:
 
-  - head prune score ``|sum A_h * dL/dA_h|`` (A_h: head output before proj, summed over the
-    window's tokens and images) = ``|dL/dm_h|`` of the ``heads`` gate; grow score
+  - head prune score ``|sum A_h * dL/dA_h|`` per image (A_h: head output before proj, the
+    sum over the image's tokens, or all its Swin windows, and the head's dims), the absolute
+    value taken per image and then averaged over the window's images, as the reference
+    does (so images whose contributions differ in sign do not cancel); grow score
     ``||dL/dA_h||_1``, the gradient at the proj input, which a switched-off head still gets;
   - neuron prune score ``||W_fc1[i,:]||_1 + ||W_fc2[:,i]||_1``; grow score the same on the
     gradients the neuron's weights would get if it were on (computed from the window's fc1
@@ -157,6 +159,8 @@ class GrowthStatistics:
     """Forward/backward hooks that, while ``armed``, sum S²ViTE's grow signals over a window.
 
     ``heads[j]``: ``||dL/dA_h||_1`` per head (gradient at the proj input, after the gate).
+    ``head_taylor[j]``: per head, the sum over images of ``|sum A_h * dL/dA_h|`` (one image's
+    tokens and the head's dims); ``images[j]``: the images it has seen.
     ``fc1[j]`` / ``fc2[j]``: the weight gradients of fc1 / fc2 as if every neuron were on.
     """
 
@@ -164,6 +168,8 @@ class GrowthStatistics:
         self.adapter = adapter
         self.armed = False
         self.heads: dict[int, torch.Tensor] = {}
+        self.head_taylor: dict[int, torch.Tensor] = {}
+        self.images: dict[int, int] = {}
         self.fc1: dict[int, torch.Tensor] = {}
         self.fc2: dict[int, torch.Tensor] = {}
         self._fc1_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -178,6 +184,8 @@ class GrowthStatistics:
 
     def reset(self) -> None:
         self.heads.clear()
+        self.head_taylor.clear()
+        self.images.clear()
         self.fc1.clear()
         self.fc2.clear()
         self._fc1_io.clear()
@@ -192,15 +200,21 @@ class GrowthStatistics:
     def _add(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
         store[index] = value if index not in store else store[index] + value
 
-    # -- attention: gradient at the proj input, per head ----------------------------------------
+    # -- attention: head outputs and their gradient at the proj input, per head ----------------
     def _on_proj_input(self, sb: SubBlock, module: nn.Module, args: tuple) -> None:
         x = args[0]
         if self.armed and x.requires_grad:
-            x.register_hook(partial(self._on_head_grad, sb))
+            x.register_hook(partial(self._on_head_grad, sb, x.detach()))
 
-    def _on_head_grad(self, sb: SubBlock, grad: torch.Tensor) -> None:
-        per_head = grad.detach().float().abs().unflatten(-1, (sb.num_heads, sb.head_dim))
-        self._add(self.heads, sb.index, per_head.flatten(0, -3).sum((0, 2)))
+    def _on_head_grad(self, sb: SubBlock, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Rows of the proj input are ``sb.tokens`` per image, image after image (a Swin
+        image's windows are consecutive), so ``(rows, C)`` regroups as (images, tokens, H, d)."""
+        grad = grad.detach().float()
+        per_image = grad.reshape(-1, sb.tokens, sb.num_heads, sb.head_dim)
+        taylor = (x.float().reshape(per_image.shape) * per_image).sum((1, 3))  # (images, H)
+        self._add(self.heads, sb.index, per_image.abs().sum((0, 1, 3)))
+        self._add(self.head_taylor, sb.index, taylor.abs().sum(0))
+        self.images[sb.index] = self.images.get(sb.index, 0) + per_image.shape[0]
 
     # -- MLP: weight gradients as if every neuron were on -----------------------------------------
     def _on_fc1(self, sb: SubBlock, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -261,9 +275,6 @@ class S2ViTE(PruningMethod):
                 scores = torch.rand(size, generator=generator)
             self.masks[sb.index] = {group: keep_largest(scores, keep)}
         self._gates = attach_gates(model, adapter, requires_grad=False)
-        for sb in adapter.sub_blocks:
-            if sb.kind == "attn":
-                self._gates.values[sb.index]["heads"].requires_grad_(True)
         self._gates.set_masks(self.masks)
         self._stats = GrowthStatistics(adapter)
         self._allocation_rows += structured_allocation_rows(model, adapter, self.masks, step=0, epoch=0)
@@ -282,7 +293,6 @@ class S2ViTE(PruningMethod):
         """Micro-batch ``step`` opens a new optimizer window."""
         self._window_start = step
         self._stats.reset()
-        self._gates.zero_grad()
         self._stats.armed = self._window_armed = self.clock.is_due(step)
 
     def after_backward(self, info: StepInfo) -> None:
@@ -301,10 +311,10 @@ class S2ViTE(PruningMethod):
     def _scores(self, sb: SubBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """(prune score, grow score) per unit of ``sb``, averaged over ranks."""
         if sb.kind == "attn":
-            gate = self._gates.values[sb.index]["heads"]
-            prune = gate.grad if gate.grad is not None else torch.zeros_like(gate)
-            grow = self._stats.heads.get(sb.index, torch.zeros_like(gate))
-            return average_across_ranks(prune).abs(), average_across_ranks(grow)
+            if sb.index not in self._stats.heads:
+                return torch.zeros(sb.num_heads), torch.zeros(sb.num_heads)
+            prune = self._stats.head_taylor[sb.index] / self._stats.images[sb.index]  # mean over images
+            return average_across_ranks(prune), average_across_ranks(self._stats.heads[sb.index])
         prune = unit_weight_l1(self.adapter, sb)
         if sb.index not in self._stats.fc1:
             return prune, torch.zeros_like(prune)
