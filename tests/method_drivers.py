@@ -61,3 +61,28 @@ def drive(hooks: TrainingHooks, model: nn.Module, steps: int, *, steps_per_epoch
         if step % steps_per_epoch == steps_per_epoch - 1:
             hooks.on_epoch_end(info.epoch)
     return optimizer
+
+
+def regrown_update_sizes(method: PruningMethod, model: nn.Module, steps: int, lr: float = 1e-2,
+                         first: int = 10) -> list[float]:
+    """Drive a prune-and-grow ``method`` for ``steps`` micro-batches under AdamW without weight
+    decay; per optimizer step, the largest update (in units of ``lr``) of an entry regrown at
+    most ``first`` steps before (its first ``first`` updates), for steps that have such entries."""
+    params = dict(model.named_parameters())
+    previous = {name: p.detach().clone() for name, p in params.items()}
+    sizes = []
+
+    def record(step: int, optimizer: torch.optim.Optimizer) -> None:
+        largest = None
+        for name, birth in method._fresh.births.items():
+            age = float(optimizer.state[params[name]]["step"]) - birth
+            young = (birth > 0) & (age >= 1) & (age <= first)
+            if young.any():
+                size = (params[name].detach() - previous[name])[young].abs().max().item() / lr
+                largest = size if largest is None else max(largest, size)
+        if largest is not None:
+            sizes.append(largest)
+        previous.update({name: p.detach().clone() for name, p in params.items()})
+
+    drive(method, model, steps, lr=lr, weight_decay=0.0, after_step=record)
+    return sizes

@@ -13,7 +13,7 @@ from p3b_search.surgery import get_adapter
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer
 from tests.conftest import make_model
-from tests.method_drivers import batch, drive, make, small_swin, tiny_vit
+from tests.method_drivers import batch, drive, make, regrown_update_sizes, small_swin, tiny_vit
 
 
 def _armed_backward(method: S2ViTE, model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,3 +252,11 @@ def test_gates_follow_the_model_to_its_device():
         for group, gate in groups.items():
             assert gate.device.type == "meta"
             assert not gate.requires_grad  # the head scores come from the proj input, not the gates
+
+
+def test_regrown_units_move_no_faster_than_fresh_parameters_under_adamw():
+    model = tiny_vit()
+    method = make(S2ViTE, epochs=100, steps_per_epoch=4, update_interval=300, head_density=0.5, mlp_density=0.5)
+    method.prepare(model)
+    sizes = regrown_update_sizes(method, model, steps=310)  # regrowth after optimizer step 300
+    assert len(sizes) == 10 and max(sizes) <= 1.05  # a fresh parameter's first updates: about lr

@@ -8,12 +8,14 @@ import torch
 
 from p3b_search.cost import model_cost, nonzero_macs, torch_macs, weight_uses_per_image
 from p3b_search.methods.sparsity import (
+    FreshAdamSteps,
     MaskedWeights,
     MaskKeeper,
     NonzeroCounter,
     drop_and_grow,
     erk_densities,
     keep_largest,
+    zero_optimizer_state,
 )
 from p3b_search.surgery import get_adapter
 from p3b_search.training.loop import build_optimizer
@@ -104,6 +106,73 @@ def test_cleared_optimizer_state_is_what_keeps_pruned_weights_dead(clear_state):
     optimizer.step()  # zero gradients: only the moments can move a weight now
     moved = weight.detach()[~mask].abs().sum().item()
     assert (moved == 0) if clear_state else (moved > 0)
+
+
+LR = 1e-2
+
+
+def _adamw_twins(amsgrad: bool) -> tuple[list[torch.nn.Linear], list[torch.optim.Optimizer]]:
+    """Two identical layers with their own AdamW, stepped 300 times on the same gradients."""
+    layers = [torch.nn.Linear(16, 16, bias=False) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    optimizers = [torch.optim.AdamW(layer.parameters(), lr=LR, weight_decay=0.05, amsgrad=amsgrad) for layer in layers]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        grad = torch.randn(16, 16, generator=gen)
+        for layer, optimizer in zip(layers, optimizers):
+            layer.weight.grad = grad.clone()
+            optimizer.step()
+    return layers, optimizers
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_regrown_entries_step_under_adamw_exactly_as_a_fresh_parameter(amsgrad):
+    (corrected, plain), (optimizer, plain_optimizer) = _adamw_twins(amsgrad)
+    fresh_steps = FreshAdamSteps(corrected)
+    fresh_steps.attach(optimizer)
+    regrown = torch.rand(16, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        corrected.weight[regrown] = 0.0
+        plain.weight[regrown] = 0.0
+    fresh_steps.regrow(optimizer, corrected.weight, regrown)
+    zero_optimizer_state(plain_optimizer, plain.weight, regrown)  # moments cleared, step count kept
+    reference = torch.nn.Parameter(torch.zeros(16, 16))  # a fresh parameter from the same start
+    reference_optimizer = torch.optim.AdamW([reference], lr=LR, weight_decay=0.05, amsgrad=amsgrad)
+    gen = torch.Generator().manual_seed(2)
+    plain_first = None
+    for _ in range(20):
+        grad = torch.randn(16, 16, generator=gen)
+        previous = corrected.weight.detach().clone(), plain.weight.detach().clone()
+        for param, optimizer_ in ((corrected.weight, optimizer), (plain.weight, plain_optimizer),
+                                  (reference, reference_optimizer)):
+            param.grad = grad.clone()
+            optimizer_.step()
+        torch.testing.assert_close(corrected.weight[regrown], reference[regrown], rtol=0, atol=1e-5 * LR)
+        torch.testing.assert_close(corrected.weight[~regrown], plain.weight[~regrown], rtol=0, atol=0)
+        assert (corrected.weight - previous[0]).detach()[regrown].abs().max() <= 1.05 * LR
+        if plain_first is None:
+            plain_first = (plain.weight - previous[1]).detach()[regrown].abs().max()
+    assert plain_first > 1.5 * LR  # cleared moments under the optimizer's step count of 301
+
+
+def test_fresh_adam_steps_leave_sgd_alone_and_round_trip():
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    fresh_steps = FreshAdamSteps(layer)
+    fresh_steps.attach(optimizer)
+    layer.weight.grad = torch.ones(4, 4)
+    optimizer.step()
+    fresh_steps.regrow(optimizer, layer.weight, torch.eye(4, dtype=torch.bool))
+    assert fresh_steps.births == {}  # SGD keeps no step count: nothing to correct
+    optimizer.step()
+    adam = torch.optim.Adam(layer.parameters())
+    layer.weight.grad = torch.ones(4, 4)
+    adam.step()
+    fresh_steps.regrow(adam, layer.weight, torch.eye(4, dtype=torch.bool))
+    restored = FreshAdamSteps(layer)
+    restored.load_state_dict(fresh_steps.state_dict())
+    assert torch.equal(restored.births["weight"], torch.eye(4))
+    fresh_steps.detach()
 
 
 def test_mask_keeper_state_round_trip_and_bad_names():

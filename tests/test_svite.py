@@ -23,7 +23,7 @@ from p3b_search.methods.svite import (
 )
 from p3b_search.training.loop import train_stage
 from p3b_search.training.rng import seed_everything
-from tests.method_drivers import NUM_CLASSES, drive, make, small_swin, tiny_vit
+from tests.method_drivers import NUM_CLASSES, drive, make, regrown_update_sizes, small_swin, tiny_vit
 
 
 @pytest.mark.parametrize("t, expected", [(0, 0.5), (25, 0.005 + 0.495 * (1 + math.cos(math.pi / 4)) / 2),
@@ -180,3 +180,11 @@ def test_swin_is_supported():
     masks = method.state_dict()["weight_masks"]
     qkv = dict(model.named_parameters())["layers.1.blocks.1.attn.qkv.weight"]
     assert torch.all(qkv.detach()[~masks["layers.1.blocks.1.attn.qkv.weight"]] == 0)
+
+
+def test_regrown_weights_move_no_faster_than_fresh_ones_under_adamw():
+    model = tiny_vit()
+    method = make(SViTE, epochs=100, steps_per_epoch=4, update_interval=300)
+    method.prepare(model)
+    sizes = regrown_update_sizes(method, model, steps=310)  # regrowth after optimizer step 300
+    assert len(sizes) == 10 and max(sizes) <= 1.05  # a fresh parameter's first updates: about lr

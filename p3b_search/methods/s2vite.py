@@ -35,7 +35,9 @@ its fc1 row and fc2 column), so the final masks go straight to
 * A switched-off unit keeps its weights (frozen: no gradient reaches them, only weight decay)
   and its optimizer state is cleared, so a regrown unit resumes from the weights its grow
   score was measured with, without stale moments. (Zeroing both its fc1 row and fc2 column
-  instead would leave it no gradient to ever come back.)
+  instead would leave it no gradient to ever come back.) Under Adam/AdamW a regrown unit's
+  weights count their own steps, so they move as a fresh parameter would
+  (:class:`~p3b_search.methods.sparsity.FreshAdamSteps`).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from p3b_search.cost import model_cost
 from p3b_search.methods.allocation import structured_allocation_rows, structured_metrics
 from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
 from p3b_search.distributed import average_across_ranks
-from p3b_search.methods.sparsity import drop_and_grow, keep_largest, zero_optimizer_state
+from p3b_search.methods.sparsity import FreshAdamSteps, drop_and_grow, keep_largest, zero_optimizer_state
 from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
 from p3b_search.methods.target import check_kept, kept_target, solve_monotone
 from p3b_search.surgery import (
@@ -256,6 +258,7 @@ class S2ViTE(PruningMethod):
         self.densities: dict[str, float] = {}
         self._gates: GateSet | None = None
         self._stats: GrowthStatistics | None = None
+        self._fresh: FreshAdamSteps | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._window_start = 0
         self._window_armed = False
@@ -277,6 +280,7 @@ class S2ViTE(PruningMethod):
         self._gates = attach_gates(model, adapter, requires_grad=False)
         self._gates.set_masks(self.masks)
         self._stats = GrowthStatistics(adapter)
+        self._fresh = FreshAdamSteps(model)
         self._allocation_rows += structured_allocation_rows(model, adapter, self.masks, step=0, epoch=0)
 
     @property
@@ -285,6 +289,7 @@ class S2ViTE(PruningMethod):
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = optimizer
+        self._fresh.attach(optimizer)
         self._gates.to(next(model.parameters()).device)
         self._begin_window(self._window_start)
 
@@ -329,8 +334,10 @@ class S2ViTE(PruningMethod):
             prune, grow = self._scores(sb)
             grown = drop_and_grow(mask, prune.cpu(), grow.cpu(), rate)
             self._gates.set(sb.index, group, mask.float())
-            for param, positions in unit_parameters(self.adapter, sb, ~mask | grown):
+            for param, positions in unit_parameters(self.adapter, sb, ~mask):
                 zero_optimizer_state(self._optimizer, param, positions)
+            for param, positions in unit_parameters(self.adapter, sb, grown):
+                self._fresh.regrow(self._optimizer, param, positions)
 
     # -- results ----------------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
@@ -340,15 +347,18 @@ class S2ViTE(PruningMethod):
         masks = canonical_masks(self.adapter, self.masks)
         self._stats.remove()
         self._gates.remove()
+        self._fresh.detach()
         return PrunedModel(shrink_model(model, masks), structured=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {j: {g: m.clone() for g, m in groups.items()} for j, groups in self.masks.items()},
-                "clock": self.clock.state_dict(), "window_start": self._window_start}
+                "clock": self.clock.state_dict(), "window_start": self._window_start,
+                "regrown_at": self._fresh.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masks = {int(j): {g: m.bool().cpu() for g, m in groups.items()} for j, groups in state["masks"].items()}
         self._gates.set_masks(self.masks)
         self.clock.load_state_dict(state["clock"])
         self._window_start = int(state["window_start"])
+        self._fresh.load_state_dict(state["regrown_at"])
 

@@ -5,6 +5,8 @@
   pruned weights at exactly zero through optimizer steps by re-applying the masks *and*
   zeroing every per-weight optimizer state tensor (AdamW's ``exp_avg``/``exp_avg_sq``, SGD's
   momentum) at pruned positions, so stale moments can never move a pruned weight again.
+* :class:`FreshAdamSteps`: regrown weights (cleared optimizer state) step under Adam/AdamW
+  with the bias correction of a fresh parameter, never faster.
 * :class:`MaskKeeper`: the fine-tune stage's hooks for an unstructured model.
 * :class:`NonzeroCounter`: dense and non-zero parameters and MACs. Non-zero MACs are what a
   sparse kernel *could* skip; the dense model still runs every MAC, so an unstructured result
@@ -18,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from p3b_search.cost import model_cost, weight_uses_per_image
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
@@ -90,6 +93,86 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, 
             value.masked_fill_(positions.to(value.device), 0)
 
 
+def _adam_update(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: torch.Tensor,
+                 group: Mapping[str, Any]) -> torch.Tensor:
+    """Adam's update (weight decay aside, parameter units) from the moments after ``steps``
+    steps (a tensor, per entry): ``lr m / (1 - beta1^steps) / (sqrt(v) / sqrt(1 - beta2^steps) + eps)``."""
+    beta1, beta2 = (float(beta) for beta in group["betas"])
+    steps = steps.double()  # bias corrections in double precision, as the optimizers compute them
+    step_size = (float(group["lr"]) / (1.0 - beta1 ** steps)).to(exp_avg.dtype)
+    correction2 = (1.0 - beta2 ** steps).sqrt().to(exp_avg.dtype)
+    return step_size * exp_avg / (exp_avg_sq.sqrt() / correction2 + group["eps"])
+
+
+class FreshAdamSteps:
+    """Regrown weights step under Adam/AdamW as a fresh parameter would.
+
+    Adam divides its moments by ``1 - beta^t``, ``t`` the parameter's step count. A weight
+    regrown at step ``t0`` with cleared moments holds moments of ``k = t - t0`` steps but gets
+    the correction of ``t``, so its first updates are several times ``lr`` (up to
+    ``(1 - beta1) / sqrt(1 - beta2)``, 3.2x, for the default betas and a large ``t``).
+    :meth:`regrow` clears the optimizer state of regrown entries and records ``t0`` per entry;
+    after every step of the attached optimizer (a step post-hook, before any LR scheduler
+    moves ``lr``) each regrown entry's update is swapped for a fresh parameter's after ``k``
+    steps. The moments are the optimizer's own (cleared at ``t0``, they are exactly a fresh
+    parameter's) and decoupled weight decay is the same for both, so the entry moves exactly
+    as a fresh parameter does. Entries never regrown keep ``t0 = 0`` and are left alone, and
+    so are optimizers without Adam's ``betas`` (SGD momentum has no bias correction).
+    """
+
+    def __init__(self, model: nn.Module):
+        self._names = {param: name for name, param in model.named_parameters()}
+        self._params = {name: param for param, name in self._names.items()}
+        self.births: dict[str, torch.Tensor] = {}  # t0 per entry (steps), 0: never regrown
+        self._handle: RemovableHandle | None = None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Correct the regrown entries after every step of ``optimizer`` (and no other)."""
+        self.detach()
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def regrow(self, optimizer: torch.optim.Optimizer, param: torch.Tensor, positions: torch.Tensor) -> None:
+        """Clear ``param``'s optimizer state where ``positions`` (bool, broadcastable) is True
+        and count those entries' steps from now."""
+        zero_optimizer_state(optimizer, param, positions)
+        step = optimizer.state.get(param, {}).get("step")
+        if step is None:  # never stepped: already fresh
+            return
+        name = self._names[param]
+        birth = self.births.setdefault(name, torch.zeros(param.shape, dtype=torch.float32, device=param.device))
+        birth.masked_fill_(positions.to(birth.device).expand_as(birth), float(step))
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            if "betas" not in group:
+                continue
+            for param in group["params"]:
+                name = self._names.get(param)
+                if name in self.births and param in optimizer.state:
+                    self._refresh(param, optimizer.state[param], group, self.births[name])
+
+    @staticmethod
+    def _refresh(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any], birth: torch.Tensor) -> None:
+        """Swap the update just applied to the regrown entries of ``param`` for a fresh parameter's."""
+        second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        t = torch.as_tensor(state["step"], dtype=torch.float32).to(birth.device)
+        applied = _adam_update(state["exp_avg"], second, t, group)
+        fresh = _adam_update(state["exp_avg"], second, t - birth, group)
+        param.add_(torch.where(birth > 0, applied - fresh, 0.0))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: birth.detach().cpu().clone() for name, birth in self.births.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.births = {name: birth.to(self._params[name].device) for name, birth in state.items()}
+
+
 class MaskedWeights:
     """Unstructured masks bound to the parameters of ``model`` they name (True = kept)."""
 
@@ -114,13 +197,10 @@ class MaskedWeights:
                 self.masks[name] = self.masks[name].to(param.device)
             param.masked_fill_(~self.masks[name], 0.0)
 
-    def clear_optimizer_state(self, optimizer: torch.optim.Optimizer,
-                              where: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Zero the optimizer's per-weight state at pruned positions (or, with ``where``, at
-        its True positions of the parameters it names)."""
-        for name in self.params if where is None else where:
-            positions = ~self.masks[name] if where is None else where[name]
-            zero_optimizer_state(optimizer, self.params[name], positions)
+    def clear_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer's per-weight state at pruned positions."""
+        for name, param in self.params.items():
+            zero_optimizer_state(optimizer, param, ~self.masks[name])
 
     def enforce(self, optimizer: torch.optim.Optimizer | None) -> None:
         """After an optimizer step: zero pruned weights and their optimizer state."""

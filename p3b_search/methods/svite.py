@@ -15,7 +15,10 @@
   the ``k = ceil(p_t * nnz)`` active weights of smallest ``|w|``, then grow the ``k`` inactive
   positions (the ones just dropped included) of largest ``|dL/dw|``. The gradient is dense:
   masking is by zeroing weights, so pruned weights still get gradients. Grown weights start
-  at 0 with cleared optimizer state. Layers that ERK keeps dense are left alone.
+  at 0 with cleared optimizer state and, under Adam/AdamW, their own step count: they move
+  as a fresh parameter would (:class:`~p3b_search.methods.sparsity.FreshAdamSteps`), not
+  several times ``lr`` as the bias correction of the optimizer's step count would make them.
+  Layers that ERK keeps dense are left alone.
 * Death rate ``p_t = p_end + (p_0 - p_end)(1 + cos(pi t / T)) / 2`` (``p_0 = 0.5``,
   ``p_end = 0.005``).
 * After every optimizer step the masks are re-applied and the optimizer state of pruned
@@ -34,10 +37,12 @@ from torch import nn
 from p3b_search.methods.allocation import allocation_rows
 from p3b_search.methods.base import (
     MethodConfig,
+    PrunedModel,
     register_method,
 )
 from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.sparsity import (
+    FreshAdamSteps,
     UnstructuredMethod,
     drop_and_grow,
     erk_densities,
@@ -179,6 +184,7 @@ class SViTE(UnstructuredMethod):
         self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self._adapter: ModelAdapter | None = None
         self._evolving: list[str] = []
+        self._fresh: FreshAdamSteps | None = None
 
     def prepare(self, model: nn.Module) -> None:
         self._adapter = get_adapter(model)
@@ -188,7 +194,12 @@ class SViTE(UnstructuredMethod):
         masks = initial_masks(weights, density, self.config.init, self.config.seed)
         self._mask(model, masks)
         self._evolving = [name for name, mask in masks.items() if not bool(mask.all())]
+        self._fresh = FreshAdamSteps(model)
         self._record(step=0, epoch=0)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().on_train_start(model, optimizer)
+        self._fresh.attach(optimizer)
 
     def _record(self, step: int, epoch: int) -> None:
         kept = self._counter(self._weights).sub_blocks
@@ -207,13 +218,19 @@ class SViTE(UnstructuredMethod):
             grown[name] = prune_and_grow(param, self._weights.masks[name], average_across_ranks(param.grad), rate)
         self._weights.apply()
         self._weights.clear_optimizer_state(self._optimizer)
-        self._weights.clear_optimizer_state(self._optimizer, where=grown)
+        for name, positions in grown.items():
+            self._fresh.regrow(self._optimizer, self._weights.params[name], positions)
         self.clock.advance(info.step)
         self._record(step=info.step, epoch=info.epoch)
 
+    def finalize(self, model: nn.Module) -> PrunedModel:
+        self._fresh.detach()
+        return super().finalize(model)
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "clock": self.clock.state_dict()}
+        return {**super().state_dict(), "clock": self.clock.state_dict(), "regrown_at": self._fresh.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.clock.load_state_dict(state["clock"])
+        self._fresh.load_state_dict(state["regrown_at"])
