@@ -111,11 +111,11 @@ def test_cleared_optimizer_state_is_what_keeps_pruned_weights_dead(clear_state):
 LR = 1e-2
 
 
-def _adamw_twins(amsgrad: bool) -> tuple[list[torch.nn.Linear], list[torch.optim.Optimizer]]:
-    """Two identical layers with their own AdamW, stepped 300 times on the same gradients."""
+def _adamw_twins(**options) -> tuple[list[torch.nn.Linear], list[torch.optim.Optimizer]]:
+    """Two identical layers with their own AdamW (``options``), stepped 300 times on the same gradients."""
     layers = [torch.nn.Linear(16, 16, bias=False) for _ in range(2)]
     layers[1].load_state_dict(layers[0].state_dict())
-    optimizers = [torch.optim.AdamW(layer.parameters(), lr=LR, weight_decay=0.05, amsgrad=amsgrad) for layer in layers]
+    optimizers = [torch.optim.AdamW(layer.parameters(), lr=LR, weight_decay=0.05, **options) for layer in layers]
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
         grad = torch.randn(16, 16, generator=gen)
@@ -125,9 +125,9 @@ def _adamw_twins(amsgrad: bool) -> tuple[list[torch.nn.Linear], list[torch.optim
     return layers, optimizers
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_regrown_entries_step_under_adamw_exactly_as_a_fresh_parameter(amsgrad):
-    (corrected, plain), (optimizer, plain_optimizer) = _adamw_twins(amsgrad)
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True}, {"fused": True}])
+def test_regrown_entries_step_under_adamw_exactly_as_a_fresh_parameter(options):
+    (corrected, plain), (optimizer, plain_optimizer) = _adamw_twins(**options)
     fresh_steps = FreshAdamSteps(corrected)
     fresh_steps.attach(optimizer)
     regrown = torch.rand(16, 16, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -137,7 +137,7 @@ def test_regrown_entries_step_under_adamw_exactly_as_a_fresh_parameter(amsgrad):
     fresh_steps.regrow(optimizer, corrected.weight, regrown)
     zero_optimizer_state(plain_optimizer, plain.weight, regrown)  # moments cleared, step count kept
     reference = torch.nn.Parameter(torch.zeros(16, 16))  # a fresh parameter from the same start
-    reference_optimizer = torch.optim.AdamW([reference], lr=LR, weight_decay=0.05, amsgrad=amsgrad)
+    reference_optimizer = torch.optim.AdamW([reference], lr=LR, weight_decay=0.05, **options)
     gen = torch.Generator().manual_seed(2)
     plain_first = None
     for _ in range(20):
@@ -164,7 +164,6 @@ def test_fresh_adam_steps_leave_sgd_alone_and_round_trip():
     optimizer.step()
     fresh_steps.regrow(optimizer, layer.weight, torch.eye(4, dtype=torch.bool))
     assert fresh_steps.births == {}  # SGD keeps no step count: nothing to correct
-    optimizer.step()
     adam = torch.optim.Adam(layer.parameters())
     layer.weight.grad = torch.ones(4, 4)
     adam.step()
