@@ -315,13 +315,15 @@ def dimap_unit_masks(adapter: ModelAdapter, ratios: dict[str, float], orders: li
         target = _weight_target(order, ratios, sizes)
         if target > order.removed_weights[-1]:
             raise ValueError(
-                f"dimap-structured: unit_groups={list(order.unit_groups)} can remove only {order.removed_weights[-1]} of "
-                f"the {round(target)} {order.kind} weights the prune ratios ask for: add unit groups or lower the ratios"
+                f"dimap-structured: unit_groups={list(order.unit_groups)} can remove only "
+                f"{order.removed_weights[-1]} of the {round(target)} {order.kind} weights the prune ratios ask for: "
+                "add unit groups or lower the ratios"
             )
     return _unit_masks(adapter, orders, ratios, sizes)
 
 
-def solve_unit_ratios(model: nn.Module, config: "DIMAPStructuredConfig", orders: list[RemovalOrder]) -> dict[str, float]:
+def solve_unit_ratios(model: nn.Module, config: DIMAPStructuredConfig,
+                      orders: list[RemovalOrder]) -> dict[str, float]:
     """Module ratios of ``config`` with the unset ones sharing the ratio whose unit masks keep
     ``1 - prune_ratio`` of the model's parameters (counted by :func:`~p3b_search.cost.model_cost`)."""
     given = config.given_ratios()
