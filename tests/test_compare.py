@@ -65,6 +65,14 @@ def test_table_rows_roles_and_verdicts():
     assert rows["p3b", 0.75]["kept_fraction"] == pytest.approx(0.25) and rows["p3b", 0.75]["macs"] == 2.5e5
 
 
+def test_unstructured_methods_are_marked_rows_never_the_best_baseline():
+    trials = pd.concat([TRIALS, results([("svite", 0.5, s, v + 9) for s, v in SEEDS.items()])])
+    rows = comparison_table(trials, METHODS).set_index(["method", "prune_ratio"])
+    assert not rows.loc[("svite", 0.5), "structured"] and rows.loc[("p3b", 0.5), "structured"]
+    assert rows.loc[("p3b", 0.5), "baseline"] == rows.loc[("svite", 0.5), "baseline"] == "uniform-magnitude"
+    assert rows.loc[("svite", 0.5), "diff"] == pytest.approx(9.0)
+
+
 def test_a_difference_whose_interval_holds_zero_is_not_separated():
     noisy = results([("p3b", 0.5, s, 80.0 + (1 if s % 2 else -1)) for s in range(6)]
                     + [("s2vite", 0.5, s, 80.0) for s in range(6)])
@@ -79,9 +87,9 @@ def test_markdown_has_a_title_and_one_row_per_group(tmp_path):
     text = markdown(study, comparison_table(TRIALS, METHODS))
     lines = text.splitlines()
     assert lines[0].startswith("Method comparison of study cmp (vit_tiny_patch16_224, data digits)")
-    assert lines[2].startswith("| method | prune ratio | n (seeds) | top-1 % | top-1 95% CI | kept params |")
-    assert len(lines) == 4 + 6 and lines[4].startswith("| dense | 0 | 5 | 88.60 | [")
-    assert "| p3b | 0.75 | 3 |" in text and "not separated (n = 3 < 5) |" in text
+    assert lines[2].startswith("| method | structured | prune ratio | n (seeds) | top-1 % | top-1 95% CI | kept params |")
+    assert len(lines) == 4 + 6 and lines[4].startswith("| dense | yes | 0 | 5 | 88.60 | [")
+    assert "| p3b | yes | 0.75 | 3 |" in text and "not separated (n = 3 < 5) |" in text
 
 
 GRID_STUDY = """name: cmp

@@ -3,8 +3,10 @@ over seeds with its 95 % Student t interval, the kept fraction of parameters, MA
 difference to the best baseline at that ratio, paired by seed, with its 95 % interval.
 
 Roles: ``dense`` is the reference (first row, prune ratio 0); ``p3b`` is the project's core
-method; every other method is a baseline. The best baseline at a ratio is the baseline with the
-highest mean top-1 there. A difference is *separated* only when its interval excludes zero and
+method; every other method is a baseline. The best baseline at a ratio is the *structured*
+baseline with the highest mean top-1 there: unstructured methods (``dimap``, ``svite``) keep
+dense shapes and need sparse kernels to be faster, so they are marked rows (``structured`` =
+False) compared with that baseline, never the baseline themselves. A difference is *separated* only when its interval excludes zero and
 at least :data:`MIN_SEEDS` seeds pair up.
 
 A trial's method, prune ratio and seed are those of its trial configuration (searched or
@@ -19,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from p3b_search.methods import get_method
 from p3b_search.search.results import PARAM_PREFIX, read_allocations, write_parquet_atomic
 from p3b_search.search.schema import StudyConfig, StudyError, trial_config
 from p3b_search.stats import CONFIDENCE, Interval, paired_difference, t_interval
@@ -27,7 +30,7 @@ CORE_METHOD = "p3b"
 REFERENCE_METHOD = "dense"
 MIN_SEEDS = 5
 RESULT_COLUMNS = ["number", "method", "prune_ratio", "seed", "top1", "kept_fraction", "macs", "params"]
-TABLE_COLUMNS = ["method", "prune_ratio", "n", "top1", "top1_low", "top1_high", "kept_fraction", "macs",
+TABLE_COLUMNS = ["method", "structured", "prune_ratio", "n", "top1", "top1_low", "top1_high", "kept_fraction", "macs",
                  "baseline", "diff", "diff_low", "diff_high", "pairs", "verdict"]
 
 
@@ -85,7 +88,7 @@ def comparison_table(results: pd.DataFrame, methods: list[str] | None = None) ->
     means = {group: sum(seeds.values()) / len(seeds) for group, seeds in top1.items()}
     best: dict[float, str] = {}
     for (method, ratio), mean in sorted(means.items(), key=lambda item: -item[1]):
-        if method not in (CORE_METHOD, REFERENCE_METHOD):
+        if method not in (CORE_METHOD, REFERENCE_METHOD) and get_method(method).structured:
             best.setdefault(ratio, method)
     rows = []
     for method, ratio in _order(results, methods or []):
@@ -102,7 +105,7 @@ def comparison_table(results: pd.DataFrame, methods: list[str] | None = None) ->
         else:
             difference = paired_difference(top1[(method, ratio)], top1[(baseline, ratio)])
             verdict = _verdict(difference)
-        rows.append({"method": method, "prune_ratio": ratio, "n": accuracy.n, "top1": accuracy.mean,
+        rows.append({"method": method, "structured": get_method(method).structured, "prune_ratio": ratio, "n": accuracy.n, "top1": accuracy.mean,
                      "top1_low": accuracy.low, "top1_high": accuracy.high,
                      "kept_fraction": group["kept_fraction"].mean(), "macs": group["macs"].mean(),
                      "baseline": baseline or "", "diff": difference.mean, "diff_low": difference.low,
@@ -123,6 +126,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     ci = f"{CONFIDENCE:.0%} CI"
     return pd.DataFrame({
         "method": table["method"],
+        "structured": ["yes" if s else "no (marked row)" for s in table["structured"]],
         "prune ratio": [f"{r:g}" for r in table["prune_ratio"]],
         "n (seeds)": table["n"],
         "top-1 %": [_number(v, ".2f") for v in table["top1"]],
