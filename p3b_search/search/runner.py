@@ -137,7 +137,7 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
     if not timm.is_model(study.model.name):
         raise StudyError(f"{source}: model.name: {study.model.name!r} is not a timm model: pick one from "
                          "timm.list_models()")
-    if study.data.kind != "digits" and not study.data.root.is_dir():
+    if study.data.kind not in EMBEDDED_TASKS and not study.data.root.is_dir():
         raise StudyError(f"{source}: data.root: folder {study.data.root} does not exist: point it at the data set")
     if study.data.kind == "imagefolder":
         _check_image_folder(source, study.data.root)

@@ -69,7 +69,7 @@ def cache_key(model_cfg: ModelConfig, device_type: str, task: str = "digits") ->
         "cpu_threads": SOURCE_CPU_THREADS,
     }
     if task == "glyphs":  # the generated images are part of the recipe
-        recipe["glyphs"] = GLYPHS.key()
+        recipe["glyphs"] = GLYPHS.key("source")
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
