@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 import search
-from p3b_search.search.compare import comparison_table, markdown, trial_results
+from p3b_search.search.compare import benefit_by_depth, comparison_table, markdown, trial_results
 from p3b_search.search.results import read_trials
 from p3b_search.search.schema import StudyError, load_study
 from p3b_search.stats import paired_difference
+from tests.test_figures import benefit_rows
 from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
 OBJECTIVE = "tests.search_objective:run_trial"
@@ -71,6 +72,14 @@ def test_unstructured_methods_are_marked_rows_never_the_best_baseline():
     assert not rows.loc[("svite", 0.5), "structured"] and rows.loc[("p3b", 0.5), "structured"]
     assert rows.loc[("p3b", 0.5), "baseline"] == rows.loc[("svite", 0.5), "baseline"] == "uniform-magnitude"
     assert rows.loc[("svite", 0.5), "diff"] == pytest.approx(9.0)
+
+
+def test_benefit_by_depth_reports_when_each_sub_block_gains_and_the_depth_correlation():
+    rows = pd.concat([benefit_rows(patch_slope=-0.01).assign(prune_ratio=r) for r in (0.5, 0.75)])
+    text = benefit_by_depth(rows)
+    assert text.count("ρ(depth, cls gain) = +1.00, ρ(depth, patch gain) = -1.00") == 2
+    assert "Prune ratio 0.75 (2 trials)" in text
+    assert "| L02.mlp | 2.1000 | 14.1000 | +12.0000 |" in text
 
 
 def test_a_difference_whose_interval_holds_zero_is_not_separated():

@@ -7,6 +7,8 @@ import pytest
 
 from p3b_search.tracking.figures import (
     allocation_table,
+    benefit_over_training,
+    benefit_timing,
     check_allocation_row,
     keep_ratio_by_depth,
     keep_ratio_heatmap,
@@ -35,6 +37,33 @@ def test_keep_ratio_by_depth_has_a_panel_per_ratio_and_a_line_per_method_and_kin
     assert [ax.get_title() for ax in fig.axes] == ["prune ratio 0.5", "prune ratio 0.75"]
     labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     assert labels == ["p3b attn", "p3b mlp", "uniform-magnitude attn", "uniform-magnitude mlp"]
+
+
+def benefit_rows(trials: int = 2, updates: int = 9, layers: int = 3, patch_slope: float = 0.0) -> pd.DataFrame:
+    """P3B-like rows: layer l's cls benefit grows by l per update, its patch benefit by
+    ``patch_slope * l`` per update."""
+    return pd.DataFrame([dict(trial=t, step=10 * (u + 1), epoch=u // 3, layer=layer, kind=k, keep_ratio=0.5,
+                              benefit_cls=0.1 + layer * u, benefit_patch=0.2 + t + patch_slope * layer * u)
+                         for t in range(trials) for u in range(updates) for layer in range(layers)
+                         for k in ("attn", "mlp")])
+
+
+def test_benefit_timing_compares_the_first_and_last_third_of_each_trial():
+    timing = benefit_timing(benefit_rows()).set_index(["kind", "layer"])
+    # updates 0-2 vs 6-8: cls gain = 6 * layer; patch flat within a trial
+    assert timing.loc[("mlp", 2), "benefit_cls_gain"] == pytest.approx(12.0)
+    assert timing.loc[("attn", 0), "benefit_cls_gain"] == pytest.approx(0.0)
+    assert timing.loc[("attn", 1), "benefit_cls_first"] == pytest.approx(0.1 + 1.0)
+    assert timing["benefit_patch_gain"].abs().max() == pytest.approx(0.0)
+    assert timing.loc[("attn", 1), "benefit_patch_last"] == pytest.approx(0.7)  # mean over the two trials
+
+
+def test_benefit_over_training_draws_a_line_per_layer_in_six_panels():
+    fig = benefit_over_training(benefit_rows(), "t")
+    assert len(fig.axes) == 6 and fig.axes[0].get_title() == "attn: ΔΨ cls (block benefit)"
+    assert [len(ax.get_lines()) for ax in fig.axes] == [3] * 6
+    assert list(fig.axes[0].get_lines()[2].get_ydata()) == pytest.approx([0.1 + 2 * u for u in range(9)])
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([0.7] * 9)  # patch: mean of trials
 
 
 def test_allocation_row_without_keep_ratio_is_rejected():

@@ -155,29 +155,66 @@ def markdown(study: StudyConfig, table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def final_allocations(study: StudyConfig, results: pd.DataFrame) -> pd.DataFrame:
-    """Each compared trial's allocation rows of its last mask update, with ``method`` and
-    ``prune_ratio`` (empty when the trials wrote none, e.g. dense)."""
+def _trial_allocations(study: StudyConfig, results: pd.DataFrame) -> pd.DataFrame:
+    """Every allocation row of the compared trials, with ``method`` and ``prune_ratio``."""
     allocations = read_allocations(study.layout)
     if allocations.empty or "step" not in allocations.columns:
         return pd.DataFrame()
-    last = allocations.groupby("trial")["step"].transform("max")
-    final = allocations[allocations["step"] == last]
-    return final.merge(results[["number", "method", "prune_ratio"]], left_on="trial", right_on="number")
+    return allocations.merge(results[["number", "method", "prune_ratio"]], left_on="trial", right_on="number")
+
+
+def benefit_by_depth(allocations: pd.DataFrame) -> str:
+    """Markdown: for each prune ratio, when each sub-block's block benefit arrives
+    (:func:`~p3b_search.tracking.figures.benefit_timing`, mean over seeds) and the Spearman
+    rank correlation of depth with the benefit's gain over the prune stage."""
+    from scipy.stats import spearmanr
+
+    from p3b_search.tracking.figures import benefit_timing
+
+    lines = [f"## Block benefit of {CORE_METHOD} by depth", "",
+             "ΔΨ over the first and the last third of each trial's mask updates (mean over seeds); gain = last - "
+             "first; ρ = Spearman rank correlation of the layer index with the gain (> 0: deeper sub-blocks "
+             "gain their benefit later).", ""]
+    for ratio, rows in allocations.groupby("prune_ratio"):
+        timing = benefit_timing(rows)
+        rho = {c: spearmanr(timing["layer"], timing[f"{c}_gain"]).statistic for c in ("benefit_cls", "benefit_patch")}
+        lines += [f"Prune ratio {ratio:g} ({rows['trial'].nunique()} trials): ρ(depth, cls gain) = "
+                  f"{rho['benefit_cls']:+.2f}, ρ(depth, patch gain) = {rho['benefit_patch']:+.2f}", "",
+                  "| sub-block | ΔΨ cls first | ΔΨ cls last | cls gain | ΔΨ patch first | ΔΨ patch last | patch gain |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in timing.sort_values(["layer", "kind"]).itertuples(index=False):
+            lines.append(f"| L{int(row.layer):02d}.{row.kind} | {row.benefit_cls_first:.4f} | "
+                         f"{row.benefit_cls_last:.4f} | {row.benefit_cls_gain:+.4f} | {row.benefit_patch_first:.4f} | "
+                         f"{row.benefit_patch_last:.4f} | {row.benefit_patch_gain:+.4f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_comparison(study: StudyConfig, results: pd.DataFrame, table: pd.DataFrame, prefix: Path) -> list[Path]:
-    """Write ``PREFIX.md`` (:func:`markdown`), ``PREFIX.parquet`` (:func:`comparison_table`) and,
-    when the trials recorded allocations, ``PREFIX_depth.png`` (keep ratio per layer at the end
-    of pruning); returns the paths written."""
+    """Write ``PREFIX.md`` (:func:`markdown`, then :func:`benefit_by_depth` when the core method
+    recorded block benefits), ``PREFIX.parquet`` (:func:`comparison_table`) and, when the trials
+    recorded allocations, ``PREFIX_depth.png`` (keep ratio per layer at the end of pruning) and
+    ``PREFIX_benefit_p<ratio>.png`` (the core method's block benefit and keep ratio over the prune
+    stage, per layer); returns the paths written."""
+    from p3b_search.tracking.figures import benefit_over_training, keep_ratio_by_depth
+
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(f"{prefix.name}.md"), prefix.with_name(f"{prefix.name}.parquet")]
-    paths[0].write_text(markdown(study, table))
+    text = markdown(study, table)
     write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), paths[1])
-    allocations = final_allocations(study, results)
+    allocations = _trial_allocations(study, results)
     if not allocations.empty:
-        from p3b_search.tracking.figures import keep_ratio_by_depth
-
+        final = allocations[allocations["step"] == allocations.groupby("trial")["step"].transform("max")]  # last update
         paths.append(prefix.with_name(f"{prefix.name}_depth.png"))
-        keep_ratio_by_depth(allocations, CORE_METHOD).savefig(paths[-1], dpi=130)
+        keep_ratio_by_depth(final, CORE_METHOD).savefig(paths[-1], dpi=130)
+        core = allocations[allocations["method"] == CORE_METHOD]
+        if {"benefit_cls", "benefit_patch"} <= set(core.columns) and core["benefit_cls"].notna().any():
+            text += "\n" + benefit_by_depth(core)
+            for ratio, rows in core.groupby("prune_ratio"):
+                paths.append(prefix.with_name(f"{prefix.name}_benefit_p{ratio:g}.png"))
+                figure = benefit_over_training(rows, f"{CORE_METHOD} at prune ratio {ratio:g}: block benefit and keep "
+                                                     f"ratio over the prune stage (mean of {rows['trial'].nunique()} "
+                                                     "trials)")
+                figure.savefig(paths[-1], dpi=110)
+    paths[0].write_text(text)
     return paths

@@ -182,3 +182,58 @@ def keep_ratio_by_depth(allocations: pd.DataFrame, highlight: str) -> Figure:
     axes[0].set_ylabel("keep ratio at the end of pruning")
     axes[-1].legend(fontsize=7, loc="best")
     return fig
+
+
+def _depth_colours(layers: Sequence[int]) -> dict[int, Any]:
+    from matplotlib import colormaps
+
+    top = max(max(layers), 1)
+    return {layer: colormaps["viridis"](layer / top) for layer in layers}
+
+
+def benefit_over_training(allocations: pd.DataFrame, title: str) -> Figure:
+    """P3B's block performance over training: ΔΨ_cls and ΔΨ_patch of each sub-block at every mask
+    update (the mean over its window), and its keep ratio, vs the prune-stage step (columns);
+    attention and MLP sub-blocks in rows; one line per layer, coloured by depth.
+
+    ``allocations``: every mask update's rows of one or more trials (seeds) with
+    ``benefit_cls`` and ``benefit_patch``; each line is the mean over the trials."""
+    rows = allocations.dropna(subset=["benefit_cls", "benefit_patch"])
+    layers = sorted(int(layer) for layer in rows["layer"].unique())
+    colours = _depth_colours(layers)
+    panels = (("benefit_cls", "ΔΨ cls (block benefit)"), ("benefit_patch", "ΔΨ patch (block benefit)"),
+              ("keep_ratio", "keep ratio"))
+    fig = Figure(figsize=(14, 6.5), layout="constrained")
+    axes = fig.subplots(2, len(panels), sharex=True, squeeze=False)
+    for r, kind in enumerate(("attn", "mlp")):
+        for c, (column, label) in enumerate(panels):
+            ax = axes[r][c]
+            for layer in layers:
+                series = rows[(rows["kind"] == kind) & (rows["layer"] == layer)].groupby("step")[column].mean()
+                ax.plot(series.index, series.to_numpy(), color=colours[layer], label=f"layer {layer}", lw=1.5)
+            ax.set_title(f"{kind}: {label}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if r == 1:
+                ax.set_xlabel("prune-stage step (micro-batch) of the mask update")
+    axes[0][-1].legend(fontsize=7, loc="best", title="depth")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def benefit_timing(allocations: pd.DataFrame) -> pd.DataFrame:
+    """When each sub-block's benefit arrives: per ``(kind, layer)``, the mean ΔΨ_cls and ΔΨ_patch
+    over the first and the last third of each trial's mask updates, and ``*_gain`` = last - first
+    (> 0: the sub-block's benefit grew during pruning).
+    Means over the trials in ``allocations`` (rows as :func:`benefit_over_training`)."""
+    rows = allocations.dropna(subset=["benefit_cls", "benefit_patch"])
+    rank = rows.groupby("trial")["step"].rank(method="dense", pct=True) if "trial" in rows else rows["step"].rank(
+        method="dense", pct=True)
+    third = np.where(rank <= 1 / 3, "first", np.where(rank > 2 / 3, "last", "middle"))
+    means = rows.assign(third=third).groupby(["kind", "layer", "third"])[["benefit_cls", "benefit_patch"]].mean()
+    table = means.unstack("third")
+    out = pd.DataFrame(index=table.index)
+    for column in ("benefit_cls", "benefit_patch"):
+        first, last = table[(column, "first")], table[(column, "last")]
+        out[f"{column}_first"], out[f"{column}_last"] = first, last
+        out[f"{column}_gain"] = last - first
+    return out.reset_index()
