@@ -69,24 +69,13 @@ def run_one(job: tuple[argparse.Namespace, str, int, str | None]) -> dict[str, A
             "params": result["params"], "seconds": time.perf_counter() - started}
 
 
-def mean_ci(values: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t interval."""
-    from scipy import stats
-
-    n = len(values)
-    half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-    return float(values.mean()), float(half)
-
-
 def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
+    from p3b_search.stats import paired_difference
+
     dense = rows[(rows.method == "dense") & (rows.init == "source")].sort_values("seed")
     scratch = rows[(rows.method == "dense") & (rows.init == "random")].sort_values("seed")
-    gain = dense.top1.to_numpy() - scratch.top1.to_numpy()
+    gain = paired_difference(dict(zip(dense.seed, dense.top1)), dict(zip(scratch.seed, scratch.top1)))
     pruned = rows[rows.method.isin(STRUCTURED)]
-    means = pruned.groupby("method").top1.mean()
-    pooled = float(np.sqrt(pruned.groupby("method").top1.var(ddof=1).mean()))
-    spread = float(means.max() - means.min())
-    gain_mean, gain_half = mean_ci(gain)
     lines = [
         f"# {args.task} task calibration\n",
         f"Command: `python {' '.join(sys.argv)}` ({seconds / 60:.1f} min wall, {args.workers} workers x 1 thread)\n",
@@ -95,9 +84,16 @@ def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
         f"{sorted(dense.seed.tolist())}.\n",
         f"* dense transfer top-1: {dense.top1.mean():.2f} % (seed std {dense.top1.std(ddof=1):.2f})",
         f"* dense from random init: {scratch.top1.mean():.2f} % (seed std {scratch.top1.std(ddof=1):.2f})",
-        f"* transfer gain: {gain_mean:.2f} points (95 % CI ± {gain_half:.2f}, paired by seed)",
-        f"* structured methods at p = {args.ratio:g}: spread of the means {spread:.2f} points, pooled seed std "
-        f"{pooled:.2f}: spread / std = {spread / pooled:.1f}\n",
+        f"* transfer gain: {gain.mean:.2f} points (95 % CI [{gain.low:.2f}, {gain.high:.2f}], paired by seed)",
+    ]
+    if pruned.method.nunique() > 1:
+        means = pruned.groupby("method").top1.mean()
+        pooled = float(np.sqrt(pruned.groupby("method").top1.var(ddof=1).mean()))
+        spread = float(means.max() - means.min())
+        lines.append(f"* structured methods at p = {args.ratio:g}: spread of the means {spread:.2f} points, pooled "
+                     f"seed std {pooled:.2f}: spread / std = {spread / pooled:.1f}")
+    lines += [
+        "",
         "| method | init | top-1 % mean | seed std | n | seconds / trial |",
         "|---|---|---|---|---|---|",
     ]
@@ -112,7 +108,8 @@ def main() -> None:
     parser.add_argument("--task", choices=("glyphs", "digits"), default="glyphs")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ratio", type=float, default=0.75)
-    parser.add_argument("--methods", nargs="*", default=list(STRUCTURED))
+    parser.add_argument("--methods", nargs="*", default=list(STRUCTURED), help="pruned methods at --ratio "
+                        "(none: only dense transfer vs dense from random init)")
     parser.add_argument("--prune-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-2, help="base LR per 512 images, both stages")
