@@ -167,9 +167,11 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from p3b_search.search.compare import comparison_table, display_table, title, trial_results, write_comparison
+    from p3b_search.search.compare import (CORE_METHOD, comparison_table, display_table, title, trial_allocations,
+                                           trial_results, write_comparison)
     from p3b_search.search.results import read_trials
     from p3b_search.search.runner import study_from_folder
+    from p3b_search.tracking.figures import write_comparison_figures
 
     study = study_from_folder(study_folder(args.study, args.output_dir))
     results = trial_results(study, read_trials(study.layout))
@@ -177,7 +179,10 @@ def _compare(args: argparse.Namespace) -> int:
     print(title(study))
     print(display_table(table).to_string(index=False) if len(table) else "(no finished trials yet)")
     if args.out:
-        for path in write_comparison(study, results, table, Path(args.out).expanduser()):
+        prefix = Path(args.out).expanduser()
+        allocations = trial_allocations(study, results)
+        paths = write_comparison(study, table, allocations, prefix)
+        for path in paths + write_comparison_figures(allocations, CORE_METHOD, prefix):
             print(f"wrote {path}")
     return 0
 

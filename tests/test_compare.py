@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import search
-from p3b_search.search.compare import benefit_by_depth, comparison_table, markdown, trial_results
+from p3b_search.search.compare import benefit_by_depth, benefit_timing, comparison_table, markdown, trial_results
 from p3b_search.search.results import read_trials
 from p3b_search.search.schema import StudyError, load_study
 from p3b_search.stats import paired_difference
@@ -74,6 +74,21 @@ def test_unstructured_methods_are_marked_rows_never_the_best_baseline():
     assert rows.loc[("svite", 0.5), "diff"] == pytest.approx(9.0)
 
 
+def test_benefit_timing_compares_the_first_and_last_third_of_each_trial():
+    timing = benefit_timing(benefit_rows()).set_index(["kind", "layer"])
+    # updates 0-2 vs 6-8: cls gain = 6 * layer; patch flat within a trial
+    assert timing.loc[("mlp", 2), "benefit_cls_gain"] == pytest.approx(12.0)
+    assert timing.loc[("attn", 0), "benefit_cls_gain"] == pytest.approx(0.0)
+    assert timing.loc[("attn", 1), "benefit_cls_first"] == pytest.approx(0.1 + 1.0)
+    assert timing["benefit_patch_gain"].abs().max() == pytest.approx(0.0)
+    assert timing.loc[("attn", 1), "benefit_patch_last"] == pytest.approx(0.7)  # mean over the two trials
+
+
+def test_benefit_timing_is_nan_where_a_trial_has_fewer_than_three_updates():
+    timing = benefit_timing(benefit_rows(updates=2))
+    assert timing["benefit_cls_first"].isna().all() and timing["benefit_cls_last"].notna().all()
+
+
 def test_benefit_by_depth_reports_when_each_sub_block_gains_and_the_depth_correlation():
     rows = pd.concat([benefit_rows(patch_slope=-0.01).assign(prune_ratio=r) for r in (0.5, 0.75)])
     text = benefit_by_depth(rows)
@@ -96,7 +111,8 @@ def test_markdown_has_a_title_and_one_row_per_group(tmp_path):
     text = markdown(study, comparison_table(TRIALS, METHODS))
     lines = text.splitlines()
     assert lines[0].startswith("Method comparison of study cmp (vit_tiny_patch16_224, data digits)")
-    assert lines[2].startswith("| method | structured | prune ratio | n (seeds) | top-1 % | top-1 95% CI | kept params |")
+    assert lines[2].startswith("| method | structured | prune ratio | n (seeds) | top-1 % | top-1 95% CI | "
+                               "kept params |")
     assert len(lines) == 4 + 6 and lines[4].startswith("| dense | yes | 0 | 5 | 88.60 | [")
     assert "| p3b | yes | 0.75 | 3 |" in text and "not separated (n = 3 < 5) |" in text
 

@@ -8,12 +8,12 @@ import pytest
 from p3b_search.tracking.figures import (
     allocation_table,
     benefit_over_training,
-    benefit_timing,
     check_allocation_row,
     keep_ratio_by_depth,
     keep_ratio_heatmap,
     pareto_plotly,
     pareto_png,
+    write_comparison_figures,
 )
 
 
@@ -48,22 +48,21 @@ def benefit_rows(trials: int = 2, updates: int = 9, layers: int = 3, patch_slope
                          for k in ("attn", "mlp")])
 
 
-def test_benefit_timing_compares_the_first_and_last_third_of_each_trial():
-    timing = benefit_timing(benefit_rows()).set_index(["kind", "layer"])
-    # updates 0-2 vs 6-8: cls gain = 6 * layer; patch flat within a trial
-    assert timing.loc[("mlp", 2), "benefit_cls_gain"] == pytest.approx(12.0)
-    assert timing.loc[("attn", 0), "benefit_cls_gain"] == pytest.approx(0.0)
-    assert timing.loc[("attn", 1), "benefit_cls_first"] == pytest.approx(0.1 + 1.0)
-    assert timing["benefit_patch_gain"].abs().max() == pytest.approx(0.0)
-    assert timing.loc[("attn", 1), "benefit_patch_last"] == pytest.approx(0.7)  # mean over the two trials
-
-
 def test_benefit_over_training_draws_a_line_per_layer_in_six_panels():
     fig = benefit_over_training(benefit_rows(), "t")
     assert len(fig.axes) == 6 and fig.axes[0].get_title() == "attn: ΔΨ cls (block benefit)"
     assert [len(ax.get_lines()) for ax in fig.axes] == [3] * 6
     assert list(fig.axes[0].get_lines()[2].get_ydata()) == pytest.approx([0.1 + 2 * u for u in range(9)])
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([0.7] * 9)  # patch: mean of trials
+
+
+def test_comparison_figures_are_written_per_prune_ratio(tmp_path):
+    rows = pd.concat([benefit_rows().assign(method="p3b", prune_ratio=r) for r in (0.5, 0.75)]
+                     + [benefit_rows().assign(method="uniform-magnitude", prune_ratio=0.5, benefit_cls=None)])
+    paths = write_comparison_figures(rows, "p3b", tmp_path / "cmp")
+    assert [p.name for p in paths] == ["cmp_depth.png", "cmp_benefit_p0.5.png", "cmp_benefit_p0.75.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+    assert write_comparison_figures(pd.DataFrame(), "p3b", tmp_path / "none") == []
 
 
 def test_allocation_row_without_keep_ratio_is_rejected():

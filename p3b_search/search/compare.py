@@ -6,8 +6,8 @@ Roles: ``dense`` is the reference (first row, prune ratio 0); ``p3b`` is the pro
 method; every other method is a baseline. The best baseline at a ratio is the *structured*
 baseline with the highest mean top-1 there: unstructured methods (``dimap``, ``svite``) keep
 dense shapes and need sparse kernels to be faster, so they are marked rows (``structured`` =
-False) compared with that baseline, never the baseline themselves. A difference is *separated* only when its interval excludes zero and
-at least :data:`MIN_SEEDS` seeds pair up.
+False) compared with that baseline, never the baseline themselves. A difference is
+*separated* only when its interval excludes zero and at least :data:`MIN_SEEDS` seeds pair up.
 
 A trial's method, prune ratio and seed are those of its trial configuration (searched or
 fixed in the study; dense's prune ratio is always 0), so any study whose trials differ only in
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -105,7 +106,8 @@ def comparison_table(results: pd.DataFrame, methods: list[str] | None = None) ->
         else:
             difference = paired_difference(top1[(method, ratio)], top1[(baseline, ratio)])
             verdict = _verdict(difference)
-        rows.append({"method": method, "structured": get_method(method).structured, "prune_ratio": ratio, "n": accuracy.n, "top1": accuracy.mean,
+        rows.append({"method": method, "structured": get_method(method).structured, "prune_ratio": ratio,
+                     "n": accuracy.n, "top1": accuracy.mean,
                      "top1_low": accuracy.low, "top1_high": accuracy.high,
                      "kept_fraction": group["kept_fraction"].mean(), "macs": group["macs"].mean(),
                      "baseline": baseline or "", "diff": difference.mean, "diff_low": difference.low,
@@ -155,21 +157,45 @@ def markdown(study: StudyConfig, table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _trial_allocations(study: StudyConfig, results: pd.DataFrame) -> pd.DataFrame:
-    """Every allocation row of the compared trials, with ``method`` and ``prune_ratio``."""
+def trial_allocations(study: StudyConfig, results: pd.DataFrame) -> pd.DataFrame:
+    """Every allocation row of the compared trials, with ``method`` and ``prune_ratio``
+    (empty when the trials wrote none, e.g. dense only)."""
     allocations = read_allocations(study.layout)
     if allocations.empty or "step" not in allocations.columns:
         return pd.DataFrame()
     return allocations.merge(results[["number", "method", "prune_ratio"]], left_on="trial", right_on="number")
 
 
+def core_benefits(allocations: pd.DataFrame) -> pd.DataFrame:
+    """The core method's allocation rows that carry block benefits (empty when there are none)."""
+    if not {"benefit_cls", "benefit_patch", "method"} <= set(allocations.columns):
+        return pd.DataFrame()
+    return allocations[(allocations["method"] == CORE_METHOD)].dropna(subset=["benefit_cls", "benefit_patch"])
+
+
+def benefit_timing(allocations: pd.DataFrame) -> pd.DataFrame:
+    """When each sub-block's block benefit arrives: per ``(kind, layer)``, ΔΨ_cls and ΔΨ_patch
+    averaged over the first and the last third of each trial's mask updates, then over the
+    trials, and ``*_gain`` = last - first (> 0: the sub-block's benefit grew during pruning).
+    A trial with fewer than three mask updates has no first or last third: NaN there."""
+    rank = allocations.groupby("trial")["step"].rank(method="dense", pct=True)
+    third = np.where(rank <= 1 / 3, "first", np.where(rank > 2 / 3, "last", "middle"))
+    columns = ["benefit_cls", "benefit_patch"]
+    per_trial = allocations.assign(third=third).groupby(["kind", "layer", "third", "trial"])[columns].mean()
+    table = per_trial.groupby(["kind", "layer", "third"]).mean().unstack("third")
+    out = pd.DataFrame(index=table.index)
+    for column in columns:
+        first = table.get((column, "first"), pd.Series(np.nan, index=table.index))
+        last = table.get((column, "last"), pd.Series(np.nan, index=table.index))
+        out[f"{column}_first"], out[f"{column}_last"], out[f"{column}_gain"] = first, last, last - first
+    return out.reset_index()
+
+
 def benefit_by_depth(allocations: pd.DataFrame) -> str:
     """Markdown: for each prune ratio, when each sub-block's block benefit arrives
-    (:func:`~p3b_search.tracking.figures.benefit_timing`, mean over seeds) and the Spearman
-    rank correlation of depth with the benefit's gain over the prune stage."""
+    (:func:`benefit_timing`) and the Spearman rank correlation of depth with the benefit's gain
+    over the prune stage. ``allocations``: :func:`core_benefits` rows."""
     from scipy.stats import spearmanr
-
-    from p3b_search.tracking.figures import benefit_timing
 
     lines = [f"## Block benefit of {CORE_METHOD} by depth", "",
              "ΔΨ over the first and the last third of each trial's mask updates (mean over seeds); gain = last - "
@@ -180,8 +206,8 @@ def benefit_by_depth(allocations: pd.DataFrame) -> str:
         rho = {c: spearmanr(timing["layer"], timing[f"{c}_gain"]).statistic for c in ("benefit_cls", "benefit_patch")}
         lines += [f"Prune ratio {ratio:g} ({rows['trial'].nunique()} trials): ρ(depth, cls gain) = "
                   f"{rho['benefit_cls']:+.2f}, ρ(depth, patch gain) = {rho['benefit_patch']:+.2f}", "",
-                  "| sub-block | ΔΨ cls first | ΔΨ cls last | cls gain | ΔΨ patch first | ΔΨ patch last | patch gain |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| sub-block | ΔΨ cls first | ΔΨ cls last | cls gain | ΔΨ patch first | ΔΨ patch last | "
+                  "patch gain |", "|---|---|---|---|---|---|---|"]
         for row in timing.sort_values(["layer", "kind"]).itertuples(index=False):
             lines.append(f"| L{int(row.layer):02d}.{row.kind} | {row.benefit_cls_first:.4f} | "
                          f"{row.benefit_cls_last:.4f} | {row.benefit_cls_gain:+.4f} | {row.benefit_patch_first:.4f} | "
@@ -190,31 +216,16 @@ def benefit_by_depth(allocations: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(study: StudyConfig, results: pd.DataFrame, table: pd.DataFrame, prefix: Path) -> list[Path]:
+def write_comparison(study: StudyConfig, table: pd.DataFrame, allocations: pd.DataFrame, prefix: Path) -> list[Path]:
     """Write ``PREFIX.md`` (:func:`markdown`, then :func:`benefit_by_depth` when the core method
-    recorded block benefits), ``PREFIX.parquet`` (:func:`comparison_table`) and, when the trials
-    recorded allocations, ``PREFIX_depth.png`` (keep ratio per layer at the end of pruning) and
-    ``PREFIX_benefit_p<ratio>.png`` (the core method's block benefit and keep ratio over the prune
-    stage, per layer); returns the paths written."""
-    from p3b_search.tracking.figures import benefit_over_training, keep_ratio_by_depth
-
+    recorded block benefits) and ``PREFIX.parquet`` (:func:`comparison_table`); returns the paths.
+    ``allocations``: :func:`trial_allocations` (the figures are drawn by the tracking layer)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(f"{prefix.name}.md"), prefix.with_name(f"{prefix.name}.parquet")]
     text = markdown(study, table)
-    write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), paths[1])
-    allocations = _trial_allocations(study, results)
-    if not allocations.empty:
-        final = allocations[allocations["step"] == allocations.groupby("trial")["step"].transform("max")]  # last update
-        paths.append(prefix.with_name(f"{prefix.name}_depth.png"))
-        keep_ratio_by_depth(final, CORE_METHOD).savefig(paths[-1], dpi=130)
-        core = allocations[allocations["method"] == CORE_METHOD]
-        if {"benefit_cls", "benefit_patch"} <= set(core.columns) and core["benefit_cls"].notna().any():
-            text += "\n" + benefit_by_depth(core)
-            for ratio, rows in core.groupby("prune_ratio"):
-                paths.append(prefix.with_name(f"{prefix.name}_benefit_p{ratio:g}.png"))
-                figure = benefit_over_training(rows, f"{CORE_METHOD} at prune ratio {ratio:g}: block benefit and keep "
-                                                     f"ratio over the prune stage (mean of {rows['trial'].nunique()} "
-                                                     "trials)")
-                figure.savefig(paths[-1], dpi=110)
+    benefits = core_benefits(allocations)
+    if not benefits.empty:
+        text += "\n" + benefit_by_depth(benefits)
     paths[0].write_text(text)
+    write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), paths[1])
     return paths

@@ -8,6 +8,7 @@ in worker threads and headless processes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -220,20 +221,22 @@ def benefit_over_training(allocations: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def benefit_timing(allocations: pd.DataFrame) -> pd.DataFrame:
-    """When each sub-block's benefit arrives: per ``(kind, layer)``, the mean ΔΨ_cls and ΔΨ_patch
-    over the first and the last third of each trial's mask updates, and ``*_gain`` = last - first
-    (> 0: the sub-block's benefit grew during pruning).
-    Means over the trials in ``allocations`` (rows as :func:`benefit_over_training`)."""
-    rows = allocations.dropna(subset=["benefit_cls", "benefit_patch"])
-    rank = rows.groupby("trial")["step"].rank(method="dense", pct=True) if "trial" in rows else rows["step"].rank(
-        method="dense", pct=True)
-    third = np.where(rank <= 1 / 3, "first", np.where(rank > 2 / 3, "last", "middle"))
-    means = rows.assign(third=third).groupby(["kind", "layer", "third"])[["benefit_cls", "benefit_patch"]].mean()
-    table = means.unstack("third")
-    out = pd.DataFrame(index=table.index)
-    for column in ("benefit_cls", "benefit_patch"):
-        first, last = table[(column, "first")], table[(column, "last")]
-        out[f"{column}_first"], out[f"{column}_last"] = first, last
-        out[f"{column}_gain"] = last - first
-    return out.reset_index()
+def write_comparison_figures(allocations: pd.DataFrame, core_method: str, prefix: Path) -> list[Path]:
+    """The method comparison's figures (``search.py compare --out PREFIX``): ``PREFIX_depth.png``,
+    keep ratio per layer at each trial's last mask update, and ``PREFIX_benefit_p<ratio>.png``,
+    ``core_method``'s block benefit and keep ratio over the prune stage, per prune ratio (when it
+    recorded benefits). ``allocations``: every allocation row with ``trial``, ``method`` and
+    ``prune_ratio``. Returns the paths written."""
+    if allocations.empty:
+        return []
+    final = allocations[allocations["step"] == allocations.groupby("trial")["step"].transform("max")]
+    paths = [prefix.with_name(f"{prefix.name}_depth.png")]
+    keep_ratio_by_depth(final, core_method).savefig(paths[0], dpi=130)
+    if {"benefit_cls", "benefit_patch"} <= set(allocations.columns):
+        core = allocations[allocations["method"] == core_method].dropna(subset=["benefit_cls", "benefit_patch"])
+        for ratio, rows in core.groupby("prune_ratio"):
+            paths.append(prefix.with_name(f"{prefix.name}_benefit_p{ratio:g}.png"))
+            title = (f"{core_method} at prune ratio {ratio:g}: block benefit and keep ratio over the prune stage "
+                     f"(mean of {rows['trial'].nunique()} trials)")
+            benefit_over_training(rows, title).savefig(paths[-1], dpi=110)
+    return paths
