@@ -111,9 +111,12 @@ def test_markdown_has_a_title_and_one_row_per_group(tmp_path):
     text = markdown(study, comparison_table(TRIALS, METHODS))
     lines = text.splitlines()
     assert lines[0].startswith("Method comparison of study cmp (vit_tiny_patch16_224, data digits)")
-    assert lines[2].startswith("| method | structured | prune ratio | n (seeds) | top-1 % | top-1 95% CI | "
+    assert lines[2].startswith("Recipe: 10 prune (constant) + 5 fine-tune (cosine) epochs")
+    assert lines[4].startswith("| method | structured | prune ratio | n (seeds) | top-1 % | top-1 95% CI | "
                                "kept params |")
-    assert len(lines) == 4 + 6 and lines[4].startswith("| dense | yes | 0 | 5 | 88.60 | [")
+    assert len(lines) == 6 + 6 and lines[6].startswith("| dense | yes | 0 | 5 | 88.60 | [")
+    assert "Command: `python search.py compare cmp`" in markdown(study, comparison_table(TRIALS), "python search.py "
+                                                                  "compare cmp")
     assert "| p3b | yes | 0.75 | 3 |" in text and "not separated (n = 3 < 5) |" in text
 
 

@@ -149,10 +149,20 @@ def title(study: StudyConfig) -> str:
             f"at that prune ratio, paired by seed; separated = the Δ interval excludes 0 with >= {MIN_SEEDS} seeds.")
 
 
-def markdown(study: StudyConfig, table: pd.DataFrame) -> str:
-    """The comparison as a Markdown document: :func:`title`, then the :func:`display_table`."""
+def recipe(study: StudyConfig) -> str:
+    """One line with what every trial shares: stages, LR, batch."""
+    prune, finetune = study.training.prune, study.training.finetune
+    return (f"Recipe: {prune.epochs} prune ({prune.schedule}) + {finetune.epochs} fine-tune ({finetune.schedule}) "
+            f"epochs, base LR {prune.lr:g} / {finetune.lr:g} per 512 images, batch {study.training.batch_size}; "
+            "kept params = measured fraction of the dense model's parameters.")
+
+
+def markdown(study: StudyConfig, table: pd.DataFrame, command: str | None = None) -> str:
+    """The comparison as a Markdown document: :func:`title`, :func:`recipe`, the command that
+    wrote it (when given), then the :func:`display_table`."""
     shown = display_table(table).astype(str)
-    lines = [title(study), "", "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines = [title(study), "", recipe(study), ""] + ([f"Command: `{command}`", ""] if command else [])
+    lines += ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -222,7 +232,7 @@ def write_comparison(study: StudyConfig, table: pd.DataFrame, allocations: pd.Da
     ``allocations``: :func:`trial_allocations` (the figures are drawn by the tracking layer)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(f"{prefix.name}.md"), prefix.with_name(f"{prefix.name}.parquet")]
-    text = markdown(study, table)
+    text = markdown(study, table, f"python search.py compare {study.name} --out {prefix}")
     benefits = core_benefits(allocations)
     if not benefits.empty:
         text += "\n" + benefit_by_depth(benefits)
