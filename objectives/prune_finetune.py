@@ -38,6 +38,7 @@ from p3b_search.data import build_loaders, resolve_input_config
 from p3b_search.distributed import rank_and_world
 from p3b_search.files import atomic_write
 from p3b_search.methods import PrunedModel, PruningMethod, get_method
+from p3b_search.methods.target import kept_params
 from p3b_search.models import build_model, create_timm_model
 from p3b_search.reporting import TrialReporter
 from p3b_search.surgery import ArchSpec
@@ -107,8 +108,7 @@ def objectives_of(pruned: PrunedModel, metrics: dict[str, float], dense_params: 
     with ``nonzero_macs`` beside it. ``kept_fraction`` = ``params`` / ``dense_params`` (the
     unpruned model's parameters)."""
     cost = model_cost(pruned.model)
-    zeros = sum(int((~mask).sum()) for mask in pruned.weight_masks.values())
-    params = float(cost.params - zeros)
+    params = float(kept_params(pruned))
     return {"top1": metrics["top1"], "top5": metrics["top5"], "params": params, "kept_fraction": params / dense_params,
             "macs": float(cost.macs), "nonzero_macs": float(nonzero_macs(pruned.model, pruned.weight_masks))}
 

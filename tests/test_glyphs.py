@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from p3b_search.config import DataConfig
+from p3b_search.config import EMBEDDED_TASKS, DataConfig
 from p3b_search.data import build_loaders
+from p3b_search.data.loaders import embedded_class_count
 from p3b_search.data import glyphs
 from p3b_search.data.glyphs import GLYPHS, GlyphsSpec, glyphs_arrays, render
 from p3b_search.models import GLYPHS_VIT, create_timm_model
@@ -68,6 +69,19 @@ def test_arrays_are_cached_by_spec(tmp_path, monkeypatch):
         glyphs_arrays(dataclasses.replace(SMALL, seed=1), "source", tmp_path)
     with pytest.raises(ValueError, match="glyphs domain 'middle' is unknown"):
         glyphs_arrays(SMALL, "middle", tmp_path)
+
+
+def test_cache_keys_cover_the_domain_the_fonts_and_the_renderer(monkeypatch):
+    source, target = GLYPHS.key("source"), GLYPHS.key("target")
+    other_target = dataclasses.replace(GLYPHS, target=dataclasses.replace(GLYPHS.target, rotation=1.0))
+    assert other_target.key("source") == source and other_target.key("target") != target
+    monkeypatch.setattr(glyphs, "_renderer_fingerprint", lambda faces: "another FreeType")
+    assert GLYPHS.key("source") != source
+
+
+def test_every_embedded_task_has_a_class_count():
+    assert [embedded_class_count(kind) for kind in EMBEDDED_TASKS] == [5, 26]
+    assert [embedded_class_count(kind, "source") for kind in EMBEDDED_TASKS] == [5, 26]
 
 
 def test_loaders_give_normalised_images_at_the_model_input(target):

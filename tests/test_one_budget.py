@@ -51,7 +51,7 @@ def kept_fraction(method_name: str, model_key: str, prune_ratio: float) -> float
 def test_every_method_keeps_one_minus_prune_ratio_of_all_parameters(method_name, model_key):
     ratios = st.just(0.0) if method_name == "dense" else st.floats(0.05, 0.8)  # dense prunes nothing
 
-    @settings(max_examples=EXAMPLES[model_key], deadline=None, database=None)
+    @settings(max_examples=EXAMPLES[model_key], deadline=None, database=None, derandomize=True)
     @given(prune_ratio=ratios)
     def check(prune_ratio: float) -> None:
         kept = kept_fraction(method_name, model_key, prune_ratio)

@@ -174,6 +174,40 @@ def test_fresh_adam_steps_leave_sgd_alone_and_round_trip():
     fresh_steps.detach()
 
 
+def test_fresh_adam_steps_skip_parameters_without_gradient():
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    fresh_steps = FreshAdamSteps(layer)
+    fresh_steps.attach(optimizer)
+    layer.weight.grad, layer.bias.grad = torch.ones(4, 4), torch.ones(4)
+    optimizer.step()
+    fresh_steps.regrow(optimizer, layer.weight, torch.eye(4, dtype=torch.bool))
+    before = layer.weight.detach().clone()
+    layer.weight.grad = None  # this step updates the bias only: the weight must not move
+    optimizer.step()
+    assert torch.equal(layer.weight, before)
+    layer.weight.grad = torch.ones(4, 4)
+    optimizer.step()
+    assert (layer.weight - before).detach().abs().diagonal().max() <= 0.1 * 1.05  # a fresh first step: about lr
+
+
+def test_fresh_adam_steps_leave_other_adam_variants_as_they_step():
+    twins = [torch.nn.Linear(4, 4) for _ in range(2)]
+    twins[1].load_state_dict(twins[0].state_dict())
+    optimizers = [torch.optim.NAdam(t.parameters(), lr=0.1) for t in twins]
+    fresh_steps = FreshAdamSteps(twins[0])
+    fresh_steps.attach(optimizers[0])
+    regrown = torch.eye(4, dtype=torch.bool)
+    for step in range(4):
+        for twin, optimizer in zip(twins, optimizers):
+            twin.weight.grad, twin.bias.grad = torch.full((4, 4), step + 1.0), torch.ones(4)
+            optimizer.step()
+        if step == 1:
+            fresh_steps.regrow(optimizers[0], twins[0].weight, regrown)
+            zero_optimizer_state(optimizers[1], twins[1].weight, regrown)
+    assert fresh_steps.births and torch.equal(twins[0].weight, twins[1].weight)
+
+
 def test_mask_keeper_state_round_trip_and_bad_names():
     mask = torch.ones(64, 32, dtype=torch.bool)
     keeper = MaskKeeper({"blocks.0.mlp.fc1.weight": mask})

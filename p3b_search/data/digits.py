@@ -48,8 +48,8 @@ def digits_datasets(
     )
 
     def subset(idx) -> TensorDataset:
-        return TensorDataset(
-            normalised_images(torch.as_tensor(images[idx]).unsqueeze(1), _PIXEL_MAX, image_size, mean, std), torch.as_tensor(labels[idx], dtype=torch.long)
-        )
+        pixels = torch.as_tensor(images[idx]).unsqueeze(1)
+        return TensorDataset(normalised_images(pixels, _PIXEL_MAX, image_size, mean, std),
+                             torch.as_tensor(labels[idx], dtype=torch.long))
 
     return subset(train_idx), subset(val_idx), len(DOMAIN_CLASSES[domain])

@@ -24,6 +24,7 @@ benchmark recipe's dense transfer lands between 70 % and 92 % top-1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import string
@@ -89,12 +90,15 @@ class GlyphsSpec:
         background_variation=0.1, distractor_alpha=(0.1, 0.25), min_contrast=0.5, noise_std=0.03)
 
     def key(self, domain: str) -> str:
-        """sha256 over what one domain's images depend on and the generator version (the cache key)."""
+        """sha256 over what one domain's images depend on (the cache key): this spec's fields of
+        that domain, the generator version, the font files and the rasteriser's versions."""
         self.classes(domain)
         fields = dataclasses.asdict(self)
         other = "target" if domain == "source" else "source"
+        look = self.source if domain == "source" else self.target
         text = json.dumps({"spec": {k: v for k, v in fields.items() if not k.startswith(other)},
-                           "version": GENERATOR_VERSION}, sort_keys=True)
+                           "version": GENERATOR_VERSION, "renderer": _renderer_fingerprint(look.faces)},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def classes(self, domain: str) -> str:
@@ -110,6 +114,18 @@ def _font_dir() -> Path:
     import matplotlib
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+@functools.cache
+def _renderer_fingerprint(faces: tuple[str, ...]) -> str:
+    """sha256 of the font files and the Pillow and FreeType versions that draw the glyphs."""
+    import PIL
+    from PIL import features
+
+    digest = hashlib.sha256(f"{PIL.__version__} {features.version('freetype2')}".encode())
+    for face in faces:
+        digest.update((_font_dir() / face).read_bytes())
+    return digest.hexdigest()
 
 
 def _glyph_masks(faces: Sequence[str], classes: str) -> np.ndarray:
@@ -153,7 +169,7 @@ def _place(mask: np.ndarray, coefficients: tuple[float, ...], size: int) -> np.n
     """``mask`` (canvas) under the affine map, reduced to ``(size, size)`` by area averaging."""
     from PIL import Image
 
-    image = Image.fromarray(mask, mode="F").transform(
+    image = Image.fromarray(mask).transform(
         (_CANVAS, _CANVAS), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR)
     return np.asarray(image.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
 

@@ -1,7 +1,7 @@
 """One entry point from a :class:`~p3b_search.config.DataConfig` to train/val data loaders."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,16 +72,21 @@ def resolve_input_config(data: DataConfig, model: nn.Module) -> dict[str, Any]:
     return resolve_model_data_config(model, args={"input_size": (3, height, width)})
 
 
+#: Each embedded task: ``(datasets(domain, image_size, mean, std), class_count(domain))``.
+_EMBEDDED: dict[str, tuple[Callable[..., tuple[Dataset, Dataset, int]], Callable[[str], int]]] = {
+    "digits": (digits_datasets, lambda domain: len(DOMAIN_CLASSES[domain])),
+    "glyphs": (glyphs_datasets, lambda domain: len(GLYPHS.classes(domain))),
+}
+
+
 def embedded_datasets(kind: str, domain: str, image_size: int, mean, std) -> tuple[Dataset, Dataset, int]:
     """``(train, val, num_classes)`` of one domain of an embedded task (``digits`` or ``glyphs``)."""
-    if kind == "digits":
-        return digits_datasets(domain, image_size, mean, std)
-    return glyphs_datasets(domain, image_size, mean, std)
+    return _EMBEDDED[kind][0](domain, image_size, mean, std)
 
 
 def embedded_class_count(kind: str, domain: str = "target") -> int:
     """Classes of one domain of an embedded task, without generating its images."""
-    return len(DOMAIN_CLASSES[domain]) if kind == "digits" else len(GLYPHS.classes(domain))
+    return _EMBEDDED[kind][1](domain)
 
 
 def _datasets(data: DataConfig, model: nn.Module, domain: str) -> tuple[Dataset, Dataset, int]:

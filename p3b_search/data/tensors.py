@@ -10,7 +10,8 @@ import torch.nn.functional as F
 def normalised_images(pixels: torch.Tensor, pixel_max: float, image_size: int,
                       mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(n, C, h, w)`` pixels in ``[0, pixel_max]`` (C = 1 or 3) -> normalised ``(n, 3, image_size,
-    image_size)`` float32, upsampled (bilinear) where ``image_size != h`` and grey repeated to 3 channels."""
+    image_size)`` float32, resized (bilinear, no antialiasing) where ``image_size != h`` and grey
+    repeated to 3 channels."""
     x = pixels.to(torch.float32) / pixel_max
     if image_size != x.shape[-1]:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)

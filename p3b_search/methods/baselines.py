@@ -100,21 +100,9 @@ class UniformMagnitude(GatedPruning):
         norms = {sb.index: unit_weight_norms(self.adapter, sb, self.config.norm) for sb in self.adapter.sub_blocks}
         ranks = per_gate_ranks(self.layout, self.layout.gather(norms), self.unit_scales)
         keep = torch.full((len(self.adapter.sub_blocks),), self.keep_ratio, dtype=torch.float64)
-        self._set_gate_values(self._select_carrying_roundings(ranks))
+        self._set_gate_values(self._select_per_block(ranks, keep, tau=0.0, carry=True))
         self.pruned = True
         self._record(info, keep_ratio_target=keep)
-
-    def _select_carrying_roundings(self, ranks: torch.Tensor) -> torch.Tensor:
-        """Hard gate values (N,): per sub-block threshold walks to ``kappa W_j`` plus the
-        parameters the walks before it kept too few (or, negative, too many)."""
-        values = torch.empty(self.layout.size, dtype=torch.float32)
-        missed = 0.0
-        for j, (layout, span) in enumerate(zip(self.block_layouts, self.block_spans)):
-            target = self.keep_ratio * float(self.dense_params[j]) + missed
-            selection = walk_threshold(layout, ranks[span], target)
-            missed = target - float(selection.kept_params.sum())
-            values[span] = soft_mask(selection, tau=0.0)
-        return values
 
     def update_masks(self, info: StepInfo, final: bool = False) -> None:
         """The one-shot pruning if it has not happened yet; at ``final`` the masks are frozen."""

@@ -336,7 +336,17 @@ def solve_unit_ratios(model: nn.Module, config: DIMAPStructuredConfig,
     def kept(share: float) -> int:
         return model_cost(model, _unit_masks(adapter, orders, config.with_share(share), sizes)).params
 
-    share = solve_monotone(kept, kept_target(dense, config.prune_ratio), 0.0, 1.0)
+    def within_walks(share: float) -> bool:
+        ratios = config.with_share(share)
+        return all(_weight_target(order, ratios, sizes) <= order.removed_weights[-1] for order in orders)
+
+    highest = 1.0
+    if not within_walks(highest):  # the largest share that every removal order can still walk to
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            low, high = ((low + high) / 2, high) if within_walks((low + high) / 2) else (low, (low + high) / 2)
+        highest = low
+    share = solve_monotone(kept, kept_target(dense, config.prune_ratio), 0.0, highest)
     check_kept("dimap-structured", kept(share), dense, config.prune_ratio,
                fix=f"add unit groups to unit_groups={list(config.unit_groups)} or lower prune_ratio")
     return config.with_share(share)

@@ -117,7 +117,9 @@ class FreshAdamSteps:
     steps. The moments are the optimizer's own (cleared at ``t0``, they are exactly a fresh
     parameter's) and decoupled weight decay is the same for both, so the entry moves exactly
     as a fresh parameter does. Entries never regrown keep ``t0 = 0`` and are left alone, and
-    so are optimizers without Adam's ``betas`` (SGD momentum has no bias correction).
+    so are parameters without a gradient in that step (the optimizer skipped them), ``maximize``
+    groups and optimizers other than ``torch.optim.Adam``/``AdamW`` (SGD momentum has no bias
+    correction; other Adam variants correct differently).
     """
 
     def __init__(self, model: nn.Module):
@@ -149,22 +151,30 @@ class FreshAdamSteps:
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return  # other optimizers correct (or not) differently: left alone
         for group in optimizer.param_groups:
-            if "betas" not in group:
+            if group.get("maximize"):
                 continue
             for param in group["params"]:
                 name = self._names.get(param)
-                if name in self.births and param in optimizer.state:
+                if name in self.births and param.grad is not None and param in optimizer.state:
                     self._refresh(param, optimizer.state[param], group, self.births[name])
 
     @staticmethod
     def _refresh(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any], birth: torch.Tensor) -> None:
-        """Swap the update just applied to the regrown entries of ``param`` for a fresh parameter's."""
+        """Swap the update just applied to the regrown entries of ``param`` for a fresh parameter's
+        (computed on those entries only)."""
+        regrown = birth > 0
+        if not regrown.any():
+            return
         second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        t = torch.as_tensor(state["step"], dtype=torch.float32).to(birth.device)
-        applied = _adam_update(state["exp_avg"], second, t, group)
-        fresh = _adam_update(state["exp_avg"], second, t - birth, group)
-        param.add_(torch.where(birth > 0, applied - fresh, 0.0))
+        born = birth[regrown]
+        t = torch.as_tensor(state["step"], dtype=torch.float32).to(birth.device).expand_as(born)
+        exp_avg, exp_avg_sq = state["exp_avg"][regrown], second[regrown]
+        applied = _adam_update(exp_avg, exp_avg_sq, t, group)
+        fresh = _adam_update(exp_avg, exp_avg_sq, t - born, group)
+        param[regrown] += applied - fresh
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: birth.detach().cpu().clone() for name, birth in self.births.items()}

@@ -176,11 +176,18 @@ class GatedPruning(PruningMethod):
         for s in self.layout:
             self.gates.set(s.sub_block.index, s.group, values[s.span])
 
-    def _select_per_block(self, ranks: torch.Tensor, keep_ratios: torch.Tensor, tau: float) -> torch.Tensor:
-        """Per sub-block threshold walk to ``keep_ratios[j] * W_j``; returns all gate values (N,)."""
+    def _select_per_block(self, ranks: torch.Tensor, keep_ratios: torch.Tensor, tau: float,
+                          carry: bool = False) -> torch.Tensor:
+        """Per sub-block threshold walk to ``keep_ratios[j] * W_j``; returns all gate values (N,).
+        ``carry``: each walk also takes up the parameters the walks before it kept too few (or,
+        negative, too many), so the whole model meets the summed target despite unit rounding."""
         values = torch.empty(self.layout.size, dtype=torch.float32)
+        missed = 0.0
         for j, (layout, span) in enumerate(zip(self.block_layouts, self.block_spans)):
-            selection = walk_threshold(layout, ranks[span], float(keep_ratios[j]) * float(self.dense_params[j]))
+            target = float(keep_ratios[j]) * float(self.dense_params[j]) + missed
+            selection = walk_threshold(layout, ranks[span], target)
+            if carry:
+                missed = target - float(selection.kept_params.sum())
             values[span] = soft_mask(selection, tau)
         return values
 
