@@ -35,7 +35,7 @@ def test_keep_ratio_by_depth_has_a_panel_per_ratio_and_a_line_per_method_and_kin
                          for layer in range(3) for k in ("attn", "mlp")])
     fig = keep_ratio_by_depth(rows, "p3b")
     assert [ax.get_title() for ax in fig.axes] == ["prune ratio 0.5", "prune ratio 0.75"]
-    labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]  # beside the panels, highlighted method first
     assert labels == ["p3b attn", "p3b mlp", "uniform-magnitude attn", "uniform-magnitude mlp"]
 
 

@@ -164,24 +164,36 @@ def keep_ratio_by_depth(allocations: pd.DataFrame, highlight: str) -> Figure:
     """Keep ratio per sub-block vs layer at the end of pruning, one panel per prune ratio.
 
     ``allocations``: the last mask update's rows of each trial, with ``method`` and
-    ``prune_ratio``; one line per method and sub-block kind, mean ± std over the trials
-    (seeds). Lines of method ``highlight`` are drawn opaque, the others faded."""
+    ``prune_ratio``; one line per method and sub-block kind (a colour per method, dashed
+    squares for attention, solid circles for MLP), mean ± std over the trials (seeds). Lines
+    of method ``highlight`` are drawn opaque and thicker, the others faded; the legend sits
+    beside the panels."""
+    from matplotlib import colormaps
+
     ratios = sorted(allocations["prune_ratio"].unique())
-    fig = Figure(figsize=(5.5 * len(ratios), 4.0), layout="constrained")
+    methods = sorted(allocations["method"].unique(), key=lambda m: (m != highlight, m))
+    colours = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
+    fig = Figure(figsize=(5.5 * len(ratios) + 2.2, 4.2), layout="constrained")
     axes = fig.subplots(1, len(ratios), sharey=True, squeeze=False)[0]
     for ax, ratio in zip(axes, ratios):
         rows = allocations[allocations["prune_ratio"] == ratio]
-        for (method, kind), group in rows.groupby(["method", "kind"]):
-            stats = group.groupby("layer")["keep_ratio"].agg(["mean", "std"]).reset_index()
-            ax.errorbar(stats["layer"] + (0.08 if kind == "mlp" else -0.08), stats["mean"],
-                        yerr=stats["std"].fillna(0), fmt="-o" if kind == "mlp" else "--s", capsize=2,
-                        label=f"{method} {kind}", alpha=1.0 if method == highlight else 0.6)
+        for method in methods:
+            for kind in ("attn", "mlp"):
+                group = rows[(rows["method"] == method) & (rows["kind"] == kind)]
+                if group.empty:
+                    continue
+                stats = group.groupby("layer")["keep_ratio"].agg(["mean", "std"]).reset_index()
+                ax.errorbar(stats["layer"] + (0.08 if kind == "mlp" else -0.08), stats["mean"],
+                            yerr=stats["std"].fillna(0), fmt="-o" if kind == "mlp" else "--s", capsize=2,
+                            color=colours[method], label=f"{method} {kind}", markersize=4,
+                            lw=2.2 if method == highlight else 1.0, alpha=1.0 if method == highlight else 0.55)
         ax.set_title(f"prune ratio {ratio:g}")
         ax.set_xlabel("layer (depth)")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("keep ratio at the end of pruning")
-    axes[-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7)
     return fig
 
 
