@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from plotly import graph_objects as go
 
 #: Allocation row fields in table order (see ``p3b_search.methods``); benefits and targets are
@@ -189,6 +190,7 @@ def keep_ratio_by_depth(allocations: pd.DataFrame, highlight: str) -> Figure:
                             lw=2.2 if method == highlight else 1.0, alpha=1.0 if method == highlight else 0.55)
         ax.set_title(f"prune ratio {ratio:g}")
         ax.set_xlabel("layer (depth)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("keep ratio at the end of pruning")
