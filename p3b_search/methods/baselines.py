@@ -1,4 +1,4 @@
-"""Cheap baselines that isolate what P3B adds (METHODS.md section 4), in P3B's framework: the
+"""Cheap baselines that isolate what P3B adds, in P3B's framework: the
 same gates and unit groups, the same cost-aware threshold walk, ``shrink_model`` and cost
 accounting, the same schedule fields.
 

@@ -1,4 +1,4 @@
-"""Block benefit: how much each sub-block makes the residual stream more discriminative (METHODS.md 1.1).
+"""Block benefit: how much each sub-block makes the residual stream more discriminative (P3B, step 1).
 
 Every sub-block ``j`` gets two auxiliary classifiers that only *read* the residual stream
 (their inputs are detached, so no gradient reaches the backbone):

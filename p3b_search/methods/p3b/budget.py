@@ -1,4 +1,4 @@
-"""From block benefit to a global parameter budget: keep ratios per sub-block (METHODS.md 1.2).
+"""From block benefit to a global parameter budget: keep ratios per sub-block (P3B, step 2).
 
 Steps, for each of the cls and patch benefits ``D`` (one value per sub-block, shape (2L,)):
 
@@ -106,7 +106,7 @@ def allocate_budget(
     scale: float = 10.0,
     previous: BudgetAllocation | None = None,
 ) -> BudgetAllocation:
-    """Steps 1-6 of METHODS.md 1.2 for one mask update.
+    """The six numbered steps of the budget solve (this module's docstring) for one mask update.
 
     ``benefit_*``: window-mean Delta-Psi per sub-block (2L,); ``kept_params`` R (2L,);
     ``dense_params`` W (2L,); ``never_pruned_params`` W_nb (0: block parameters only);

@@ -1,5 +1,5 @@
 """P3B, Pruning by Block Benefit (also published as Depth Aware Pruning): the method as a
-set of training hooks (METHODS.md section 1).
+set of training hooks.
 
 During the prune stage, on the dense model:
 

@@ -1,4 +1,4 @@
-"""Inside a sub-block: which units go (METHODS.md 1.3 and the soft masks of 1.4).
+"""Inside a sub-block: which units go, and the soft masks while pruning.
 
 Units are the elements of P3B's gates (:data:`P3B_GROUPS`): attention ``in``, ``head_dim``,
 ``out`` and MLP ``in``, ``hidden``, ``out`` (the whole-head gate stays at 1). A
