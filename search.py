@@ -167,8 +167,8 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from p3b_search.search.compare import (CORE_METHOD, comparison_table, display_table, title, trial_allocations,
-                                           trial_results, write_comparison)
+    from p3b_search.search.compare import (CORE_METHOD, comparison_table, core_benefits, display_table, title,
+                                           trial_allocations, trial_results, write_comparison)
     from p3b_search.search.results import read_trials
     from p3b_search.search.runner import study_from_folder
     from p3b_search.tracking.figures import write_comparison_figures
@@ -181,8 +181,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         prefix = Path(args.out).expanduser()
         allocations = trial_allocations(study, results)
-        paths = write_comparison(study, table, allocations, prefix)
-        for path in paths + write_comparison_figures(allocations, CORE_METHOD, prefix):
+        benefits = core_benefits(allocations)
+        paths = write_comparison(study, table, benefits, prefix)
+        for path in paths + write_comparison_figures(allocations, benefits, CORE_METHOD, prefix):
             print(f"wrote {path}")
     return 0
 

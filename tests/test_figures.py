@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from p3b_search.search.compare import core_benefits
 from p3b_search.tracking.figures import (
     allocation_table,
     benefit_over_training,
@@ -59,10 +60,10 @@ def test_benefit_over_training_draws_a_line_per_layer_in_six_panels():
 def test_comparison_figures_are_written_per_prune_ratio(tmp_path):
     rows = pd.concat([benefit_rows().assign(method="p3b", prune_ratio=r) for r in (0.5, 0.75)]
                      + [benefit_rows().assign(method="uniform-magnitude", prune_ratio=0.5, benefit_cls=None)])
-    paths = write_comparison_figures(rows, "p3b", tmp_path / "cmp")
+    paths = write_comparison_figures(rows, core_benefits(rows), "p3b", tmp_path / "cmp")
     assert [p.name for p in paths] == ["cmp_depth.png", "cmp_benefit_p0.5.png", "cmp_benefit_p0.75.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
-    assert write_comparison_figures(pd.DataFrame(), "p3b", tmp_path / "none") == []
+    assert write_comparison_figures(pd.DataFrame(), pd.DataFrame(), "p3b", tmp_path / "none") == []
 
 
 def test_allocation_row_without_keep_ratio_is_rejected():

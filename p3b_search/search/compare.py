@@ -226,14 +226,13 @@ def benefit_by_depth(allocations: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(study: StudyConfig, table: pd.DataFrame, allocations: pd.DataFrame, prefix: Path) -> list[Path]:
+def write_comparison(study: StudyConfig, table: pd.DataFrame, benefits: pd.DataFrame, prefix: Path) -> list[Path]:
     """Write ``PREFIX.md`` (:func:`markdown`, then :func:`benefit_by_depth` when the core method
     recorded block benefits) and ``PREFIX.parquet`` (:func:`comparison_table`); returns the paths.
-    ``allocations``: :func:`trial_allocations` (the figures are drawn by the tracking layer)."""
+    ``benefits``: :func:`core_benefits` (the figures are drawn by the tracking layer)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(f"{prefix.name}.md"), prefix.with_name(f"{prefix.name}.parquet")]
     text = markdown(study, table, f"python search.py compare {study.name} --out {prefix}")
-    benefits = core_benefits(allocations)
     if not benefits.empty:
         text += "\n" + benefit_by_depth(benefits)
     paths[0].write_text(text)

@@ -235,22 +235,22 @@ def benefit_over_training(allocations: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def write_comparison_figures(allocations: pd.DataFrame, core_method: str, prefix: Path) -> list[Path]:
+def write_comparison_figures(allocations: pd.DataFrame, benefits: pd.DataFrame, core_method: str,
+                             prefix: Path) -> list[Path]:
     """The method comparison's figures (``search.py compare --out PREFIX``): ``PREFIX_depth.png``,
     keep ratio per layer at each trial's last mask update, and ``PREFIX_benefit_p<ratio>.png``,
-    ``core_method``'s block benefit and keep ratio over the prune stage, per prune ratio (when it
-    recorded benefits). ``allocations``: every allocation row with ``trial``, ``method`` and
-    ``prune_ratio``. Returns the paths written."""
+    ``core_method``'s block benefit and keep ratio over the prune stage, per prune ratio.
+    ``allocations``: every allocation row with ``trial``, ``method`` and ``prune_ratio``;
+    ``benefits``: the core method's rows that carry block benefits (may be empty). Returns the
+    paths written."""
     if allocations.empty:
         return []
     final = allocations[allocations["step"] == allocations.groupby("trial")["step"].transform("max")]
     paths = [prefix.with_name(f"{prefix.name}_depth.png")]
     keep_ratio_by_depth(final, core_method).savefig(paths[0], dpi=130)
-    if {"benefit_cls", "benefit_patch"} <= set(allocations.columns):
-        core = allocations[allocations["method"] == core_method].dropna(subset=["benefit_cls", "benefit_patch"])
-        for ratio, rows in core.groupby("prune_ratio"):
-            paths.append(prefix.with_name(f"{prefix.name}_benefit_p{ratio:g}.png"))
-            title = (f"{core_method} at prune ratio {ratio:g}: block benefit and keep ratio over the prune stage "
-                     f"(mean of {rows['trial'].nunique()} trials)")
-            benefit_over_training(rows, title).savefig(paths[-1], dpi=110)
+    for ratio, rows in benefits.groupby("prune_ratio") if not benefits.empty else ():
+        paths.append(prefix.with_name(f"{prefix.name}_benefit_p{ratio:g}.png"))
+        title = (f"{core_method} at prune ratio {ratio:g}: block benefit and keep ratio over the prune stage "
+                 f"(mean of {rows['trial'].nunique()} trials)")
+        benefit_over_training(rows, title).savefig(paths[-1], dpi=110)
     return paths
