@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 STRUCTURED = ("p3b", "uniform-magnitude", "global-taylor", "dimap-structured", "s2vite")
@@ -70,6 +69,8 @@ def run_one(job: tuple[argparse.Namespace, str, int, str | None]) -> dict[str, A
 
 
 def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
+    from method_separation import separation  # benchmarks/ is the script's folder
+
     from p3b_search.stats import paired_difference
 
     dense = rows[(rows.method == "dense") & (rows.init == "source")].sort_values("seed")
@@ -87,9 +88,8 @@ def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
         f"* transfer gain: {gain.mean:.2f} points (95 % CI [{gain.low:.2f}, {gain.high:.2f}], paired by seed)",
     ]
     if pruned.method.nunique() > 1:
-        means = pruned.groupby("method").top1.mean()
-        pooled = float(np.sqrt(pruned.groupby("method").top1.var(ddof=1).mean()))
-        spread = float(means.max() - means.min())
+        _, figures = separation(pruned.assign(prune_ratio=args.ratio), args.ratio)
+        spread, pooled = figures["spread"], figures["pooled_std"]
         lines.append(f"* structured methods at p = {args.ratio:g}: spread of the means {spread:.2f} points, pooled "
                      f"seed std {pooled:.2f}: spread / std = {spread / pooled:.1f}")
     lines += [
