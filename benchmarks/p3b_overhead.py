@@ -1,28 +1,37 @@
 """P3B's training overhead: time per training step with its auxiliary heads, gates and mask
 updates vs plain fine-tuning (method ``dense``) of the same model on the same data.
 
-    python -m benchmarks.p3b_overhead                          # DIGITS_VIT, quickstart's P3B knobs
-    python -m benchmarks.p3b_overhead --repeats 9 --epochs 3 --threads 2
-    python -m benchmarks.p3b_overhead --profile p3b            # torch.profiler table of P3B steps
+    python -m benchmarks.p3b_overhead                                   # DIGITS_VIT, P3B defaults vs dense
+    python -m benchmarks.p3b_overhead --model deit_tiny --threads 2     # deit_tiny at 224 px, batch 16
+    python -m benchmarks.p3b_overhead --variant full:aux_batch_fraction=1,aux_every=1 --variant default:
+    python -m benchmarks.p3b_overhead --profile default:                # torch.profiler table of P3B steps
 
-Each repeat builds the source-pretrained digits ViT (:data:`p3b_search.models.DIGITS_VIT`),
+Models: ``digits`` is the source-pretrained :data:`p3b_search.models.DIGITS_VIT` on the digits
+target domain (batch 64, 11 steps per epoch); ``deit_tiny`` is ``deit_tiny_patch16_224`` at 224 px
+(random init, batch 16) on synthetic images, ``--steps`` steps per epoch.
+
+Each ``--variant NAME:KEY=VALUE,...`` is P3B with those knobs over the quickstart's (mask update
+every 3 steps, prune ratio 0.5, pruning from step 0, so every timed step carries the whole
+method); the default is one variant, ``default:`` (P3B's defaults). Each repeat builds the model,
 prepares the method as ``objectives.prune_finetune.run_trial`` does and runs its prune stage
-(``p3b_search.training.loop.train_stage``) for ``--epochs`` epochs; the validation set is cut
-to one image so the time is training (forward, task + method losses, backward, optimizer step,
-the method's hooks and mask updates). P3B prunes from step 0 (``prune_start_epoch 0``), so
-every timed step carries the whole method. Methods alternate within each repeat (load drifts
-hit both alike); the figure is the median seconds per step and the ratio p3b / dense.
+(``p3b_search.training.loop.train_stage``) for ``--epochs`` epochs; the validation set is one
+image, so the time is training (forward, task + method losses, backward, optimizer step, the
+method's hooks and mask updates). Within a repeat the runs alternate (dense first on even
+repeats, last on odd ones), so load drifts hit every side alike; the figure per side is the
+median seconds per step over repeats, and its ratio to dense.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from p3b_search.config import DataConfig, StageConfig, TrainingConfig
+from p3b_search.config import DataConfig, ModelConfig, StageConfig, TrainingConfig
 from p3b_search.data import build_loaders
 from p3b_search.methods import get_method
 from p3b_search.models import DIGITS_VIT, build_model, create_timm_model
@@ -30,72 +39,112 @@ from p3b_search.training.loop import train_stage
 from p3b_search.training.rng import seed_everything
 
 QUICKSTART_P3B = {"prune_steps_update_mask": 3, "prune_ratio": 0.5, "prune_start_epoch": 0.0}
+DEIT_TINY = ModelConfig(name="deit_tiny_patch16_224")
+SYNTHETIC_CLASSES = 10
 
 
-def loaders(batch_size: int, seed: int) -> tuple[DataLoader, DataLoader, int]:
-    """The digits target-domain train loader, and a one-image validation loader."""
-    with torch.device("meta"):
-        probe = create_timm_model(DIGITS_VIT, 2)
-    train, val, classes = build_loaders(DataConfig(kind="digits"), probe, batch_size, seed)
-    return train, DataLoader(Subset(val.dataset, [0]), batch_size=1), classes
+@dataclass(frozen=True)
+class Workload:
+    """A model and its data: ``model`` (ModelConfig), ``batch_size``, and how to build loaders."""
+
+    name: str
+    model: ModelConfig
+    batch_size: int
+
+    def loaders(self, seed: int, steps: int) -> tuple[DataLoader, DataLoader, int]:
+        """Train loader, a one-image validation loader, and the number of classes."""
+        if self.name == "digits":
+            with torch.device("meta"):
+                probe = create_timm_model(self.model, 2)
+            train, val, classes = build_loaders(DataConfig(kind="digits"), probe, self.batch_size, seed)
+            return train, DataLoader(Subset(val.dataset, [0]), batch_size=1), classes
+        gen = torch.Generator().manual_seed(seed)
+        size = self.model.overrides.get("img_size", 224)
+        images = torch.randn(steps * self.batch_size, 3, size, size, generator=gen)
+        labels = torch.randint(SYNTHETIC_CLASSES, (len(images),), generator=gen)
+        data = TensorDataset(images, labels)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True), DataLoader(Subset(data, [0])), SYNTHETIC_CLASSES
+
+    def build(self, classes: int) -> torch.nn.Module:
+        return build_model(self.model, classes) if self.name == "digits" else create_timm_model(self.model, classes)
 
 
-def method_and_model(name: str, classes: int, epochs: int, steps: int):
-    config_cls = get_method(name).config_cls
-    options = QUICKSTART_P3B if name == "p3b" else {}
-    method = get_method(name)(config_cls(**options), num_classes=classes, epochs=epochs, steps_per_epoch=steps)
-    model = build_model(DIGITS_VIT, classes)
-    method.prepare(model)
-    return method, model
+WORKLOADS = {"digits": Workload("digits", DIGITS_VIT, 64), "deit_tiny": Workload("deit_tiny", DEIT_TINY, 16)}
 
 
-def seconds_per_step(name: str, epochs: int, batch_size: int, seed: int = 0) -> float:
-    """Median over epochs of the prune stage's seconds per training step for method ``name``."""
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> (name, P3B knobs over the quickstart's)."""
+    name, _, knobs = text.partition(":")
+    options: dict[str, Any] = dict(QUICKSTART_P3B)
+    for item in filter(None, knobs.split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+    return name, options
+
+
+def seconds_per_step(workload: Workload, knobs: dict[str, Any] | None, epochs: int, steps: int, seed: int = 0) -> float:
+    """Median over epochs of the prune stage's seconds per step: P3B with ``knobs``, or dense (None)."""
     seed_everything(seed)
-    train, val, classes = loaders(batch_size, seed)
-    method, model = method_and_model(name, classes, epochs, len(train))
-    training = TrainingConfig(prune=StageConfig(epochs=epochs, lr=1e-2, schedule="constant"),
-                              finetune=StageConfig(epochs=1), batch_size=batch_size, device="cpu")
+    train, val, classes = workload.loaders(seed, steps)
+    name = "dense" if knobs is None else "p3b"
+    method_cls = get_method(name)
+    method = method_cls(method_cls.config_cls(**(knobs or {})), num_classes=classes, epochs=epochs,
+                        steps_per_epoch=len(train))
+    model = workload.build(classes)
+    method.prepare(model)
+    training = TrainingConfig(prune=StageConfig(epochs=epochs, lr=1e-3, schedule="constant"),
+                              finetune=StageConfig(epochs=1), batch_size=workload.batch_size, device="cpu")
     history = train_stage(model, train, val, training.prune, training, method, progress=False)
     return statistics.median(h["epoch_seconds"] for h in history) / len(train)
 
 
-def profile(name: str, epochs: int, batch_size: int) -> None:
-    """torch.profiler's top operators (self CPU time) over the prune stage of ``name``."""
+def profile(workload: Workload, knobs: dict[str, Any], epochs: int, steps: int) -> None:
+    """torch.profiler's top operators (self CPU time) over P3B's prune stage."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    seconds_per_step(name, 1, batch_size)  # warm-up (the source-pretraining cache, first-call costs)
+    seconds_per_step(workload, knobs, 1, steps)  # warm-up (the source-pretraining cache, first-call costs)
     with torch_profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
-        seconds_per_step(name, epochs, batch_size)
+        seconds_per_step(workload, knobs, epochs, steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per method (default 5)")
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="digits")
+    parser.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE,...",
+                        help="a P3B variant to time against dense (repeatable; default 'default:')")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per side (default 5)")
     parser.add_argument("--epochs", type=int, default=2, help="prune-stage epochs per run (default 2)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="steps per epoch on synthetic data (deit_tiny)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a Ray trial)")
-    parser.add_argument("--methods", nargs=2, default=["p3b", "dense"], metavar=("METHOD", "BASELINE"))
-    parser.add_argument("--profile", metavar="METHOD", help="print a torch.profiler table for METHOD instead")
+    parser.add_argument("--profile", metavar="NAME:KEY=VALUE,...", help="print a torch.profiler table instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    workload = WORKLOADS[args.model]
     if args.profile:
-        profile(args.profile, args.epochs, args.batch_size)
+        profile(workload, parse_variant(args.profile)[1], args.epochs, args.steps)
         return
-    method, baseline = args.methods
-    seconds_per_step(method, 1, args.batch_size)  # warm-up: caches, allocator, first-call costs
-    times: dict[str, list[float]] = {method: [], baseline: []}
+    sides: dict[str, dict[str, Any] | None] = dict(parse_variant(v) for v in args.variant or ["default:"])
+    sides["dense"] = None
+    for knobs in sides.values():
+        seconds_per_step(workload, knobs, 1, args.steps)  # warm-up: caches, allocator, first-call costs
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for repeat in range(args.repeats):
-        for name in (method, baseline) if repeat % 2 == 0 else (baseline, method):
-            times[name].append(seconds_per_step(name, args.epochs, args.batch_size, seed=repeat))
+        order = list(sides) if repeat % 2 else list(sides)[::-1]
+        for name in order:
+            times[name].append(seconds_per_step(workload, sides[name], args.epochs, args.steps, seed=repeat))
         one, five, _ = os.getloadavg()
-        print(f"repeat {repeat}: {method} {times[method][-1] * 1e3:.1f} ms/step, {baseline} "
-              f"{times[baseline][-1] * 1e3:.1f} ms/step (load {one:.2f}/{five:.2f})", flush=True)
-    m, b = statistics.median(times[method]), statistics.median(times[baseline])
-    print(f"DIGITS_VIT, batch {args.batch_size}, {args.threads} thread(s), median of {args.repeats}: "
-          f"{method} {m * 1e3:.1f} ms/step, {baseline} {b * 1e3:.1f} ms/step, ratio {method}/{baseline} = {m / b:.3f}")
+        line = ", ".join(f"{name} {times[name][-1] * 1e3:.1f}" for name in sides)
+        print(f"repeat {repeat}: ms/step {line} (load {one:.2f}/{five:.2f})", flush=True)
+    dense = statistics.median(times["dense"])
+    print(f"{args.model}, batch {workload.batch_size}, {args.threads} thread(s), median of {args.repeats} repeats:")
+    print("| side | knobs | ms/step | ratio to dense (median; range per repeat) |\n|---|---|---|---|")
+    for name, knobs in sides.items():
+        ratios = [t / d for t, d in zip(times[name], times["dense"])]
+        shown = "" if knobs is None else ", ".join(f"{k}={v}" for k, v in knobs.items() if k not in QUICKSTART_P3B)
+        print(f"| {name} | {shown} | {statistics.median(times[name]) * 1e3:.1f} | "
+              f"{statistics.median(times[name]) / dense:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
 
 
 if __name__ == "__main__":

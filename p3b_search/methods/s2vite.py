@@ -277,7 +277,7 @@ class S2ViTE(PruningMethod):
             else:
                 scores = torch.rand(size, generator=generator)
             self.masks[sb.index] = {group: keep_largest(scores, keep)}
-        self._gates = attach_gates(model, adapter, requires_grad=False)
+        self._gates = attach_gates(model, adapter, requires_grad=False, on="activations")  # see GrowthStatistics
         self._gates.set_masks(self.masks)
         self._stats = GrowthStatistics(adapter)
         self._fresh = FreshAdamSteps(model)

@@ -1,4 +1,4 @@
-"""Multiplicative gates on a timm model's unit groups, installed with hooks (timm untouched).
+"""Multiplicative gates on a timm model's unit groups (timm untouched).
 
 A gate is a float vector ``m`` (one value per unit, 1 = fully on) that multiplies the unit's
 activation. Methods set gates soft (any value) or hard (0/1) and read ``dL/dm`` after
@@ -13,17 +13,28 @@ them (P3B's "gate learning rate 0"). Where each group's gate acts:
 
 A sub-block whose ``out`` gate is all zero contributes nothing: that is how a sub-block is
 skipped in the masked model (``shrink`` then removes it from compute).
+
+How they act (``on``): ``"weights"`` (default) folds every gate into the linear it touches
+(rows of qkv/proj/fc2 and their biases, columns of qkv/proj/fc1/fc2), which computes the same
+function and gate gradients at the cost of the weights rather than of the activations, the
+cheaper one for every model here (tokens x width > out x in); ``"activations"`` multiplies the
+activations in forward hooks, for methods whose own hooks must see gated activations and the
+gradients there (S²ViTE's grow signal at the proj input).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from p3b_search.surgery.adapters import GROUPS, BranchSizes, ModelAdapter, SubBlock
 
+#: Where gates act: folded into the weights of the linears (cheaper), or on the activations
+#: (for methods whose own hooks must see gated activations and their gradients).
+GatesOn = Literal["weights", "activations"]
 #: Hard masks of a model: ``masks[j][group]`` is a bool vector (True = kept) for sub-block ``j``.
 BlockMasks = dict[int, dict[str, torch.Tensor]]
 
@@ -35,9 +46,11 @@ class GateSet:
     Use as a context manager or call :meth:`remove` to take the hooks off again.
     """
 
-    def __init__(self, adapter: ModelAdapter, requires_grad: bool = True):
+    def __init__(self, adapter: ModelAdapter, requires_grad: bool = True, on: GatesOn = "weights"):
         if any(hasattr(adapter.block(sb), "dense_geometry") for sb in adapter.sub_blocks):
             raise ValueError("gates go on a dense model: this one was already shrunk")
+        if on not in ("weights", "activations"):
+            raise ValueError(f"gates on={on!r}: use 'weights' or 'activations'")
         self.adapter = adapter
         device = next(adapter.model.parameters()).device
         self.values: dict[int, dict[str, torch.Tensor]] = {
@@ -48,14 +61,52 @@ class GateSet:
             for sb in adapter.sub_blocks
         }
         self._handles: list[RemovableHandle] = []
+        self._gated_linears: list[nn.Linear] = []
         for sb in adapter.sub_blocks:
-            self._install(sb)
+            if on == "weights":
+                self._fold_into_weights(sb)
+            else:
+                self._hook_activations(sb)
 
-    # -- hooks ------------------------------------------------------------------------
-    def _install(self, sb: SubBlock) -> None:
+    # -- where the gates act ----------------------------------------------------------------
+    def _fold_into_weights(self, sb: SubBlock) -> None:
+        """Each gate scales the rows (outputs) or columns (inputs) of the weight it touches."""
         gates = self.values[sb.index]
         first, second = self.adapter.linears(sb)
-        hidden_group = "head_dim" if sb.kind == "attn" else "hidden"
+        if sb.kind == "attn":
+            heads, head_dim = sb.num_heads, sb.head_dim
+            # qkv's outputs are laid out (3, H, d) and proj's inputs (H, d)
+            self._gate_linear(first, columns=lambda: gates["in"], rows=lambda: gates["head_dim"].repeat(3 * heads))
+            self._gate_linear(second, columns=lambda: gates["heads"].repeat_interleave(head_dim),
+                              rows=lambda: gates["out"])
+        else:
+            self._gate_linear(first, columns=lambda: gates["in"], rows=None)
+            self._gate_linear(second, columns=lambda: gates["hidden"], rows=lambda: gates["out"])
+
+    def _gate_linear(self, linear: nn.Linear, columns: Callable[[], torch.Tensor],
+                     rows: Callable[[], torch.Tensor] | None) -> None:
+        """Make ``linear`` compute ``((x * columns) W^T + b) * rows`` as ``x (W * rows[:, None] *
+        columns)^T + b * rows``: the same function and gradients (to float rounding), at the
+        cost of the weight (out x in) instead of the activations (tokens x width), with no
+        module hooks. The instance's ``forward`` is replaced until :meth:`remove`."""
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            weight, bias = linear.weight, linear.bias
+            scale = columns().to(weight.dtype)
+            if rows is not None:
+                row = rows().to(weight.dtype)
+                scale = row[:, None] * scale
+                bias = None if bias is None else bias * row
+            return F.linear(x, weight * scale, bias)
+
+        linear.forward = forward
+        self._gated_linears.append(linear)
+
+    def _hook_activations(self, sb: SubBlock) -> None:
+        """Each gate multiplies the activation it names, in forward hooks that run before hooks
+        registered later (which then observe gated activations and their gradients)."""
+        gates = self.values[sb.index]
+        first, second = self.adapter.linears(sb)
 
         def gate_input(group: str):
             def hook(module: nn.Module, args: tuple) -> tuple:
@@ -70,7 +121,7 @@ class GateSet:
         self._handles.append(first.register_forward_pre_hook(gate_input("in")))
         self._handles.append(second.register_forward_hook(gate_output("out")))
         if sb.kind == "mlp":
-            self._handles.append(second.register_forward_pre_hook(gate_input(hidden_group)))
+            self._handles.append(second.register_forward_pre_hook(gate_input("hidden")))
             return
         heads, head_dim = sb.num_heads, sb.head_dim
 
@@ -87,10 +138,13 @@ class GateSet:
         self._handles.append(second.register_forward_pre_hook(gate_heads))
 
     def remove(self) -> None:
-        """Take every hook off the model (the gates stop acting)."""
+        """Take the gates off the model (they stop acting)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for linear in self._gated_linears:
+            del linear.forward  # back to the class's forward
+        self._gated_linears.clear()
 
     def __enter__(self) -> "GateSet":
         return self
@@ -148,11 +202,12 @@ def _scale_last(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * gate.to(x.dtype)
 
 
-def attach_gates(model: nn.Module, adapter: ModelAdapter | None = None, requires_grad: bool = True) -> GateSet:
+def attach_gates(model: nn.Module, adapter: ModelAdapter | None = None, requires_grad: bool = True,
+                 on: GatesOn = "weights") -> GateSet:
     """Install all-ones gates on every sub-block of ``model`` (a timm ViT/DeiT/Swin)."""
     from p3b_search.surgery.adapters import get_adapter
 
-    return GateSet(adapter or get_adapter(model), requires_grad=requires_grad)
+    return GateSet(adapter or get_adapter(model), requires_grad=requires_grad, on=on)
 
 
 def full_masks(adapter: ModelAdapter) -> BlockMasks:

@@ -180,6 +180,11 @@ class BlockBenefit(nn.Module):
                 handle.remove()
         self._taps = []
 
+    def release(self) -> None:
+        """Drop the captured features (a step that does not measure the benefit)."""
+        for tap in self._taps:
+            tap.features.clear()
+
     def _stream(self, j: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int] | None]:
         """(x_j, x_{j+1}) of sub-block ``j`` and the block's map size (Swin)."""
         if not self._taps:
@@ -188,13 +193,18 @@ class BlockBenefit(nn.Module):
         names = ("input", "middle") if j % 2 == 0 else ("middle", "output")
         return (tap.take(names[0]), tap.take(names[1])), tap.map_hw
 
-    def step(self, targets: torch.Tensor) -> BenefitStep:
+    def step(self, targets: torch.Tensor, images: int | None = None) -> BenefitStep:
         """Auxiliary losses and Delta Psi of the last captured forward pass, against
-        ``targets`` (class indices (B,) or soft targets (B, K)); the features are released."""
+        ``targets`` (class indices (B,) or soft targets (B, K)); the features are released.
+
+        ``images``: the heads see only the first ``images`` samples of the batch (all when
+        None); the loaders shuffle, so these are a random subset of the batch."""
+        targets = targets[:images]
         losses = []
         deltas_cls, deltas_patch = [], []
         for j, (cls_head, patch_head) in enumerate(zip(self.cls_heads, self.patch_heads)):
             (x_in, x_out), map_hw = self._stream(j)
+            x_in, x_out = x_in[:images], x_out[:images]
             dtype = cls_head.weight.dtype
             # both sides as one batch [x_j; x_{j+1}] (each head is called once; see PatchHead.forward)
             (cls_in, grid_in), (cls_out, grid_out) = (self.layout.split(x.to(dtype), map_hw) for x in (x_in, x_out))
@@ -205,8 +215,7 @@ class BlockBenefit(nn.Module):
             losses.append(cls_ce[0] + patch_ce[0] + cls_ce[1] + patch_ce[1])
             deltas_cls.append((cls_ce[0] - cls_ce[1]).detach())
             deltas_patch.append((patch_ce[0] - patch_ce[1]).detach())
-        for tap in self._taps:
-            tap.features.clear()
+        self.release()
         return BenefitStep(torch.stack(losses).sum(), torch.stack(deltas_cls), torch.stack(deltas_patch))
 
 

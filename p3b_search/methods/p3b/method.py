@@ -20,10 +20,11 @@ unscaled) and are gone after ``finalize``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from p3b_search.methods.base import register_method
@@ -34,6 +35,9 @@ from p3b_search.methods.p3b.window import WindowedSum
 from p3b_search.training.hooks import StepInfo
 
 AUX_HEADS_ATTR = "p3b_aux_heads"
+#: chosen by measurement on the glyphs benchmark (decision fidelity) and the step-time benchmark
+DEFAULT_AUX_BATCH_FRACTION = 0.25
+DEFAULT_AUX_EVERY = 4
 #: devices with torch's fused AdamW kernel for float32 parameters (torch >= 2.4)
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
@@ -52,6 +56,14 @@ class P3BConfig(IterativePruningConfig):
         10.0, gt=0, description="[--pr-block-imp-scale] S: benefits are scaled to max S and soft-clamped into (0, S).")
     aux_head_lr: float = Field(
         5e-4, gt=0, description="Learning rate of the auxiliary cls/patch heads (not scaled by the batch).")
+    aux_batch_fraction: float = Field(
+        DEFAULT_AUX_BATCH_FRACTION, gt=0, le=1, description="Share of each micro-batch the auxiliary heads see "
+        "(the first ceil(fraction x B) images of the shuffled batch); 1: all of it, as the reference code.")
+    aux_every: int | None = Field(
+        None, ge=1, description="The auxiliary heads run (are trained and measure the benefit) on every k-th "
+        "micro-batch, counted from the prune start; 1: every micro-batch, as the reference code. At most "
+        f"prune_steps_update_mask, so that every window measures the benefit; None: {DEFAULT_AUX_EVERY}, or "
+        "prune_steps_update_mask when that is smaller.")
     keep_ratios: tuple[float, ...] | None = Field(
         None, description="[--prune-kr-handcraft] Hand-set kappa per sub-block (2L values, attention of layer 0 "
         "first); replaces the block-benefit budget (no auxiliary heads are trained).")
@@ -64,6 +76,20 @@ class P3BConfig(IterativePruningConfig):
             if bad or not value:
                 raise ValueError(f"keep_ratios must be non-empty values in [0, 1], got {bad or list(value)}")
         return value
+
+    @property
+    def aux_period(self) -> int:
+        """k: the auxiliary heads run on every k-th micro-batch (``aux_every`` resolved)."""
+        return min(DEFAULT_AUX_EVERY, self.prune_steps_update_mask) if self.aux_every is None else self.aux_every
+
+    @model_validator(mode="after")
+    def _every_window_measures(self) -> "P3BConfig":
+        if self.aux_every is not None and self.aux_every > self.prune_steps_update_mask:
+            raise ValueError(
+                f"aux_every={self.aux_every} exceeds prune_steps_update_mask={self.prune_steps_update_mask}: "
+                "a window would measure no benefit; lower aux_every or update the masks less often"
+            )
+        return self
 
 
 @register_method
@@ -111,10 +137,14 @@ class P3B(TaylorGatedPruning):
                 {"params": no_decay, "lr": self.config.aux_head_lr, "weight_decay": 0.0, **kernel}]
 
     def extra_loss(self, info: StepInfo, inputs: torch.Tensor, targets: torch.Tensor, outputs: Any) -> torch.Tensor | None:
-        """The heads' losses (before finalize); Delta Psi is summed from the prune start on."""
+        """The heads' losses (before finalize) on the micro-batches they run on (every
+        ``aux_every``-th, on ``aux_batch_fraction`` of it); Delta Psi is summed from the prune start on."""
         if self.benefit is None or self.finalized:
             return None
-        step = self.benefit.step(targets)
+        if (info.step - self.schedule.start_step) % self.config.aux_period:
+            self.benefit.release()
+            return None
+        step = self.benefit.step(targets, math.ceil(self.config.aux_batch_fraction * len(targets)))
         if self.schedule.collecting(info.step):
             self.benefit_window.add(torch.stack([step.delta_cls, step.delta_patch]))
         return step.loss
