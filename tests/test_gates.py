@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from p3b_search.surgery import attach_gates, canonical_masks, get_adapter
 from p3b_search.surgery.adapters import GROUPS
 from tests.conftest import make_model
+
+MODEL_INPUT = {"deit_tiny": (64, 64), "swin_tiny": (224, 224)}
 
 
 def test_adapter_lists_two_sub_blocks_per_layer_with_their_groups():
@@ -80,3 +84,29 @@ def test_canonical_masks_switch_off_dead_sub_blocks_and_fill_missing_groups():
     assert all(m.all() for m in masks[1].values())
     hard = attach_gates(adapter.model, adapter).hard_masks()
     assert all(m.all() for groups in hard.values() for m in groups.values())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(["deit_tiny", "swin_tiny"]), seed=st.integers(0, 2**16), hard=st.booleans())
+def test_gates_folded_into_weights_act_as_gates_on_activations(key, seed, hard):
+    """The default (gates folded into the linears' weights) and gates on the activations give
+    the same logits and the same gate gradients, for random soft or 0/1 gate values."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, *MODEL_INPUT[key], generator=gen)
+    results = []
+    for on in ("weights", "activations"):
+        model = make_model(key).train()
+        with attach_gates(model, on=on) as gates:
+            gen.manual_seed(seed)
+            for _, _, tensor in gates.items():
+                values = torch.rand(tensor.shape, generator=gen)
+                with torch.no_grad():
+                    tensor.copy_((values > 0.3).float() if hard else values)
+            logits = model(images)
+            logits.square().sum().backward()
+            results.append((logits.detach(), [t.grad.clone() for _, _, t in gates.items()]))
+        assert not any(hasattr(m, "forward") and "forward" in vars(m) for m in model.modules()), "gates left behind"
+    (logits_w, grads_w), (logits_a, grads_a) = results
+    torch.testing.assert_close(logits_w, logits_a, rtol=1e-4, atol=1e-5)
+    for grad_w, grad_a in zip(grads_w, grads_a):
+        torch.testing.assert_close(grad_w, grad_a, rtol=1e-3, atol=1e-4)

@@ -1,7 +1,10 @@
 """P3B as training hooks: validation, the schedule in the real loop, finalize, reactivation, resume."""
 from __future__ import annotations
 
+import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from p3b_search.cost import model_cost
 from p3b_search.methods import get_method
 from p3b_search.methods.p3b import ALLOCATION_KEYS, P3B, P3BConfig
+from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer, train_stage
+from p3b_search.training.rng import seed_everything
 from tests.p3b_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
 
 EPOCHS = 4
@@ -244,3 +249,64 @@ def test_p3b_prunes_a_swin_model_end_to_end():
     pruned = method.finalize(model)
     torch.testing.assert_close(hard_masked_logits(pruned.model, x[:4]), logits, rtol=1e-4, atol=1e-5)
     assert model_cost(pruned.model).params == pytest.approx(0.5 * method.dense_total_params, rel=0.02)
+
+
+FULL_ROWS = Path(__file__).parent / "data" / "p3b_allocation_rows_full.json"
+
+
+def test_full_benefit_computation_reproduces_the_recorded_allocation_rows():
+    """aux_batch_fraction 1 and aux_every 1 (all images, every micro-batch) is the reference
+    computation: its allocation rows on a fixed seed are the ones recorded in
+    ``tests/data/p3b_allocation_rows_full.json`` (integers exactly, floats to fp32 rounding)."""
+    seed_everything(0)
+    model = tiny_vit()
+    method = make_p3b(aux_batch_fraction=1.0, aux_every=1)
+    method.prepare(model)
+    train_stage(model, loader(), loader(), stage(EPOCHS), training(), method, progress=False)
+    rows, recorded = method.pop_allocation_rows(), json.loads(FULL_ROWS.read_text())
+    assert len(rows) == len(recorded) == 36
+    for row, expected in zip(rows, recorded):
+        assert row.keys() == expected.keys()
+        for key, value in expected.items():
+            if isinstance(value, float):
+                assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+            else:
+                assert row[key] == value, key
+
+
+def test_aux_every_must_leave_every_window_a_measurement():
+    with pytest.raises(ValidationError, match="aux_every=4 exceeds prune_steps_update_mask=2"):
+        P3BConfig(prune_steps_update_mask=2, aux_every=4)
+    assert P3BConfig(prune_steps_update_mask=2).aux_period == 2  # default 4, capped to N
+    assert P3BConfig(prune_steps_update_mask=100).aux_period == 4
+    with pytest.raises(ValidationError, match="aux_batch_fraction"):
+        P3BConfig(aux_batch_fraction=0.0)
+
+
+@pytest.mark.parametrize("fraction, every", [(0.25, 2), (0.5, 1), (1.0, 2)])
+def test_heads_see_a_share_of_every_kth_micro_batch(monkeypatch, fraction, every):
+    """The heads run on micro-batches start + i*k only, on ceil(fraction * B) images, and the
+    benefit window counts exactly those measurements."""
+    seen: list[tuple[int, int]] = []
+    original = BlockBenefit.step
+
+    def spy(self, targets, images=None):
+        seen.append((len(targets), images))
+        return original(self, targets, images)
+
+    monkeypatch.setattr(BlockBenefit, "step", spy)
+    model, method = tiny_vit(), make_p3b(aux_batch_fraction=fraction, aux_every=every)
+    method.prepare(model)
+    counts = []
+    original_roll = method.benefit_window.roll
+
+    def roll():
+        counts.append(int(method.benefit_window.count))
+        original_roll()
+
+    method.benefit_window.roll = roll
+    train_stage(model, loader(), loader(), stage(EPOCHS), training(), method, progress=False)
+    assert len(seen) == EPOCHS * STEPS // every  # start step 4 is a multiple of k: steps 0, k, 2k, ...
+    assert all(images == math.ceil(fraction * 16) for _, images in seen)
+    # windows of N = 2 micro-batches from the start step: 2 // k measurements each
+    assert counts and all(c == 2 // every for c in counts)

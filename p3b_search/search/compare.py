@@ -16,12 +16,14 @@ method, prune ratio and seed compares, as ``studies/method_comparison.yaml`` (a 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from p3b_search.config import TrialConfig
 from p3b_search.methods import get_method
 from p3b_search.search.results import PARAM_PREFIX, read_allocations, write_parquet_atomic
 from p3b_search.search.schema import StudyConfig, StudyError, trial_config
@@ -40,16 +42,21 @@ def _param_value(value: object) -> object:
     return value.item() if hasattr(value, "item") else value
 
 
+def complete_trials(study: StudyConfig, trials: pd.DataFrame) -> Iterator[tuple[pd.Series, TrialConfig]]:
+    """Each COMPLETE trial of ``trials`` (the trials table): its row and its trial configuration."""
+    for _, row in trials[trials["state"] == "COMPLETE"].iterrows():
+        params = {name.removeprefix(PARAM_PREFIX): _param_value(value) for name, value in row.items()
+                  if name.startswith(PARAM_PREFIX) and not pd.isna(value)}
+        yield row, trial_config(study, params)
+
+
 def trial_results(study: StudyConfig, trials: pd.DataFrame) -> pd.DataFrame:
     """One row per COMPLETE trial of ``trials`` (the trials table): ``number``, ``method``,
     ``prune_ratio``, ``seed`` (from the trial's configuration), ``top1`` (%), ``kept_fraction``,
     ``macs`` (per image) and ``params``. Raises :class:`StudyError` when two trials share method,
     prune ratio and seed (they differ in another knob: not a method comparison)."""
     rows = []
-    for _, row in trials[trials["state"] == "COMPLETE"].iterrows():
-        params = {name.removeprefix(PARAM_PREFIX): _param_value(value) for name, value in row.items()
-                  if name.startswith(PARAM_PREFIX) and not pd.isna(value)}
-        config = trial_config(study, params)
+    for row, config in complete_trials(study, trials):
         rows.append({"number": int(row["number"]), "method": config.method,
                      "prune_ratio": float(config.method_config["prune_ratio"]), "seed": config.training.seed,
                      **{m: float(row[m]) if m in row else math.nan for m in RESULT_COLUMNS[4:]}})
