@@ -41,6 +41,13 @@ STUDY_CASES = [
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: search_space.method_config.prune_ratio.low: must be <= high (0.3) (got 0.8): swap them",
                  id="study-bad-range"),
+    pytest.param({"s.yaml": HEAD + "early_stopping: {enabled: true, stages: [warmup]}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: early_stopping.stages[0]: must be one of 'prune' or 'finetune' (got 'warmup')",
+                 id="early-stopping-unknown-stage"),
+    pytest.param({"s.yaml": HEAD + "method: {name: p3b, config: {prune_steps_update_mask: 2, aux_every: 3}}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: method.config: aux_every=3 exceeds prune_steps_update_mask=2: a window would measure "
+                 "no benefit; lower aux_every or update the masks less often", id="p3b-aux-every-beyond-update"),
     pytest.param({"s.yaml": HEAD + "n_trials: [\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml:4:1: invalid YAML: expected the node content, but found '<stream end>'",
                  id="study-invalid-yaml"),

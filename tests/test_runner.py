@@ -112,6 +112,31 @@ def test_dominated_trial_stopper():
     assert stopper("bad", dict(ft, epoch=3.0, top1=80.0))        # same MACs, 12 points worse
     assert stopper.reasons["bad"].startswith("stopped at fine-tune epoch 1: trial good had top-1 92.00%")
     assert not DominatedTrialStopper(EarlyStopping(enabled=False))("bad", dict(ft, epoch=3.0, top1=0.0))
+    assert not stopper("late", dict(prune, epoch=1.0, top1=0.0))  # prune stage not asked for
+
+
+def test_dominated_trial_stopper_in_the_prune_stage():
+    """Prune-stage epochs compare the budget (from the trial's config) and the kept fraction now."""
+    budgets = {0.5: 0.5, 0.75: 0.25}
+    stopper = DominatedTrialStopper(EarlyStopping(enabled=True, stages=["prune"], grace_epochs=1, margin=2.0),
+                                    budget_of=lambda params: budgets[params["method_config.prune_ratio"]])
+
+    def result(ratio: float, epoch: int, top1: float, keep: float) -> dict:
+        return {"stage": 0.0, "epoch": float(epoch), "top1": top1, "keep_ratio": keep, FINISHED: False,
+                "config": {"method_config.prune_ratio": ratio, "trial_number": 7 if ratio == 0.75 else 8}}
+
+    assert not stopper("lean", result(0.75, 0, 90.0, 0.6))
+    assert not stopper("wide", result(0.5, 0, 70.0, 0.8))     # dominated, but within the grace epoch
+    assert not stopper("late", result(0.75, 0, 95.0, 1.0))    # not pruning yet
+    assert not stopper("lean", result(0.75, 1, 88.0, 0.4))
+    assert not stopper("late", result(0.75, 1, 87.0, 0.9))    # within the margin of "lean"; better than
+                                                              # "wide" by 7 points but keeps more now
+    assert stopper.reasons == {}
+    assert stopper("wide", result(0.5, 1, 80.0, 0.7))         # larger budget, keeps more now, 8 points worse
+    assert stopper.reasons["wide"] == ("stopped at prune-stage epoch 1: trial 7 had top-1 88.00% with budget 0.25, "
+                                       "kept 0.400 now there (this trial: 80.00%, budget 0.5, kept 0.700 now)")
+    assert not stopper("lean", {"stage": 1.0, "epoch": 2.0, "top1": 0.0, FINISHED: False})  # fine-tune not asked for
+
 
 
 # ----------------------------------------------------------------------------- end to end

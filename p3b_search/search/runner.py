@@ -27,6 +27,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +52,7 @@ from p3b_search.search.results import (
     trials_frame,
     write_trials,
 )
-from p3b_search.search.schema import MAXIMIZED, StudyConfig, StudyError, load_study
+from p3b_search.search.schema import MAXIMIZED, StudyConfig, StudyError, load_study, trial_budget
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.trainable import (
     DEFAULT_OBJECTIVE,
@@ -519,7 +520,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
                                   resume_errored=False, restart_errored=False)
     if resume:  # the driver died before Ray saved its state: what Optuna asked is lost
         _fail_orphans(session)
-    stopper = DominatedTrialStopper(study.early_stopping)
+    stopper = DominatedTrialStopper(study.early_stopping, budget_of=partial(trial_budget, study))
     searcher = ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency)
     remaining = max(0, study.n_trials - _ray_trials_started(session.optuna_study))
     return tune.Tuner(

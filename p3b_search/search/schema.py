@@ -139,16 +139,25 @@ class TrackingConfig(_Strict):
 
 
 class EarlyStopping(_Strict):
-    """Stop a trial that is dominated by another trial at the same fine-tune epoch.
+    """Stop a trial that another trial dominates at the same epoch of the same stage.
 
-    From fine-tune epoch ``grace_epochs`` on, a trial stops when some other trial had, at the
-    same fine-tune epoch, top-1 at least ``margin`` points higher with no more MACs. A stopped
-    trial is recorded as PRUNED in Optuna and never appears on the front.
+    Fine-tune stage (``finetune`` in ``stages``): from fine-tune epoch ``grace_epochs`` on, a
+    trial stops when some other trial had, at the same fine-tune epoch, top-1 at least
+    ``margin`` points higher with no more MACs (both pruned models measured).
+    Prune stage (``prune`` in ``stages``): from prune-stage epoch ``grace_epochs`` on, a trial
+    stops when some other trial had, at the same prune-stage epoch, top-1 at least ``margin``
+    points higher with a budget (kept fraction 1 - prune_ratio) no larger and, where both report
+    it, no larger a kept fraction at that epoch (so a trial that has not pruned yet cannot
+    stop one that has). This saves the expensive part of a trial.
+    A stopped trial is recorded as PRUNED in Optuna and never appears on the front.
     """
 
     enabled: bool = False
-    grace_epochs: int = Field(1, ge=0)
-    margin: float = Field(5.0, ge=0)
+    stages: list[Literal["prune", "finetune"]] = Field(
+        default_factory=lambda: ["finetune"], min_length=1,
+        description="Stages whose epochs are compared: finetune, prune, or both.")
+    grace_epochs: int = Field(1, ge=0, description="Epochs of each stage before a trial may be stopped.")
+    margin: float = Field(5.0, ge=0, description="Top-1 points by which the other trial must be better.")
 
 
 class StudyConfig(_Strict):
@@ -624,6 +633,12 @@ def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def trial_budget(study: StudyConfig, params: dict[str, Any]) -> float:
+    """The parameter budget of the trial with sampled ``params``: its kept fraction ``1 - prune_ratio``
+    (dense: 1), known before it trains."""
+    return 1.0 - float(trial_config(study, params).method_config.get("prune_ratio", 0.0))
 
 
 def trial_config(study: StudyConfig, params: dict[str, Any]) -> TrialConfig:

@@ -1,0 +1,114 @@
+"""What early stopping saves, and what it costs the front: a study run with and without it.
+
+    python benchmarks/early_stopping_savings.py studies/prune_stage_stopping.yaml --seeds 0 1 2
+
+For each sampler seed the study runs twice, with ``early_stopping.enabled`` false and true (folders
+``<output_dir>/<name>-off-s<seed>`` and ``-on-s<seed>``; a finished one is read, not run again;
+the two arms of a seed run one after the other, off first). Per run it counts the **trial-epochs**
+trained (``epochs_done`` summed over trials: the compute spent, in units of one epoch of one
+trial) and the **normalised hypervolume** of the COMPLETE trials' front: the hypervolume against
+the study's reference point (top-1 0 %, the dense model's MACs) divided by the box from that
+point to (top-1 100 %, MACs 0), so 1.0 would be a model at 100 % for free. Then, over seeds: the
+compute saved (1 - on / off trial-epochs) and the hypervolume difference (on - off) with its 95 %
+t interval, paired by seed.
+
+Writes ``<out>/<name>_savings.md`` and ``.parquet`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def arm(study, seed: int, stopping: bool):
+    """The study with the sampler seed and early stopping of one arm, in its own folder."""
+    name = f"{study.name}-{'on' if stopping else 'off'}-s{seed}"
+    return study.with_overrides(name=name, sampler={**study.sampler.model_dump(), "seed": seed},
+                                early_stopping={**study.early_stopping.model_dump(), "enabled": stopping})
+
+
+def finished(study) -> bool:
+    """Whether the study folder holds ``n_trials`` ended trials."""
+    from p3b_search.search.results import read_trials
+
+    if not study.layout.trials_table.exists():
+        return False
+    trials = read_trials(study.layout)
+    return len(trials) >= study.n_trials and not trials["state"].isin(["RUNNING"]).any()
+
+
+def measure(study) -> dict[str, float]:
+    """Trial-epochs, stopped trials and normalised hypervolume of a finished study."""
+    from p3b_search.search.runner import study_summary
+
+    outcome = study_summary(study)
+    trials = outcome.trials
+    top1_index = study.metric_names.index("top1")
+    box = 1.0
+    for i, (name, reference) in enumerate(zip(study.metric_names, outcome.reference)):
+        box *= (100.0 - reference) if i == top1_index else reference
+    return {"trials": len(trials), "stopped": int((trials["state"] == "PRUNED").sum()),
+            "failed": int((trials["state"] == "FAIL").sum()), "trial_epochs": int(trials["epochs_done"].sum()),
+            "front": len(outcome.front), "hypervolume": outcome.hypervolume, "hv_normalised": outcome.hypervolume / box,
+            "wall_s": float(trials["duration_s"].sum())}
+
+
+def markdown(name: str, runs: pd.DataFrame, command: str) -> str:
+    from p3b_search.stats import paired_difference, t_interval
+
+    off, on = (runs[runs["stopping"] == flag].set_index("seed") for flag in (False, True))
+    saved = 1 - on["trial_epochs"] / off["trial_epochs"]
+    saved_ci = t_interval(saved.dropna())
+    hv = paired_difference(on["hv_normalised"].to_dict(), off["hv_normalised"].to_dict())
+    lines = [f"# Early stopping savings: study `{name}`", "", "    " + command, "",
+             "| seed | early stopping | trials | stopped | failed | trial-epochs | trial seconds | front | "
+             "normalised hypervolume |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs.sort_values(["seed", "stopping"]).itertuples():
+        lines.append(f"| {r.seed} | {'on' if r.stopping else 'off'} | {r.trials} | {r.stopped} | {r.failed} | "
+                     f"{r.trial_epochs} | {r.wall_s:.0f} | {r.front} | {r.hv_normalised:.4f} |")
+    lines += ["", f"Compute saved (1 - trial-epochs on / off), mean over {saved_ci.n} seeds: "
+              f"**{saved_ci.mean:.1%}** (95 % CI [{saved_ci.low:.1%}, {saved_ci.high:.1%}]); per seed: "
+              + ", ".join(f"{s}: {v:.1%}" for s, v in saved.items()) + ".",
+              f"Normalised hypervolume, on - off, paired by seed: **{hv.mean:+.4f}** "
+              f"(95 % CI [{hv.low:+.4f}, {hv.high:+.4f}], n = {hv.n}): "
+              + ("within noise (the interval contains 0)." if not hv.excludes_zero else
+                 ("separated: stopping " + ("raised" if hv.mean > 0 else "lowered") + " it."))]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("study", type=Path, help="the study file (its early_stopping settings are the 'on' arm)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    from p3b_search.search.runner import run_study
+    from p3b_search.search.schema import load_study
+
+    base = load_study(args.study)
+    rows = []
+    for seed in args.seeds:
+        for stopping in (False, True):
+            study = arm(base, seed, stopping)
+            if not finished(study):
+                print(f"running {study.name} ...", flush=True)
+                outcome = run_study(study, resume=study.layout.root.exists(), num_cpus=args.cpus)
+                if outcome.interrupted:
+                    sys.exit(f"{study.name} was interrupted: run the command again to continue")
+            rows.append({"seed": seed, "stopping": stopping, **measure(study)})
+    runs = pd.DataFrame(rows)
+    command = "python benchmarks/early_stopping_savings.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = markdown(base.name, runs, command)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs.to_parquet(args.out / f"{base.name}_savings.parquet", index=False)
+    (args.out / f"{base.name}_savings.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
