@@ -7,8 +7,9 @@ updates vs plain fine-tuning (method ``dense``) of the same model on the same da
     python -m benchmarks.p3b_overhead --profile default:                # torch.profiler table of P3B steps
 
 Models: ``digits`` is the source-pretrained :data:`p3b_search.models.DIGITS_VIT` on the digits
-target domain (batch 64, 11 steps per epoch); ``deit_tiny`` is ``deit_tiny_patch16_224`` at 224 px
-(random init, batch 16) on synthetic images, ``--steps`` steps per epoch.
+target domain (batch 64, 11 steps per epoch); ``deit_tiny`` / ``deit_small`` are
+``deit_{tiny,small}_patch16_224`` at 224 px (random init, batch 16 / 64) on synthetic images,
+``--steps`` steps per epoch. ``--device cuda`` trains under bf16 autocast, as trials do there.
 
 Each ``--variant NAME:KEY=VALUE,...`` is P3B with those knobs over the quickstart's (mask update
 every 3 steps, prune ratio 0.5, pruning from step 0, so every timed step carries the whole
@@ -40,6 +41,7 @@ from p3b_search.training.rng import seed_everything
 
 QUICKSTART_P3B = {"prune_steps_update_mask": 3, "prune_ratio": 0.5, "prune_start_epoch": 0.0}
 DEIT_TINY = ModelConfig(name="deit_tiny_patch16_224")
+DEIT_SMALL = ModelConfig(name="deit_small_patch16_224")
 SYNTHETIC_CLASSES = 10
 
 
@@ -69,7 +71,8 @@ class Workload:
         return build_model(self.model, classes) if self.name == "digits" else create_timm_model(self.model, classes)
 
 
-WORKLOADS = {"digits": Workload("digits", DIGITS_VIT, 64), "deit_tiny": Workload("deit_tiny", DEIT_TINY, 16)}
+WORKLOADS = {"digits": Workload("digits", DIGITS_VIT, 64), "deit_tiny": Workload("deit_tiny", DEIT_TINY, 16),
+             "deit_small": Workload("deit_small", DEIT_SMALL, 64)}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -82,7 +85,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def seconds_per_step(workload: Workload, knobs: dict[str, Any] | None, epochs: int, steps: int, seed: int = 0) -> float:
+def seconds_per_step(workload: Workload, knobs: dict[str, Any] | None, epochs: int, steps: int, seed: int = 0,
+                     device: str = "cpu") -> float:
     """Median over epochs of the prune stage's seconds per step: P3B with ``knobs``, or dense (None)."""
     seed_everything(seed)
     train, val, classes = workload.loaders(seed, steps)
@@ -93,19 +97,20 @@ def seconds_per_step(workload: Workload, knobs: dict[str, Any] | None, epochs: i
     model = workload.build(classes)
     method.prepare(model)
     training = TrainingConfig(prune=StageConfig(epochs=epochs, lr=1e-3, schedule="constant"),
-                              finetune=StageConfig(epochs=1), batch_size=workload.batch_size, device="cpu")
+                              finetune=StageConfig(epochs=1), batch_size=workload.batch_size, device=device, amp=True)
     history = train_stage(model, train, val, training.prune, training, method, progress=False)
     return statistics.median(h["epoch_seconds"] for h in history) / len(train)
 
 
-def profile(workload: Workload, knobs: dict[str, Any], epochs: int, steps: int) -> None:
+def profile(workload: Workload, knobs: dict[str, Any], epochs: int, steps: int, device: str) -> None:
     """torch.profiler's top operators (self CPU time) over P3B's prune stage."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    seconds_per_step(workload, knobs, 1, steps)  # warm-up (the source-pretraining cache, first-call costs)
-    with torch_profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
-        seconds_per_step(workload, knobs, epochs, steps)
+    seconds_per_step(workload, knobs, 1, steps, device=device)  # warm-up (caches, first-call costs)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities, with_stack=False) as prof:
+        seconds_per_step(workload, knobs, epochs, steps, device=device)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
@@ -118,27 +123,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="prune-stage epochs per run (default 2)")
     parser.add_argument("--steps", type=int, default=6, help="steps per epoch on synthetic data (deit_tiny)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a Ray trial)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: bf16 autocast, as trials run)")
     parser.add_argument("--profile", metavar="NAME:KEY=VALUE,...", help="print a torch.profiler table instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workload = WORKLOADS[args.model]
     if args.profile:
-        profile(workload, parse_variant(args.profile)[1], args.epochs, args.steps)
+        profile(workload, parse_variant(args.profile)[1], args.epochs, args.steps, args.device)
         return
     sides: dict[str, dict[str, Any] | None] = dict(parse_variant(v) for v in args.variant or ["default:"])
     sides["dense"] = None
     for knobs in sides.values():
-        seconds_per_step(workload, knobs, 1, args.steps)  # warm-up: caches, allocator, first-call costs
+        seconds_per_step(workload, knobs, 1, args.steps, device=args.device)  # warm-up: caches, allocator, first calls
     times: dict[str, list[float]] = {name: [] for name in sides}
     for repeat in range(args.repeats):
         order = list(sides) if repeat % 2 else list(sides)[::-1]
         for name in order:
-            times[name].append(seconds_per_step(workload, sides[name], args.epochs, args.steps, seed=repeat))
+            times[name].append(seconds_per_step(workload, sides[name], args.epochs, args.steps, seed=repeat,
+                                                device=args.device))
         one, five, _ = os.getloadavg()
         line = ", ".join(f"{name} {times[name][-1] * 1e3:.1f}" for name in sides)
         print(f"repeat {repeat}: ms/step {line} (load {one:.2f}/{five:.2f})", flush=True)
     dense = statistics.median(times["dense"])
-    print(f"{args.model}, batch {workload.batch_size}, {args.threads} thread(s), median of {args.repeats} repeats:")
+    print(f"{args.model}, batch {workload.batch_size}, {args.device}, {args.threads} CPU thread(s), "
+          f"median of {args.repeats} repeats:")
     print("| side | knobs | ms/step | ratio to dense (median; range per repeat) |\n|---|---|---|---|")
     for name, knobs in sides.items():
         ratios = [t / d for t, d in zip(times[name], times["dense"])]
