@@ -31,16 +31,6 @@ def arm(study, seed: int, stopping: bool):
                                 early_stopping={**study.early_stopping.model_dump(), "enabled": stopping})
 
 
-def finished(study) -> bool:
-    """Whether the study folder holds ``n_trials`` ended trials."""
-    from p3b_search.search.results import read_trials
-
-    if not study.layout.trials_table.exists():
-        return False
-    trials = read_trials(study.layout)
-    return len(trials) >= study.n_trials and not trials["state"].isin(["RUNNING"]).any()
-
-
 def measure(study) -> dict[str, float]:
     """Trial-epochs, stopped trials and normalised hypervolume of a finished study."""
     from p3b_search.search.runner import study_summary
@@ -87,7 +77,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from p3b_search.search.runner import run_study
+    from p3b_search.search.runner import run_study, study_finished
     from p3b_search.search.schema import load_study
 
     base = load_study(args.study)
@@ -95,7 +85,7 @@ def main() -> None:
     for seed in args.seeds:
         for stopping in (False, True):
             study = arm(base, seed, stopping)
-            if not finished(study):
+            if not study_finished(study):
                 print(f"running {study.name} ...", flush=True)
                 outcome = run_study(study, resume=study.layout.root.exists(), num_cpus=args.cpus)
                 if outcome.interrupted:

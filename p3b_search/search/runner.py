@@ -623,5 +623,13 @@ def study_summary(study: StudyConfig) -> StudyOutcome:
                         running, float("nan"))
 
 
-__all__ = ["StudyOutcome", "dense_cost", "preflight", "reference_point", "run_study", "study_from_folder",
-           "study_summary"]
+def study_finished(study: StudyConfig) -> bool:
+    """Whether the study's folder holds ``n_trials`` trials, none of them still running."""
+    if not study.layout.trials_table.exists():
+        return False
+    frame = read_trials(study.layout)
+    return len(frame) >= study.n_trials and not (frame["state"] == "RUNNING").any()
+
+
+__all__ = ["StudyOutcome", "dense_cost", "preflight", "reference_point", "run_study", "study_finished",
+           "study_from_folder", "study_summary"]
