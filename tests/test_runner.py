@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import pareto_mask
-from p3b_search.search.schema import EarlyStopping, StudyError, load_study
+from p3b_search.search.schema import EarlyStopping, StudyError, load_study, trial_budget
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 
@@ -137,6 +137,14 @@ def test_dominated_trial_stopper_in_the_prune_stage():
                                        "kept 0.400 now there (this trial: 80.00%, budget 0.5, kept 0.700 now)")
     assert not stopper("lean", {"stage": 1.0, "epoch": 2.0, "top1": 0.0, FINISHED: False})  # fine-tune not asked for
 
+
+
+def test_trial_budget_is_the_kept_fraction_its_configuration_asks_for(tmp_path):
+    study = load_study(write_study(tmp_path, SEARCHED))
+    assert trial_budget(study, {"method_config.prune_ratio": 0.6}) == pytest.approx(0.4)
+    fixed = load_study(write_study(tmp_path, "name: fixed\nmethod: {name: p3b, config: {prune_ratio: 0.75}}\n"))
+    assert trial_budget(fixed, {}) == pytest.approx(0.25)
+    assert trial_budget(fixed, {"method": "dense"}) == 1.0
 
 
 # ----------------------------------------------------------------------------- end to end
