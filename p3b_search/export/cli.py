@@ -4,7 +4,7 @@
                      [--max-macs X] [--max-params X] [--max-latency MS] [--register MODEL_NAME]
                      [--overwrite] [--no-onnx] [--output-dir runs]
     search.py bench DIR [--batch-sizes 1 64] [--repeats 10] [--warmup 3] [--device cpu ...] [--threads N]
-                    [--json FILE]
+                    [--runtime eager|compile|onnxruntime] [--json FILE]
 
 ``NAME``: a study folder, a study file (its ``output_dir``/``name``), or a study name under
 ``--output-dir``. Errors print one line and exit with status 2.
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p3b_search.export.load import ExportError
+from p3b_search.export.runtimes import RUNTIMES
 
 
 def study_folder(name: str, output_dir: str) -> Path:
@@ -66,6 +67,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--device", nargs="+", dest="devices", help="default: cpu, plus cuda when present")
     parser.add_argument("--threads", type=int, help="CPU threads torch may use (default: torch's choice)")
+    parser.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                        help="how both models run: eager PyTorch (default), torch.compile, or ONNX Runtime (CPU; "
+                             "needs pip install 'p3b-search[onnx]')")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
 
 
@@ -99,17 +103,19 @@ def _run_export(args: argparse.Namespace) -> None:
 def _run_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from p3b_search.export.bench import bench
+    from p3b_search.export.bench import bench, default_devices
+    from p3b_search.export.runtimes import check_runtime
 
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         raise ExportError("--batch-sizes, --repeats and --threads must be >= 1, --warmup >= 0")
     devices = args.devices
     if devices and any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA device is available here: use --device cpu")
+    check_runtime(args.runtime, devices or default_devices())
     if args.threads:
         torch.set_num_threads(args.threads)
     report = bench(args.folder, devices=devices, batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
-                   repeats=args.repeats)
+                   repeats=args.repeats, runtime=args.runtime)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))

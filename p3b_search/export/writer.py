@@ -6,7 +6,8 @@
     <out>/arch.json           ArchSpec: timm name + kwargs, kept units per sub-block, classes,
                               preprocessing, structured flag, method, source (study, trial, run)
     <out>/weight_masks.safetensors   unstructured results only: the zero patterns
-    <out>/README.md           model card
+    <out>/README.md           model card (figures, bench table, the front with this trial marked)
+    <out>/front.png           the study's front, dense reference and knee, this trial ringed
     <out>/model.pt2           torch.export program (dynamic batch), where the model allows it
     <out>/model.onnx          ONNX (torch.onnx.export, dynamo), when onnx is installed and it works
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from p3b_search.export.bench import BenchReport, bench, dense_parent
 from p3b_search.export.card import CardFacts, model_card
+from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.counts import MASKS_FILE, count_model, read_weight_masks
 from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line, load_pruned, read_arch_spec
 from p3b_search.export.picks import NUMBER, RESULT_FILE, TOP1, Pick, check_exportable, read_trials, select_trial
@@ -253,6 +255,10 @@ def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pic
     spec.save(folder / ARCH_FILE)
 
     report = bench(folder, devices=["cpu"], repeats=bench_repeats)
+    figure, marked = front_with_choice(study.layout.root, chosen.number)
+    figure.savefig(folder / FRONT_FILE, dpi=110)
+    files[FRONT_FILE] = ("the study's Pareto front (dense reference, knee) with this trial ringed" if marked else
+                         "the study's Pareto front (this trial is not one of its points)")
     notes = [note for note in (_export_pt2(chosen.model, folder),
                                _export_onnx(chosen.model, folder) if onnx else None) if note]
     if (folder / PT2_FILE).exists():
@@ -268,7 +274,7 @@ def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pic
         structured=chosen.structured, objectives=chosen.result["objectives"],
         trial_config=chosen.result.get("config", {}), preprocessing=spec.extra["preprocessing"],
         classes=spec.extra.get("classes"), mlflow_run_id=chosen.run_id, tracking_uri=study.tracking_uri,
-        files=files, notes=notes,
+        files=files, notes=notes, front_figure=FRONT_FILE, front_marked=marked,
     )
     (folder / CARD_FILE).write_text(model_card(facts, report))
     return files, report, notes

@@ -90,6 +90,13 @@ def _group_label(points: pd.DataFrame, group: list[int]) -> str:
     return f"{shown} (×{len(group)})"
 
 
+def _point_label(points: pd.DataFrame, group: list[int], front: bool) -> str:
+    """Front points carry their trial numbers; a merged dominated point only its count."""
+    if front:
+        return _group_label(points, group)
+    return f"×{len(group)}" if len(group) > 1 else ""
+
+
 def _dense_text(dense: DenseReference, y: str) -> str:
     accuracy = dense.get(y)
     return f"dense {value_text(y, accuracy)}" if math.isfinite(accuracy) else "dense cost (accuracy unknown)"
@@ -135,13 +142,16 @@ def _scatter_2d(fig: go.Figure, points: pd.DataFrame, objectives: Mapping[str, s
     (x_prefix, x_div), (y_prefix, y_div) = _scale(points, x, dense), _scale(points, y, dense)
     groups = merge_identical(points, list(objectives))
     methods = _varying_methods(points)
+    offsets = _label_offsets([g[0] for g in groups if on_front[g[0]]], points[x].to_numpy(float),
+                             points[y].to_numpy(float))
 
     def add(name: str, members: list[list[int]], marker: dict[str, Any]) -> None:
         heads = [g[0] for g in members]
         fig.add_trace(go.Scatter(
             x=points[x].iloc[heads] / x_div, y=points[y].iloc[heads] / y_div, name=name, marker=marker,
-            mode="markers+text", text=[f"×{len(g)}" if len(g) > 1 else "" for g in members],
-            textposition="top right", customdata=[links[i] for i in heads],
+            mode="markers+text", text=[_point_label(points, g, bool(on_front[g[0]])) for g in members],
+            textposition=["middle left" if offsets.get(i, (0, 0, "left"))[2] == "right" else "top right"
+                          for i in heads], customdata=[links[i] for i in heads],
             hovertext=["<br>―――<br>".join(hover[g]) for g in members],
             hovertemplate="%{hovertext}<extra></extra>",
         ))
@@ -181,6 +191,7 @@ def _plotly_dense(fig: go.Figure, dense: DenseReference, x: str, y: str, x_div: 
             text=[_dense_text(dense, y)], textposition="bottom left",
             marker=dict(symbol="diamond", size=14, color="black"), hovertext=[text],
             hovertemplate="%{hovertext}<extra></extra>"))
+        fig.add_hline(y=dense.get(y) / y_div, line=dict(color="black", dash="dot", width=1))
     else:
         fig.add_vline(x=dense.get(x) / x_div, line=dict(color="black", dash="dash"),
                       annotation_text=_dense_text(dense, y), annotation_position="bottom left")
@@ -198,7 +209,9 @@ def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np
     ax = fig.add_subplot()
     xs, ys = points[x].to_numpy(float) / x_div, points[y].to_numpy(float) / y_div
     methods = _varying_methods(points)
-    for group in merge_identical(points, list(objectives)):
+    groups = merge_identical(points, list(objectives))
+    offsets = _label_offsets([g[0] for g in groups if on_front[g[0]]], xs, ys)
+    for group in groups:
         i = group[0]
         front = bool(on_front[i])
         if methods:
@@ -208,9 +221,11 @@ def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np
             colour, marker = (FRONT_RED if front else DOMINATED_GREY), "o"
         ax.scatter([xs[i]], [ys[i]], c=colour, marker=marker, s=55 if front else 28, alpha=1.0 if front else 0.55,
                    edgecolors="black" if front else "none", linewidths=0.7, zorder=3 if front else 2)
-        if front or len(group) > 1:
-            ax.annotate(_group_label(points, group) if front else f"×{len(group)}", (xs[i], ys[i]),
-                        textcoords="offset points", xytext=(5, 4), fontsize=7, zorder=5)
+        label = _point_label(points, group, front)
+        if label:
+            dx, dy, align = offsets.get(i, (5, 4, "left"))
+            ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=7,
+                        zorder=5)
     order = np.argsort(xs[on_front], kind="stable")
     if len(objectives) == 2 and on_front.sum() > 1:
         ax.step(xs[on_front][order], ys[on_front][order], where="post", c=FRONT_RED, lw=1, zorder=1)
@@ -225,12 +240,39 @@ def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np
         _png_dense(ax, dense, x, y, x_div, y_div)
     if x in COUNTS:
         ax.set_xlim(left=0)
+        if dense is not None and dense.get(x) > 0:
+            _fraction_axis(ax, dense.get(x) / x_div, x)
     ax.set_xlabel(axis_title(x, objectives.get(x), x_prefix))
     ax.set_ylabel(axis_title(y, objectives[y], y_prefix))
     ax.set_title(title if len(objectives) <= 2 else f"{title} (first two objectives)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     return fig
+
+
+def _fraction_axis(ax: Any, dense_x: float, name: str) -> None:
+    """A top axis reading the cost as a fraction of the dense model's."""
+    top = ax.secondary_xaxis("top", functions=(lambda v: v / dense_x, lambda f: f * dense_x))
+    top.set_xlabel(f"fraction of the dense model's {'MACs' if name == 'macs' else name.upper() if name == 'flops' else name}",
+                   fontsize=8)
+    top.tick_params(labelsize=7)
+
+
+def _label_offsets(rows: list[int], xs: np.ndarray, ys: np.ndarray) -> dict[int, tuple[int, int, str]]:
+    """Label offsets (points) and alignment of the front's points: along the front, a point
+    close to the previous one puts its label on the other (left) side, so neighbouring labels
+    do not overlap."""
+    offsets: dict[int, tuple[int, int, str]] = {}
+    span_x = float(np.ptp(xs)) or 1.0
+    span_y = float(np.ptp(ys)) or 1.0
+    previous, side = None, 0
+    for i in sorted(rows, key=lambda r: (xs[r], ys[r])):
+        close = previous is not None and (abs(xs[i] - xs[previous]) / span_x < 0.06
+                                          and abs(ys[i] - ys[previous]) / span_y < 0.06)
+        side = 1 - side if close else 0
+        offsets[i] = (5, 4, "left") if side == 0 else (-7, -3, "right")
+        previous = i
+    return offsets
 
 
 def _chosen_label(points: pd.DataFrame, chosen: int) -> str:
