@@ -74,10 +74,10 @@ def _latency(bench: BenchReport) -> list[str]:
              "(its shapes, not its values, set the time). The physical limit is latency ratio = MACs ratio "
              f"({bench.counts.macs_ratio:.3f}). Measure again on the deployment machine with "
              "`python search.py bench <this folder> --runtime eager|compile|onnxruntime`.", "",
-             "| device | runtime | batch | pruned ms | dense ms | latency ratio | MACs ratio | pruned img/s | dense img/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| device | batch | runtime | pruned ms | dense ms | latency ratio | MACs ratio | pruned img/s | dense img/s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for t in bench.timings:
-        lines.append(f"| {t.device} | {bench.runtime} | {t.batch_size} | {t.pruned_ms:.3f} | {t.dense_ms:.3f} | "
+        lines.append(f"| {t.device} | {t.batch_size} | {bench.runtime} | {t.pruned_ms:.3f} | {t.dense_ms:.3f} | "
                      f"{t.latency_ratio:.3f} | {bench.counts.macs_ratio:.3f} | {t.pruned_images_per_s:.1f} | "
                      f"{t.dense_images_per_s:.1f} |")
     return lines

@@ -58,7 +58,7 @@ def dense_accuracy(study: StudyConfig, frame: pd.DataFrame) -> tuple[dict[str, f
     given = {name: getattr(study.dense_reference, name) for name in ACCURACIES}
     given = {name: float(value) for name, value in given.items() if value is not None}
     if given:
-        return given, "study file (dense_reference)"
+        return given, "dense_reference in the study file"
     if len(frame) == 0 or "state" not in frame.columns:
         return {}, ""
     rows = frame[is_dense(frame) & (frame["state"] == "COMPLETE")]

@@ -61,7 +61,7 @@ def display_table(frame: pd.DataFrame, metric_names: Sequence[str], dense: Dense
     values = _value_columns(frame, metric_names)
     rows = frame.copy()
     if dense is not None:
-        reference = {"number": DENSE_LABEL, "state": dense.source or "accuracy unknown", "method": DENSE_LABEL,
+        reference = {"number": DENSE_LABEL, "state": "reference", "method": DENSE_LABEL,
                      **{n: dense.get(n) for n in values}, "kept_fraction": 1.0}
         rows = pd.concat([pd.DataFrame([reference]), rows.astype({"number": object})], ignore_index=True)
     out = pd.DataFrame(index=rows.index)

@@ -224,6 +224,8 @@ def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np
         label = _point_label(points, group, front)
         if label:
             dx, dy, align = offsets.get(i, (5, 4, "left"))
+            if i == chosen:  # clear of the ring
+                dx, dy = dx + (9 if align == "left" else -9), dy + 7
             ax.annotate(label, (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=7,
                         zorder=5)
     order = np.argsort(xs[on_front], kind="stable")
