@@ -139,14 +139,22 @@ def time_pair(pruned: Forward, dense: Forward, device: str | torch.device, batch
     interleaved."""
     device = torch.device(device)
     x = torch.randn(batch_size, *(input_size or get_adapter(pruned).input_size()), device=device)
+    times = time_models({"pruned": pruned, "dense": dense}, x, warmup, repeats)
+    return Timing(str(device.type), batch_size, times["pruned"], times["dense"])
+
+
+@torch.inference_mode()
+def time_models(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Median ms of one forward pass of ``x`` through each model, timed round-robin (each
+    repeat runs every model once, so drift on a shared machine hits all alike)."""
     for _ in range(warmup):
-        pruned(x)
-        dense(x)
-    pruned_ms, dense_ms = [], []
+        for model in models.values():
+            model(x)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        pruned_ms.append(_forward_ms(pruned, x))
-        dense_ms.append(_forward_ms(dense, x))
-    return Timing(str(device.type), batch_size, statistics.median(pruned_ms), statistics.median(dense_ms))
+        for name, model in models.items():
+            times[name].append(_forward_ms(model, x))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def default_devices() -> list[str]:

@@ -2,7 +2,7 @@
 
     search.py export NAME --pick {max-accuracy | knee | trial N} --out DIR
                      [--max-macs X] [--max-params X] [--max-latency MS] [--register MODEL_NAME]
-                     [--overwrite] [--no-onnx] [--output-dir runs]
+                     [--round-to N] [--overwrite] [--no-onnx] [--output-dir runs]
     search.py bench DIR [--batch-sizes 1 64] [--repeats 10] [--warmup 3] [--device cpu ...] [--threads N]
                     [--runtime eager|compile|onnxruntime] [--json FILE]
 
@@ -53,6 +53,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-latency", help="... with at most this recorded latency in ms")
     parser.add_argument("--register", metavar="MODEL_NAME",
                         help="also log the model to the trial's MLflow run, register it and set alias 'best'")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="round kept widths up to multiples of N (8 or 16 suit CPU/GPU kernels) with zero "
+                             "units: same logits, a few more MACs, faster kernels (default 1: as trained)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-onnx", action="store_true", help="do not write model.onnx")
     parser.add_argument("--output-dir", default="runs", help="where studies live (default: runs)")
@@ -90,7 +93,8 @@ def _run_export(args: argparse.Namespace) -> None:
         ("max_latency_ms", args.max_latency, "--max-latency")) if value is not None}
     pick = Pick.parse(" ".join(args.pick), **limits)
     folder = study_folder(args.study, args.output_dir)
-    result = export_trial(folder, pick, args.out, args.register, overwrite=args.overwrite, onnx=not args.no_onnx)
+    result = export_trial(folder, pick, args.out, args.register, overwrite=args.overwrite, onnx=not args.no_onnx,
+                          round_to=args.round_to)
     print(f"exported trial {result.trial} of {folder} ({pick.describe()}) to {result.folder}: "
           f"{', '.join(result.files)}")
     for note in result.notes:
