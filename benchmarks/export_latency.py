@@ -53,7 +53,8 @@ def torch_pruning_model(dense: nn.Module, channel_ratio: float) -> nn.Module:
     pruner = tp.pruner.MetaPruner(
         model, example, global_pruning=False, importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=channel_ratio, ignored_layers=[model.head], num_heads={m.qkv: m.num_heads for m in attentions},
-        prune_num_heads=False, prune_head_dims=True)
+        prune_num_heads=False, prune_head_dims=True,
+        unwrapped_parameters=[(model.cls_token, 2), (model.pos_embed, 2)])  # (1, tokens, C): C is pruned
     pruner.step()
     for m in attentions:
         m.head_dim = m.qkv.out_features // (3 * m.num_heads)
