@@ -142,3 +142,12 @@ def test_hover_lists_objectives_with_units_and_parameters():
     text = hover_text(row, ["top1", "macs"], None)
     assert text.startswith("<b>trial 7</b> (p3b)") and "top1: 81.2%" in text and "macs: 2.5G" in text
     assert "param.method_config.prune_ratio: 0.5" in text and "kept_fraction" in text
+
+
+def test_a_study_without_finished_trials_still_gets_its_files():
+    frame = trials([(0, "p3b", 80.0, 2e9)]).assign(state="RUNNING")
+    dense = DenseReference({"top1": 91.0, "macs": DENSE_MACS}, "mean of 1 dense trial")
+    state = front_state(frame, DIRECTIONS, [0.0, DENSE_MACS], dense.ideal(list(DIRECTIONS)))
+    files = front_files(state, DIRECTIONS, [0.0, DENSE_MACS], "s", dense)
+    assert files["front.parquet"].empty and state.hypervolume == 0.0 and state.hypervolume_normalized == 0.0
+    assert [t.name for t in files["front.html"].data][-1] == "dense model"

@@ -265,6 +265,8 @@ def _label_offsets(rows: list[int], xs: np.ndarray, ys: np.ndarray) -> dict[int,
     close to the previous one puts its label on the other (left) side, so neighbouring labels
     do not overlap."""
     offsets: dict[int, tuple[int, int, str]] = {}
+    if not rows:
+        return offsets
     span_x = float(np.ptp(xs)) or 1.0
     span_y = float(np.ptp(ys)) or 1.0
     previous, side = None, 0
