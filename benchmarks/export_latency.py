@@ -2,8 +2,12 @@
 with its widths rounded up to multiples), and Torch-Pruning's at matched MACs, in one process.
 
     pip install -e ".[bench]"     # torch-pruning, onnxruntime
-    python benchmarks/export_latency.py --threads 2 --repeats 30 \\
+    python search.py export runs/quickstart --pick knee --out quickstart-knee/
+    python benchmarks/export_latency.py --threads 2 --repeats 30 --exports quickstart-knee \\
         --out benchmarks/results/export_latency_deit_small.md
+
+``--exports`` adds exported folders (each timed against its own dense parent, with its rounded
+widths and Torch-Pruning's model of the same dense parent at its MACs).
 
 * project: every unit group of every sub-block keeps the same fraction of its units (solved
   so the model keeps 1 - p of its parameters; ``shrink_latency.masks_for_prune_ratio``); the
@@ -78,11 +82,16 @@ def matched_torch_pruning(dense: nn.Module, target_macs: float) -> tuple[nn.Modu
     return best
 
 
-def candidates(dense: nn.Module, name: str, prune_ratio: float, round_to: list[int]) -> dict[str, nn.Module]:
-    """The models timed at one prune ratio, by row label."""
+def uniform_export(dense: nn.Module, name: str, prune_ratio: float) -> tuple[nn.Module, ArchSpec]:
+    """The project's shrunk model keeping ``1 - prune_ratio`` of the parameters, uniformly."""
     shrunk = shrink_model(dense, masks_for_prune_ratio(dense, prune_ratio)).eval()
-    models = {"project": shrunk}
-    spec = ArchSpec.from_model(shrunk, name, {})
+    return shrunk, ArchSpec.from_model(shrunk, name, {})
+
+
+def candidates(dense: nn.Module, shrunk: nn.Module, spec: ArchSpec, round_to: list[int]) -> dict[str, nn.Module]:
+    """The models timed beside ``dense``: the project's ``shrunk`` export, its rounded widths,
+    and Torch-Pruning's at its MACs, by row label."""
+    models = {"dense": dense, "project": shrunk}
     for multiple in round_to:
         models[f"project round {multiple}"] = round_widths(shrunk, spec, multiple)[0]
     tp_model, ratio = matched_torch_pruning(dense, model_cost(shrunk).macs)
@@ -90,10 +99,29 @@ def candidates(dense: nn.Module, name: str, prune_ratio: float, round_to: list[i
     return models
 
 
+def cases(args: argparse.Namespace) -> list[tuple[str, dict[str, nn.Module]]]:
+    """(row label, models) of every case: deit_small at each prune ratio, then each export."""
+    from p3b_search.export.bench import dense_parent
+    from p3b_search.export.load import load_pruned, read_arch_spec
+
+    found = []
+    if args.prune_ratios:
+        dense = timm.create_model(args.model, pretrained=False).eval()
+        for prune_ratio in args.prune_ratios:
+            found.append((f"{args.model} p={prune_ratio}", candidates(dense, *uniform_export(dense, args.model, prune_ratio),
+                                                                      args.round_to)))
+    for folder in args.exports:
+        found.append((f"{folder.name}", candidates(dense_parent(folder), load_pruned(folder).eval(),
+                                                   read_arch_spec(folder), args.round_to)))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--prune-ratios", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--prune-ratios", type=float, nargs="*", default=[0.5, 0.75])
+    parser.add_argument("--exports", type=Path, nargs="*", default=[],
+                        help="folders written by `search.py export` (e.g. the quickstart knee), timed the same way")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
@@ -106,14 +134,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     began = time.monotonic()
-    dense = timm.create_model(args.model, pretrained=False).eval()
-    dense_macs, dense_params = model_cost(dense).macs, model_cost(dense).params
-    input_size = get_adapter(dense).input_size()
     rows = []
     with tempfile.TemporaryDirectory(prefix="p3b-export-latency-") as workdir:
-        for prune_ratio in args.prune_ratios:
-            models = {"dense": dense, **candidates(dense, args.model, prune_ratio, args.round_to)}
+        for case, models in cases(args):
             costs = {label: (torch_macs(m), sum(p.numel() for p in m.parameters())) for label, m in models.items()}
+            dense_macs, dense_params = costs["dense"]
+            input_size = get_adapter(models["dense"]).input_size()
             example = torch.randn(2, *input_size)
             runs = {label: prepare(m, args.runtime, example, workdir) for label, m in models.items()}
             for batch in args.batch_sizes:
@@ -122,13 +148,13 @@ def main() -> None:
                 for label, ms in times.items():
                     macs_ratio = costs[label][0] / dense_macs
                     latency_ratio = ms / times["dense"]
-                    rows.append(f"| {prune_ratio} | {label} | {macs_ratio:.3f} | {costs[label][1] / dense_params:.3f} | "
+                    rows.append(f"| {case} | {label} | {macs_ratio:.3f} | {costs[label][1] / dense_params:.3f} | "
                                 f"{batch} | {ms:.2f} | {latency_ratio:.3f} | **{latency_ratio / macs_ratio:.2f}** |")
                     print(rows[-1], flush=True)
     table = "\n".join([
-        f"{args.model}, 224 px, CPU fp32, {args.threads} thread(s), runtime {args.runtime}, median of "
+        f"CPU fp32, {args.threads} thread(s), runtime {args.runtime}, median of "
         f"{args.repeats} round-robin runs after {args.warmup} warm-up; {time.monotonic() - began:.0f} s in all\n",
-        "| prune ratio | model | MACs ratio | params ratio | batch | ms | latency ratio | latency / MACs ratio |",
+        "| case | model | MACs ratio | params ratio | batch | ms | latency ratio | latency / MACs ratio |",
         "|---|---|---|---|---|---|---|---|", *rows])
     print(table)
     if args.out:
