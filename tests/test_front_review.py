@@ -151,3 +151,24 @@ def test_a_study_without_finished_trials_still_gets_its_files():
     files = front_files(state, DIRECTIONS, [0.0, DENSE_MACS], "s", dense)
     assert files["front.parquet"].empty and state.hypervolume == 0.0 and state.hypervolume_normalized == 0.0
     assert [t.name for t in files["front.html"].data][-1] == "dense model"
+
+
+def test_flops_objective_is_referenced_at_twice_the_dense_macs():
+    from p3b_search.search.runner import dense_cost, reference_point
+
+    study = StudyConfig(name="s", objectives=[{"name": "top1"}, {"name": "flops"}])
+    cost = dense_cost(study)
+    assert cost["flops"] == 2 * cost["macs"] > 0
+    assert reference_point(study, cost) == [0.0, cost["flops"]]
+
+
+def test_knee_pick_leaves_dense_trials_out():
+    from p3b_search.export.load import ExportError
+    from p3b_search.export.picks import Pick, select_trial
+
+    # dense and trial 1 tie for the knee of the two points; the tie would go to the first row, dense
+    frame = trials([(0, "dense", 90.0, DENSE_MACS), (1, "p3b", 10.0, 1e9)])
+    objectives = list(DIRECTIONS.items())
+    assert select_trial(frame, Pick.parse("knee"), objectives)["number"] == 1
+    with pytest.raises(ExportError, match="only dense trials"):
+        select_trial(frame[frame["method"] == "dense"], Pick.parse("knee"), objectives)
