@@ -22,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 EXPORT_COMMANDS = ("export", "bench")
 
 
@@ -43,29 +41,26 @@ def study_folder(name: str, output_dir: str) -> Path:
                      "the study file, or set --output-dir to where the study ran")
 
 
-def _table(frame: pd.DataFrame, study) -> str:
-    """A compact text table of trials: number, state, parameters, objectives, timing."""
-    if frame.empty:
-        return "(no trials yet)"
-    params = [c for c in frame.columns if c.startswith("param.")]
-    columns = ["number", "state", "method", *params, *study.metric_names, "epochs_done", "duration_s", "fail_reason"]
-    shown = frame[[c for c in columns if c in frame.columns]].rename(columns=lambda c: c.removeprefix("param."))
-    if "fail_reason" in shown:  # blank where there is none; no column when no trial has one
-        shown = shown.assign(fail_reason=shown["fail_reason"].fillna(""))
-        if not shown["fail_reason"].any():
-            shown = shown.drop(columns="fail_reason")
-    with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.float_format", "{:.4g}".format):
-        return shown.to_string(index=False)
-
-
 def _print_front(outcome) -> None:
+    from p3b_search.search.tables import table_text
+
     study = outcome.study
     print(f"\nPareto front of {study.name} ({len(outcome.front)} of "
           f"{int((outcome.trials['state'] == 'COMPLETE').sum()) if len(outcome.trials) else 0} finished trials; "
           f"{' / '.join(f'{n} ({d})' for n, d in zip(study.metric_names, study.directions))}):")
-    print(_table(outcome.front, study))
+    print(table_text(outcome.front, study.metric_names, outcome.dense))
     reference = ", ".join(f"{n}={v:.4g}" for n, v in zip(study.metric_names, outcome.reference))
-    print(f"hypervolume {outcome.hypervolume:.6g} (reference point: {reference})")
+    print(f"hypervolume {outcome.hypervolume:.6g} (reference point: {reference}); {_normalized(outcome)}")
+    if outcome.dense is not None:
+        print(outcome.dense.describe())
+
+
+def _normalized(outcome) -> str:
+    """The normalised hypervolume, or why there is none."""
+    value = outcome.hypervolume_normalized
+    if value == value:  # not NaN
+        return f"normalised {value:.3f} (1.0 = dense accuracy at zero cost)"
+    return "normalised: n/a (dense accuracy unknown: set dense_reference.top1 in the study file or run a dense trial)"
 
 
 def _hints(folder: Path) -> None:
@@ -143,6 +138,7 @@ def _finish(outcome) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from p3b_search.search.runner import study_from_folder, study_summary
+    from p3b_search.search.tables import table_text
 
     folder = study_folder(args.study, args.output_dir)
     outcome = study_summary(study_from_folder(folder))
@@ -150,7 +146,7 @@ def _status(args: argparse.Namespace) -> int:
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
     print(f"study {outcome.study.name} in {folder}: {outcome.study.n_trials} trials planned; "
           + ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "RUNNING", "PRUNED", "FAIL")))
-    print(_table(frame, outcome.study))
+    print(table_text(frame, outcome.study.metric_names, outcome.dense))
     _print_front(outcome)
     return 0
 

@@ -44,6 +44,7 @@ from p3b_search.reporting import TrialReporter
 from p3b_search.surgery import ArchSpec
 from p3b_search.training.loop import evaluate, train_stage
 from p3b_search.training.rng import seed_everything
+from p3b_search.units import FLOPS_PER_MAC
 
 STATE_FILE = "trial_state.json"
 PRUNED_DIR = "pruned"
@@ -105,18 +106,18 @@ def objectives_of(pruned: PrunedModel, metrics: dict[str, float], dense_params: 
 
     Structured models are counted as they are; unstructured ones keep dense shapes, so
     ``params`` counts non-zeros and ``macs`` stays dense (no speed-up without sparse kernels),
-    with ``nonzero_macs`` beside it. ``kept_fraction`` = ``params`` / ``dense_params`` (the
-    unpruned model's parameters)."""
+    with ``nonzero_macs`` beside it. ``flops`` = 2 x ``macs`` (torch's counting convention).
+    ``kept_fraction`` = ``params`` / ``dense_params`` (the unpruned model's parameters)."""
     cost = model_cost(pruned.model)
     params = float(kept_params(pruned))
     return {"top1": metrics["top1"], "top5": metrics["top5"], "params": params, "kept_fraction": params / dense_params,
-            "macs": float(cost.macs), "nonzero_macs": float(nonzero_macs(pruned.model, pruned.weight_masks))}
+            "macs": float(cost.macs), "flops": float(FLOPS_PER_MAC * cost.macs), "nonzero_macs": float(nonzero_macs(pruned.model, pruned.weight_masks))}
 
 
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
               resume_from: Path | None = None, measure_latency: bool = False) -> dict[str, float]:
     """Run one trial (both stages) and return its objectives: ``top1``, ``top5`` (percent),
-    ``params``, ``kept_fraction``, ``macs`` (per image), ``nonzero_macs``, and ``latency_ms``
+    ``params``, ``kept_fraction``, ``macs`` and ``flops`` (per image), ``nonzero_macs``, and ``latency_ms``
     when asked."""
     workdir = Path(workdir)
     checkpoint_dir = workdir / "checkpoint"

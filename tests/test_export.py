@@ -25,12 +25,13 @@ from safetensors.torch import save_file
 
 from objectives.prune_finetune import _save_final, objectives_of
 from p3b_search.config import DataConfig, TrialConfig
-from p3b_search.cost import model_cost
+from p3b_search.cost import model_cost, torch_macs
 from p3b_search.data import build_loaders
 from p3b_search.export.bench import bench
 from p3b_search.export.card import UNSTRUCTURED_NOTE
 from p3b_search.export.cli import main
-from p3b_search.export.load import ExportError
+from p3b_search.export.load import ExportError, load_pruned
+from p3b_search.export.runtimes import check_runtime
 from p3b_search.export.picks import Pick, parse_amount, select_trial
 from p3b_search.export.writer import export_trial
 from p3b_search.methods import PrunedModel
@@ -268,7 +269,7 @@ def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_pa
         program = torch.export.load(folder + "/model.pt2").module()
         with torch.no_grad():
             logits, pt2 = model(io["x"]), program(io["x"])
-        from p3b_search.cost import model_cost
+        from p3b_search.cost import model_cost, torch_macs
         from p3b_search.data.digits import digits_datasets
         from p3b_search.training.loop import evaluate
         prep = model.pretrained_cfg
@@ -302,6 +303,46 @@ def test_card_states_source_figures_and_latency(exported, study):
     assert "prune_ratio" in card and "`p3b`" in card
     assert "Unstructured sparsity" not in card
     assert result.bench.counts.macs < result.bench.counts.dense_macs
+
+
+def test_card_shows_the_front_with_the_exported_trial_ringed(exported):
+    out, result = exported
+    card = (out / "README.md").read_text()
+    assert (out / "front.png").is_file() and "front.png" in result.files
+    assert "![Pareto front of study" in card and "this trial is ringed in blue" in card
+    assert "| device | batch | runtime |" in card and "| latency ratio | MACs ratio |" in card
+
+
+def test_rounded_export_keeps_the_logits_and_reports_the_rounded_macs(study, exported, tmp_path):
+    plain, _ = exported
+    result = export_trial(study.root, Pick.parse("trial 0"), tmp_path / "round8", onnx=False, bench_repeats=1,
+                          round_to=8)
+    x = torch.randn(2, *get_adapter(load_pruned(plain)).input_size())
+    with torch.no_grad():
+        assert (load_pruned(result.folder)(x) - load_pruned(plain)(x)).abs().max().item() <= 1e-4
+    rounded = load_pruned(result.folder)
+    assert result.bench.counts.macs == model_cost(rounded).macs == round(torch_macs(rounded))
+    assert result.bench.counts.macs >= _objectives(study, 0)["macs"]
+    assert any("rounded up to multiples of 8" in note for note in result.notes)
+    with pytest.raises(ExportError, match=r"--round-to 8: trial 2 is unstructured"):
+        export_trial(study.root, Pick.parse("trial 2"), tmp_path / "sparse8", onnx=False, round_to=8)
+    with pytest.raises(ExportError, match=r"--round-to: must be a whole number >= 1"):
+        export_trial(study.root, Pick.parse("trial 0"), tmp_path / "zero", onnx=False, round_to=0)
+
+
+@pytest.mark.parametrize("runtime", ["compile", "onnxruntime"])
+def test_bench_runs_both_models_under_the_deployed_runtime(exported, runtime):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    out, _ = exported
+    report = bench(out, devices=["cpu"], batch_sizes=(1,), warmup=1, repeats=2, runtime=runtime)
+    assert report.runtime == runtime and report.timings[0].pruned_ms > 0 and report.timings[0].dense_ms > 0
+    assert f"runtime {runtime}" in report.table()
+
+
+def test_bench_refuses_onnxruntime_off_the_cpu_before_any_compute():
+    with pytest.raises(ExportError, match=r"--runtime onnxruntime: runs on the CPU here: add --device cpu"):
+        check_runtime("onnxruntime", ["cuda"])
 
 
 def test_unstructured_export_says_so_and_counts_non_zeros(study, tmp_path):

@@ -31,7 +31,7 @@ def write(tmp_path: Path, text: str) -> Path:
 BAD_STUDIES = [
     pytest.param("name: s\nn_trial: 3\n",
                  lambda: "n_trial: unknown key: did you mean n_trials? remove it or use one of concurrency, data, "
-                         "early_stopping, enqueue_reference, max_failures, method, model, n_trials, name, objectives, "
+                         "dense_reference, early_stopping, enqueue_reference, max_failures, method, model, n_trials, name, objectives, "
                          "output_dir, resources_per_trial, sampler, search_space, storage, tracking, training, "
                          "workers_per_trial", id="unknown-key"),
     pytest.param("name: s\nsearch_space:\n  method_config.prune_ratio: {type: float, low: 0.3, high: 1.5}\n",
@@ -89,9 +89,14 @@ BAD_STUDIES = [
     pytest.param("name: s\nobjectives: [top1, {name: macs, direction: maximize}]\n",
                  lambda: "objectives[1].direction: macs is always minimized: set minimize or remove direction",
                  id="wrong-direction"),
-    pytest.param("name: s\nobjectives: [top1, flops]\n",
-                 lambda: "objectives[1].name: must be one of 'top1', 'top5', 'macs', 'params' or 'latency_ms' "
-                         "(got 'flops')", id="unknown-objective"),
+    pytest.param("name: s\nobjectives: [top1, gflops]\n",
+                 lambda: "objectives[1].name: must be one of 'top1', 'top5', 'macs', 'flops', 'params' or 'latency_ms' "
+                         "(got 'gflops')", id="unknown-objective"),
+    pytest.param("name: s\ndense_reference: {top1: 120}\n",
+                 lambda: "dense_reference.top1: must be <= 100 (got 120)", id="dense-top1-above-100"),
+    pytest.param("name: s\ndense_reference: {top_1: 90}\n",
+                 lambda: "dense_reference.top_1: unknown key: did you mean top1? remove it or use one of top1, top5",
+                 id="dense-reference-typo"),
     pytest.param("name: s\nobjectives: [top1, latency_ms]\n",
                  lambda: "objectives[1].reference: latency_ms needs a reference (the milliseconds a useful model "
                          "must beat, e.g. the dense model's)", id="latency-without-reference"),

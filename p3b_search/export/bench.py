@@ -6,11 +6,13 @@ passes that alternate between the two models (so drift on a shared machine hits 
 the figure is the median. The dense parent is timm's model of the same name and kwargs with
 random weights (weights do not change the time of dense kernels). The physical limit of a
 structured model is latency ratio = MACs ratio; unstructured models keep dense shapes, so their
-latency ratio stays near 1 without sparse kernels.
+latency ratio stays near 1 without sparse kernels. ``runtime`` (``eager``, ``compile``,
+``onnxruntime``; see :mod:`p3b_search.export.runtimes`) runs both models the same way.
 """
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from torch import nn
 
 from p3b_search.export.counts import ModelCounts, count_model, read_weight_masks
 from p3b_search.export.load import load_pruned, read_arch_spec
+from p3b_search.export.runtimes import Forward, check_runtime, prepare
 from p3b_search.surgery import get_adapter
 
 DEFAULT_BATCH_SIZES = (1, 64)
@@ -59,6 +62,7 @@ class BenchReport:
     warmup: int
     repeats: int
     timings: list[Timing] = field(default_factory=list)
+    runtime: str = "eager"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -79,7 +83,7 @@ class BenchReport:
             lines.append(f"non-zero MACs/image {c.nonzero_macs:,} (ratio {c.nonzero_macs / c.dense_macs:.3f}): "
                          "no speed-up without sparse kernels")
         lines.append(f"median of {self.repeats} runs after {self.warmup} warm-up, fp32, "
-                     f"{self.cpu_threads} CPU thread(s)")
+                     f"{self.cpu_threads} CPU thread(s), runtime {self.runtime}")
         header = (f"{'device':<8}{'batch':>6}{'pruned ms':>12}{'dense ms':>12}{'latency ratio':>15}"
                   f"{'MACs ratio':>12}{'pruned img/s':>14}{'dense img/s':>13}")
         lines.append(header)
@@ -103,7 +107,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_ms(model: nn.Module, x: torch.Tensor) -> float:
+def _forward_ms(model: Forward, x: torch.Tensor) -> float:
     _synchronize(x.device)
     start = time.perf_counter()
     model(x)
@@ -128,19 +132,29 @@ def _fitting_batch(dense: nn.Module, input_size: tuple[int, ...], device: torch.
 
 
 @torch.inference_mode()
-def time_pair(pruned: nn.Module, dense: nn.Module, device: str | torch.device, batch_size: int,
-              warmup: int = 3, repeats: int = 10) -> Timing:
-    """:class:`Timing` of both models (already on ``device``) at ``batch_size``, interleaved."""
+def time_pair(pruned: Forward, dense: Forward, device: str | torch.device, batch_size: int,
+              warmup: int = 3, repeats: int = 10, input_size: tuple[int, ...] | None = None) -> Timing:
+    """:class:`Timing` of both models (modules already on ``device``, or callables from
+    :func:`~p3b_search.export.runtimes.prepare` with ``input_size`` given) at ``batch_size``,
+    interleaved."""
     device = torch.device(device)
-    x = torch.randn(batch_size, *get_adapter(pruned).input_size(), device=device)
+    x = torch.randn(batch_size, *(input_size or get_adapter(pruned).input_size()), device=device)
+    times = time_models({"pruned": pruned, "dense": dense}, x, warmup, repeats)
+    return Timing(str(device.type), batch_size, times["pruned"], times["dense"])
+
+
+@torch.inference_mode()
+def time_models(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Median ms of one forward pass of ``x`` through each model, timed round-robin (each
+    repeat runs every model once, so drift on a shared machine hits all alike)."""
     for _ in range(warmup):
-        pruned(x)
-        dense(x)
-    pruned_ms, dense_ms = [], []
+        for model in models.values():
+            model(x)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        pruned_ms.append(_forward_ms(pruned, x))
-        dense_ms.append(_forward_ms(dense, x))
-    return Timing(str(device.type), batch_size, statistics.median(pruned_ms), statistics.median(dense_ms))
+        for name, model in models.items():
+            times[name].append(_forward_ms(model, x))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def default_devices() -> list[str]:
@@ -149,13 +163,16 @@ def default_devices() -> list[str]:
 
 def bench(folder: str | Path, *, devices: list[str] | None = None,
           batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, warmup: int = 3, repeats: int = 10,
-          budget_s: float = 60.0) -> BenchReport:
+          budget_s: float = 60.0, runtime: str = "eager") -> BenchReport:
     """Time the exported model in ``folder`` against its dense parent.
 
     ``devices``: default CPU, plus CUDA when present. ``batch_sizes``: latency at batch 1,
     throughput at 64; a batch above 1 is halved until the dense model fits in memory and its
-    ``repeats`` timed passes (both models) take at most ``budget_s`` seconds.
+    ``repeats`` timed passes (both models) take at most ``budget_s`` seconds. ``runtime``:
+    ``eager``, ``compile`` or ``onnxruntime`` (CPU), both models alike.
     """
+    devices = devices or default_devices()
+    check_runtime(runtime, devices)
     folder = Path(folder)
     spec = read_arch_spec(folder)
     pruned = load_pruned(folder)
@@ -163,12 +180,16 @@ def bench(folder: str | Path, *, devices: list[str] | None = None,
     counts = count_model(pruned, dense, read_weight_masks(folder))
     input_size = get_adapter(pruned).input_size()
     timings = []
-    for device in devices or default_devices():
-        pruned, dense = pruned.to(device), dense.to(device)
-        for batch_size in batch_sizes:
-            if batch_size > 1:
-                with torch.inference_mode():
-                    batch_size = _fitting_batch(dense, input_size, torch.device(device), batch_size, repeats, budget_s)
-            timings.append(time_pair(pruned, dense, device, batch_size, warmup, repeats))
+    with tempfile.TemporaryDirectory(prefix="p3b-bench-") as workdir:
+        for device in devices:
+            pruned, dense = pruned.to(device), dense.to(device)
+            example = torch.randn(2, *input_size, device=device)
+            runs = [prepare(model, runtime, example, workdir) for model in (pruned, dense)]
+            for batch_size in batch_sizes:
+                if batch_size > 1:
+                    with torch.inference_mode():
+                        batch_size = _fitting_batch(dense, input_size, torch.device(device), batch_size, repeats,
+                                                    budget_s)
+                timings.append(time_pair(*runs, device, batch_size, warmup, repeats, input_size))
     return BenchReport(str(folder), spec.model_name, bool(spec.extra.get("structured", True)), counts,
-                       torch.get_num_threads(), warmup, repeats, timings)
+                       torch.get_num_threads(), warmup, repeats, timings, runtime)

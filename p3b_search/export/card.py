@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p3b_search.export.bench import BenchReport
+from p3b_search.units import FLOPS_PER_MAC, count_text
 
 UNSTRUCTURED_NOTE = ("**Unstructured sparsity**: the weights keep their dense shapes and the pruned "
                      "weights are zeros, so there is no speed-up without sparse kernels; the MACs below "
@@ -34,13 +35,12 @@ class CardFacts:
     tracking_uri: str | None
     files: dict[str, str]
     notes: list[str]
+    front_figure: str | None = None
+    front_marked: bool = False
 
 
 def _count(value: float) -> str:
-    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= size:
-            return f"{value / size:.3f}{suffix}"
-    return f"{value:.0f}"
+    return count_text(value, digits=4)
 
 
 def _figures(facts: CardFacts, bench: BenchReport) -> list[str]:
@@ -51,6 +51,8 @@ def _figures(facts: CardFacts, bench: BenchReport) -> list[str]:
         f"| parameters | {c.params:,} ({_count(c.params)}) | {c.dense_params:,} ({_count(c.dense_params)}) "
         f"| {c.params_ratio:.3f} |",
         f"| MACs per image | {c.macs:,} ({_count(c.macs)}) | {c.dense_macs:,} ({_count(c.dense_macs)}) "
+        f"| {c.macs_ratio:.3f} |",
+        f"| FLOPs per image (2 x MACs) | {_count(FLOPS_PER_MAC * c.macs)} | {_count(FLOPS_PER_MAC * c.dense_macs)} "
         f"| {c.macs_ratio:.3f} |",
     ]
     if not facts.structured:
@@ -68,15 +70,29 @@ def _figures(facts: CardFacts, bench: BenchReport) -> list[str]:
 
 def _latency(bench: BenchReport) -> list[str]:
     lines = [f"Median of {bench.repeats} interleaved runs after {bench.warmup} warm-up, fp32, "
-             f"{bench.cpu_threads} CPU thread(s); the dense parent has random weights (its "
-             "shapes, not its values, set the time). The physical limit is latency ratio = MACs ratio "
-             f"({bench.counts.macs_ratio:.3f}).", "",
-             "| device | batch | pruned ms | dense ms | latency ratio | pruned img/s | dense img/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{bench.cpu_threads} CPU thread(s), runtime `{bench.runtime}`; the dense parent has random weights "
+             "(its shapes, not its values, set the time). The physical limit is latency ratio = MACs ratio "
+             f"({bench.counts.macs_ratio:.3f}). Measure again on the deployment machine with "
+             "`python search.py bench <this folder> --runtime eager|compile|onnxruntime`.", "",
+             "| device | batch | runtime | pruned ms | dense ms | latency ratio | MACs ratio | pruned img/s | dense img/s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for t in bench.timings:
-        lines.append(f"| {t.device} | {t.batch_size} | {t.pruned_ms:.3f} | {t.dense_ms:.3f} | "
-                     f"{t.latency_ratio:.3f} | {t.pruned_images_per_s:.1f} | {t.dense_images_per_s:.1f} |")
+        lines.append(f"| {t.device} | {t.batch_size} | {bench.runtime} | {t.pruned_ms:.3f} | {t.dense_ms:.3f} | "
+                     f"{t.latency_ratio:.3f} | {bench.counts.macs_ratio:.3f} | {t.pruned_images_per_s:.1f} | "
+                     f"{t.dense_images_per_s:.1f} |")
     return lines
+
+
+def _front(facts: CardFacts) -> list[str]:
+    """The front figure, with what the marks mean."""
+    if not facts.front_figure:
+        return []
+    where = ("this trial is ringed in blue" if facts.front_marked
+             else "this trial is not one of its points (a dense or unfinished trial)")
+    return ["## Where it sits on the study's front", "",
+            f"![Pareto front of study {facts.study}]({facts.front_figure})", "",
+            f"Every finished trial of the study; the front in red (a colour per method when the method was "
+            f"searched), the knee as a gold star, the dense model as a black diamond; {where}.", ""]
 
 
 def model_card(facts: CardFacts, bench: BenchReport) -> str:
@@ -90,6 +106,7 @@ def model_card(facts: CardFacts, bench: BenchReport) -> str:
     if not facts.structured:
         lines += [UNSTRUCTURED_NOTE, ""]
     lines += ["## Accuracy and cost", ""] + _figures(facts, bench) + [""]
+    lines += _front(facts)
     lines += ["## Measured latency against the dense parent", ""] + _latency(bench) + [""]
     lines += [
         "## Source", "",

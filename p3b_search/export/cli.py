@@ -2,9 +2,9 @@
 
     search.py export NAME --pick {max-accuracy | knee | trial N} --out DIR
                      [--max-macs X] [--max-params X] [--max-latency MS] [--register MODEL_NAME]
-                     [--overwrite] [--no-onnx] [--output-dir runs]
+                     [--round-to N] [--overwrite] [--no-onnx] [--output-dir runs]
     search.py bench DIR [--batch-sizes 1 64] [--repeats 10] [--warmup 3] [--device cpu ...] [--threads N]
-                    [--json FILE]
+                    [--runtime eager|compile|onnxruntime] [--json FILE]
 
 ``NAME``: a study folder, a study file (its ``output_dir``/``name``), or a study name under
 ``--output-dir``. Errors print one line and exit with status 2.
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p3b_search.export.load import ExportError
+from p3b_search.export.runtimes import RUNTIMES
 
 
 def study_folder(name: str, output_dir: str) -> Path:
@@ -52,6 +53,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-latency", help="... with at most this recorded latency in ms")
     parser.add_argument("--register", metavar="MODEL_NAME",
                         help="also log the model to the trial's MLflow run, register it and set alias 'best'")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="round kept widths up to multiples of N (8 or 16 suit CPU/GPU kernels) with zero "
+                             "units: same logits, a few more MACs, faster kernels (default 1: as trained)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-onnx", action="store_true", help="do not write model.onnx")
     parser.add_argument("--output-dir", default="runs", help="where studies live (default: runs)")
@@ -66,6 +70,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     parser.add_argument("--device", nargs="+", dest="devices", help="default: cpu, plus cuda when present")
     parser.add_argument("--threads", type=int, help="CPU threads torch may use (default: torch's choice)")
+    parser.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                        help="how both models run: eager PyTorch (default), torch.compile, or ONNX Runtime (CPU; "
+                             "needs pip install 'p3b-search[onnx]')")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
 
 
@@ -86,7 +93,8 @@ def _run_export(args: argparse.Namespace) -> None:
         ("max_latency_ms", args.max_latency, "--max-latency")) if value is not None}
     pick = Pick.parse(" ".join(args.pick), **limits)
     folder = study_folder(args.study, args.output_dir)
-    result = export_trial(folder, pick, args.out, args.register, overwrite=args.overwrite, onnx=not args.no_onnx)
+    result = export_trial(folder, pick, args.out, args.register, overwrite=args.overwrite, onnx=not args.no_onnx,
+                          round_to=args.round_to)
     print(f"exported trial {result.trial} of {folder} ({pick.describe()}) to {result.folder}: "
           f"{', '.join(result.files)}")
     for note in result.notes:
@@ -99,17 +107,19 @@ def _run_export(args: argparse.Namespace) -> None:
 def _run_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from p3b_search.export.bench import bench
+    from p3b_search.export.bench import bench, default_devices
+    from p3b_search.export.runtimes import check_runtime
 
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         raise ExportError("--batch-sizes, --repeats and --threads must be >= 1, --warmup >= 0")
     devices = args.devices
     if devices and any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA device is available here: use --device cpu")
+    check_runtime(args.runtime, devices or default_devices())
     if args.threads:
         torch.set_num_threads(args.threads)
     report = bench(args.folder, devices=devices, batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
-                   repeats=args.repeats)
+                   repeats=args.repeats, runtime=args.runtime)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))

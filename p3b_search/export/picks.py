@@ -6,7 +6,8 @@ Rules (``--pick``):
 * ``knee``: the knee of the Pareto front over the study's objectives, as defined by
   :func:`p3b_search.search.pareto.knee_index`: each objective is scaled to [0, 1] over the front
   (0 = the front's best value, 1 = its worst), and the knee is the front trial closest in
-  Euclidean distance to the ideal point (0, ..., 0): the most balanced trade-off.
+  Euclidean distance to the ideal point (0, ..., 0): the most balanced trade-off. ``dense``
+  trials are the front's reference point, never its knee (as in the front figure).
 * ``trial N``: Optuna trial number ``N``.
 
 Limits (``--max-macs``, ``--max-params``, ``--max-latency``) keep only the trials within them
@@ -28,6 +29,7 @@ import pandas as pd
 from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line
 from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import knee_index
+from p3b_search.search.results import is_dense
 
 #: Columns of the trials table read here.
 NUMBER, STATE, TOP1, MACS, PARAMS, LATENCY = "number", "state", "top1", "macs", "params", "latency_ms"
@@ -157,6 +159,10 @@ def select_trial(trials: pd.DataFrame, pick: Pick, objectives: Sequence[tuple[st
         ascending = [False, *([True] if MACS in candidates.columns else []), True]
         return candidates.sort_values(order, ascending=ascending, kind="stable").iloc[0]
     columns = [column for column, _ in objectives]
+    candidates = candidates[~is_dense(candidates)]
+    if candidates.empty:
+        raise ExportError("--pick knee: the study has only dense trials (the reference point): "
+                          "use --pick max-accuracy or 'trial N'")
     missing = [c for c in columns if c not in candidates.columns]
     if missing:
         raise ExportError(f"--pick knee: the trials table lacks objective column(s) {missing}")

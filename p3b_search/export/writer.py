@@ -6,7 +6,8 @@
     <out>/arch.json           ArchSpec: timm name + kwargs, kept units per sub-block, classes,
                               preprocessing, structured flag, method, source (study, trial, run)
     <out>/weight_masks.safetensors   unstructured results only: the zero patterns
-    <out>/README.md           model card
+    <out>/README.md           model card (figures, bench table, the front with this trial marked)
+    <out>/front.png           the study's front, dense reference and knee, this trial ringed
     <out>/model.pt2           torch.export program (dynamic batch), where the model allows it
     <out>/model.onnx          ONNX (torch.onnx.export, dynamo), when onnx is installed and it works
 
@@ -28,15 +29,19 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from p3b_search.cost import model_cost
 from p3b_search.export.bench import BenchReport, bench, dense_parent
 from p3b_search.export.card import CardFacts, model_card
+from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.counts import MASKS_FILE, count_model, read_weight_masks
 from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line, load_pruned, read_arch_spec
 from p3b_search.export.picks import NUMBER, RESULT_FILE, TOP1, Pick, check_exportable, read_trials, select_trial
 from p3b_search.search.layout import StudyLayout
 from p3b_search.surgery import ArchSpec, get_adapter
+from p3b_search.surgery.rounding import round_widths
 
 #: Column of the trials table holding the trial's MLflow run id.
 RUN_ID = "mlflow_run_id"
@@ -208,6 +213,7 @@ class ChosenTrial:
     spec: ArchSpec
     model: nn.Module
     weight_masks: dict[str, torch.Tensor]
+    rounded_from_macs: int | None = None  # the trained model's MACs when widths were rounded
 
     @property
     def structured(self) -> bool:
@@ -240,7 +246,10 @@ def choose_trial(study: StudyInfo, pick: Pick) -> ChosenTrial:
 def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pick, onnx: bool,
                   bench_repeats: int) -> tuple[dict[str, str], BenchReport, list[str]]:
     """Fill ``folder``; returns (file name -> description, CPU bench, notes)."""
-    shutil.copyfile(chosen.model_dir / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+    if chosen.rounded_from_macs is None:
+        shutil.copyfile(chosen.model_dir / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+    else:  # widths rounded: the weights are the rounded model's
+        save_file({k: v.contiguous() for k, v in chosen.model.state_dict().items()}, folder / WEIGHTS_FILE)
     files = {WEIGHTS_FILE: "the pruned weights (safetensors: tensors only)",
              ARCH_FILE: "architecture: timm name + kwargs, kept units per sub-block, preprocessing"}
     if chosen.weight_masks:
@@ -253,8 +262,16 @@ def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pic
     spec.save(folder / ARCH_FILE)
 
     report = bench(folder, devices=["cpu"], repeats=bench_repeats)
+    figure, marked = front_with_choice(study.layout.root, chosen.number)
+    figure.savefig(folder / FRONT_FILE, dpi=110)
+    files[FRONT_FILE] = ("the study's Pareto front (dense reference, knee) with this trial ringed" if marked else
+                         "the study's Pareto front (this trial is not one of its points)")
     notes = [note for note in (_export_pt2(chosen.model, folder),
                                _export_onnx(chosen.model, folder) if onnx else None) if note]
+    if chosen.rounded_from_macs is not None:
+        notes.insert(0, f"kept widths rounded up to multiples of {chosen.spec.extra['round_to']} with zero units "
+                        f"(same logits): MACs per image {chosen.rounded_from_macs:,} as trained, "
+                        f"{report.counts.macs:,} as exported")
     if (folder / PT2_FILE).exists():
         files[PT2_FILE] = "torch.export program (batch dimension dynamic), torch.export.load(...).module()"
     if (folder / ONNX_FILE).exists():
@@ -268,24 +285,40 @@ def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pic
         structured=chosen.structured, objectives=chosen.result["objectives"],
         trial_config=chosen.result.get("config", {}), preprocessing=spec.extra["preprocessing"],
         classes=spec.extra.get("classes"), mlflow_run_id=chosen.run_id, tracking_uri=study.tracking_uri,
-        files=files, notes=notes,
+        files=files, notes=notes, front_figure=FRONT_FILE, front_marked=marked,
     )
     (folder / CARD_FILE).write_text(model_card(facts, report))
     return files, report, notes
 
 
+def _rounded(chosen: ChosenTrial, round_to: int) -> ChosenTrial:
+    """``chosen`` with its kept widths rounded up to multiples of ``round_to`` (zero units, same
+    logits; :func:`p3b_search.surgery.rounding.round_widths`)."""
+    if not chosen.structured:
+        raise ExportError(f"--round-to {round_to}: trial {chosen.number} is unstructured (dense shapes): rounding "
+                          "applies to structured models; export without --round-to")
+    model, spec = round_widths(chosen.model, chosen.spec, round_to)
+    return dataclasses.replace(chosen, model=model, spec=spec, rounded_from_macs=model_cost(chosen.model).macs)
+
+
 def export_trial(study_dir: str | Path, pick: Pick, out_dir: str | Path, register: str | None = None, *,
-                 overwrite: bool = False, onnx: bool = True, bench_repeats: int = 10) -> ExportResult:
+                 overwrite: bool = False, onnx: bool = True, bench_repeats: int = 10,
+                 round_to: int = 1) -> ExportResult:
     """Export the trial of ``study_dir`` chosen by ``pick`` to ``out_dir`` (see the module docstring).
 
     ``register``: also log the model to the trial's MLflow run and register it under this name
     with the alias ``best``. ``onnx``: also try ``model.onnx``. ``bench_repeats``: timed runs of
-    the CPU latency measurement in the card.
+    the CPU latency measurement in the card. ``round_to`` > 1: kept widths rounded up to its
+    multiples with zero units (same logits, MACs of the rounded model reported).
     """
+    if round_to < 1:
+        raise ExportError(f"--round-to: must be a whole number >= 1, e.g. 8 or 16 (got {round_to})")
     study = read_study(study_dir)
     out_dir = Path(out_dir).resolve()
     _check_target(out_dir, overwrite)
     chosen = choose_trial(study, pick)
+    if round_to > 1:
+        chosen = _rounded(chosen, round_to)
     if register and (study.tracking_uri is None or chosen.run_id is None):
         raise ExportError(f"--register {register}: trial {chosen.number} has no MLflow run (tracking disabled in "
                           "the study): export without --register")

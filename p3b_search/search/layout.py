@@ -8,6 +8,8 @@
     trials.parquet       one row per trial (see ``p3b_search.search.results``)
     allocations.parquet  one row per sub-block per mask update, merged from allocations/
     allocations/         per-trial parts written by the trials themselves
+    pareto/              the front: front.png, front.html, front.parquet, summary.parquet
+                         (hypervolume, normalised hypervolume, dense reference)
     trials/<number>/     a trial's working folder: its final model in ``model/``
     ray/                 Ray Tune's storage_path (experiment state, trial checkpoints)
 
@@ -54,6 +56,10 @@ class StudyLayout:
     @property
     def allocation_parts(self) -> Path:
         return self.root / "allocations"
+
+    @property
+    def pareto_dir(self) -> Path:
+        return self.root / "pareto"
 
     @property
     def ray_storage(self) -> Path:

@@ -6,6 +6,7 @@ never on the front, never dominate another row and add no hypervolume (an unfini
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -106,3 +107,24 @@ def knee_index(values: np.ndarray, directions: Sequence[str]) -> int:
     span = np.where(high > low, high - low, 1.0)
     distance = np.linalg.norm((front_points - low) / span, axis=1)
     return int(front[int(np.argmin(distance))])
+
+
+def hypervolume_box(reference: Sequence[float], ideal: Sequence[float]) -> float:
+    """Volume of the box between ``reference`` and ``ideal`` (objective units; NaN when an
+    ``ideal`` value is unknown)."""
+    spans = np.abs(np.asarray(ideal, dtype=np.float64) - np.asarray(reference, dtype=np.float64))
+    return float(np.prod(spans)) if np.isfinite(spans).all() else math.nan
+
+
+def normalized_hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float],
+                           ideal: Sequence[float]) -> float:
+    """:func:`hypervolume` divided by :func:`hypervolume_box` of ``reference`` and ``ideal``.
+
+    With ``ideal`` = (dense top-1, zero MACs) 1.0 means "the dense model's accuracy for free";
+    a trial better than ``ideal`` in some objective (more accurate than dense) can take it above
+    1. NaN when an ideal value is unknown or the box is empty.
+    """
+    box = hypervolume_box(reference, ideal)
+    if not math.isfinite(box) or box <= 0:
+        return math.nan
+    return hypervolume(values, directions, reference) / box

@@ -7,11 +7,13 @@ skipped as a repeat of an earlier trial's configuration is no row)::
     state         COMPLETE | PRUNED (stopped early) | FAIL | RUNNING
     method        the trial's pruning method
     param.<path>  every sampled parameter, e.g. ``param.method_config.prune_ratio``
-    top1, top5, macs, params, latency_ms, kept_fraction   final metrics (top-1/top-5 in %,
-                  MACs per image, parameters of the final model (non-zeros when unstructured),
-                  latency in ms, kept_fraction = params / the dense model's); NaN unless the
-                  trial finished (and its objective reported the metric)
-    pareto        True for COMPLETE trials on the current front of the study's objectives
+    top1, top5, macs, flops, params, latency_ms, kept_fraction   final metrics (top-1/top-5
+                  in %, MACs per image, FLOPs per image = 2 x MACs, parameters of the final
+                  model (non-zeros when unstructured), latency in ms, kept_fraction = params /
+                  the dense model's); NaN unless the trial finished (and its objective
+                  reported the metric)
+    pareto        True for COMPLETE trials on the current front of the study's objectives;
+                  ``dense`` trials are the reference point, never on the front
     start, end, duration_s   Optuna's timestamps (the driver's local time) and seconds
     epochs_done   epochs reported so far; epochs_saved: epochs covered by the trial's latest
                   checkpoint that Ray has registered (where a resume or a retry continues from);
@@ -39,9 +41,12 @@ import pyarrow.parquet as pq
 from p3b_search.files import atomic_write
 from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import pareto_mask
+from p3b_search.units import FLOPS_PER_MAC
 
 PARAM_PREFIX = "param."
-FINAL_METRICS = ("top1", "top5", "macs", "params", "latency_ms", "kept_fraction")
+FINAL_METRICS = ("top1", "top5", "macs", "flops", "params", "latency_ms", "kept_fraction")
+#: The method whose trials measure the dense reference (never points of the front).
+DENSE_METHOD = "dense"
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
 FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
@@ -86,6 +91,8 @@ def trials_frame(
         final = {k.removeprefix(FINAL_ATTR): v for k, v in trial.user_attrs.items() if k.startswith(FINAL_ATTR)}
         if trial.values is not None:
             final.update(zip(metric_names, trial.values))
+        if final.get("flops") is None and final.get("macs") is not None:
+            final["flops"] = FLOPS_PER_MAC * float(final["macs"])
         row.update({m: float(final[m]) if final.get(m) is not None else math.nan for m in FINAL_METRICS})
         row["start"] = trial.datetime_start
         row["end"] = trial.datetime_complete
@@ -110,13 +117,21 @@ def _trial_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def front_mask(frame: pd.DataFrame, metric_names: Sequence[str], directions: Sequence[str]) -> np.ndarray:
-    """True for COMPLETE rows of ``frame`` on the Pareto front of ``metric_names``."""
+    """True for COMPLETE rows of ``frame`` on the Pareto front of ``metric_names`` (rows of
+    ``dense`` trials excluded: they are the reference point)."""
     mask = np.zeros(len(frame), dtype=bool)
-    complete = (frame["state"] == "COMPLETE").to_numpy()
+    complete = ((frame["state"] == "COMPLETE") & ~is_dense(frame)).to_numpy()
     if complete.any():
         values = frame.loc[complete, list(metric_names)].to_numpy(dtype=np.float64)
         mask[np.flatnonzero(complete)] = pareto_mask(values, directions)
     return mask
+
+
+def is_dense(frame: pd.DataFrame) -> pd.Series:
+    """True for the rows of ``dense`` trials (the reference point of the front)."""
+    if "method" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame["method"].astype(str) == DENSE_METHOD
 
 
 def front(frame: pd.DataFrame, metric_names: Sequence[str]) -> pd.DataFrame:

@@ -43,7 +43,8 @@ from ray.tune.search import ConcurrencyLimiter
 from p3b_search.config import EMBEDDED_TASKS
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.layout import StudyLayout
-from p3b_search.search.pareto import hypervolume
+from p3b_search.search.dense import DenseReference, dense_reference
+from p3b_search.search.frontier import FrontState, front_state
 from p3b_search.search.results import (
     annotations_of,
     front,
@@ -61,6 +62,8 @@ from p3b_search.search.trainable import (
     data_parallel_trainable,
     tune_trainable,
 )
+from p3b_search.tracking.front_report import write_front
+from p3b_search.units import FLOPS_PER_MAC, value_text
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +90,8 @@ def _class_count(study: StudyConfig) -> int:
 
 
 def dense_cost(study: StudyConfig) -> dict[str, float]:
-    """``params`` and ``macs`` (per image) of the dense model, counted on the meta device."""
+    """``params``, ``macs`` and ``flops`` (= 2 x MACs) per image of the dense model, counted on
+    the meta device."""
     import torch
 
     from p3b_search.cost import model_cost
@@ -96,13 +100,13 @@ def dense_cost(study: StudyConfig) -> dict[str, float]:
     with torch.device("meta"):
         model = create_timm_model(study.model, _class_count(study))
     cost = model_cost(model)
-    return {"params": float(cost.params), "macs": float(cost.macs)}
+    return {"params": float(cost.params), "macs": float(cost.macs), "flops": float(FLOPS_PER_MAC * cost.macs)}
 
 
-def reference_point(study: StudyConfig) -> list[float]:
+def reference_point(study: StudyConfig, cost: dict[str, float] | None = None) -> list[float]:
     """The hypervolume reference per objective: the stated ``reference``, else 0 % for
-    accuracies and the dense model's value for ``macs``/``params``."""
-    dense: dict[str, float] | None = None
+    accuracies and the dense model's value for ``macs``/``flops``/``params`` (``cost``: the
+    :func:`dense_cost`, counted here when not given)."""
     point = []
     for objective in study.objectives:
         if objective.reference is not None:
@@ -110,9 +114,17 @@ def reference_point(study: StudyConfig) -> list[float]:
         elif objective.name in MAXIMIZED:
             point.append(0.0)
         else:
-            dense = dense or dense_cost(study)
-            point.append(dense[objective.name])
+            cost = cost or dense_cost(study)
+            point.append(cost[objective.name])
     return point
+
+
+def front_of(study: StudyConfig, frame: pd.DataFrame, reference: list[float],
+             cost: dict[str, float]) -> tuple[FrontState, DenseReference]:
+    """The study's current front (dense trials left out) and its dense reference point."""
+    dense = dense_reference(study, frame, cost)
+    directions = dict(zip(study.metric_names, study.directions))
+    return front_state(frame, directions, reference, dense.ideal(study.metric_names)), dense
 
 
 def _check_image_folder(source: str, root: Path) -> None:
@@ -206,17 +218,6 @@ def cluster_lines(study: StudyConfig, address: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the live study
 
-def _fmt_metric(name: str, value: float) -> str:
-    if name in MAXIMIZED:
-        return f"{value:.1f}%"
-    if name == "latency_ms":
-        return f"{value:.2f}ms"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
 @dataclass
 class StudySession:
     """The driver's live objects of a running study (kept out of Ray's pickled state)."""
@@ -224,6 +225,7 @@ class StudySession:
     study: StudyConfig
     optuna_study: optuna.Study
     reference: list[float]
+    cost: dict[str, float]
     tracker: Any = None
     annotations: dict[int, dict[str, Any]] = field(default_factory=dict)
     printer: Callable[[str], None] = print
@@ -249,23 +251,28 @@ class StudySession:
         return self.frame
 
     def publish_front(self) -> None:
-        merge_allocations(self.study.layout)
-        if self.tracker is not None and self.frame is not None:
-            self.tracker.refresh_front(self.frame, dict(zip(self.study.metric_names, self.study.directions)),
-                                       self.reference)
-
-    def hypervolume(self) -> float:
-        points = self.frame[self.frame["state"] == "COMPLETE"] if self.frame is not None else pd.DataFrame()
-        if points.empty:
-            return 0.0
-        return hypervolume(points[self.study.metric_names].to_numpy(float), self.study.directions, self.reference)
+        """Merge the allocation parts; write ``pareto/`` in the study folder and, when tracked,
+        log the same files and metrics on the parent run."""
+        study = self.study
+        merge_allocations(study.layout)
+        if self.frame is None:
+            return
+        directions = dict(zip(study.metric_names, study.directions))
+        state, dense = front_of(study, self.frame, self.reference, self.cost)
+        try:
+            if self.tracker is not None:
+                self.tracker.refresh_front(self.frame, directions, self.reference, dense, save_to=study.layout.pareto_dir)
+            else:
+                write_front(study.layout.pareto_dir, state, directions, self.reference, study.name, dense)
+        except OSError as error:  # a full disk must not end the study
+            logger.warning("could not write the front to %s: %s", study.layout.pareto_dir, error)
 
     def progress_line(self) -> str:
         frame = self.frame if self.frame is not None else pd.DataFrame(columns=["state", "pareto"])
         counts = frame["state"].value_counts() if len(frame) else {}
         names = self.study.metric_names
         points = front(frame, names) if len(frame) else frame
-        shown = " ".join("/".join(_fmt_metric(n, row[n]) for n in names) for _, row in points.head(5).iterrows())
+        shown = " ".join("/".join(value_text(n, row[n]) for n in names) for _, row in points.head(5).iterrows())
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
         return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts.get('COMPLETE', 0)}/{self.study.n_trials} "
                 f"done, {counts.get('RUNNING', 0)} running, {counts.get('PRUNED', 0)} stopped, "
@@ -362,7 +369,10 @@ class StudyProgress(Callback):
 
 @dataclass
 class StudyOutcome:
-    """What a run left: the trials table, its front, the hypervolume against ``reference``."""
+    """What a run left: the trials table, its front, the hypervolume against ``reference``
+    (objective units) and normalised by the box up to the dense reference's ideal point
+    (1.0 = dense accuracy at zero cost; NaN when the dense accuracy is unknown), and the dense
+    reference point itself."""
 
     study: StudyConfig
     trials: pd.DataFrame
@@ -371,6 +381,8 @@ class StudyOutcome:
     reference: list[float]
     interrupted: bool
     elapsed_s: float
+    hypervolume_normalized: float = math.nan
+    dense: DenseReference | None = None
 
 
 def _init_ray(study: StudyConfig, address: str | None, num_cpus: int | None, verbose: bool) -> bool:
@@ -570,9 +582,11 @@ def run_study(
         started_ray = _init_ray(study, address, num_cpus, verbose)
         _write_study_file(study)
         optuna_study = open_optuna_study(study)
-        reference = reference_point(study)
+        cost = dense_cost(study)
+        reference = reference_point(study, cost)
         tracker, tracking = _start_tracker(study, resume)
-        session = StudySession(study, optuna_study, reference, tracker, annotations_of(read_trials(layout)), printer)
+        session = StudySession(study, optuna_study, reference, cost, tracker, annotations_of(read_trials(layout)),
+                               printer)
         _SESSIONS[str(layout.root)] = session
         if address:
             for line in cluster_lines(study, address):
@@ -595,8 +609,9 @@ def run_study(
 
             ray.shutdown()
         quiet()
-    return StudyOutcome(study, frame, front(frame, study.metric_names), session.hypervolume(), reference,
-                        interrupted, time.monotonic() - session.started)
+    state, dense = front_of(study, frame, reference, cost)
+    return StudyOutcome(study, frame, front(frame, study.metric_names), state.hypervolume, reference,
+                        interrupted, time.monotonic() - session.started, state.hypervolume_normalized, dense)
 
 
 def study_from_folder(folder: str | Path) -> StudyConfig:
@@ -614,13 +629,12 @@ def study_from_folder(folder: str | Path) -> StudyConfig:
 def study_summary(study: StudyConfig) -> StudyOutcome:
     """The study's current trials and front, read from its folder (works while it runs)."""
     frame = read_trials(study.layout)
-    names = study.metric_names
-    complete = frame[frame["state"] == "COMPLETE"] if len(frame) else frame
-    reference = reference_point(study)
-    volume = hypervolume(complete[names].to_numpy(float), study.directions, reference) if len(complete) else 0.0
+    cost = dense_cost(study)
+    reference = reference_point(study, cost)
+    state, dense = front_of(study, frame, reference, cost)
     running = bool(len(frame)) and bool((frame["state"] == "RUNNING").any())
-    return StudyOutcome(study, frame, front(frame, names) if len(frame) else frame, volume, reference,
-                        running, float("nan"))
+    return StudyOutcome(study, frame, front(frame, study.metric_names) if len(frame) else frame, state.hypervolume,
+                        reference, running, float("nan"), state.hypervolume_normalized, dense)
 
 
 def study_finished(study: StudyConfig) -> bool:

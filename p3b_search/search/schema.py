@@ -40,7 +40,7 @@ from p3b_search.config import DataConfig, ModelConfig, TrainingConfig, TrialConf
 from p3b_search.methods import available_methods, get_method
 from p3b_search.search.layout import StudyLayout
 
-OBJECTIVE_NAMES = ("top1", "top5", "macs", "params", "latency_ms")
+OBJECTIVE_NAMES = ("top1", "top5", "macs", "flops", "params", "latency_ms")
 MAXIMIZED = ("top1", "top5")
 _NAMED_WEIGHTS = ("source-pretrained", "hub")
 _MAX_CROSS_CHECKS = 256
@@ -103,17 +103,26 @@ class Objective(_Strict):
     """One objective. ``direction`` follows from the name (accuracies maximized, costs minimized).
 
     ``reference``: the hypervolume reference value (a value every useful trial beats);
-    default 0 % for accuracies and the dense model's value for ``macs``/``params``;
-    ``latency_ms`` has no default.
+    default 0 % for accuracies and the dense model's value for ``macs``/``flops``/``params``;
+    ``latency_ms`` has no default. ``flops`` = 2 x ``macs`` (torch's counting convention).
     """
 
-    name: Literal["top1", "top5", "macs", "params", "latency_ms"]
+    name: Literal["top1", "top5", "macs", "flops", "params", "latency_ms"]
     direction: Literal["maximize", "minimize"] | None = None
     reference: float | None = None
 
     @property
     def resolved_direction(self) -> str:
         return self.direction or ("maximize" if self.name in MAXIMIZED else "minimize")
+
+
+class DenseReference(_Strict):
+    """The dense (unpruned) model's accuracy in %, drawn as the reference point of the front and
+    the top of the normalised hypervolume's box. A figure given here wins; without one the mean
+    of the study's finished ``dense`` trials is used (see ``p3b_search.search.dense``)."""
+
+    top1: float | None = Field(None, ge=0, le=100)
+    top5: float | None = Field(None, ge=0, le=100)
 
 
 class SamplerConfig(_Strict):
@@ -173,6 +182,7 @@ class StudyConfig(_Strict):
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(name="top1"), Objective(name="macs")], min_length=1
     )
+    dense_reference: DenseReference = DenseReference()
     sampler: SamplerConfig = SamplerConfig()
     n_trials: int = Field(20, ge=1)
     concurrency: int = Field(1, ge=1)

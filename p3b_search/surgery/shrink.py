@@ -123,15 +123,30 @@ def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.to(like.device)
 
 
-def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor], scatter: bool) -> None:
+def attention_indices(sb: SubBlock, groups: dict[str, torch.Tensor],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept heads, ``qkv`` rows, ``proj`` columns) of the dense attention that ``groups`` keep;
+    the first ``len(heads) * kept head dims`` rows are the queries."""
     H, d = sb.num_heads, sb.head_dim
-    qkv, proj = attn.qkv, attn.proj
-    device = qkv.weight.device
     heads = _indices(groups["heads"]).to(device)
     dims = _indices(groups["head_dim"]).to(device)
     rows = (torch.arange(3, device=device)[:, None, None] * H * d
             + heads[None, :, None] * d + dims[None, None, :]).flatten()
     cols = (heads[:, None] * d + dims[None, :]).flatten()
+    return heads, rows, cols
+
+
+def query_scale(sb: SubBlock, groups: dict[str, torch.Tensor]) -> float:
+    """Factor on the kept query rows: timm scales by d'^-0.5 for the kept head dim d', the
+    model was trained with the dense d^-0.5."""
+    return math.sqrt(int(groups["head_dim"].sum()) / sb.head_dim)
+
+
+def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor], scatter: bool) -> None:
+    qkv, proj = attn.qkv, attn.proj
+    device = qkv.weight.device
+    heads, rows, cols = attention_indices(sb, groups, device)
+    dims = _indices(groups["head_dim"])
     c_in, c_out = _subset(groups["in"]), _subset(groups["out"])
     with torch.no_grad():
         weight = qkv.weight[rows]
@@ -139,7 +154,7 @@ def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Ten
             weight = weight[:, c_in.to(device)]
         bias = qkv.bias[rows].clone() if qkv.bias is not None else None
         q_rows = len(heads) * len(dims)
-        keep_scale = math.sqrt(len(dims) / d)  # timm scales by d'^-0.5; the model was trained with d^-0.5
+        keep_scale = query_scale(sb, groups)
         weight[:q_rows] *= keep_scale
         if bias is not None:
             bias[:q_rows] *= keep_scale

@@ -1,6 +1,6 @@
 """Tables and figures the MLflow runs carry: a trial's allocation table and keep-ratio heatmap,
-and the study's Pareto front (interactive plotly HTML and a static PNG); and the method
-comparison's keep ratio by depth (``search.py compare --out``).
+and the method comparison's keep ratio by depth (``search.py compare --out``). The study's
+Pareto front figures live in :mod:`p3b_search.tracking.front_figures` (re-exported here).
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state), so they are safe
 in worker threads and headless processes.
@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from plotly import graph_objects as go
+
+from p3b_search.tracking.front_figures import pareto_plotly, pareto_png  # noqa: F401  (re-exported)
 
 #: Allocation row fields in table order (see ``p3b_search.methods``); benefits and targets are
 #: optional (baselines without block benefits leave them out).
@@ -79,85 +80,6 @@ def keep_ratio_heatmap(table: pd.DataFrame, title: str) -> Figure:
     ax.set_xlabel("mask update (training step)")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="keep ratio")
-    return fig
-
-
-def _axis_label(name: str, direction: str) -> str:
-    return f"{name} ({'higher' if direction == 'maximize' else 'lower'} is better)"
-
-
-def _plot_axes(objectives: Mapping[str, str]) -> list[str]:
-    """Objectives on (x, y): cost on x and accuracy on y for the usual (accuracy, cost) pair."""
-    names = list(objectives)
-    return ["number", names[0]] if len(names) == 1 else [names[1], names[0]]
-
-
-def pareto_plotly(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np.ndarray,
-                  knee: int | None, hover: Sequence[str], title: str) -> go.Figure:
-    """All finished trials (grey), the front (red, joined for two objectives), the knee (star).
-
-    ``points`` holds one row per trial with the objective columns (and ``number`` for a
-    single objective); ``hover`` is one HTML string per row shown on mouse-over.
-    """
-    hover = np.asarray(hover, dtype=object)
-    groups = [("dominated", ~on_front, dict(color="#9e9e9e", size=8, opacity=0.7)),
-              ("Pareto front", on_front, dict(color="#d62728", size=11, line=dict(color="black", width=1)))]
-    fig = go.Figure()
-    if len(objectives) >= 3:
-        dims = list(objectives)
-        for label, rows, marker in groups:
-            fig.add_trace(go.Splom(
-                name=label, marker=marker, hovertext=hover[rows], hovertemplate="%{hovertext}<extra></extra>",
-                dimensions=[dict(label=_axis_label(d, objectives[d]), values=points.loc[rows, d]) for d in dims],
-                diagonal_visible=False,
-            ))
-    else:
-        x, y = _plot_axes(objectives)
-        for label, rows, marker in groups:
-            fig.add_trace(go.Scatter(
-                x=points.loc[rows, x], y=points.loc[rows, y], mode="markers", name=label, marker=marker,
-                hovertext=hover[rows], hovertemplate="%{hovertext}<extra></extra>",
-            ))
-        front = points.loc[on_front].sort_values(x)
-        if len(objectives) == 2 and len(front) > 1:
-            fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", showlegend=False, hoverinfo="skip",
-                                     line=dict(color="#d62728", shape="hv", width=1)))
-        if knee is not None:
-            fig.add_trace(go.Scatter(
-                x=[points[x].iloc[knee]], y=[points[y].iloc[knee]], mode="markers", name="knee",
-                marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1)),
-                hovertext=[hover[knee]], hovertemplate="%{hovertext}<extra></extra>",
-            ))
-        fig.update_xaxes(title=_axis_label(x, objectives[x]) if x in objectives else "trial")
-        fig.update_yaxes(title=_axis_label(y, objectives[y]))
-    fig.update_layout(title=title, template="plotly_white", hoverlabel=dict(align="left"), legend=dict(
-        orientation="h", y=-0.15))
-    return fig
-
-
-def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np.ndarray,
-               knee: int | None, title: str) -> Figure:
-    """Static front plot; with three or more objectives it shows the first two (front in all)."""
-    x, y = _plot_axes(objectives)
-    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
-    ax = fig.add_subplot()
-    ax.scatter(points.loc[~on_front, x], points.loc[~on_front, y], c="#9e9e9e", s=25, label="dominated")
-    front = points.loc[on_front].sort_values(x)
-    ax.scatter(front[x], front[y], c="#d62728", s=45, edgecolors="black", linewidths=0.6, label="Pareto front")
-    if len(objectives) == 2 and len(front) > 1:
-        ax.step(front[x], front[y], where="post", c="#d62728", lw=1)
-    if "number" in front.columns:
-        for _, row in front.iterrows():
-            ax.annotate(f"#{int(row['number'])}", (row[x], row[y]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
-    if knee is not None:
-        ax.scatter([points[x].iloc[knee]], [points[y].iloc[knee]], marker="*", s=260, c="gold",
-                   edgecolors="black", linewidths=0.8, label="knee", zorder=3)
-    ax.set_xlabel(_axis_label(x, objectives[x]) if x in objectives else "trial")
-    ax.set_ylabel(_axis_label(y, objectives[y]))
-    ax.set_title(title if len(objectives) <= 2 else f"{title} (first two objectives)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     return fig
 
 

@@ -22,6 +22,7 @@ Parent run tag ``p3b.study`` names the study; filter the front in the UI with ``
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -47,17 +48,13 @@ from mlflow.utils.validation import (
 )
 
 from p3b_search.reporting import TrialReporter
-from p3b_search.search.pareto import hypervolume, knee_index, pareto_mask
+from p3b_search.search.dense import DenseReference
+from p3b_search.search.frontier import FrontState, front_state
 from p3b_search.search.shared_store import open_shared_store
 from p3b_search.tracking.background import BackgroundSender
-from p3b_search.tracking.figures import (
-    allocation_table,
-    check_allocation_row,
-    keep_ratio_heatmap,
-    pareto_plotly,
-    pareto_png,
-    sub_block_name,
-)
+from p3b_search.tracking.figures import allocation_table, check_allocation_row, keep_ratio_heatmap, sub_block_name
+from p3b_search.tracking.front_figures import save_files
+from p3b_search.tracking.front_report import front_files
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +67,10 @@ PARETO_TAG = "pareto"
 #: Trial states and the MLflow run status each ends with.
 RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 #: Columns of the trials table that ``refresh_front`` reads besides the objectives.
-NUMBER_COLUMN, RUN_ID_COLUMN, STATE_COLUMN = "number", "mlflow_run_id", "state"
-#: Values of ``state`` that count as a finished point (Optuna's name and ours).
-FINISHED_STATES = {"finished", "complete"}
+NUMBER_COLUMN, RUN_ID_COLUMN = "number", "mlflow_run_id"
 ARTIFACT_DIR_PARETO = "pareto"
+#: Where ``search.py ui`` serves an embedded store by default.
+LOCAL_UI = "http://127.0.0.1:5000"
 ARTIFACT_DIR_ALLOCATIONS = "allocations"
 
 
@@ -155,17 +152,11 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
 
 
 def _upload_files(client: MlflowClient, run_id: str, files: Mapping[str, Any], artifact_path: str) -> None:
-    """Write ``{file name: DataFrame | matplotlib Figure | plotly Figure}`` to a temporary folder and
-    log them under ``artifact_path`` in one call (replacing earlier versions)."""
+    """Write ``{file name: DataFrame | matplotlib Figure | plotly Figure}`` to a temporary folder
+    (:func:`~p3b_search.tracking.front_figures.save_files`) and log them under ``artifact_path``
+    in one call (replacing earlier versions)."""
     with tempfile.TemporaryDirectory(prefix="p3b-mlflow-") as folder:
-        for name, content in files.items():
-            path = Path(folder, name)
-            if isinstance(content, pd.DataFrame):
-                content.to_parquet(path, index=False)
-            elif hasattr(content, "savefig"):
-                content.savefig(path, dpi=110)
-            else:  # plotly: plotly.js inlined, the MLflow UI's sandboxed iframe has no network
-                content.write_html(path, include_plotlyjs=True, full_html=True)
+        save_files(files, folder)
         client.log_artifacts(run_id, folder, artifact_path)
 
 
@@ -173,11 +164,13 @@ def _upload_files(client: MlflowClient, run_id: str, files: Mapping[str, Any], a
 class ParetoSnapshot:
     """What one ``refresh_front`` found: ``front`` (the front's rows of the trials table, with the
     child's ``mlflow_run_id`` and a ``knee`` flag), the ``hypervolume`` against the reference point (in
-    objective units), and how many finished trials it covered."""
+    objective units), how many finished trials it covered, and the hypervolume normalised by the
+    box from the reference point to the dense reference's ideal point (NaN when unknown)."""
 
     front: pd.DataFrame
     hypervolume: float
     trials_finished: int
+    hypervolume_normalized: float = float("nan")
 
 
 class StudyTracker:
@@ -334,23 +327,28 @@ class StudyTracker:
 
     # ----------------------------------------------------------------------------- front
     def run_link(self, run_id: str) -> str:
-        """Where ``run_id`` opens in the MLflow UI: a full URL for a tracking server, else the UI route."""
-        server = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else ""
+        """Where ``run_id`` opens in the MLflow UI: on the tracking server, or for the embedded store
+        on ``search.py ui``'s default address (:data:`LOCAL_UI`)."""
+        server = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
         return ui_url(server, self.experiment_id, run_id)
 
     def refresh_front(self, trials: pd.DataFrame, directions: Mapping[str, str] | Sequence[tuple[str, str]],
-                      reference_point: Sequence[float]) -> ParetoSnapshot:
+                      reference_point: Sequence[float], dense: DenseReference | None = None,
+                      save_to: str | Path | None = None) -> ParetoSnapshot:
         """Recompute the front of the finished trials and publish it on the parent run.
 
         ``trials``: one row per trial with the objective columns named by ``directions``
         (name -> "maximize"/"minimize"), ``number`` (the trial number passed to
         :meth:`child_run_args`) and/or ``run_id``, optionally ``state`` (only ``finished`` /
-        ``complete`` rows count) and any parameter columns (shown on hover).
-        ``reference_point``: per objective, the bound of the hypervolume.
+        ``complete`` rows count), ``method`` (``dense`` rows are the reference, never on the
+        front) and any parameter columns (shown on hover). ``reference_point``: per objective,
+        the bound of the hypervolume; ``dense``: the dense reference point (drawn, and the
+        ideal point of the normalised hypervolume); ``save_to``: also write the files there.
 
-        Logs ``pareto/front.parquet|.html|.png``, the metrics ``hypervolume``, ``front_size``
-        and ``trials_finished`` at step = trials finished, and moves the ``pareto`` tags. Store
-        errors only warn: the study goes on.
+        Logs ``pareto/front.parquet|.html|.png`` and ``pareto/summary.parquet``, the metrics
+        ``hypervolume``, ``hypervolume_normalized`` (when the dense accuracy is known),
+        ``front_size`` and ``trials_finished`` at step = trials finished, and moves the
+        ``pareto`` tags. Store errors only warn: the study goes on.
         """
         directions = dict(directions)
         missing = [name for name in directions if name not in trials.columns]
@@ -358,25 +356,22 @@ class StudyTracker:
             raise ValueError(f"trials table lacks objective column(s) {missing}; it has {list(trials.columns)}")
         if NUMBER_COLUMN not in trials.columns and RUN_ID_COLUMN not in trials.columns:
             raise ValueError(f"trials table needs a {NUMBER_COLUMN!r} or {RUN_ID_COLUMN!r} column to find the child runs")
-        names, dirs = list(directions), list(directions.values())
-        finished = trials
-        if STATE_COLUMN in trials.columns:
-            finished = trials[trials[STATE_COLUMN].astype(str).str.lower().isin(FINISHED_STATES)]
-        values = finished[names].to_numpy(dtype=float)
-        finished = finished[np.isfinite(values).all(axis=1)].reset_index(drop=True)
-        values = finished[names].to_numpy(dtype=float)
-        on_front = pareto_mask(values, dirs) if len(values) else np.zeros(0, dtype=bool)
-        knee = knee_index(values, dirs) if len(values) else None
-        volume = hypervolume(values, dirs, reference_point) if len(values) else 0.0
+        ideal = dense.ideal(list(directions)) if dense is not None else None
+        state = front_state(trials, directions, reference_point, ideal)
         try:
-            finished = finished.assign(**{RUN_ID_COLUMN: self._run_ids(finished)})
-            front = finished[on_front].assign(knee=np.flatnonzero(on_front) == knee)
-            self._move_pareto_tags(set(front[RUN_ID_COLUMN].dropna()))
-            self._publish_front(finished, directions, on_front, knee, front, volume)
+            state = dataclasses.replace(state, finished=state.finished.assign(
+                **{RUN_ID_COLUMN: self._run_ids(state.finished)}))
+            self._move_pareto_tags(set(state.front[RUN_ID_COLUMN].dropna()))
+            files = front_files(state, directions, reference_point, self.study_name, dense, self.run_link)
+            self._publish_front(files, state)
         except (MlflowException, OSError) as error:
             logger.warning("MLflow: could not publish the Pareto front of study %r: %s", self.study_name, error)
-            front = finished[on_front].assign(knee=np.flatnonzero(on_front) == knee)
-        return ParetoSnapshot(front=front.reset_index(drop=True), hypervolume=volume, trials_finished=len(finished))
+            files = front_files(state, directions, reference_point, self.study_name, dense)
+        if save_to is not None:
+            save_files(files, save_to)
+        return ParetoSnapshot(front=state.front.reset_index(drop=True), hypervolume=state.hypervolume,
+                              trials_finished=len(state.finished),
+                              hypervolume_normalized=state.hypervolume_normalized)
 
     def child_run_ids(self) -> dict[int, str]:
         """Trial number -> child run id, for every trial whose worker has started its run (a
@@ -403,38 +398,19 @@ class StudyTracker:
         for run_id in front_run_ids - tagged:
             self.client.set_tag(run_id, PARETO_TAG, "true")
 
-    def _hover(self, row: pd.Series) -> str:
-        lines = []
-        if NUMBER_COLUMN in row.index and pd.notna(row[NUMBER_COLUMN]):
-            lines.append(f"<b>trial {int(row[NUMBER_COLUMN])}</b>")
-        if isinstance(row[RUN_ID_COLUMN], str):
-            lines += [f"run {row[RUN_ID_COLUMN]}", f"open: {self.run_link(row[RUN_ID_COLUMN])}"]
-        lines += [f"{key}: {_format(value)}" for key, value in row.items()
-                  if key not in (NUMBER_COLUMN, RUN_ID_COLUMN) and not (pd.api.types.is_scalar(value) and pd.isna(value))]
-        return "<br>".join(lines)
-
-    def _publish_front(self, finished: pd.DataFrame, directions: dict[str, str], on_front: np.ndarray,
-                       knee: int | None, front: pd.DataFrame, volume: float) -> None:
-        n = len(finished)
-        title = f"{self.study_name}: Pareto front of {n} finished trials ({int(on_front.sum())} on the front)"
-        hover = [self._hover(row) for _, row in finished.iterrows()]
-        html = pareto_plotly(finished, directions, on_front, knee, hover, title)
-        png = pareto_png(finished, directions, on_front, knee, title)
-        _upload_files(self.client, self.parent_run_id, {"front.parquet": front, "front.html": html, "front.png": png},
-                      ARTIFACT_DIR_PARETO)
+    def _publish_front(self, files: Mapping[str, Any], state: FrontState) -> None:
+        n = len(state.finished)
+        _upload_files(self.client, self.parent_run_id, files, ARTIFACT_DIR_PARETO)
         timestamp = _now_ms()
-        _log_batch(self.client, self.parent_run_id, metrics=[
-            Metric("hypervolume", volume, timestamp, n),
-            Metric("front_size", float(on_front.sum()), timestamp, n),
-            Metric("trials_finished", float(n), timestamp, n),
-        ], tags=[_tag("pareto.knee_run_id", run_id) for run_id in front.loc[front["knee"], RUN_ID_COLUMN]
-                 if isinstance(run_id, str)])
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+        metrics = [Metric("hypervolume", state.hypervolume, timestamp, n),
+                   Metric("front_size", float(state.on_front.sum()), timestamp, n),
+                   Metric("trials_finished", float(n), timestamp, n)]
+        if np.isfinite(state.hypervolume_normalized):
+            metrics.append(Metric("hypervolume_normalized", state.hypervolume_normalized, timestamp, n))
+        front = state.front
+        _log_batch(self.client, self.parent_run_id, metrics=metrics,
+                   tags=[_tag("pareto.knee_run_id", run_id) for run_id in front.loc[front["knee"], RUN_ID_COLUMN]
+                         if isinstance(run_id, str)])
 
 
 class MlflowTrialReporter(TrialReporter):

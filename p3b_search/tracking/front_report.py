@@ -1,0 +1,105 @@
+"""The files that describe the study's front: ``front.png``, ``front.html`` (hover: a trial's
+objectives, parameters and MLflow run), ``front.parquet`` (the front's rows, ``knee`` flag) and
+``summary.parquet`` (one row: trials finished, front size, hypervolume in objective units and
+normalised, the reference point and the dense reference). The driver writes them to
+``<study>/pareto/`` and the tracker logs the same files to the parent run's ``pareto/``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from p3b_search.search.dense import DenseReference
+from p3b_search.search.frontier import FrontState
+from p3b_search.tracking.front_figures import pareto_plotly, pareto_png, save_files
+from p3b_search.units import value_text
+
+NUMBER_COLUMN, RUN_ID_COLUMN = "number", "mlflow_run_id"
+#: Table columns shown on hover besides the objectives and ``param.*`` (with their units).
+_HOVER_EXTRA = ("kept_fraction", "params", "top1", "top5", "macs", "flops", "latency_ms")
+FRONT_FILES = ("front.parquet", "front.html", "front.png", "summary.parquet")
+
+
+def _shown(value: Any) -> bool:
+    return not (pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+def hover_text(row: pd.Series, names: Sequence[str], link: str | None) -> str:
+    """HTML hover of one trial: number and method, objectives and costs with units, sampled
+    parameters (``param.*``), then its MLflow run and the link a click opens."""
+    lines = []
+    if NUMBER_COLUMN in row.index and _shown(row[NUMBER_COLUMN]):
+        method = f" ({row['method']})" if "method" in row.index and _shown(row["method"]) else ""
+        lines.append(f"<b>trial {int(row[NUMBER_COLUMN])}</b>{method}")
+    seen = set()
+    for name in [*names, *_HOVER_EXTRA]:
+        if name in row.index and name not in seen and _shown(row[name]):
+            seen.add(name)
+            lines.append(f"{name}: {value_text(name, float(row[name]))}")
+    lines += [f"{key}: {_plain(value)}" for key, value in row.items()
+              if str(key).startswith("param.") and _shown(value)]
+    run_id = row.get(RUN_ID_COLUMN)
+    if isinstance(run_id, str) and run_id:
+        lines.append(f"MLflow run {run_id}")
+        if link:
+            lines.append(f"click to open: {link}")
+    return "<br>".join(lines)
+
+
+def _plain(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def summary_table(state: FrontState, directions: Mapping[str, str], reference: Sequence[float],
+                  dense: DenseReference | None) -> pd.DataFrame:
+    """One row: ``trials_finished``, ``front_size``, ``hypervolume`` (objective units, e.g.
+    % x MACs per image), ``hypervolume_normalized`` (1.0 = dense accuracy at zero cost),
+    ``knee_trial``, ``reference.<objective>``, ``dense.<objective>`` and ``dense_source``."""
+    knee = state.finished[NUMBER_COLUMN].iloc[state.knee] if (
+        state.knee is not None and NUMBER_COLUMN in state.finished.columns) else math.nan
+    row: dict[str, Any] = {"trials_finished": len(state.finished), "front_size": int(state.on_front.sum()),
+                           "hypervolume": state.hypervolume, "hypervolume_normalized": state.hypervolume_normalized,
+                           "knee_trial": float(knee)}
+    row.update({f"reference.{name}": float(value) for name, value in zip(directions, reference)})
+    if dense is not None:
+        row.update({f"dense.{name}": dense.get(name) for name in ("top1", "top5", "macs", "flops", "params")})
+        row["dense_source"] = dense.source
+    return pd.DataFrame([row])
+
+
+def front_title(study_name: str, state: FrontState) -> str:
+    """``quickstart: Pareto front of 8 finished trials (3 on the front), HV 0.71 of dense``."""
+    title = (f"{study_name}: Pareto front of {len(state.finished)} finished trials "
+             f"({int(state.on_front.sum())} on the front)")
+    if math.isfinite(state.hypervolume_normalized):
+        title += f"; normalised hypervolume {state.hypervolume_normalized:.3f}"
+    return title
+
+
+def front_files(state: FrontState, directions: Mapping[str, str], reference: Sequence[float], study_name: str,
+                dense: DenseReference | None = None, link: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """``{file name: table or figure}`` of :data:`FRONT_FILES`; ``link``: run id -> URL of the run."""
+    names = list(directions)
+    finished = state.finished
+    run_ids = finished[RUN_ID_COLUMN] if RUN_ID_COLUMN in finished.columns else pd.Series([None] * len(finished))
+    links = [link(r) if link is not None and isinstance(r, str) and r else None for r in run_ids]
+    hover = [hover_text(row, names, url) for (_, row), url in zip(finished.iterrows(), links)]
+    title = front_title(study_name, state)
+    return {
+        "front.parquet": state.front,
+        "front.html": pareto_plotly(finished, directions, state.on_front, state.knee, hover, title, dense=dense,
+                                    links=links),
+        "front.png": pareto_png(finished, directions, state.on_front, state.knee, title, dense=dense),
+        "summary.parquet": summary_table(state, directions, reference, dense),
+    }
+
+
+def write_front(folder: str | Path, state: FrontState, directions: Mapping[str, str], reference: Sequence[float],
+                study_name: str, dense: DenseReference | None = None,
+                link: Callable[[str], str] | None = None) -> list[Path]:
+    """Write :func:`front_files` into ``folder`` (the study's ``pareto/``); returns the paths."""
+    return save_files(front_files(state, directions, reference, study_name, dense, link), folder)
