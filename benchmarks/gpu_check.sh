@@ -7,8 +7,8 @@
 # Needs the project installed (pip install -e ".[test]") with a CUDA build of torch. Steps, each
 # logged to OUT/<step>.log, with a summary in OUT/summary.md to paste into RESULTS.md:
 #   1. the CUDA tests (those skipped without CUDA: bf16 autocast in training, bench on cuda);
-#   2. P3B vs dense step time, deit_small at 224 px, batch 64, bf16 autocast: the full block benefit
-#      (the default) and the heads on a quarter of every 4th batch (0.25, 4), alternated;
+#   2. P3B vs dense step time, deit_small at 224 px, batch 64, bf16 autocast: P3B.s defaults and
+#      the full block-benefit computation (aux_batch_fraction 1, aux_every 1), alternated;
 #   3. a 2-trial study with gpu: 0.5 per trial (studies/gpu_check.yaml), both trials at once;
 #   4. its knee exported and benchmarked on the GPU (and the CPU) at batch 1 and 64.
 set -uo pipefail
@@ -38,7 +38,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log, record t
 
 step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -k "cuda" tests/test_training.py tests/test_export.py
 step p3b_step_ratio 180 "$py" -m benchmarks.p3b_overhead --model deit_small --device cuda --threads 4 \
-    --repeats 3 --epochs 1 --steps 12 --variant default: --variant sampled:aux_batch_fraction=0.25,aux_every=4
+    --repeats 3 --epochs 1 --steps 12 --variant default: --variant full:aux_batch_fraction=1,aux_every=1
 step study_two_trials_one_gpu 150 "$py" search.py run studies/gpu_check.yaml --output-dir "$out/runs"
 step export_knee 60 "$py" search.py export gpu_check --output-dir "$out/runs" --pick knee --out "$out/export" --overwrite
 step bench_export 60 "$py" search.py bench "$out/export" --device cuda cpu --batch-sizes 1 64 --json "$out/bench.json"

@@ -3,7 +3,7 @@ updates vs plain fine-tuning (method ``dense``) of the same model on the same da
 
     python -m benchmarks.p3b_overhead                                   # DIGITS_VIT, P3B defaults vs dense
     python -m benchmarks.p3b_overhead --model deit_tiny --threads 2     # deit_tiny at 224 px, batch 16
-    python -m benchmarks.p3b_overhead --variant default: --variant sampled:aux_batch_fraction=0.25,aux_every=4
+    python -m benchmarks.p3b_overhead --variant default: --variant full:aux_batch_fraction=1,aux_every=1
     python -m benchmarks.p3b_overhead --profile default:                # torch.profiler table of P3B steps
 
 Models: ``digits`` is the source-pretrained :data:`p3b_search.models.DIGITS_VIT` on the digits

@@ -277,7 +277,8 @@ def test_full_benefit_computation_reproduces_the_recorded_allocation_rows():
 def test_aux_every_must_leave_every_window_a_measurement():
     with pytest.raises(ValidationError, match="aux_every=4 exceeds prune_steps_update_mask=2"):
         P3BConfig(prune_steps_update_mask=2, aux_every=4)
-    assert (P3BConfig().aux_batch_fraction, P3BConfig().aux_every) == (1.0, 1)  # the reference computation
+    assert (P3BConfig().aux_batch_fraction, P3BConfig().aux_period) == (0.5, 2)  # measured defaults
+    assert P3BConfig(prune_steps_update_mask=1).aux_period == 1  # capped to N
     with pytest.raises(ValidationError, match="aux_batch_fraction"):
         P3BConfig(aux_batch_fraction=0.0)
 
