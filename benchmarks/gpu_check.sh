@@ -7,7 +7,7 @@
 # Needs the project installed (pip install -e ".[test]") with a CUDA build of torch. Steps, each
 # logged to OUT/<step>.log, with a summary in OUT/summary.md to paste into RESULTS.md:
 #   1. the CUDA tests (those skipped without CUDA: bf16 autocast in training, bench on cuda);
-#   2. P3B vs dense step time, deit_small at 224 px, batch 64, bf16 autocast: P3B.s defaults and
+#   2. P3B vs dense step time, deit_small at 224 px, batch 64, bf16 autocast: P3B's defaults and
 #      the full block-benefit computation (aux_batch_fraction 1, aux_every 1), alternated;
 #   3. a 2-trial study with gpu: 0.5 per trial (studies/gpu_check.yaml), both trials at once;
 #   4. its knee exported and benchmarked on the GPU (and the CPU) at batch 1 and 64.
