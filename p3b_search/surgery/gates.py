@@ -40,10 +40,11 @@ BlockMasks = dict[int, dict[str, torch.Tensor]]
 
 
 class GateSet:
-    """The gates of every sub-block of one model, and the hooks that apply them.
+    """The gates of every sub-block of one model, applied ``on`` the linears' weights (default)
+    or on the activations (see the module docstring).
 
     ``values[j][group]`` is a float32 leaf tensor of shape (group size,) on the model's device.
-    Use as a context manager or call :meth:`remove` to take the hooks off again.
+    Use as a context manager or call :meth:`remove` to take the gates off again.
     """
 
     def __init__(self, adapter: ModelAdapter, requires_grad: bool = True, on: GatesOn = "weights"):
