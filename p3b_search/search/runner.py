@@ -258,11 +258,12 @@ class StudySession:
         if self.frame is None:
             return
         directions = dict(zip(study.metric_names, study.directions))
-        state, dense = front_of(study, self.frame, self.reference, self.cost)
         try:
-            if self.tracker is not None:
+            if self.tracker is not None:  # the tracker computes the front itself
+                dense = dense_reference(study, self.frame, self.cost)
                 self.tracker.refresh_front(self.frame, directions, self.reference, dense, save_to=study.layout.pareto_dir)
             else:
+                state, dense = front_of(study, self.frame, self.reference, self.cost)
                 write_front(study.layout.pareto_dir, state, directions, self.reference, study.name, dense)
         except OSError as error:  # a full disk must not end the study
             logger.warning("could not write the front to %s: %s", study.layout.pareto_dir, error)
