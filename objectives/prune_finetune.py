@@ -39,9 +39,10 @@ from p3b_search.distributed import rank_and_world
 from p3b_search.files import atomic_write
 from p3b_search.methods import PrunedModel, PruningMethod, get_method
 from p3b_search.methods.target import kept_params
-from p3b_search.models import build_model, create_timm_model
+from p3b_search.models import create_timm_model
 from p3b_search.reporting import TrialReporter
 from p3b_search.surgery import ArchSpec
+from p3b_search.training.build import build_model
 from p3b_search.training.loop import evaluate, train_stage
 from p3b_search.training.rng import seed_everything
 from p3b_search.units import FLOPS_PER_MAC

@@ -24,11 +24,6 @@ class ExportError(ValueError):
     """An exported folder or a trial that cannot be exported or loaded (one-line message)."""
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def read_arch_spec(folder: str | Path) -> ArchSpec:
     """The :class:`ArchSpec` in ``folder/arch.json``; :class:`ExportError` naming the file if unreadable."""
     if not Path(folder).is_dir():
