@@ -13,9 +13,9 @@ from p3b_search.methods.baselines import (
     GlobalTaylorConfig,
     UniformMagnitude,
     UniformMagnitudeConfig,
-    unit_weight_norms,
 )
-from p3b_search.methods.p3b import ALLOCATION_KEYS
+from p3b_search.methods.allocation import ALLOCATION_KEYS
+from p3b_search.methods.unit_weights import unit_weight_norms
 from p3b_search.training.loop import train_stage
 from tests.p3b_support import NUM_CLASSES, loader, single_thread, stage, tiny_vit, training  # noqa: F401
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from p3b_search.cost import model_cost
 from p3b_search.methods import get_method
-from p3b_search.methods.p3b import ALLOCATION_KEYS, P3B, P3BConfig
+from p3b_search.methods.allocation import ALLOCATION_KEYS
+from p3b_search.methods.p3b import P3B, P3BConfig
 from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer, train_stage
