@@ -17,7 +17,7 @@ from p3b_search.methods.baselines import (
 from p3b_search.methods.allocation import ALLOCATION_KEYS
 from p3b_search.methods.unit_weights import unit_weight_norms
 from p3b_search.training.loop import train_stage
-from tests.p3b_support import NUM_CLASSES, loader, single_thread, stage, tiny_vit, training  # noqa: F401
+from tests.method_support import NUM_CLASSES, loader, single_thread, stage, tiny_vit, training  # noqa: F401
 
 EPOCHS, STEPS = 4, 4
 

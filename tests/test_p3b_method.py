@@ -19,7 +19,7 @@ from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer, train_stage
 from p3b_search.training.rng import seed_everything
-from tests.p3b_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
+from tests.method_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
 
 EPOCHS = 4
 STEPS = 4  # 64 samples / batch 16
