@@ -39,6 +39,7 @@ from p3b_search.models import DIGITS_VIT, create_timm_model
 from p3b_search.search.layout import StudyLayout
 from p3b_search.surgery import get_adapter, random_masks, shrink_model
 from p3b_search.training.loop import evaluate
+from p3b_search.trial_folder import TrialFolder
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "digits-export"
@@ -103,7 +104,7 @@ def _make_trial(layout: StudyLayout, number: int, kind: str, keep: float, loader
     objectives = objectives_of(pruned, evaluate(pruned.model, val_loader, amp=False), dense_params)
     workdir = layout.trial_dir(number)
     workdir.mkdir(parents=True)
-    _save_final(pruned, config, num_classes, pruned.model, workdir, objectives)
+    _save_final(pruned, config, num_classes, pruned.model, TrialFolder(workdir), objectives)
     return objectives
 
 
