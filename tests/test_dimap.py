@@ -22,7 +22,7 @@ from p3b_search.methods.sparsity import MaskKeeper
 from p3b_search.methods.target import kept_params
 from p3b_search.surgery import get_adapter
 from tests.conftest import make_model
-from tests.method_support import batch, drive, make, small_swin, small_vit
+from tests.method_support import NUM_CLASSES, batch, drive, make, small_swin, small_vit
 
 
 def test_score_of_a_four_element_layer_by_hand():
@@ -199,7 +199,7 @@ def test_structured_state_round_trip_and_gates_follow_the_masks():
     assert [p.shape for p in pruned.model.parameters()] == [p.shape for p in pruned_other.model.parameters()]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # gates are off
     with torch.no_grad():
-        assert pruned.model(x).shape == (4, 5)
+        assert pruned.model(x).shape == (4, NUM_CLASSES)
 
 
 def test_structured_variant_solves_the_unset_ratios_for_the_whole_model_budget():
