@@ -18,7 +18,7 @@ widths and Torch-Pruning's model of the same dense parent at its MACs).
   removal): shrinks the embedding width C itself, with its ratio bisected until its MACs
   (``torch.utils.flop_counter``) match the project's export within 0.5 %.
 
-All models are timed round-robin (``p3b_search.export.bench.time_models``: each repeat runs
+All models are timed round-robin (``p3b_search.timing.time_models``: each repeat runs
 every model once) at each batch size, fp32, ``--threads`` CPU threads, under ``--runtime``
 (eager, compile, onnxruntime). Writes a Markdown table: MACs and parameter ratios to dense,
 median ms, latency ratio, and latency ratio / MACs ratio (1.0 = as fast as the MACs promise).
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from p3b_search.cost import model_cost, torch_macs
-from p3b_search.export.bench import time_models
+from p3b_search.timing import time_models
 from p3b_search.export.runtimes import RUNTIMES, check_runtime, prepare
 from p3b_search.surgery import ArchSpec, get_adapter, shrink_model
 from p3b_search.surgery.rounding import round_widths

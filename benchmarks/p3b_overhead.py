@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from p3b_search.config import DataConfig, ModelConfig, StageConfig, TrainingConfig
 from p3b_search.data import build_loaders
 from p3b_search.methods import get_method
-from p3b_search.models import DIGITS_VIT, build_model, create_timm_model
+from p3b_search.models import DIGITS_VIT, create_timm_model
+from p3b_search.training.build import build_model
 from p3b_search.training.loop import train_stage
 from p3b_search.training.rng import seed_everything
 

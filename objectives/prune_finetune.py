@@ -4,15 +4,8 @@ fine-tune stage of the pruned model -> measure -> save.
 It runs the same under Ray Tune, in a test or by hand (``python -m objectives.prune_finetune``):
 what it produces goes through a :class:`~p3b_search.reporting.TrialReporter`.
 
-Working folder (``workdir``)::
-
-    checkpoint/            full-state checkpoint of the last epoch (reported to the runner)
-        checkpoint.pt      written by the training loop
-        trial_state.json   {"stage": "prune" | "finetune"}
-        pruned/            the pruned architecture once the prune stage ended:
-                           arch.json (+ weight_masks.safetensors for unstructured methods)
-    model/                 the final model: model.safetensors + arch.json
-    result.json            objectives, trial config, state ("finished")
+The working folder (``workdir``) is written through :class:`~p3b_search.trial_folder.TrialFolder`
+(its layout is documented there), so ``search.py export`` reads what this objective wrote.
 
 ``resume_from`` is such a ``checkpoint`` folder (or a copy of it): the trial continues after
 the epoch it holds, in the stage it names, and ends exactly as an uninterrupted run would.
@@ -24,7 +17,6 @@ writes to ``workdir``.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +25,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from p3b_search.config import TrialConfig
-from p3b_search.cost import model_cost, nonzero_macs
+from p3b_search.cost import kept_cost, model_cost
 from p3b_search.data import build_loaders, resolve_input_config
 from p3b_search.distributed import rank_and_world
 from p3b_search.files import atomic_write
 from p3b_search.methods import PrunedModel, PruningMethod, get_method
-from p3b_search.methods.target import kept_params
-from p3b_search.models import build_model, create_timm_model
+from p3b_search.models import create_timm_model
 from p3b_search.reporting import TrialReporter
 from p3b_search.surgery import ArchSpec
+from p3b_search.timing import time_models
+from p3b_search.training.build import build_model
 from p3b_search.training.loop import evaluate, train_stage
 from p3b_search.training.rng import seed_everything
+from p3b_search.trial_folder import FINISHED, CheckpointFolder, ModelFolder, TrialFolder
 from p3b_search.units import FLOPS_PER_MAC
-
-STATE_FILE = "trial_state.json"
-PRUNED_DIR = "pruned"
-MASKS_FILE = "weight_masks.safetensors"
 
 
 def _model_kwargs(config: TrialConfig, num_classes: int) -> dict[str, Any]:
@@ -63,55 +53,40 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=1, default=str))
 
 
-def _save_pruned(pruned: PrunedModel, config: TrialConfig, num_classes: int, folder: Path,
+def _save_pruned(pruned: PrunedModel, config: TrialConfig, num_classes: int, folder: ModelFolder,
                  **extra: Any) -> None:
-    """arch.json (+ the unstructured weight masks) of ``pruned`` in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The architecture (+ the unstructured weight masks) of ``pruned`` in ``folder``."""
+    folder.root.mkdir(parents=True, exist_ok=True)
     spec = ArchSpec.from_model(pruned.model, config.model.name, _model_kwargs(config, num_classes),
                                extra={"structured": pruned.structured, "method": config.method, **extra})
-    spec.save(folder / "arch.json")
+    spec.save(folder.arch)
     if pruned.weight_masks:
-        save_file({k: v.contiguous() for k, v in pruned.weight_masks.items()}, folder / MASKS_FILE)
+        save_file({k: v.contiguous() for k, v in pruned.weight_masks.items()}, folder.masks)
 
 
-def _load_pruned_structure(folder: Path) -> PrunedModel:
+def _load_pruned_structure(folder: ModelFolder) -> PrunedModel:
     """The pruned architecture saved by :func:`_save_pruned` (weights come from the checkpoint)."""
-    spec = ArchSpec.load(folder / "arch.json")
-    masks_path = folder / MASKS_FILE
-    masks = {k: v.bool() for k, v in load_file(masks_path).items()} if masks_path.exists() else {}
+    spec = ArchSpec.load(folder.arch)
+    masks = {k: v.bool() for k, v in load_file(folder.masks).items()} if folder.masks.exists() else {}
     return PrunedModel(spec.build(), structured=spec.extra["structured"], weight_masks=masks)
 
 
 def _measure_latency_ms(model: nn.Module, input_size: tuple[int, ...], repeats: int = 20) -> float:
-    """Median wall time (ms) of one batch-1 forward pass on the model's device, after warm-up."""
-    device = next(model.parameters()).device
-    x = torch.randn(1, *input_size, device=device)
+    """Median wall time (ms) of one batch-1 forward pass on the model's device, after 5 warm-up passes."""
+    x = torch.randn(1, *input_size, device=next(model.parameters()).device)
     model.eval()
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 5):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 5:
-                times.append((time.perf_counter() - start) * 1e3)
-    return float(sorted(times)[len(times) // 2])
+    return time_models({"model": model}, x, warmup=5, repeats=repeats)["model"]
 
 
 def objectives_of(pruned: PrunedModel, metrics: dict[str, float], dense_params: int) -> dict[str, float]:
-    """The trial's objectives: accuracy, and the cost of what was really kept.
-
-    Structured models are counted as they are; unstructured ones keep dense shapes, so
-    ``params`` counts non-zeros and ``macs`` stays dense (no speed-up without sparse kernels),
-    with ``nonzero_macs`` beside it. ``flops`` = 2 x ``macs`` (torch's counting convention).
-    ``kept_fraction`` = ``params`` / ``dense_params`` (the unpruned model's parameters)."""
-    cost = model_cost(pruned.model)
-    params = float(kept_params(pruned))
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "params": params, "kept_fraction": params / dense_params,
-            "macs": float(cost.macs), "flops": float(FLOPS_PER_MAC * cost.macs), "nonzero_macs": float(nonzero_macs(pruned.model, pruned.weight_masks))}
+    """The trial's objectives: accuracy, and the cost of what was really kept
+    (:func:`~p3b_search.cost.kept_cost`: ``params`` counts non-zeros, ``macs`` the shapes, and
+    ``nonzero_macs`` what sparse kernels could reach). ``flops`` = 2 x ``macs`` (torch's counting
+    convention); ``kept_fraction`` = ``params`` / ``dense_params`` (the unpruned model's parameters)."""
+    kept = kept_cost(pruned.model, pruned.weight_masks)
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "params": float(kept.params),
+            "kept_fraction": kept.params / dense_params, "macs": float(kept.macs),
+            "flops": float(FLOPS_PER_MAC * kept.macs), "nonzero_macs": float(kept.nonzero_macs)}
 
 
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
@@ -119,15 +94,17 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     """Run one trial (both stages) and return its objectives: ``top1``, ``top5`` (percent),
     ``params``, ``kept_fraction``, ``macs`` and ``flops`` (per image), ``nonzero_macs``, and ``latency_ms``
     when asked."""
-    workdir = Path(workdir)
-    checkpoint_dir = workdir / "checkpoint"
+    folder = TrialFolder(Path(workdir))
+    checkpoint = folder.checkpoint
+    checkpoint_dir = checkpoint.root
     lead = rank_and_world()[0] == 0
     method_cls = get_method(config.method)
     method_config = method_cls.config_cls(**config.method_config)
     training = config.training
     stage = "prune"
     if resume_from is not None:
-        stage = json.loads((Path(resume_from) / STATE_FILE).read_text())["stage"]
+        resumed = CheckpointFolder(Path(resume_from))
+        stage = json.loads(resumed.stage_file.read_text())["stage"]
 
     seed_everything(training.seed)
     with torch.device("meta"):  # only its input config is read: costs nothing
@@ -150,20 +127,20 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         method.prepare(model)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if lead:
-            _write_json(checkpoint_dir / STATE_FILE, {"stage": "prune"})
+            _write_json(checkpoint.stage_file, {"stage": "prune"})
         train_stage(model, train_loader, val_loader, training.prune, training, method,
                     on_epoch_end=on_epoch_end(0), checkpoint_dir=checkpoint_dir, resume_from=resume_from)
         pruned = method.finalize(model)
         reporter.report_allocations(method.pop_allocation_rows())
         if lead:
-            _save_pruned(pruned, config, num_classes, checkpoint_dir / PRUNED_DIR)
-            _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
+            _save_pruned(pruned, config, num_classes, checkpoint.pruned)
+            _write_json(checkpoint.stage_file, {"stage": "finetune"})
         finetune_resume = None
     else:
-        pruned = _load_pruned_structure(Path(resume_from) / PRUNED_DIR)
-        if lead and Path(resume_from).resolve() != checkpoint_dir.resolve():
-            _copy_pruned(Path(resume_from) / PRUNED_DIR, checkpoint_dir / PRUNED_DIR)
-            _write_json(checkpoint_dir / STATE_FILE, {"stage": "finetune"})
+        pruned = _load_pruned_structure(resumed.pruned)
+        if lead and resumed.root.resolve() != checkpoint_dir.resolve():
+            _copy_pruned(resumed.pruned.root, checkpoint.pruned.root)
+            _write_json(checkpoint.stage_file, {"stage": "finetune"})
         finetune_resume = resume_from  # its model state is loaded by the training loop
     history = train_stage(pruned.model, train_loader, val_loader, training.finetune, training,
                           method.finetune_hooks(pruned), on_epoch_end=on_epoch_end(1),
@@ -174,7 +151,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     if measure_latency and lead:
         objectives["latency_ms"] = _measure_latency_ms(pruned.model, (3, *resolve_input_config(config.data, probe)["input_size"][1:]))
     if lead:
-        _save_final(pruned, config, num_classes, probe, workdir, objectives)
+        _save_final(pruned, config, num_classes, probe, folder, objectives)
     reporter.report_final(objectives)
     return objectives
 
@@ -188,12 +165,11 @@ def _copy_pruned(source: Path, target: Path) -> None:
 
 
 def _save_final(pruned: PrunedModel, config: TrialConfig, num_classes: int, probe: nn.Module,
-                workdir: Path, objectives: dict[str, float]) -> None:
-    folder = workdir / "model"
+                folder: TrialFolder, objectives: dict[str, float]) -> None:
     input_config = resolve_input_config(config.data, probe)
     preprocessing = {k: input_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
-    _save_pruned(pruned, config, num_classes, folder, classes=num_classes, preprocessing=preprocessing)
+    _save_pruned(pruned, config, num_classes, folder.model, classes=num_classes, preprocessing=preprocessing)
     state = {k: v.detach().cpu().contiguous() for k, v in pruned.model.state_dict().items()}
-    save_file(state, folder / "model.safetensors")
-    _write_json(workdir / "result.json", {"state": "finished", "objectives": objectives,
-                                          "config": config.model_dump(mode="json")})
+    save_file(state, folder.model.weights)
+    _write_json(folder.result, {"state": FINISHED, "objectives": objectives,
+                                "config": config.model_dump(mode="json")})

@@ -177,3 +177,26 @@ def nonzero_macs(model: nn.Module, weight_masks: dict[str, torch.Tensor]) -> int
     :func:`model_cost`'s MACs."""
     uses = weight_uses_per_image(model, weight_masks)
     return model_cost(model).macs - sum(uses[name] * int((~mask).sum()) for name, mask in weight_masks.items())
+
+
+def masked_params(model: nn.Module, weight_masks: dict[str, torch.Tensor]) -> int:
+    """Parameters of ``model`` less the zeros that ``weight_masks`` (name -> bool, True = kept) pin."""
+    total = sum(p.numel() for p in model.parameters())
+    return total - sum(int((~mask).sum()) for mask in weight_masks.values())
+
+
+@dataclass(frozen=True)
+class KeptCost:
+    """What a shrunk or masked model really keeps: ``params`` (non-zero parameters), ``macs`` per
+    image of its shapes (dense shapes for unstructured results: no speed-up without sparse
+    kernels) and ``nonzero_macs`` per image (what sparse kernels could reach)."""
+
+    params: int
+    macs: int
+    nonzero_macs: int
+
+
+def kept_cost(model: nn.Module, weight_masks: dict[str, torch.Tensor]) -> KeptCost:
+    """:class:`KeptCost` of ``model`` with the unstructured zeros of ``weight_masks`` (empty for structured results)."""
+    return KeptCost(params=masked_params(model, weight_masks), macs=model_cost(model).macs,
+                    nonzero_macs=nonzero_macs(model, weight_masks))

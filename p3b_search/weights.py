@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from p3b_search.errors import first_line
+
 _logger = logging.getLogger(__name__)
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -26,11 +28,6 @@ _SAFETENSORS_SUFFIX = ".safetensors"
 
 class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model (one-line message)."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -48,7 +45,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for truncated or corrupt files
         raise WeightsError(
-            f"cannot read weights file {path} (corrupt, truncated or not a weights file): {_first_line(error)}"
+            f"cannot read weights file {path} (corrupt, truncated or not a weights file): {first_line(error)}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} holds no state dict of tensors (expected timm or DeiT layout)")
@@ -85,7 +82,7 @@ def load_pretrained_weights(model: nn.Module, path: str | Path, *, reset_classif
             state = filter_fn(state, model)
         except Exception as error:
             raise WeightsError(
-                f"weights file {path} does not fit model {type(model).__name__}: {_first_line(error)}"
+                f"weights file {path} does not fit model {type(model).__name__}: {first_line(error)}"
             ) from None
 
     heads = classifier_names(model)

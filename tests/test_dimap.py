@@ -22,7 +22,7 @@ from p3b_search.methods.sparsity import MaskKeeper
 from p3b_search.methods.target import kept_params
 from p3b_search.surgery import get_adapter
 from tests.conftest import make_model
-from tests.method_drivers import batch, drive, make, small_swin, tiny_vit
+from tests.method_support import NUM_CLASSES, batch, drive, make, small_swin, small_vit
 
 
 def test_score_of_a_four_element_layer_by_hand():
@@ -98,7 +98,7 @@ def test_per_module_thresholds_hit_the_per_module_ratios_on_swin():
 
 
 def test_pruned_weights_stay_zero_through_both_stages_and_costs_are_reported():
-    model = tiny_vit()
+    model = small_vit()
     method = make(DIMAP, prune_ratio=0.6)
     method.prepare(model)
     rows = method.pop_allocation_rows()
@@ -127,7 +127,7 @@ def test_pruned_weights_stay_zero_through_both_stages_and_costs_are_reported():
 
 
 def test_state_round_trip_restores_the_masks():
-    model, other = tiny_vit(), tiny_vit()
+    model, other = small_vit(), small_vit()
     method, resumed = make(DIMAP, prune_ratio=0.5), make(DIMAP, prune_ratio=0.2)
     method.prepare(model)
     resumed.prepare(other)
@@ -187,10 +187,10 @@ def test_structured_dimap_on_swin_tiny_shrinks_to_the_masked_logits():
 
 
 def test_structured_state_round_trip_and_gates_follow_the_masks():
-    model = tiny_vit()
+    model = small_vit()
     method = make(DIMAPStructured, prune_ratio=0.5)
     method.prepare(model)
-    other_model = tiny_vit(seed=1)
+    other_model = small_vit(seed=1)
     other = make(DIMAPStructured, prune_ratio=0.1)
     other.prepare(other_model)
     other.load_state_dict(method.state_dict())
@@ -199,7 +199,7 @@ def test_structured_state_round_trip_and_gates_follow_the_masks():
     assert [p.shape for p in pruned.model.parameters()] == [p.shape for p in pruned_other.model.parameters()]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # gates are off
     with torch.no_grad():
-        assert pruned.model(x).shape == (4, 5)
+        assert pruned.model(x).shape == (4, NUM_CLASSES)
 
 
 def test_structured_variant_solves_the_unset_ratios_for_the_whole_model_budget():

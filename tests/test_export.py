@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from objectives.prune_finetune import _save_final, objectives_of
 from p3b_search.config import DataConfig, TrialConfig
@@ -39,6 +39,7 @@ from p3b_search.models import DIGITS_VIT, create_timm_model
 from p3b_search.search.layout import StudyLayout
 from p3b_search.surgery import get_adapter, random_masks, shrink_model
 from p3b_search.training.loop import evaluate
+from p3b_search.trial_folder import TrialFolder
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "digits-export"
@@ -103,7 +104,7 @@ def _make_trial(layout: StudyLayout, number: int, kind: str, keep: float, loader
     objectives = objectives_of(pruned, evaluate(pruned.model, val_loader, amp=False), dense_params)
     workdir = layout.trial_dir(number)
     workdir.mkdir(parents=True)
-    _save_final(pruned, config, num_classes, pruned.model, workdir, objectives)
+    _save_final(pruned, config, num_classes, pruned.model, TrialFolder(workdir), objectives)
     return objectives
 
 
@@ -248,8 +249,9 @@ def test_export_writes_a_self_contained_folder(exported, study):
 
 
 def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_path):
-    """load_pruned in a new interpreter: same logits as the trial's model, the recorded params,
-    MACs and top-1 (digits val set, preprocessing from arch.json), and model.pt2 agrees."""
+    """load_pruned in a new interpreter: the trial's model's logits (to fp32 rounding: two
+    processes may pick different kernels), exactly the recorded params and MACs, the recorded
+    top-1 (digits val set, preprocessing from arch.json), and model.pt2 agrees."""
     out, _ = exported
     from p3b_search.export.load import load_pruned
 
@@ -261,7 +263,7 @@ def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_pa
         import json, sys
         import torch
         import p3b_search
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, save_file
         folder = {str(out)!r}
         model = p3b_search.load_pruned(folder)
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("optuna", "ray", "mlflow", "pandas", "pyarrow"))
@@ -269,6 +271,7 @@ def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_pa
         program = torch.export.load(folder + "/model.pt2").module()
         with torch.no_grad():
             logits, pt2 = model(io["x"]), program(io["x"])
+        save_file({{"logits": logits}}, {str(tmp_path / "fresh.safetensors")!r})
         from p3b_search.cost import model_cost, torch_macs
         from p3b_search.data.digits import digits_datasets
         from p3b_search.training.loop import evaluate
@@ -276,7 +279,7 @@ def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_pa
         _, val, _ = digits_datasets("target", prep["input_size"][-1], prep["mean"], prep["std"])
         loader = torch.utils.data.DataLoader(val, batch_size=128)
         cost = model_cost(model)
-        print(json.dumps({{"heavy": heavy, "logits_diff": (logits - io["logits"]).abs().max().item(),
+        print(json.dumps({{"heavy": heavy,
                           "pt2_diff": (pt2 - logits).abs().max().item(), "params": cost.params, "macs": cost.macs,
                           "top1": evaluate(model, loader, amp=False)["top1"]}}))
     """)
@@ -285,7 +288,8 @@ def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_pa
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     recorded = _objectives(study, 0)
     assert seen["heavy"] == []
-    assert seen["logits_diff"] == 0.0
+    fresh = load_file(tmp_path / "fresh.safetensors")["logits"]
+    torch.testing.assert_close(fresh, load_file(tmp_path / "io.safetensors")["logits"], rtol=1e-5, atol=1e-5)
     assert seen["pt2_diff"] < 1e-5
     assert (seen["params"], seen["macs"]) == (int(recorded["params"]), int(recorded["macs"]))
     assert abs(seen["top1"] - recorded["top1"]) < 0.1

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from p3b_search.config import ModelConfig
-from p3b_search.models import DIGITS_VIT, build_model
+from p3b_search.models import DIGITS_VIT
+from p3b_search.training.build import build_model
 from p3b_search.weights import WeightsError
 
 

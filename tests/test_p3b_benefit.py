@@ -1,4 +1,4 @@
-"""Block benefit (METHODS.md 1.1): auxiliary heads on the detached residual stream and Delta Psi."""
+"""Block benefit (docs/methods.md, section 1.1): auxiliary heads on the detached residual stream and Delta Psi."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 from p3b_search.methods.p3b.benefit import BlockBenefit, TokenLayout
 from p3b_search.surgery import get_adapter
-from tests.p3b_support import NUM_CLASSES, single_thread, tiny_swin, tiny_vit  # noqa: F401 (autouse fixture)
+from tests.method_support import NUM_CLASSES, single_thread, tiny_swin, tiny_vit  # noqa: F401 (autouse fixture)
 
 
 class _InjectLabels(nn.Module):
@@ -153,7 +153,7 @@ def test_swin_cls_head_reads_the_average_pooled_token():
 
 
 def _straightforward_step(benefit: BlockBenefit, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """METHODS.md 1.1 written plainly: every head called once per side, the patch head as
+    """docs/methods.md, section 1.1 written plainly: every head called once per side, the patch head as
     ``Sequential`` + ``mean`` pooling; returns (loss, Delta Psi cls, Delta Psi patch)."""
     ce = nn.functional.cross_entropy
     losses, deltas_cls, deltas_patch = [], [], []

@@ -1,4 +1,4 @@
-"""Block benefit -> global budget (METHODS.md 1.2): importance, EMA, alpha mix, solver, ramp."""
+"""Block benefit -> global budget (docs/methods.md, section 1.2): importance, EMA, alpha mix, solver, ramp."""
 from __future__ import annotations
 
 import math

@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from p3b_search.cost import model_cost
 from p3b_search.methods import get_method
-from p3b_search.methods.p3b import ALLOCATION_KEYS, P3B, P3BConfig
+from p3b_search.methods.allocation import ALLOCATION_KEYS
+from p3b_search.methods.p3b import P3B, P3BConfig
 from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer, train_stage
 from p3b_search.training.rng import seed_everything
-from tests.p3b_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
+from tests.method_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
 
 EPOCHS = 4
 STEPS = 4  # 64 samples / batch 16
@@ -120,12 +121,12 @@ def test_rows_are_recorded_at_every_update_with_the_contract_keys(trained):
     assert all(r["benefit_cls"] == r["benefit_cls"] for r in rows)  # measured (not NaN)
 
 
-def test_finalize_hits_the_target_and_matches_the_hard_masked_model(trained):
+def test_last_epoch_metrics_report_the_kept_ratio_of_the_shrunk_model(trained):
+    """(That the shrunk model meets the budget and computes the masked logits is the method
+    contract, tests/test_method_contract.py.)"""
     method, pruned = trained["method"], trained["pruned"]
     assert pruned.structured
     params = model_cost(pruned.model).params
-    assert params == pytest.approx(0.5 * method.dense_total_params, rel=0.01)
-    torch.testing.assert_close(hard_masked_logits(pruned.model, trained["x"]), trained["logits"], rtol=1e-4, atol=1e-5)
     assert trained["history"][-1]["keep_ratio"] == pytest.approx(params / method.dense_total_params)
     assert sum(p.numel() for p in pruned.model.parameters()) == params
 

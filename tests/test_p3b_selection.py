@@ -1,4 +1,4 @@
-"""Within-block selection (METHODS.md 1.3/1.4): Taylor terms, ranks, unit costs, walk, soft masks, tau."""
+"""Within-block selection (docs/methods.md, sections 1.3 and 1.4): Taylor terms, ranks, unit costs, walk, soft masks, tau."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,7 @@ from p3b_search.methods.p3b.selection import (
     walk_threshold,
 )
 from p3b_search.surgery import attach_gates, get_adapter
-from tests.p3b_support import single_thread, tiny_swin, tiny_vit  # noqa: F401 (autouse fixture)
+from tests.method_support import single_thread, tiny_swin, tiny_vit  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

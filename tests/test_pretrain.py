@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from p3b_search import demo
 from p3b_search.config import DataConfig, StageConfig
 from p3b_search.data import build_loaders
-from p3b_search.models import DIGITS_VIT, build_model, create_timm_model
+from p3b_search.models import DIGITS_VIT, create_timm_model
 from p3b_search.training import pretrain
+from p3b_search.training.build import build_model
 from p3b_search.training.loop import evaluate
 from p3b_search.training.pretrain import cache_key, source_metrics, source_pretrained_weights
 from p3b_search.weights import load_pretrained_weights

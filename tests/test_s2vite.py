@@ -13,7 +13,7 @@ from p3b_search.surgery import get_adapter
 from p3b_search.training.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer
 from tests.conftest import make_model
-from tests.method_drivers import batch, drive, make, regrown_update_sizes, small_swin, tiny_vit
+from tests.method_support import batch, drive, make, regrown_update_sizes, small_swin, small_vit
 
 
 def _armed_backward(method: S2ViTE, model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ def _armed_backward(method: S2ViTE, model: nn.Module, seed: int = 0) -> tuple[to
 
 
 def test_head_scores_are_taylor_of_the_head_output_and_gradient_at_proj_input():
-    model = tiny_vit()
+    model = small_vit()
     method = make(S2ViTE, head_density=0.5, mlp_density=1.0, update_interval=1)
     method.prepare(model)
     sb = method.adapter.sub_blocks[0]
@@ -75,7 +75,7 @@ def _head_scores(model: nn.Module, images: torch.Tensor, signs: list[float]) -> 
     return prune, taylor
 
 
-@pytest.mark.parametrize("build", [tiny_vit, small_swin])
+@pytest.mark.parametrize("build", [small_vit, small_swin])
 def test_head_prune_score_takes_the_absolute_value_per_image_then_the_mean(build):
     model = build()
     image, _ = batch(model, size=1)
@@ -89,7 +89,7 @@ def test_head_prune_score_takes_the_absolute_value_per_image_then_the_mean(build
 
 
 def test_neuron_grow_score_is_the_gradient_the_neuron_would_get_if_on():
-    model = tiny_vit()
+    model = small_vit()
     method = make(S2ViTE, head_density=1.0, mlp_density=0.5, update_interval=1)
     method.prepare(model)
     sb = method.adapter.sub_blocks[1]
@@ -124,7 +124,7 @@ def test_neuron_grow_score_is_the_gradient_the_neuron_would_get_if_on():
 
 
 def test_swaps_keep_unit_counts_clear_state_and_end_in_a_matching_shrunk_model():
-    model = tiny_vit()
+    model = small_vit()
     method = make(S2ViTE, head_density=0.5, mlp_density=0.25, update_interval=2)
     method.prepare(model)
     assert get_method("s2vite") is S2ViTE
@@ -180,7 +180,7 @@ def test_swin_final_model_shrinks_and_matches():
 
 
 def test_updates_wait_for_a_whole_armed_window_under_gradient_accumulation():
-    model = tiny_vit()
+    model = small_vit()
     method = make(S2ViTE, prune_ratio=0.5, update_interval=3, epochs=4, steps_per_epoch=4)
     method.prepare(model)
     optimizer = build_optimizer(model, 1e-3, 0.05)
@@ -209,7 +209,7 @@ def test_updates_wait_for_a_whole_armed_window_under_gradient_accumulation():
 
 
 def test_state_round_trip_and_config_errors():
-    model, other_model = tiny_vit(), tiny_vit(seed=1)
+    model, other_model = small_vit(), small_vit(seed=1)
     method, other = make(S2ViTE, update_interval=1), make(S2ViTE, update_interval=1, init="random")
     method.prepare(model)
     other.prepare(other_model)
@@ -245,7 +245,7 @@ def test_unset_densities_are_solved_for_the_whole_model_budget():
 
 
 def test_gates_follow_the_model_to_its_device():
-    model = tiny_vit()
+    model = small_vit()
     method = make(S2ViTE, update_interval=1)
     method.prepare(model)
     method._gates.to("meta")
@@ -256,7 +256,7 @@ def test_gates_follow_the_model_to_its_device():
 
 
 def test_regrown_units_move_no_faster_than_fresh_parameters_under_adamw():
-    model = tiny_vit()
+    model = small_vit()
     method = make(S2ViTE, epochs=100, steps_per_epoch=4, update_interval=300, head_density=0.5, mlp_density=0.5)
     method.prepare(model)
     sizes = regrown_update_sizes(method, model, steps=310)  # regrowth after optimizer step 300

@@ -19,7 +19,7 @@ from p3b_search.methods.sparsity import (
 )
 from p3b_search.surgery import get_adapter
 from p3b_search.training.loop import build_optimizer
-from tests.method_drivers import batch, drive, tiny_vit
+from tests.method_support import batch, drive, small_vit
 
 SHAPES = {"wide": (512, 64), "square": (128, 128), "small": (10, 64), "conv": (32, 3, 4, 4)}
 
@@ -68,7 +68,7 @@ def test_drop_and_grow_by_hand():
 
 
 def test_masks_stay_zero_through_adamw_steps_with_nonzero_gradients():
-    model = tiny_vit()
+    model = small_vit()
     weight = model.blocks[0].mlp.fc1.weight
     mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.5
     keeper = MaskKeeper({"blocks.0.mlp.fc1.weight": mask})
@@ -89,7 +89,7 @@ def test_masks_stay_zero_through_adamw_steps_with_nonzero_gradients():
 @pytest.mark.parametrize("clear_state", [False, True])
 def test_cleared_optimizer_state_is_what_keeps_pruned_weights_dead(clear_state):
     """Re-applying masks alone leaves AdamW moments that move pruned weights off zero again."""
-    model = tiny_vit()
+    model = small_vit()
     weight = model.blocks[0].mlp.fc1.weight
     mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.5
     bound = MaskedWeights(model, {"blocks.0.mlp.fc1.weight": mask})
@@ -215,13 +215,13 @@ def test_mask_keeper_state_round_trip_and_bad_names():
     other.load_state_dict(keeper.state_dict())
     assert torch.equal(other.state_dict()["weight_masks"]["blocks.0.mlp.fc1.weight"], mask)
     with pytest.raises(ValueError, match="names no parameter"):
-        MaskedWeights(tiny_vit(), {"blocks.9.mlp.fc1.weight": mask})
+        MaskedWeights(small_vit(), {"blocks.9.mlp.fc1.weight": mask})
     with pytest.raises(ValueError, match="shape"):
-        MaskedWeights(tiny_vit(), {"blocks.0.mlp.fc1.weight": mask.T})
+        MaskedWeights(small_vit(), {"blocks.0.mlp.fc1.weight": mask.T})
 
 
 def test_nonzero_counter_counts_macs_and_params():
-    model = tiny_vit()
+    model = small_vit()
     adapter = get_adapter(model)
     names = [n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2]
     uses = weight_uses_per_image(model, names)

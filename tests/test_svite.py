@@ -23,7 +23,7 @@ from p3b_search.methods.svite import (
 )
 from p3b_search.training.loop import train_stage
 from p3b_search.training.rng import seed_everything
-from tests.method_drivers import NUM_CLASSES, drive, make, regrown_update_sizes, small_swin, tiny_vit
+from tests.method_support import NUM_CLASSES, drive, make, regrown_update_sizes, small_swin, small_vit
 
 
 @pytest.mark.parametrize("t, expected", [(0, 0.5), (25, 0.005 + 0.495 * (1 + math.cos(math.pi / 4)) / 2),
@@ -76,7 +76,7 @@ def test_magnitude_death_and_gradient_growth_by_hand():
 
 
 def test_initial_masks_follow_erk_and_meet_the_density():
-    model = tiny_vit()
+    model = small_vit()
     method = make(SViTE, density=0.3, update_interval=2)
     method.prepare(model)
     weights = masked_weights(model, "all")
@@ -97,7 +97,7 @@ def test_initial_masks_follow_erk_and_meet_the_density():
 
 
 def test_prune_and_grow_through_adamw_keeps_masks_zero_and_grows_by_gradient():
-    model = tiny_vit()
+    model = small_vit()
     method = make(SViTE, prune_ratio=0.6, update_interval=2, scope="blocks")
     method.prepare(model)
     params = dict(model.named_parameters())
@@ -145,7 +145,7 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
 
     def run(resume_from=None, keep=None):
         seed_everything(0)
-        model = tiny_vit(seed=0 if resume_from is None else 7)
+        model = small_vit(seed=0 if resume_from is None else 7)
         method = make(SViTE, **config)
         method.prepare(model)
         train, val = _loaders()
@@ -183,7 +183,7 @@ def test_swin_is_supported():
 
 
 def test_regrown_weights_move_no_faster_than_fresh_ones_under_adamw():
-    model = tiny_vit()
+    model = small_vit()
     method = make(SViTE, epochs=100, steps_per_epoch=4, update_interval=300)
     method.prepare(model)
     sizes = regrown_update_sizes(method, model, steps=310)  # regrowth after optimizer step 300

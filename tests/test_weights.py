@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from p3b_search.config import ModelConfig
-from p3b_search.models import build_model, create_timm_model
+from p3b_search.models import create_timm_model
+from p3b_search.training.build import build_model
 from p3b_search.weights import WeightsError, load_pretrained_weights, read_state_dict
 
 TINY = ModelConfig(

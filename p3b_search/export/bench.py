@@ -11,9 +11,7 @@ latency ratio stays near 1 without sparse kernels. ``runtime`` (``eager``, ``com
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +20,9 @@ from torch import nn
 
 from p3b_search.export.counts import ModelCounts, count_model, read_weight_masks
 from p3b_search.export.load import load_pruned, read_arch_spec
-from p3b_search.export.runtimes import Forward, check_runtime, prepare
+from p3b_search.export.runtimes import check_runtime, prepare
 from p3b_search.surgery import get_adapter
+from p3b_search.timing import Forward, forward_ms, time_models
 
 DEFAULT_BATCH_SIZES = (1, 64)
 
@@ -102,19 +101,6 @@ def dense_parent(folder: str | Path) -> nn.Module:
     return timm.create_model(spec.model_name, pretrained=False, **spec.model_kwargs).eval()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _forward_ms(model: Forward, x: torch.Tensor) -> float:
-    _synchronize(x.device)
-    start = time.perf_counter()
-    model(x)
-    _synchronize(x.device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def _fitting_batch(dense: nn.Module, input_size: tuple[int, ...], device: torch.device, batch_size: int,
                    repeats: int, budget_s: float) -> int:
     """``batch_size`` halved until the dense model runs it in memory and ``repeats`` passes of
@@ -123,7 +109,7 @@ def _fitting_batch(dense: nn.Module, input_size: tuple[int, ...], device: torch.
         try:
             x = torch.randn(batch_size, *input_size, device=device)
             dense(x)  # first pass: allocations, kernel selection
-            if 2 * repeats * _forward_ms(dense, x) / 1e3 <= budget_s:
+            if 2 * repeats * forward_ms(dense, x) / 1e3 <= budget_s:
                 return batch_size
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -141,20 +127,6 @@ def time_pair(pruned: Forward, dense: Forward, device: str | torch.device, batch
     x = torch.randn(batch_size, *(input_size or get_adapter(pruned).input_size()), device=device)
     times = time_models({"pruned": pruned, "dense": dense}, x, warmup, repeats)
     return Timing(str(device.type), batch_size, times["pruned"], times["dense"])
-
-
-@torch.inference_mode()
-def time_models(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
-    """Median ms of one forward pass of ``x`` through each model, timed round-robin (each
-    repeat runs every model once, so drift on a shared machine hits all alike)."""
-    for _ in range(warmup):
-        for model in models.values():
-            model(x)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            times[name].append(_forward_ms(model, x))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def default_devices() -> list[str]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from p3b_search.cost import model_cost, nonzero_macs
-from p3b_search.export.load import ExportError, first_line
-
-MASKS_FILE = "weight_masks.safetensors"
+from p3b_search.cost import kept_cost, model_cost
+from p3b_search.errors import first_line
+from p3b_search.export.load import ExportError
+from p3b_search.trial_folder import ModelFolder
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def read_weight_masks(folder: str | Path) -> dict[str, torch.Tensor]:
     """Unstructured zero patterns (parameter name -> bool, True = kept); empty when none were saved."""
     from safetensors.torch import load_file
 
-    path = Path(folder) / MASKS_FILE
+    path = ModelFolder(Path(folder)).masks
     if not path.is_file():
         return {}
     try:
@@ -53,8 +53,6 @@ def read_weight_masks(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def count_model(model: nn.Module, dense: nn.Module, weight_masks: dict[str, torch.Tensor]) -> ModelCounts:
     """Counts of ``model`` (shrunk or masked) next to its dense parent ``dense`` (same timm config)."""
-    cost, dense_cost = model_cost(model), model_cost(dense)
-    zeros = sum(int((~mask).sum()) for mask in weight_masks.values())
-    return ModelCounts(params=cost.params - zeros, macs=cost.macs,
-                       nonzero_macs=int(nonzero_macs(model, weight_masks)),
+    kept, dense_cost = kept_cost(model, weight_masks), model_cost(dense)
+    return ModelCounts(params=kept.params, macs=kept.macs, nonzero_macs=kept.nonzero_macs,
                        dense_params=dense_cost.params, dense_macs=dense_cost.macs)

@@ -14,26 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from p3b_search.errors import first_line
 from p3b_search.surgery import ArchSpec
-
-ARCH_FILE = "arch.json"
-WEIGHTS_FILE = "model.safetensors"
+from p3b_search.trial_folder import ARCH_FILE, WEIGHTS_FILE, ModelFolder
 
 
 class ExportError(ValueError):
     """An exported folder or a trial that cannot be exported or loaded (one-line message)."""
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def read_arch_spec(folder: str | Path) -> ArchSpec:
     """The :class:`ArchSpec` in ``folder/arch.json``; :class:`ExportError` naming the file if unreadable."""
     if not Path(folder).is_dir():
         raise ExportError(f"{folder}: no such folder (pass the folder written by `search.py export`)")
-    path = Path(folder) / ARCH_FILE
+    path = ModelFolder(Path(folder)).arch
     if not path.is_file():
         raise ExportError(f"{path}: no such file (an exported model folder holds {ARCH_FILE} and {WEIGHTS_FILE})")
     try:
@@ -53,7 +47,7 @@ def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / WEIGHTS_FILE
+    path = ModelFolder(Path(folder)).weights
     if not path.is_file():
         raise ExportError(f"{path}: no such file (an exported model folder holds {ARCH_FILE} and {WEIGHTS_FILE})")
     try:
@@ -85,15 +79,15 @@ def load_pruned(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     so ``timm.data.resolve_model_data_config(model)`` gives the transform the model was trained with.
     Raises :class:`ExportError` (one line, naming the file) for a missing, corrupt or mismatched file.
     """
-    folder = Path(folder)
-    spec = read_arch_spec(folder)
-    state = read_weights(folder)
+    files = ModelFolder(Path(folder))
+    spec = read_arch_spec(files.root)
+    state = read_weights(files.root)
     try:
         model = spec.build(None)
     except (ValueError, RuntimeError, KeyError, TypeError, NotImplementedError) as error:
-        raise ExportError(f"{folder / ARCH_FILE}: cannot build {spec.model_name!r} with timm "
+        raise ExportError(f"{files.arch}: cannot build {spec.model_name!r} with timm "
                           f"({first_line(error)})") from None
-    _check_weights_fit(model, state, folder / WEIGHTS_FILE, folder / ARCH_FILE)
+    _check_weights_fit(model, state, files.weights, files.arch)
     model.load_state_dict(state, strict=True)
     preprocessing: dict[str, Any] = dict(spec.extra.get("preprocessing") or {})
     if preprocessing:

@@ -26,16 +26,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line
+from p3b_search.errors import first_line
+from p3b_search.export.load import ExportError
 from p3b_search.search.layout import StudyLayout
 from p3b_search.search.pareto import knee_index
 from p3b_search.search.results import is_dense
+from p3b_search.trial_folder import FINISHED, TrialFolder
 
 #: Columns of the trials table read here.
 NUMBER, STATE, TOP1, MACS, PARAMS, LATENCY = "number", "state", "top1", "macs", "params", "latency_ms"
 COMPLETE_STATES = ("COMPLETE",)
 RULES = ("max-accuracy", "knee", "trial")
-MODEL_DIR, RESULT_FILE, FINISHED = "model", "result.json", "finished"
 _SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
@@ -180,7 +181,7 @@ def _number_ranges(numbers: list[int]) -> str:
 
 def trial_state(layout: StudyLayout, number: int) -> str | None:
     """The ``state`` in the trial's ``result.json`` (``"finished"`` once fine-tuned), None without one."""
-    path = layout.trial_dir(number) / RESULT_FILE
+    path = TrialFolder(layout.trial_dir(number)).result
     if not path.is_file():
         return None
     try:
@@ -191,16 +192,15 @@ def trial_state(layout: StudyLayout, number: int) -> str | None:
 
 def is_exportable(layout: StudyLayout, number: int) -> bool:
     """True when trial ``number`` finished fine-tuning and its model folder is complete."""
-    model = layout.trial_dir(number) / MODEL_DIR
-    return (trial_state(layout, number) == FINISHED and (model / ARCH_FILE).is_file()
-            and (model / WEIGHTS_FILE).is_file())
+    model = TrialFolder(layout.trial_dir(number)).model
+    return trial_state(layout, number) == FINISHED and model.arch.is_file() and model.weights.is_file()
 
 
 def check_exportable(layout: StudyLayout, row: pd.Series, trials: pd.DataFrame, resume_command: str) -> Path:
     """The model folder of the chosen trial; :class:`ExportError` when its weights are not
     fine-tuned or are gone, saying what finishes it and which trials are exportable instead."""
     number = int(row[NUMBER])
-    folder = layout.trial_dir(number) / MODEL_DIR
+    folder = TrialFolder(layout.trial_dir(number)).model.root
     if is_exportable(layout, number):
         return folder
     state, table_state = trial_state(layout, number), str(row[STATE]).upper()

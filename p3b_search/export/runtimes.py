@@ -13,17 +13,15 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from p3b_search.export.load import ExportError
+from p3b_search.timing import Forward
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
-Forward = Callable[[torch.Tensor], Any]
 
 
 def check_runtime(runtime: str, devices: list[str]) -> None:

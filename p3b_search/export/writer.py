@@ -33,15 +33,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from p3b_search.cost import model_cost
+from p3b_search.errors import first_line
 from p3b_search.export.bench import BenchReport, bench, dense_parent
 from p3b_search.export.card import CardFacts, model_card
 from p3b_search.export.front import FRONT_FILE, front_with_choice
-from p3b_search.export.counts import MASKS_FILE, count_model, read_weight_masks
-from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line, load_pruned, read_arch_spec
-from p3b_search.export.picks import NUMBER, RESULT_FILE, TOP1, Pick, check_exportable, read_trials, select_trial
+from p3b_search.export.counts import count_model, read_weight_masks
+from p3b_search.export.load import ExportError, load_pruned, read_arch_spec
+from p3b_search.export.picks import NUMBER, TOP1, Pick, check_exportable, read_trials, select_trial
 from p3b_search.search.layout import StudyLayout
 from p3b_search.surgery import ArchSpec, get_adapter
 from p3b_search.surgery.rounding import round_widths
+from p3b_search.trial_folder import ARCH_FILE, MASKS_FILE, MODEL_DIR, RESULT_FILE, WEIGHTS_FILE
 
 #: Column of the trials table holding the trial's MLflow run id.
 RUN_ID = "mlflow_run_id"
@@ -107,7 +109,7 @@ def _check_same_model(row: pd.Series, recorded: dict[str, float], counted: dict[
     """The model folder must be the one the trial's figures describe (never a different model)."""
     for key, value in counted.items():
         if key in recorded and int(round(recorded[key])) != value:
-            raise ExportError(f"{workdir / 'model'} holds {key}={value:,} but {workdir / RESULT_FILE} records "
+            raise ExportError(f"{workdir / MODEL_DIR} holds {key}={value:,} but {workdir / RESULT_FILE} records "
                               f"{int(round(recorded[key])):,}: the model folder is not the trial's result; "
                               "nothing was exported")
     table_top1 = row.get(TOP1)

@@ -1,9 +1,14 @@
 """What a mask decision left: allocation rows per sub-block and epoch metrics of a model.
 
-One row per sub-block per mask decision, with keys ``step`` (micro-batch of the decision),
-``epoch``, ``layer``, ``kind``, ``sub_block``, ``keep_ratio`` (kept / dense parameters of the
-sub-block, in [0, 1]), ``kept_params`` and ``kept_macs`` (per image). Methods without block
-benefits (DIMAP, SViTE, S²ViTE) leave ``benefit_*`` and ``importance`` out.
+The allocation-row schema, the one definition every table and figure reads: one row per
+sub-block per mask decision, with the fields of :data:`ALLOCATION_KEYS` in that order:
+``step`` (micro-batch of the decision), ``epoch``, ``layer``, ``kind``, ``sub_block`` (j),
+``benefit_cls``/``benefit_patch`` (window-mean block benefit, NaN when not measured),
+``importance`` (combined I_j, NaN when not used), ``keep_ratio_target`` (the keep ratio the
+decision aimed at, NaN for a global ranking), ``keep_ratio`` (kept / dense parameters of the
+sub-block, in [0, 1]), ``kept_params`` and ``kept_macs`` (per image). The fields of
+:data:`OPTIONAL_ALLOCATION_KEYS` are left out by methods without block benefits (DIMAP,
+SViTE, S²ViTE).
 """
 from __future__ import annotations
 
@@ -12,7 +17,28 @@ from typing import Any, Mapping
 from torch import nn
 
 from p3b_search.cost import dense_sub_block_params, model_cost
-from p3b_search.surgery import BlockMasks, ModelAdapter
+from p3b_search.surgery import BlockMasks, ModelAdapter, SubBlock
+
+ALLOCATION_KEYS: tuple[str, ...] = (
+    "step", "epoch", "layer", "kind", "sub_block", "benefit_cls", "benefit_patch", "importance",
+    "keep_ratio_target", "keep_ratio", "kept_params", "kept_macs",
+)
+OPTIONAL_ALLOCATION_KEYS: tuple[str, ...] = ("benefit_cls", "benefit_patch", "importance", "keep_ratio_target")
+#: Fields every row must carry (for the tables and the keep-ratio heatmap).
+REQUIRED_ALLOCATION_KEYS: tuple[str, ...] = ("step", "layer", "kind", "keep_ratio")
+
+
+def allocation_row(sb: SubBlock, dense_params: float, kept_params: int, kept_macs: int, *, step: int,
+                   epoch: int, **optional: float) -> dict[str, Any]:
+    """One row of sub-block ``sb`` (``dense_params``: W_j), its fields in :data:`ALLOCATION_KEYS`
+    order; ``optional``: values of :data:`OPTIONAL_ALLOCATION_KEYS` (absent ones are left out)."""
+    unknown = set(optional) - set(OPTIONAL_ALLOCATION_KEYS)
+    if unknown:
+        raise ValueError(f"allocation row fields {sorted(unknown)} are not in ALLOCATION_KEYS: add them there")
+    values = {"step": int(step), "epoch": int(epoch), "layer": sb.layer, "kind": sb.kind, "sub_block": sb.index,
+              **optional, "keep_ratio": kept_params / dense_params if dense_params else 0.0,
+              "kept_params": int(kept_params), "kept_macs": int(kept_macs)}
+    return {key: values[key] for key in ALLOCATION_KEYS if key in values}
 
 
 def allocation_rows(
@@ -24,15 +50,7 @@ def allocation_rows(
 ) -> list[dict[str, Any]]:
     """Rows for every sub-block from ``kept[j] = (kept_params, kept_macs)``."""
     dense = dense_sub_block_params(adapter)
-    rows = []
-    for sb in adapter.sub_blocks:
-        params, macs = kept[sb.index]
-        rows.append({
-            "step": int(step), "epoch": int(epoch), "layer": sb.layer, "kind": sb.kind,
-            "sub_block": sb.index, "keep_ratio": params / dense[sb.index] if dense[sb.index] else 0.0,
-            "kept_params": int(params), "kept_macs": int(macs),
-        })
-    return rows
+    return [allocation_row(sb, dense[sb.index], *kept[sb.index], step=step, epoch=epoch) for sb in adapter.sub_blocks]
 
 
 def structured_allocation_rows(model: nn.Module, adapter: ModelAdapter, masks: BlockMasks, *,

@@ -27,7 +27,7 @@ from torch import nn
 
 from p3b_search.methods.base import register_method
 from p3b_search.methods.p3b.budget import ramp_keep_ratios
-from p3b_search.methods.p3b.gated import (
+from p3b_search.methods.gated import (
     GatedPruning,
     GatedPruningConfig,
     IterativePruningConfig,
@@ -35,7 +35,7 @@ from p3b_search.methods.p3b.gated import (
     per_gate_ranks,
 )
 from p3b_search.methods.p3b.selection import soft_mask, walk_threshold
-from p3b_search.surgery import ModelAdapter, SubBlock
+from p3b_search.methods.unit_weights import unit_weight_norms
 from p3b_search.training.hooks import StepInfo
 
 
@@ -45,23 +45,6 @@ class UniformMagnitudeConfig(GatedPruningConfig):
     prune_at: Literal["start", "finalize"] = Field(
         "start", description="When the one-shot pruning happens: at prune_start_epoch, or at the finalize epoch.")
     norm: Literal["l1", "l2"] = Field("l2", description="Weight norm that ranks units within a gate.")
-
-
-def unit_weight_norms(adapter: ModelAdapter, sb: SubBlock, norm: str) -> dict[str, torch.Tensor]:
-    """Per unit of each P3B group, the L1 or L2 norm of the weights it owns: ``in`` a column
-    of qkv/fc1, ``head_dim`` 3H rows of qkv + H columns of proj, ``hidden`` a row of fc1 + a
-    column of fc2, ``out`` a row of proj/fc2."""
-    first, second = adapter.linears(sb)
-    power = 1 if norm == "l1" else 2
-    w1 = first.weight.detach().abs().pow(power).float()
-    w2 = second.weight.detach().abs().pow(power).float()
-    if sb.kind == "attn":
-        h, d = sb.num_heads, sb.head_dim
-        middle = w1.view(3, h, d, -1).sum(dim=(0, 1, 3)) + w2.view(-1, h, d).sum(dim=(0, 1))
-        sums = {"in": w1.sum(0), "head_dim": middle, "out": w2.sum(1)}
-    else:
-        sums = {"in": w1.sum(0), "hidden": w1.sum(1) + w2.sum(0), "out": w2.sum(1)}
-    return {group: total.pow(1.0 / power) for group, total in sums.items()}
 
 
 @register_method

@@ -54,6 +54,7 @@ from p3b_search.methods.base import (
 )
 from p3b_search.methods.sparsity import UnstructuredMethod
 from p3b_search.methods.target import check_kept, kept_target, solve_monotone
+from p3b_search.methods.unit_weights import unit_sums
 from p3b_search.surgery import (
     BlockMasks,
     GateSet,
@@ -206,24 +207,14 @@ class DIMAP(UnstructuredMethod):
 
 def unit_scores(adapter: ModelAdapter, sb: SubBlock) -> dict[str, torch.Tensor]:
     """Mean DIMAP score of the weights each unit of ``sb`` removes, per unit group."""
-    first, second = (dimap_scores(linear.weight) for linear in adapter.linears(sb))
+    sums = unit_sums(sb, *(dimap_scores(linear.weight) for linear in adapter.linears(sb)))
     C = sb.dim
     if sb.kind == "attn":
         H, d = sb.num_heads, sb.head_dim
-        qkv = first.view(3, H, d, C)
-        proj = second.view(C, H, d)
-        return {
-            "heads": (qkv.sum((0, 2, 3)) + proj.sum((0, 2))) / (3 * d * C + C * d),
-            "head_dim": (qkv.sum((0, 1, 3)) + proj.sum((0, 1))) / (3 * H * C + C * H),
-            "in": qkv.sum((0, 1, 2)) / (3 * H * d),
-            "out": proj.sum((1, 2)) / (H * d),
-        }
-    hidden = sb.hidden
-    return {
-        "hidden": (first.sum(1) + second.sum(0)) / (2 * C),
-        "in": first.sum(0) / hidden,
-        "out": second.sum(1) / hidden,
-    }
+        owned = {"heads": 3 * d * C + C * d, "head_dim": 3 * H * C + C * H, "in": 3 * H * d, "out": H * d}
+    else:
+        owned = {"hidden": 2 * C, "in": sb.hidden, "out": sb.hidden}
+    return {group: sums[group] / owned[group] for group in owned}
 
 
 def _weights_removed_by_one(kind: str, group: str, kept: dict[str, int]) -> int:

@@ -56,6 +56,7 @@ from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.sparsity import FreshAdamSteps, drop_and_grow, keep_largest, zero_optimizer_state
 from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
 from p3b_search.methods.target import check_kept, kept_target, solve_monotone
+from p3b_search.methods.unit_weights import unit_weight_norms
 from p3b_search.surgery import (
     BlockMasks,
     GateSet,
@@ -127,16 +128,6 @@ def solve_densities(model: nn.Module, config: S2ViTEConfig) -> dict[str, float]:
     check_kept("s2vite", kept(solved), dense, config.prune_ratio,
                fix=f"with {DENSITY_KNOB[fixed]}={fixed_density:g} no {DENSITY_KNOB[free]} reaches it: {hint}")
     return densities(solved)
-
-
-@torch.no_grad()
-def unit_weight_l1(adapter: ModelAdapter, sb: SubBlock) -> torch.Tensor:
-    """L1 norm of each head's (q, k, v rows + proj columns) or neuron's (fc1 row + fc2 column) weights."""
-    first, second = (linear.weight.detach().float().abs() for linear in adapter.linears(sb))
-    if sb.kind == "attn":
-        H, d = sb.num_heads, sb.head_dim
-        return first.view(3, H, d, sb.dim).sum((0, 2, 3)) + second.view(sb.dim, H, d).sum((0, 2))
-    return first.sum(1) + second.sum(0)
 
 
 def unit_parameters(adapter: ModelAdapter, sb: SubBlock,
@@ -273,7 +264,7 @@ class S2ViTE(PruningMethod):
             size = sb.groups[group]
             keep = kept_units(size, self.densities[sb.kind])
             if self.config.init == "magnitude":
-                scores = unit_weight_l1(adapter, sb).cpu()
+                scores = unit_weight_norms(adapter, sb, "l1")[group].cpu()
             else:
                 scores = torch.rand(size, generator=generator)
             self.masks[sb.index] = {group: keep_largest(scores, keep)}
@@ -320,7 +311,7 @@ class S2ViTE(PruningMethod):
                 return torch.zeros(sb.num_heads), torch.zeros(sb.num_heads)
             prune = self._stats.head_taylor[sb.index] / self._stats.images[sb.index]  # mean over images
             return average_across_ranks(prune), average_across_ranks(self._stats.heads[sb.index])
-        prune = unit_weight_l1(self.adapter, sb)
+        prune = unit_weight_norms(self.adapter, sb, "l1")[UNIT_GROUP[sb.kind]]
         if sb.index not in self._stats.fc1:
             return prune, torch.zeros_like(prune)
         fc1, fc2 = (average_across_ranks(stats[sb.index]) for stats in (self._stats.fc1, self._stats.fc2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Callable
 
+from p3b_search.cost import masked_params
 from p3b_search.methods.base import PrunedModel
 
 #: largest allowed distance between the kept fraction and 1 - prune_ratio (fraction of all parameters)
@@ -26,8 +27,7 @@ def kept_target(dense_params: int, prune_ratio: float) -> float:
 def kept_params(pruned: PrunedModel) -> int:
     """Parameters a prune stage's result keeps: every parameter of its model less the zeros
     that its ``weight_masks`` pin (an unstructured result counts its unmasked weights)."""
-    total = sum(p.numel() for p in pruned.model.parameters())
-    return total - sum(int((~mask).sum()) for mask in pruned.weight_masks.values())
+    return masked_params(pruned.model, pruned.weight_masks)
 
 
 def solve_monotone(kept: Callable[[float], int], target: float, lo: float, hi: float,

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
-from p3b_search.config import DataConfig, ModelConfig, TrainingConfig, TrialConfig
+from p3b_search.config import DataConfig, ModelConfig, TrainingConfig, TrialConfig, _Strict
 from p3b_search.methods import available_methods, get_method
 from p3b_search.search.layout import StudyLayout
 
@@ -55,10 +55,6 @@ class StudyError(ValueError):
     def __init__(self, message: str, field: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.field, self.reason = field, reason
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class FloatRange(_Strict):

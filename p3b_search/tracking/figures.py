@@ -16,15 +16,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from p3b_search.methods.allocation import ALLOCATION_KEYS, REQUIRED_ALLOCATION_KEYS
 from p3b_search.tracking.front_figures import pareto_plotly, pareto_png  # noqa: F401  (re-exported)
 
-#: Allocation row fields in table order (see ``p3b_search.methods``); benefits and targets are
-#: optional (baselines without block benefits leave them out).
-ALLOCATION_COLUMNS = (
-    "step", "epoch", "layer", "kind", "sub_block", "benefit_cls", "benefit_patch", "importance",
-    "keep_ratio_target", "keep_ratio", "kept_params", "kept_macs",
-)
-REQUIRED_ALLOCATION_FIELDS = ("step", "layer", "kind", "keep_ratio")
 _KIND_ORDER = {"attn": 0, "mlp": 1}
 
 
@@ -35,22 +29,22 @@ def sub_block_name(layer: int, kind: str) -> str:
 
 def check_allocation_row(row: Mapping[str, Any]) -> None:
     """One-line ``ValueError`` when ``row`` lacks a required field."""
-    missing = [field for field in REQUIRED_ALLOCATION_FIELDS if row.get(field) is None]
+    missing = [field for field in REQUIRED_ALLOCATION_KEYS if row.get(field) is None]
     if missing:
         raise ValueError(
-            f"allocation row lacks {', '.join(missing)}: every row needs {', '.join(REQUIRED_ALLOCATION_FIELDS)} "
+            f"allocation row lacks {', '.join(missing)}: every row needs {', '.join(REQUIRED_ALLOCATION_KEYS)} "
             f"(got keys {sorted(row)})"
         )
 
 
 def allocation_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Allocation rows as a table: a ``name`` column (``L03.attn``), then the known fields in
-    :data:`ALLOCATION_COLUMNS` order (absent optional ones left out), then any extra fields."""
+    :data:`ALLOCATION_KEYS` order (absent optional ones left out), then any extra fields."""
     table = pd.DataFrame(list(rows))
     if table.empty:
         return table
     table.insert(0, "name", [sub_block_name(layer, kind) for layer, kind in zip(table["layer"], table["kind"])])
-    known = [c for c in ALLOCATION_COLUMNS if c in table.columns]
+    known = [c for c in ALLOCATION_KEYS if c in table.columns]
     extra = [c for c in table.columns if c not in known and c != "name"]
     return table[["name", *known, *extra]]
 

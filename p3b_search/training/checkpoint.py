@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from p3b_search.errors import first_line
 from p3b_search.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -38,7 +39,7 @@ def load_checkpoint(location: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
-            f"cannot read checkpoint {path} (corrupt, or holds objects other than tensors and plain Python): {first}"
+            f"cannot read checkpoint {path} (corrupt, or holds objects other than tensors and plain Python): "
+            f"{first_line(error)}"
         ) from None

@@ -12,13 +12,6 @@ from p3b_search.methods.p3b.budget import (
     ramp_keep_ratios,
     solve_keep_ratios,
 )
-from p3b_search.methods.p3b.gated import (
-    ALLOCATION_KEYS,
-    GatedPruning,
-    GatedPruningConfig,
-    IterativePruningConfig,
-    TaylorGatedPruning,
-)
 from p3b_search.methods.p3b.method import P3B, P3BConfig
 from p3b_search.methods.p3b.schedule import PruneSchedule
 from p3b_search.methods.p3b.selection import (
@@ -34,9 +27,8 @@ from p3b_search.methods.p3b.selection import (
 from p3b_search.methods.p3b.window import WindowedSum
 
 __all__ = [
-    "ALLOCATION_KEYS", "BenefitStep", "BlockBenefit", "BudgetAllocation", "GatedPruning", "GatedPruningConfig",
-    "IterativePruningConfig", "KeepRatioRamp", "P3B", "P3BConfig", "P3B_GROUPS", "PatchHead", "PruneSchedule",
-    "Selection", "TauSchedule", "TaylorGatedPruning", "TokenLayout", "UnitLayout", "WindowedSum",
+    "BenefitStep", "BlockBenefit", "BudgetAllocation", "KeepRatioRamp", "P3B", "P3BConfig", "P3B_GROUPS",
+    "PatchHead", "PruneSchedule", "Selection", "TauSchedule", "TokenLayout", "UnitLayout", "WindowedSum",
     "allocate_budget", "block_importance", "block_params_target", "normalised_ranks", "ramp_keep_ratios",
     "soft_mask", "solve_keep_ratios", "taylor_terms", "walk_threshold",
 ]

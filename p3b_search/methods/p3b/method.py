@@ -30,7 +30,7 @@ from torch import nn
 from p3b_search.methods.base import register_method
 from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.methods.p3b.budget import BudgetAllocation, allocate_budget, ramp_keep_ratios
-from p3b_search.methods.p3b.gated import IterativePruningConfig, TaylorGatedPruning, per_gate_ranks
+from p3b_search.methods.gated import IterativePruningConfig, TaylorGatedPruning, per_gate_ranks
 from p3b_search.methods.p3b.window import WindowedSum
 from p3b_search.training.hooks import StepInfo
 

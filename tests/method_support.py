@@ -1,32 +1,86 @@
-"""Tiny timm models and a minimal driver of a method's hooks, for the method tests."""
+"""Tiny real timm models, synthetic data and a minimal driver of a method's hooks, shared by
+the method tests (random init, nothing downloaded)."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from p3b_search.config import StageConfig, TrainingConfig
 from p3b_search.methods.base import PruningMethod
 from p3b_search.training.hooks import StepInfo, TrainingHooks
 from p3b_search.training.loop import build_optimizer
 
-NUM_CLASSES = 5
+NUM_CLASSES = 4
 
 
-def tiny_vit(seed: int = 0) -> nn.Module:
-    """A 2-layer ViT on 16x16 images (patch 4, width 32, 2 heads)."""
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine two threads
+    spin against each other (10x slower measured). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def tiny_vit(seed: int = 0, depth: int = 3, embed_dim: int = 64, num_heads: int = 4, **kwargs) -> nn.Module:
+    """A timm ViT on 16x16 images (4x4 patches, 16 tokens + class token), ``NUM_CLASSES`` outputs."""
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
-                             depth=2, num_heads=2, num_classes=NUM_CLASSES)
+    options = dict(img_size=16, patch_size=4, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                   num_classes=NUM_CLASSES, **kwargs)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **options)
+
+
+def small_vit(seed: int = 0) -> nn.Module:
+    """The smallest :func:`tiny_vit`: 2 layers, width 32, 2 heads."""
+    return tiny_vit(seed, depth=2, embed_dim=32, num_heads=2)
+
+
+def tiny_swin(seed: int = 0, img_size: int = 32, window_size: int = 4, embed_dim: int = 16,
+              depths: tuple[int, ...] = (1, 1), num_heads: tuple[int, ...] = (2, 4)) -> nn.Module:
+    """A timm Swin with two stages (default: 32x32 images, 8x8 then 4x4 maps), ``NUM_CLASSES`` outputs."""
+    torch.manual_seed(seed)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size,
+                             window_size=window_size, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
+                             num_classes=NUM_CLASSES)
 
 
 def small_swin(seed: int = 0) -> nn.Module:
-    """A 2-stage Swin on 56x56 images (width 32, 2+2 blocks, 2 and 4 heads, window 7)."""
-    torch.manual_seed(seed)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
-                             depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=NUM_CLASSES)
+    """A :func:`tiny_swin` on 56x56 images: width 32, 2+2 blocks, window 7."""
+    return tiny_swin(seed, img_size=56, window_size=7, embed_dim=32, depths=(2, 2))
 
+
+# -- data and the real training loop -----------------------------------------------------------
+
+def class_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable synthetic images: a class-specific pattern plus noise, (n, 3, 16, 16) and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(NUM_CLASSES, 3, 16, 16, generator=gen)
+    labels = torch.arange(n) % NUM_CLASSES
+    return patterns[labels] + 0.5 * torch.randn(n, 3, 16, 16, generator=gen), labels
+
+
+def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    return DataLoader(TensorDataset(*class_images(n, seed)), batch_size=batch_size, shuffle=False)
+
+
+def training(batch_size: int = 16) -> TrainingConfig:
+    return TrainingConfig(batch_size=batch_size, device="cpu", label_smoothing=0.0)
+
+
+def stage(epochs: int, lr: float = 5e-3) -> StageConfig:
+    return StageConfig(epochs=epochs, lr=lr, schedule="constant")
+
+
+# -- a minimal driver of the hooks -------------------------------------------------------------
 
 def batch(model: nn.Module, size: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images of the model's input size and random labels."""
     gen = torch.Generator().manual_seed(seed)
     h, w = model.patch_embed.img_size
     return torch.randn(size, 3, h, w, generator=gen), torch.randint(0, NUM_CLASSES, (size,), generator=gen)

@@ -1,17 +1,14 @@
-"""What P3B and its baselines share: gates on the P3B unit groups, the schedule, cost
-accounting, allocation rows, state, and the finalize step that shrinks the model.
+"""What the gated methods (P3B and its baselines) share: gates on the P3B unit groups, the
+schedule, cost accounting, allocation rows, state, and the finalize step that shrinks the model.
 
 A gated method keeps the model dense during the prune stage and expresses pruning as gate
 values (soft or 0/1) on the units of :data:`~p3b_search.methods.p3b.selection.P3B_GROUPS`.
 At the finalize step the gates are made hard; :meth:`GatedPruning.finalize` removes the gates
 and returns ``shrink_model`` of the hard masks (sub-blocks with nothing left are skipped).
 
-Allocation rows (one per sub-block per mask update) have exactly the keys of
-:data:`ALLOCATION_KEYS`: ``step``/``epoch`` of the update, ``layer``, ``kind``, ``sub_block``
-(j), ``benefit_cls``/``benefit_patch`` (window-mean Delta Psi, NaN when not measured),
-``importance`` (combined I_j, NaN when not used), ``keep_ratio_target`` (kappa_j(t) the
-update aimed at, NaN for a global ranking), ``keep_ratio`` (kept parameters of the hard masks
-/ W_j), ``kept_params`` and ``kept_macs`` (per image) of the sub-block under the hard masks.
+Allocation rows (one per sub-block per mask update) have every key of
+:data:`~p3b_search.methods.allocation.ALLOCATION_KEYS` (benefits, importance and the target
+keep ratio NaN when not used), the kept sizes being those of the hard masks.
 """
 from __future__ import annotations
 
@@ -22,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from p3b_search.cost import SubBlockCost, dense_sub_block_params, model_cost, sub_block_cost
+from p3b_search.methods.allocation import allocation_row
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
 from p3b_search.methods.p3b.budget import KeepRatioRamp, block_params_target
 from p3b_search.methods.p3b.schedule import PruneSchedule
@@ -38,10 +36,6 @@ from p3b_search.surgery import BlockMasks, GateSet, ModelAdapter, attach_gates, 
 from p3b_search.surgery.gates import masked_sizes
 from p3b_search.training.hooks import StepInfo
 
-ALLOCATION_KEYS: tuple[str, ...] = (
-    "step", "epoch", "layer", "kind", "sub_block", "benefit_cls", "benefit_patch", "importance",
-    "keep_ratio_target", "keep_ratio", "kept_params", "kept_macs",
-)
 NAN = float("nan")
 
 
@@ -201,14 +195,11 @@ class GatedPruning(PruningMethod):
 
         for sb, cost in zip(self.adapter.sub_blocks, costs):
             j = sb.index
-            self._allocation_rows.append({
-                "step": info.step, "epoch": info.epoch, "layer": sb.layer, "kind": sb.kind, "sub_block": j,
-                "benefit_cls": value(None if benefit is None else benefit[0], j),
-                "benefit_patch": value(None if benefit is None else benefit[1], j),
-                "importance": value(importance, j), "keep_ratio_target": value(keep_ratio_target, j),
-                "keep_ratio": cost.params / float(self.dense_params[j]),
-                "kept_params": int(cost.params), "kept_macs": int(cost.macs),
-            })
+            self._allocation_rows.append(allocation_row(
+                sb, float(self.dense_params[j]), cost.params, cost.macs, step=info.step, epoch=info.epoch,
+                benefit_cls=value(None if benefit is None else benefit[0], j),
+                benefit_patch=value(None if benefit is None else benefit[1], j),
+                importance=value(importance, j), keep_ratio_target=value(keep_ratio_target, j)))
 
     def _freeze(self) -> None:
         """Masks are final: stop gate gradients."""
