@@ -29,6 +29,7 @@ SamplerFactory = Callable[[StudyConfig, dict[str, Any]], optuna.samplers.BaseSam
 """Builds a sampler for a study from the keyword arguments the study gives it (``seed``, options)."""
 
 _SAMPLERS: dict[str, SamplerFactory] = {}
+_CLASS_HINT = "give module:Class of an optuna.samplers.BaseSampler subclass"
 
 
 def register_sampler(name: str) -> Callable[[SamplerFactory], SamplerFactory]:
@@ -105,12 +106,13 @@ def _user_sampler(source: str, name: str) -> Callable[..., optuna.samplers.BaseS
     try:
         found = getattr(importlib.import_module(module_name), class_name, None)
     except ImportError as error:
-        raise StudyError(f"{source}: sampler.name: cannot import {module_name!r} ({error}): give module:Class "
-                         "of an importable optuna.samplers.BaseSampler subclass", "sampler.name") from None
+        raise StudyError(f"{source}: sampler.name: cannot import {module_name!r} ({error}): "
+                         f"{_CLASS_HINT}") from None
+    if found is None:
+        raise StudyError(f"{source}: sampler.name: module {module_name!r} has no {class_name!r}: {_CLASS_HINT}")
     if not (isinstance(found, type) and issubclass(found, optuna.samplers.BaseSampler)):
-        what = "nothing" if found is None else f"{type(found).__name__} {found!r}"
-        raise StudyError(f"{source}: sampler.name: {name} is {what}, not a subclass of "
-                         "optuna.samplers.BaseSampler: name a sampler class", "sampler.name")
+        raise StudyError(f"{source}: sampler.name: {name} is not a subclass of optuna.samplers.BaseSampler: "
+                         f"{_CLASS_HINT}")
     return found
 
 
@@ -137,13 +139,12 @@ def create_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
     else:
         names = available_samplers()
         raise StudyError(f"{source}: sampler.name: unknown sampler {config.name!r}: "
-                         f"{did_you_mean(config.name, names)}choose one of {', '.join(names)}, "
-                         "or give module:Class of an optuna.samplers.BaseSampler subclass", "sampler.name")
+                         f"{did_you_mean(config.name, names)}choose one of {', '.join(names)}, or {_CLASS_HINT}")
     try:
         with warnings.catch_warnings():  # multivariate/group/GP are flagged experimental by Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return build()
     except (TypeError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise StudyError(f"{source}: sampler.options: sampler {config.name} refuses options {dict(config.options)} ({reason}): "
-                         "fix or remove the options", "sampler.options") from None
+        raise StudyError(f"{source}: sampler.options: sampler {config.name} refuses {dict(config.options)} "
+                         f"({reason}): fix or remove the options") from None
