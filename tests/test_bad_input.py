@@ -72,8 +72,9 @@ STUDY_CASES = [
                  "nsga2, random, tpe, or give module:Class of an optuna.samplers.BaseSampler subclass",
                  id="sampler-unknown-name"),
     pytest.param({"s.yaml": HEAD + "sampler: {name: 'collections:OrderedDict'}\n"}, ["run", "{tmp}/s.yaml"],
-                 "{tmp}/s.yaml: sampler.name: collections:OrderedDict is not a subclass of optuna.samplers.BaseSampler: "
-                 "give module:Class of an optuna.samplers.BaseSampler subclass", id="sampler-class-not-a-sampler"),
+                 "{tmp}/s.yaml: sampler.name: collections:OrderedDict is not a subclass of "
+                 "optuna.samplers.BaseSampler: give module:Class of an optuna.samplers.BaseSampler subclass",
+                 id="sampler-class-not-a-sampler"),
     pytest.param({"s.yaml": HEAD + "sampler: {name: 'no_such_module:Sampler'}\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: sampler.name: cannot import 'no_such_module' (No module named 'no_such_module'): "
                  "give module:Class of an optuna.samplers.BaseSampler subclass", id="sampler-module-missing"),
