@@ -501,7 +501,8 @@ def _start_tracker(study: StudyConfig, resume: bool) -> tuple[Any, dict[str, Any
 
 
 def _fail_orphans(session: StudySession) -> None:
-    """Optuna trials still RUNNING after Ray ended every trial and the study: asked, never run."""
+    """Optuna trials still RUNNING once the study has ended: asked, never run (the searcher re-runs
+    a trial lost before Ray recorded it, so normally there are none)."""
     for trial in session.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         session.annotations.setdefault(trial.number, {})["fail_reason"] = (
             "lost: the driver stopped before Ray recorded this trial")
