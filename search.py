@@ -207,7 +207,8 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    """The command line's parser, and its command names in the order of its help."""
     parser = argparse.ArgumentParser(prog="search.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("export", help="export a trial's pruned model (see: search.py export --help)", add_help=False)
     sub.add_parser("bench", help="benchmark an exported model against its dense parent "
                                  "(see: search.py bench --help)", add_help=False)
-    return parser
+    return parser, list(sub.choices)  # the subparsers action's public Action.choices: name -> parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(argv)
     from p3b_search.search.schema import StudyError, did_you_mean
 
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001  (argparse keeps them there)
+    parser, commands = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
-        parser.error(f"unknown command '{argv[0]}': {did_you_mean(argv[0], list(commands))}"
+        parser.error(f"unknown command '{argv[0]}': {did_you_mean(argv[0], commands)}"
                      f"choose one of {', '.join(commands)}")
     args = parser.parse_args(argv)
     try:

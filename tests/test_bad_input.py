@@ -67,6 +67,21 @@ STUDY_CASES = [
     pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--address", "head-node"],
                  "--address head-node: expected HOST:PORT (the head's GCS port, 6379 by default), ray://HOST:10001 "
                  "or auto", id="cli-address-malformed"),
+    pytest.param({"s.yaml": HEAD + "sampler: {name: tpee}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: sampler.name: unknown sampler 'tpee': did you mean tpe? choose one of gp, grid, "
+                 "nsga2, random, tpe, or give module:Class of an optuna.samplers.BaseSampler subclass",
+                 id="sampler-unknown-name"),
+    pytest.param({"s.yaml": HEAD + "sampler: {name: 'collections:OrderedDict'}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: sampler.name: collections:OrderedDict is not a subclass of "
+                 "optuna.samplers.BaseSampler: give module:Class of an optuna.samplers.BaseSampler subclass",
+                 id="sampler-class-not-a-sampler"),
+    pytest.param({"s.yaml": HEAD + "sampler: {name: 'no_such_module:Sampler'}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: sampler.name: cannot import 'no_such_module' (No module named 'no_such_module'): "
+                 "give module:Class of an optuna.samplers.BaseSampler subclass", id="sampler-module-missing"),
+    pytest.param({"s.yaml": HEAD + "sampler: {name: random, options: {n_startup: 3}}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: sampler.options: sampler random refuses {'n_startup': 3} (RandomSampler.__init__() "
+                 "got an unexpected keyword argument 'n_startup'): fix or remove the options",
+                 id="sampler-options-refused"),
     pytest.param({"s.yaml": HEAD + "sampler: {name: grid}\nsearch_space:\n"
                             "  training.seed: {type: categorical, choices: [0, 1, 2]}\n"},
                  ["run", "{tmp}/s.yaml", "--trials", "4"],

@@ -9,9 +9,10 @@ import pytest
 from optuna.trial import TrialState
 
 from p3b_search.search.results import DUPLICATE_ATTR, trials_frame
+from p3b_search.search.samplers import RayGridSampler, create_sampler
 from p3b_search.search.schema import StudyError, config_key, grid_configs, grid_values, load_study, trial_config
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
-from p3b_search.search.space import RayGridSampler, create_sampler, suggest_params
+from p3b_search.search.space import suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 
 COMPARISON = Path(__file__).parent.parent / "studies" / "method_comparison.yaml"

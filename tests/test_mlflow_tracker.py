@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.exceptions import MlflowException, RestException
 
 from p3b_search.search.pareto import hypervolume
 from p3b_search.tracking.background import BackgroundSender
@@ -269,7 +268,7 @@ class _FlakyStore:
         def call(client):
             if self.failures:
                 self.failures -= 1
-                raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+                raise RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database is locked"})
             self.log.append(name)
         return call
 
@@ -280,7 +279,7 @@ def test_sender_retries_transient_failures_in_order_and_drops_rejected_calls(tmp
     sender = BackgroundSender(f"sqlite:///{tmp_path}/unused.db", "unit", retry_s=0.01)
 
     def rejected(client):
-        raise MlflowException("bad param", error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException.invalid_parameter_value("bad param")
 
     sender.submit("a", flaky("a"))
     sender.submit("bad", rejected)

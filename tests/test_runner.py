@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -96,6 +97,77 @@ def test_reopening_a_study_with_other_objectives_is_refused(tmp_path):
     other = study.with_overrides(objectives=["top1", "params"])
     with pytest.raises(StudyError, match="objectives: the stored study 'tell' optimizes"):
         open_optuna_study(other)
+
+
+# ----------------------------------------------------------------------------- resume: state and lost trials
+
+RATIO = """name: lost
+search_space:
+  method_config.prune_ratio: {type: float, low: 0.2, high: 0.9}
+sampler: {name: random, seed: 0}
+n_trials: 4
+"""
+
+
+def _run_to_end(searcher: FrontSafeOptunaSearch, trial_id: str) -> dict:
+    config = searcher.suggest(trial_id)
+    searcher.on_trial_complete(trial_id, finished([90.0, 1e6], done=True))
+    return config
+
+
+def test_restored_searcher_keeps_in_flight_trials_under_their_numbers(tmp_path):
+    """``Tuner.restore``: the pickled searcher, then its saved state: the trials in flight are
+    told under their own numbers and are not mistaken for lost ones."""
+    study = load_study(write_study(tmp_path, RATIO))
+    first = FrontSafeOptunaSearch(study)
+    in_flight = {tid: first.suggest(tid) for tid in ("a", "b")}
+    first.save(str(tmp_path / "searcher.pkl"))
+    resumed = pickle.loads(pickle.dumps(first))  # as Ray keeps it in the experiment folder
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    new = resumed.suggest("c")
+    assert new[TRIAL_NUMBER] not in {c[TRIAL_NUMBER] for c in in_flight.values()}
+    resumed.on_trial_complete("a", finished([80.0, 2e6], done=True))
+    records = optuna.load_study(study_name="lost", storage=study.storage_url).trials
+    assert records[in_flight["a"][TRIAL_NUMBER]].values == [80.0, 2e6]
+    assert [t.state for t in records] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("ray_saved", [True, False], ids=["tuner-restored", "ray-saved-nothing"])
+def test_a_trial_ray_never_recorded_runs_again_with_its_parameters(tmp_path, ray_saved):
+    """Exactly once: Optuna asked (the trial is RUNNING in the storage) but the driver stopped
+    before Ray recorded the trial. On resume the next suggestion is that trial, same number and
+    parameters, and the study ends with ``n_trials`` trials, not one more."""
+    study = load_study(write_study(tmp_path, RATIO))
+    first = FrontSafeOptunaSearch(study)
+    _run_to_end(first, "a")
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save of its experiment state
+    lost = first.suggest("b")  # ... and the driver dies here: Ray never records trial "b"
+
+    resumed = FrontSafeOptunaSearch(study)  # a new driver, same storage
+    if ray_saved:
+        resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert _run_to_end(resumed, "c") == lost
+    for trial_id in ("d", "e"):  # n_trials - 2 more
+        _run_to_end(resumed, trial_id)
+    records = optuna.load_study(study_name="lost", storage=study.storage_url).trials
+    assert [t.number for t in records] == [0, 1, 2, 3] and all(t.state == TrialState.COMPLETE for t in records)
+    rerun = records[lost[TRIAL_NUMBER]]
+    assert rerun.user_attrs["ray_trial_id"] == "c"
+    assert rerun.params["method_config.prune_ratio"] == lost["method_config.prune_ratio"]
+
+
+def test_a_trial_lost_while_sampled_is_failed_not_run(tmp_path):
+    """A trial asked but not fully sampled (the driver stopped in between) cannot run as it was:
+    it is told FAIL with its reason, and a new sample runs."""
+    study = load_study(write_study(tmp_path, SEARCHED))
+    optuna_study = open_optuna_study(study)
+    half = optuna_study.ask()
+    half.suggest_float("method_config.prune_ratio", 0.3, 0.8)  # the other knobs never sampled
+    config = FrontSafeOptunaSearch(study).suggest("a")
+    assert config[TRIAL_NUMBER] != half.number
+    record = optuna_study.trials[half.number]
+    assert record.state == TrialState.FAIL
+    assert record.user_attrs["fail_reason"] == "lost: the driver stopped while this trial was sampled"
 
 
 def test_dominated_trial_stopper():
@@ -299,6 +371,25 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
             assert epochs.count(0) == 1, epochs
         ratio = "param.method_config.prune_ratio"
         assert after.loc[after["number"] == number, ratio].item() == before.loc[before["number"] == number, ratio].item()
+
+
+@pytest.mark.slow
+def test_resume_runs_a_trial_asked_before_ray_saved_anything(tmp_path):
+    """The driver died after asking Optuna and before Ray saved any state: ``resume`` starts a
+    new Tuner whose first trial is the asked one (same number, same parameters), and the
+    study still ends with ``n_trials`` trials."""
+    from p3b_search.search.runner import run_study
+
+    study = load_study(write_study(tmp_path, RESUMABLE.replace("n_trials: 4", "n_trials: 2")
+                                   .replace("concurrency: 2", "concurrency: 1")))
+    lost = FrontSafeOptunaSearch(study).suggest("never-recorded")
+    outcome = run_study(study, resume=True, objective=OBJECTIVE, num_cpus=2, printer=lambda line: None)
+    assert not outcome.interrupted
+    records = optuna.load_study(study_name="resumable", storage=study.storage_url).trials
+    assert [t.number for t in records] == [0, 1] and all(t.state == TrialState.COMPLETE for t in records)
+    rerun = records[lost[TRIAL_NUMBER]]
+    assert rerun.params["method_config.prune_ratio"] == lost["method_config.prune_ratio"]
+    assert rerun.user_attrs["ray_trial_id"] != "never-recorded"
 
 
 def test_trial_reporter_forwards_epochs_and_writes_allocation_parts_once(tmp_path):

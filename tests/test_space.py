@@ -8,8 +8,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from p3b_search.methods import get_method
+from p3b_search.search.samplers import available_samplers, create_sampler
 from p3b_search.search.schema import load_study, trial_config
-from p3b_search.search.space import create_sampler, distributions, reference_params, suggest_params
+from p3b_search.search.space import distributions, reference_params, suggest_params
 
 SHOOTOUT = Path(__file__).parent.parent / "studies" / "method_shootout.yaml"
 
@@ -84,6 +85,16 @@ def test_reference_of_a_method_choice_is_method_name():
 def test_sampler_by_name(tmp_path, name, cls):
     study = study_from(tmp_path, f"name: s\nsampler: {{name: {name}, seed: 3}}\n")
     assert isinstance(create_sampler(study), cls)
+
+
+def test_sampler_options_replace_the_defaults_and_a_users_class_is_built_seeded(tmp_path):
+    tpe = create_sampler(study_from(tmp_path, "name: s\nsampler: {name: tpe, options: {n_startup_trials: 2}}\n"))
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+    study = study_from(tmp_path, "name: s\nsampler: {name: 'optuna.samplers:QMCSampler', seed: 3, "
+                                 "options: {qmc_type: halton}}\n")
+    sampler = create_sampler(study)
+    assert type(sampler) is optuna.samplers.QMCSampler
+    assert available_samplers() == ["gp", "grid", "nsga2", "random", "tpe"]
 
 
 def test_seeded_sampler_repeats_its_samples(tmp_path):

@@ -5,7 +5,8 @@ Modules (import what you need; only :mod:`.runner`, :mod:`.searcher`, :mod:`.tra
 :mod:`.early_stopping` import Ray):
 
 * :mod:`.schema` -- the study file (``load_study``, ``trial_config``, ``StudyError``), the grid
-* :mod:`.space` -- Optuna distributions, define-by-run sampling, the reference trial, samplers
+* :mod:`.space` -- Optuna distributions, define-by-run sampling, the reference trial
+* :mod:`.samplers` -- the Optuna samplers by name (a registry) and a user's ``module:Class``
 * :mod:`.compare` -- the method comparison table (``search.py compare``)
 * :mod:`.pareto` -- ``pareto_mask``, ``hypervolume``, ``knee_index``
 * :mod:`.results` -- ``trials.parquet`` and ``allocations.parquet``

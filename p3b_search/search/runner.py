@@ -16,7 +16,8 @@ Driver-side flow of :func:`run_study`::
 Resume: ``Tuner.restore`` brings back Ray's trials and the searcher's Ray -> Optuna mapping,
 so in-flight trials continue from their last checkpoint under their own Optuna numbers (no
 trial lost, none duplicated). An Optuna trial that Ray never recorded (the driver died between
-asking Optuna and saving its state) is marked FAIL once the study has ended.
+asking Optuna and saving its state) is run again by the searcher with the same number and
+parameters; one still RUNNING once the study has ended is marked FAIL.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from p3b_search.search.results import (
     trials_frame,
     write_trials,
 )
+from p3b_search.search.samplers import create_sampler
 from p3b_search.search.schema import MAXIMIZED, StudyConfig, StudyError, load_study, trial_budget
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.trainable import (
@@ -147,6 +149,7 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
     import timm
 
     source = study.source
+    create_sampler(study)  # an unknown sampler, or options it refuses: StudyError naming sampler.*
     if not timm.is_model(study.model.name):
         raise StudyError(f"{source}: model.name: {study.model.name!r} is not a timm model: pick one from "
                          "timm.list_models()")
@@ -498,7 +501,8 @@ def _start_tracker(study: StudyConfig, resume: bool) -> tuple[Any, dict[str, Any
 
 
 def _fail_orphans(session: StudySession) -> None:
-    """Optuna trials still RUNNING after Ray ended every trial: asked, never run."""
+    """Optuna trials still RUNNING once the study has ended: asked, never run (the searcher re-runs
+    a trial lost before Ray recorded it, so normally there are none)."""
     for trial in session.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         session.annotations.setdefault(trial.number, {})["fail_reason"] = (
             "lost: the driver stopped before Ray recorded this trial")
@@ -508,10 +512,6 @@ def _fail_orphans(session: StudySession) -> None:
 def _trials_ended(optuna_study: optuna.Study) -> int:
     ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return sum(1 for t in optuna_study.get_trials(deepcopy=False, states=ended) if "ray_trial_id" in t.user_attrs)
-
-
-def _ray_trials_started(optuna_study: optuna.Study) -> int:
-    return sum(1 for t in optuna_study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs)
 
 
 def _trainable(study: StudyConfig, tracking: dict[str, Any] | None, objective: str) -> Any:
@@ -531,11 +531,10 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
     if resume and tune.Tuner.can_restore(str(layout.ray_experiment)):
         return tune.Tuner.restore(str(layout.ray_experiment), trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
-    if resume:  # the driver died before Ray saved its state: what Optuna asked is lost
-        _fail_orphans(session)
     stopper = DominatedTrialStopper(study.early_stopping, budget_of=partial(trial_budget, study))
     searcher = ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency)
-    remaining = max(0, study.n_trials - _ray_trials_started(session.optuna_study))
+    # trials asked but never ended (the driver died before Ray saved its state) run again: see the searcher
+    remaining = max(0, study.n_trials - _trials_ended(session.optuna_study))
     return tune.Tuner(
         trainable,
         # reuse_actors: a finished trial's worker process runs the next trial (no new process,

@@ -123,10 +123,13 @@ class DenseReference(_Strict):
 
 class SamplerConfig(_Strict):
     """Optuna sampler: ``tpe`` (default; multivariate, constant liar), ``nsga2``, ``gp``, ``random``,
-    or ``grid`` (each distinct configuration of the grid once, in an order shuffled by ``seed``)."""
+    ``grid`` (each distinct configuration of the grid once, in an order shuffled by ``seed``) or a
+    user's ``module:Class``; ``options``: keyword arguments of its constructor (see
+    :mod:`p3b_search.search.samplers`, which checks the name before compute)."""
 
-    name: Literal["tpe", "nsga2", "gp", "random", "grid"] = "tpe"
+    name: str = "tpe"
     seed: int | None = 0
+    options: dict[str, Any] = {}
 
 
 class Resources(_Strict):

@@ -1,14 +1,9 @@
-"""Optuna behind Ray Tune: the study in its storage, and an ``OptunaSearch`` that never puts a
-half-trained trial on the front.
+"""Optuna behind Ray Tune: the study in its storage, and a Ray Tune searcher that asks and tells
+Optuna itself and never puts a half-trained trial on the front.
 
-Why a subclass of Ray's ``OptunaSearch`` and not Optuna's ask/tell driven by hand: Ray Tune's
-searcher interface already gives ``suggest`` (ask) and ``on_trial_complete`` (tell) at the right
-moments, keeps the Ray-trial -> Optuna-trial mapping in its saved experiment state (so
-``Tuner.restore`` resumes in-flight trials under their own Optuna numbers: none lost, none
-duplicated), and works with ``ConcurrencyLimiter``. What it gets wrong with several objectives
-is the tell: it tells the *last reported* values as COMPLETE for every ended trial, also for
-a trial stopped early, and when a value is missing the tell raises and is only logged, leaving
-the Optuna trial RUNNING forever. :class:`FrontSafeOptunaSearch` replaces that one method:
+:class:`FrontSafeOptunaSearch` implements Ray Tune's public ``Searcher`` interface (``suggest``,
+``on_trial_complete``, ``save``/``restore``) with Optuna's public ask/tell, so it works behind
+``ConcurrencyLimiter`` and in ``Tuner.restore``. The tell, for several objectives:
 
 - COMPLETE only for the result the trainable sends after the objective returned
   (``trial_finished``) with every objective value finite;
@@ -21,42 +16,60 @@ is asked again, so no compute is spent on it. With ``sampler: grid`` a grid poin
 configuration an earlier trial already has (dense at another prune ratio, a knob its method
 lacks) is told FAIL with the user attr ``duplicate_of`` (that trial's number) the same way; the
 trials table leaves such points out.
+
+Resume, each sampled configuration exactly once: the searcher's saved state (which Ray keeps
+with its experiment state) is the Optuna trial *number* of each Ray trial in flight, and the
+sampler; ``Tuner.restore`` thus continues in-flight trials under their own numbers. An Optuna
+trial RUNNING in the storage that no Ray trial holds was asked by a driver that stopped before
+Ray recorded it: the next ``suggest`` hands that trial out again, same number, same parameters,
+instead of sampling a new one.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
+import pickle
 import warnings
 from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+from optuna.storages import BaseStorage
+from optuna.trial import FixedTrial, TrialState
+from ray.tune.search import Searcher
 
 from p3b_search.search.results import DUPLICATE_ATTR, FINAL_ATTR, FINAL_METRICS
+from p3b_search.search.samplers import create_sampler
 from p3b_search.search.schema import StudyConfig, StudyError, config_key, grid_point_count, trial_config
 from p3b_search.search.shared_store import open_shared_store
-from p3b_search.search.space import create_sampler, reference_params, suggest_params
+from p3b_search.search.space import reference_params, suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 
 logger = logging.getLogger(__name__)
 
 MAX_INVALID_SAMPLES = 100
 REFERENCE_ATTR = "reference"
+RAY_TRIAL_ATTR = "ray_trial_id"
 
 
-def open_optuna_study(study: StudyConfig, create: bool = True) -> optuna.Study:
-    """The study's Optuna record in its storage (created with directions, metric names and the
-    reference trial enqueued when it does not exist yet and ``create``)."""
+def optuna_storage(study: StudyConfig) -> BaseStorage:
+    """The study's Optuna storage (the study folder is created for the default SQLite file)."""
     if study.storage is None:
         study.layout.root.mkdir(parents=True, exist_ok=True)
-    storage = open_shared_store(lambda: optuna.storages.get_storage(study.storage_url), study.storage_url,
-                                "Optuna storage")
+    return open_shared_store(lambda: optuna.storages.get_storage(study.storage_url), study.storage_url,
+                             "Optuna storage")
+
+
+def open_optuna_study(study: StudyConfig, create: bool = True, sampler: optuna.samplers.BaseSampler | None = None,
+                      storage: BaseStorage | None = None) -> optuna.Study:
+    """The study's Optuna record in its storage (created with directions, metric names and the
+    reference trial enqueued when it does not exist yet and ``create``), asking ``sampler``
+    (default: a new one from the study's ``sampler`` section)."""
+    storage = storage or optuna_storage(study)
+    sampler = sampler or create_sampler(study)
     names = study.metric_names
     try:
-        existing = optuna.load_study(study_name=study.name, storage=storage, sampler=create_sampler(study))
+        existing = optuna.load_study(study_name=study.name, storage=storage, sampler=sampler)
     except KeyError:
         if not create:
             raise StudyError(f"no Optuna study named {study.name!r} in {study.storage_url}") from None
@@ -69,8 +82,7 @@ def open_optuna_study(study: StudyConfig, create: bool = True) -> optuna.Study:
                 f"{existing.metric_names} ({recorded}): keep its objectives or choose another name"
             )
         return existing
-    created = optuna.create_study(study_name=study.name, storage=storage, directions=study.directions,
-                                  sampler=create_sampler(study))
+    created = optuna.create_study(study_name=study.name, storage=storage, directions=study.directions, sampler=sampler)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         created.set_metric_names(names)
@@ -79,33 +91,86 @@ def open_optuna_study(study: StudyConfig, create: bool = True) -> optuna.Study:
     return created
 
 
-class FrontSafeOptunaSearch(OptunaSearch):
-    """Ray's ``OptunaSearch`` with a multi-objective-safe tell (see the module docstring)."""
+class FrontSafeOptunaSearch(Searcher):
+    """Ray Tune searcher over Optuna's ask/tell with a multi-objective-safe tell and exactly-once
+    resume (see the module docstring)."""
 
     def __init__(self, study: StudyConfig):
+        super().__init__(metric=[objective_key(m) for m in study.metric_names],
+                         mode=["max" if d == "maximize" else "min" for d in study.directions])
         self._study_config = study
-        super().__init__(
-            space=functools.partial(suggest_params, study=study),
-            metric=[objective_key(m) for m in study.metric_names],
-            mode=["max" if d == "maximize" else "min" for d in study.directions],
-            sampler=create_sampler(study),
-            study_name=study.name,
-            storage=optuna.storages.get_storage(study.storage_url),
-        )
+        self._sampler = create_sampler(study)
+        self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number, for trials in flight
+        self._storage: BaseStorage | None = None
+        self._optuna: optuna.Study | None = None
+
+    # ------------------------------------------------------------------ state (Ray saves it)
+
+    def get_state(self) -> dict[str, Any]:
+        """Numbers of the trials in flight by Ray trial id, and the sampler (its random state)."""
+        return {"numbers": dict(self._numbers), "sampler": self._sampler}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._numbers, self._sampler = dict(state["numbers"]), state["sampler"]
+        self._optuna = None  # opened again with the restored sampler
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.get_state(), file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.set_state(pickle.load(file))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray keeps the searcher in its experiment folder) without storage connections."""
+        return {**self.__dict__, "_storage": None, "_optuna": None}
+
+    @property
+    def optuna_study(self) -> optuna.Study:
+        """The Optuna study, asking this searcher's sampler (opened on first use)."""
+        if self._optuna is None:
+            self._storage = optuna_storage(self._study_config)
+            self._optuna = open_optuna_study(self._study_config, sampler=self._sampler, storage=self._storage)
+        return self._optuna
+
+    def _set_attr(self, number: int, key: str, value: Any) -> None:
+        """Set a user attr of trial ``number`` (through the storage: the trial may be asked by
+        another driver, so no ``optuna.Trial`` object of it exists here)."""
+        study = self.optuna_study
+        storage = self._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                                   number)
+        storage.set_trial_user_attr(trial_id, key, value)
+
+    def _fail(self, number: int, key: str, value: Any) -> None:
+        self._set_attr(number, key, value)
+        self.optuna_study.tell(number, state=TrialState.FAIL)
+
+    def _hand_out(self, trial_id: str, number: int, params: dict[str, Any]) -> dict[str, Any]:
+        self._set_attr(number, RAY_TRIAL_ATTR, trial_id)
+        self._numbers[trial_id] = number
+        return {**params, TRIAL_NUMBER: number}
+
+    # ------------------------------------------------------------------ ask
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """The configuration of Ray trial ``trial_id``: a trial lost by a stopped driver first,
+        else a new valid sample (with its Optuna number under ``trial_number``)."""
         grid = self._study_config.sampler.name == "grid"
+        lost = self._lost_trial(grid)
+        if lost is not None:
+            number, params = lost
+            logger.warning("trial %d: asked before the driver stopped and never run: running it now", number)
+            return self._hand_out(trial_id, number, params)
         # on the grid every point comes once before any repeats: it runs out only when exhausted
         for _ in range(grid_point_count(self._study_config) if grid else MAX_INVALID_SAMPLES):
-            params = super().suggest(trial_id)
-            ot_trial = self._ot_trials[trial_id]
-            rejection = self._rejection(ot_trial, params, grid)
+            trial = self.optuna_study.ask()
+            params = suggest_params(trial, self._study_config)
+            rejection = self._rejection(trial.number, params, grid)
             if rejection is None:
-                ot_trial.set_user_attr("ray_trial_id", trial_id)
-                return {**params, TRIAL_NUMBER: ot_trial.number}
-            ot_trial.set_user_attr(*rejection)
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            del self._ot_trials[trial_id]
+                return self._hand_out(trial_id, trial.number, params)
+            self._fail(trial.number, *rejection)
         source = self._study_config.source
         if grid:
             raise StudyError(f"{source}: n_trials: every configuration of the grid has run: lower n_trials")
@@ -114,27 +179,50 @@ class FrontSafeOptunaSearch(OptunaSearch):
             "trial configurations: narrow the ranges (see the trials' fail_reason)"
         )
 
-    def _rejection(self, ot_trial: optuna.Trial, params: dict[str, Any], grid: bool) -> tuple[str, Any] | None:
-        """Why ``params`` must not run, as the user attr to record (None: run it): on the grid,
-        the configuration of an earlier trial; always, an invalid trial configuration."""
+    def _lost_trial(self, grid: bool) -> tuple[int, dict[str, Any]] | None:
+        """The first Optuna trial RUNNING in the storage that no Ray trial holds, with its
+        parameters, when it can run; lost trials that cannot (sampled halfway, invalid) are
+        told FAIL on the way."""
+        held = set(self._numbers.values())
+        for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number in held:
+                continue
+            try:  # replay the sampling on the recorded values: every parameter there, in range
+                params = suggest_params(FixedTrial(trial.params, trial.number), self._study_config)
+            except ValueError:
+                self._fail(trial.number, "fail_reason", "lost: the driver stopped while this trial was sampled")
+                continue
+            rejection = self._rejection(trial.number, params, grid)
+            if rejection is None:
+                return trial.number, params
+            self._fail(trial.number, *rejection)
+        return None
+
+    def _rejection(self, number: int, params: dict[str, Any], grid: bool) -> tuple[str, Any] | None:
+        """Why ``params`` of trial ``number`` must not run, as the user attr to record (None:
+        run it): on the grid, the configuration of another trial; always, an invalid trial
+        configuration."""
         if grid:
             key = config_key(params)
-            for earlier in ot_trial.study.get_trials(deepcopy=False):
-                if "ray_trial_id" in earlier.user_attrs and config_key(earlier.params) == key:
-                    logger.info("trial %d: skipped, the configuration of trial %d", ot_trial.number, earlier.number)
-                    return DUPLICATE_ATTR, earlier.number
+            for other in self.optuna_study.get_trials(deepcopy=False):
+                if other.number != number and RAY_TRIAL_ATTR in other.user_attrs and config_key(other.params) == key:
+                    logger.info("trial %d: skipped, the configuration of trial %d", number, other.number)
+                    return DUPLICATE_ATTR, other.number
         try:
             trial_config(self._study_config, params)
         except StudyError as error:
             reason = f"invalid sample: {error.field}: {error.reason}"
-            logger.warning("trial %d: %s", ot_trial.number, reason)
+            logger.warning("trial %d: %s", number, reason)
             return "fail_reason", reason
         return None
 
+    # ------------------------------------------------------------------ tell
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        """Tell Optuna how Ray trial ``trial_id`` ended (once; a repeated call does nothing)."""
+        number = self._numbers.get(trial_id)
+        if number is None:
             return
-        ot_trial = self._ot_trials[trial_id]
         result = result or {}
         finished = bool(result.get(FINISHED))
         values = [result.get(key) for key in self.metric]
@@ -155,9 +243,9 @@ class FrontSafeOptunaSearch(OptunaSearch):
             state = TrialState.PRUNED
         try:
             for key, value in attrs.items():
-                ot_trial.set_user_attr(key, value)
+                self._set_attr(number, key, value)
         except UpdateFinishedTrialError:  # told before the driver died; Ray re-reports after a restore
-            logger.warning("trial %d was already recorded; keeping its first record", ot_trial.number)
-        self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None, state=state,
-                            skip_if_finished=True)
-        self._completed_trials.add(trial_id)
+            logger.warning("trial %d was already recorded; keeping its first record", number)
+        self.optuna_study.tell(number, values if state == TrialState.COMPLETE else None, state=state,
+                               skip_if_finished=True)
+        del self._numbers[trial_id]  # after the tell: a tell that failed leaves the trial held, not lost

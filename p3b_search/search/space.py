@@ -1,4 +1,4 @@
-"""The search space as Optuna sees it: distributions, the define-by-run sampler, the reference trial.
+"""The search space as Optuna sees it: distributions, define-by-run sampling, the reference trial.
 
 Parameter names are the study's dotted paths (``method_config.prune_ratio``,
 ``training.prune.lr``, ``method``), so Optuna's records, Ray's trial configs, MLflow params
@@ -6,16 +6,14 @@ and the Parquet columns all use the same names. With ``method`` searched the spa
 conditional: a ``method_config.<knob>`` is sampled only when the sampled method has that knob
 (and does not fix it, as dense its prune ratio).
 
-``sampler: grid`` is Optuna's ``GridSampler`` over the product of every dimension's grid
-values (:func:`~p3b_search.search.schema.grid_values`). A grid point whose method lacks a
-knob samples the same configuration as another point; the searcher skips such repeats unrun
-(see :mod:`p3b_search.search.searcher`).
+``sampler: grid`` (:mod:`p3b_search.search.samplers`) is Optuna's ``GridSampler`` over the
+product of every dimension's grid values (:func:`~p3b_search.search.schema.grid_values`). A
+grid point whose method lacks a knob samples the same configuration as another point; the
+searcher skips such repeats unrun (see :mod:`p3b_search.search.searcher`).
 """
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -26,10 +24,8 @@ from p3b_search.search.schema import (
     Choice,
     FloatRange,
     IntRange,
-    SamplerConfig,
     StudyConfig,
     active_keys,
-    grid_values,
 )
 
 METHOD = "method"
@@ -108,45 +104,3 @@ def reference_params(study: StudyConfig) -> dict[str, Any]:
         if _contains(study.search_space[key], value):
             params[key] = value
     return params
-
-
-class RayGridSampler(optuna.samplers.GridSampler):
-    """Optuna's ``GridSampler`` that leaves ending the study to Ray Tune.
-
-    Optuna's calls ``study.stop()`` when the last grid point is told, which raises outside
-    ``study.optimize``; here Ray Tune's searcher asks and tells, and the study ends after
-    ``n_trials`` trials (at most the grid's size, see the schema).
-    """
-
-    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
-        """Nothing to do: no ``study.stop()``."""
-
-
-def create_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named in the study, seeded.
-
-    TPE and GP start model-based sampling after ``min(10, n_trials // 4)`` (at least 1) trials,
-    so small studies also benefit; TPE is multivariate with constant liar (parallel trials) and
-    groups the conditional space when ``method`` is searched. The grid sampler hands out each
-    grid point once, also to trials asked while others run: Optuna gives trial number ``k`` the
-    ``k``-th point of its shuffled grid, and any later trial a point no running or ended trial has.
-    """
-    config: SamplerConfig = study.sampler
-    if config.name == "grid":
-        return RayGridSampler({key: grid_values(dim) for key, dim in study.search_space.items()}, seed=config.seed)
-    startup = max(1, min(10, study.n_trials // 4))
-    with warnings.catch_warnings():  # multivariate/group/GP are flagged experimental by Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _sampler(config, startup, grouped=METHOD in study.search_space)
-
-
-def _sampler(config: SamplerConfig, startup: int, grouped: bool) -> optuna.samplers.BaseSampler:
-    if config.name == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, constant_liar=True,
-                                          group=grouped, n_startup_trials=startup)
-    if config.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=config.seed)
-    if config.name == "gp":
-        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=startup)
-    return optuna.samplers.RandomSampler(seed=config.seed)

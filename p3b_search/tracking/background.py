@@ -15,23 +15,15 @@ from collections.abc import Callable
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import (
-    ABORTED,
-    DEADLINE_EXCEEDED,
-    INTERNAL_ERROR,
-    REQUEST_LIMIT_EXCEEDED,
-    TEMPORARILY_UNAVAILABLE,
-    ErrorCode,
-)
 
 logger = logging.getLogger(__name__)
 
 MlflowCall = Callable[[MlflowClient], None]
 
-_TRANSIENT_CODES = {
-    ErrorCode.Name(code)
-    for code in (INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED, DEADLINE_EXCEEDED, ABORTED)
-}
+# MlflowException.error_code names (strings) of failures that may pass: server error, busy, timeout
+_TRANSIENT_CODES = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+)
 
 
 def is_transient(error: BaseException) -> bool:
