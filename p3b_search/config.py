@@ -1,7 +1,7 @@
 """Validated configuration of what one trial trains: the model, the data, the two stages.
 
 These sections are shared by the objective (``objectives/``) and the study schema
-(``p3b_search.search.schema``), which composes them with the method and the search space.
+(``p3b_search.study.sections``), which composes them with the method and the search space.
 Every model forbids unknown keys, so a typo fails before any compute is spent.
 """
 from __future__ import annotations

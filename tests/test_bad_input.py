@@ -13,7 +13,7 @@ import pytest
 
 import search
 from p3b_search.methods import available_methods
-from p3b_search.search.schema import StudyConfig
+from p3b_search.study.sections import StudyConfig
 from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
 ROOT = Path(__file__).parent.parent

@@ -31,12 +31,12 @@ from p3b_search.export.bench import bench
 from p3b_search.export.card import UNSTRUCTURED_NOTE
 from p3b_search.export.cli import main
 from p3b_search.export.load import ExportError, load_pruned
-from p3b_search.export.runtimes import check_runtime
 from p3b_search.export.picks import Pick, parse_amount, select_trial
+from p3b_search.export.runtimes import check_runtime
 from p3b_search.export.writer import export_trial
 from p3b_search.methods import PrunedModel
 from p3b_search.models import DIGITS_VIT, create_timm_model
-from p3b_search.search.layout import StudyLayout
+from p3b_search.study.layout import StudyLayout
 from p3b_search.surgery import get_adapter, random_masks, shrink_model
 from p3b_search.training.loop import evaluate
 

@@ -8,8 +8,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from p3b_search.methods import get_method
-from p3b_search.search.schema import load_study, trial_config
 from p3b_search.search.space import create_sampler, distributions, reference_params, suggest_params
+from p3b_search.study.loading import load_study
+from p3b_search.study.trials import trial_config
 
 SHOOTOUT = Path(__file__).parent.parent / "studies" / "method_shootout.yaml"
 

@@ -24,7 +24,8 @@ from p3b_search.export.runtimes import RUNTIMES
 def study_folder(name: str, output_dir: str) -> Path:
     """The study folder ``name`` refers to (see the module docstring), resolved as the other
     ``search.py`` commands resolve it."""
-    from p3b_search.search.schema import StudyError, load_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.messages import StudyError
 
     path = Path(name).expanduser()
     if path.is_dir():

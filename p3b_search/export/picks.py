@@ -4,7 +4,7 @@ Rules (``--pick``):
 
 * ``max-accuracy``: the highest top-1 (ties: fewer MACs, then the lower trial number).
 * ``knee``: the knee of the Pareto front over the study's objectives, as defined by
-  :func:`p3b_search.search.pareto.knee_index`: each objective is scaled to [0, 1] over the front
+  :func:`p3b_search.study.pareto.knee_index`: each objective is scaled to [0, 1] over the front
   (0 = the front's best value, 1 = its worst), and the knee is the front trial closest in
   Euclidean distance to the ideal point (0, ..., 0): the most balanced trade-off. ``dense``
   trials are the front's reference point, never its knee (as in the front figure).
@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line
-from p3b_search.search.layout import StudyLayout
-from p3b_search.search.pareto import knee_index
-from p3b_search.search.results import is_dense
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.pareto import knee_index
+from p3b_search.study.results import is_dense
 
 #: Columns of the trials table read here.
 NUMBER, STATE, TOP1, MACS, PARAMS, LATENCY = "number", "state", "top1", "macs", "params", "latency_ms"
@@ -99,23 +99,6 @@ _OPTIONS = {MACS: "--max-macs", PARAMS: "--max-params", LATENCY: "--max-latency"
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
-
-
-def read_trials(study_dir: str | Path) -> pd.DataFrame:
-    """The trials table of the study in ``study_dir``, one row per trial."""
-    import pyarrow.parquet as pq
-
-    path = StudyLayout(Path(study_dir)).trials_table
-    if not path.is_file():
-        raise ExportError(f"{path}: no trials table: is {study_dir} a study folder (runs/<study name>)?")
-    try:
-        table = pq.read_table(path).to_pandas()
-    except Exception as error:  # pyarrow raises several types for corrupt files
-        raise ExportError(f"{path}: cannot read the trials table ({first_line(error)})") from None
-    missing = [c for c in (NUMBER, STATE, TOP1) if c not in table.columns]
-    if missing:
-        raise ExportError(f"{path}: lacks column(s) {missing} (has {list(table.columns)})")
-    return table
 
 
 def _complete(trials: pd.DataFrame) -> pd.DataFrame:

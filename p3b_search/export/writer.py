@@ -35,18 +35,21 @@ from torch import nn
 from p3b_search.cost import model_cost
 from p3b_search.export.bench import BenchReport, bench, dense_parent
 from p3b_search.export.card import CardFacts, model_card
-from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.counts import MASKS_FILE, count_model, read_weight_masks
+from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.load import ARCH_FILE, WEIGHTS_FILE, ExportError, first_line, load_pruned, read_arch_spec
-from p3b_search.export.picks import NUMBER, RESULT_FILE, TOP1, Pick, check_exportable, read_trials, select_trial
-from p3b_search.search.layout import StudyLayout
+from p3b_search.export.picks import NUMBER, RESULT_FILE, TOP1, Pick, check_exportable, select_trial
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.loading import study_from_folder
+from p3b_search.study.messages import StudyError
+from p3b_search.study.results import read_trials
 from p3b_search.surgery import ArchSpec, get_adapter
 from p3b_search.surgery.rounding import round_widths
+from p3b_search.tracking.registry import RegistryError, register_model
 
 #: Column of the trials table holding the trial's MLflow run id.
 RUN_ID = "mlflow_run_id"
 PT2_FILE, ONNX_FILE, CARD_FILE = "model.pt2", "model.onnx", "README.md"
-BEST_ALIAS = "best"
 _MAX_BATCH = 4096
 #: Below this size the ONNX weights are stored inside model.onnx (protobuf's limit is 2 GiB).
 _ONNX_INLINE_BYTES = 1 << 30
@@ -68,9 +71,6 @@ class StudyInfo:
 
 def read_study(study_dir: str | Path) -> StudyInfo:
     """:class:`StudyInfo` of the study folder ``study_dir``, read as ``search.py resume`` reads it."""
-    from p3b_search.search.runner import study_from_folder
-    from p3b_search.search.schema import StudyError
-
     try:
         study = study_from_folder(study_dir)
     except StudyError as error:
@@ -163,40 +163,6 @@ def _export_onnx(model: nn.Module, folder: Path) -> str | None:
     return None
 
 
-def register_model(model: nn.Module, tracking_uri: str, run_id: str, model_name: str,
-                   card_files: list[Path]) -> int:
-    """Log ``model`` (pt2, with an input example) into run ``run_id``, register it as
-    ``model_name`` and point the alias ``best`` at the new version; returns the version."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri)
-    try:
-        status = client.get_run(run_id).info.status
-    except MlflowException as error:
-        raise ExportError(f"--register: MLflow run {run_id} not found in {tracking_uri} "
-                          f"({first_line(error)})") from None
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
-                                            input_example=_example(model).numpy(),
-                                            registered_model_name=model_name)
-            for path in card_files:
-                mlflow.log_artifact(str(path), "export")
-        client.set_terminated(run_id, status)  # reopening the run must not change how it ended
-        version = int(info.registered_model_version)
-        client.set_registered_model_alias(model_name, BEST_ALIAS, version)
-    except MlflowException as error:
-        raise ExportError(f"--register {model_name}: MLflow refused ({first_line(error)}); the exported "
-                          "folder is complete, only the registration failed") from None
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-    return version
-
-
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ExportError(f"--out {out_dir}: exists and is not empty: choose another folder or pass --overwrite")
@@ -226,7 +192,10 @@ class ChosenTrial:
 
 def choose_trial(study: StudyInfo, pick: Pick) -> ChosenTrial:
     """The trial ``pick`` names, loaded and verified (fine-tuned, same counts as recorded)."""
-    trials = read_trials(study.layout.root)
+    try:
+        trials = read_trials(study.layout, must_exist=True)
+    except StudyError as error:
+        raise ExportError(str(error)) from None
     row = select_trial(trials, pick, study.objectives)
     model_dir = check_exportable(study.layout, row, trials, study.resume_command)
     result = _read_result(model_dir.parent)
@@ -336,7 +305,10 @@ def export_trial(study_dir: str | Path, pick: Pick, out_dir: str | Path, registe
             shutil.rmtree(staging)
     version = None
     if register:
-        version = register_model(chosen.model, study.tracking_uri, chosen.run_id, register,
-                                 [out_dir / CARD_FILE, out_dir / ARCH_FILE])
+        try:
+            version = register_model(chosen.model, _example(chosen.model).numpy(), study.tracking_uri,
+                                     chosen.run_id, register, [out_dir / CARD_FILE, out_dir / ARCH_FILE])
+        except RegistryError as error:
+            raise ExportError(str(error)) from None
     return ExportResult(out_dir, chosen.number, sorted(files), dataclasses.replace(report, folder=str(out_dir)),
                         notes, version)

@@ -1,6 +1,6 @@
 """Tables and figures the MLflow runs carry: a trial's allocation table and keep-ratio heatmap,
 and the method comparison's keep ratio by depth (``search.py compare --out``). The study's
-Pareto front figures live in :mod:`p3b_search.tracking.front_figures` (re-exported here).
+Pareto front figures live in :mod:`p3b_search.study.front_figures`.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state), so they are safe
 in worker threads and headless processes.
@@ -16,7 +16,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from p3b_search.tracking.front_figures import pareto_plotly, pareto_png  # noqa: F401  (re-exported)
 
 #: Allocation row fields in table order (see ``p3b_search.methods``); benefits and targets are
 #: optional (baselines without block benefits leave them out).
