@@ -128,7 +128,7 @@ def close_session(session: "StudySession") -> None:
 
 
 class StudyProgress(Callback):
-    """Ray Tune callback of the driver: keeps the Parquet tables and the MLflow front current and
+    """Ray Tune callback of the driver: keeps the Parquet tables and the tracker's front current and
     prints a progress line when a trial ends (and every ``HEARTBEAT_S`` otherwise). Ray pickles
     it with the run config, so it holds only the study folder and the stopper; the live objects
     are in the driver's :class:`StudySession`."""
@@ -178,7 +178,7 @@ class StudyProgress(Callback):
             try:
                 session.tracker.end_trial(number, "stopped", reason)
             except Exception as error:  # noqa: BLE001  (a tracking store error must not end the study)
-                logger.warning("MLflow: could not mark trial %s stopped: %s", number, error)
+                logger.warning("tracker: could not mark trial %s stopped: %s", number, error)
         self._ended(session)
 
     def on_trial_error(self, iteration, trials, trial, **info):

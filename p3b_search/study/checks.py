@@ -77,21 +77,29 @@ def _check_study(study: StudyConfig) -> None:
         if url is not None and "://" not in url and not url.startswith("file:"):
             raise FieldError(field, f"must be a URL such as sqlite:///path/db.sqlite or "
                                       f"postgresql://host/db (got {url!r})")
+    fixed = _fixed_trial_error(study)
+    if fixed is not None and not study.search_space:
+        raise _at_fixed_field(fixed)
     for key, dim in study.search_space.items():
-        _check_bounds(study, key, dim)
-    if not study.search_space:
-        _check_fixed_trial(study)
+        _check_bounds(study, key, dim, fixed)
 
 
-def _check_fixed_trial(study: StudyConfig) -> None:
-    """Without a search space every trial is the fixed configuration: it must be valid."""
+def _fixed_trial_error(study: StudyConfig) -> StudyError | None:
+    """What is wrong with the fixed configuration alone (nothing sampled), if anything."""
     try:
         trial_config(study, {})
     except StudyError as error:
-        field = error.field or "method"
-        if field.startswith("method_config."):  # a fixed knob: where the file sets it
-            field = "method.config." + field.removeprefix("method_config.")
-        raise FieldError(field, error.reason or str(error)) from None
+        return error
+    return None
+
+
+def _at_fixed_field(error: StudyError) -> FieldError:
+    """``error`` of the fixed configuration, at the field the study file sets (a fixed knob
+    ``method_config.X`` is ``method.config.X`` there)."""
+    field = error.field or "method"
+    if field.startswith("method_config."):
+        field = "method.config." + field.removeprefix("method_config.")
+    return FieldError(field, error.reason or str(error))
 
 
 def _check_method_section(study: StudyConfig) -> None:
@@ -197,12 +205,14 @@ def _bound_values(dim: Any) -> list[tuple[str, Any]]:
     return [("low", dim.low), ("high", dim.high)]
 
 
-def _check_bounds(study: StudyConfig, key: str, dim: Any) -> None:
+def _check_bounds(study: StudyConfig, key: str, dim: Any, fixed: StudyError | None) -> None:
     """Every bound must give a valid trial configuration for some corner of the other dimensions.
 
     Field constraints (``prune_ratio < 1``) fail for every corner; a cross-field rule of a
     method (start epoch <= finalize epoch) fails only when no corner of the other searched
-    knobs (their low/high or choices) makes the bound valid.
+    knobs (their low/high or choices) makes the bound valid. A bound that fails exactly as the
+    fixed configuration does (``fixed``), at a field nobody searches, is the fixed
+    configuration's fault: the error names that field.
     """
     others = [(k, d) for k, d in study.search_space.items() if k != key]
     corners = itertools.product(*([v for _, v in _bound_values(d)] for _, d in others))
@@ -225,6 +235,9 @@ def _check_bounds(study: StudyConfig, key: str, dim: Any) -> None:
             except StudyError as error:
                 first_error = first_error or error
         if first_error is not None:
+            if (fixed is not None and first_error.field not in study.search_space
+                    and (first_error.field, first_error.reason) == (fixed.field, fixed.reason)):
+                raise _at_fixed_field(fixed)
             reason = first_error.reason
             if first_error.field != key:
                 reason = f"gives no valid trial: {first_error.field}: {reason}"

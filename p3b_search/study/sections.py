@@ -29,8 +29,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from p3b_search.config import DataConfig, ModelConfig, TrainingConfig
 from p3b_search.study.layout import StudyLayout
 
-#: The metrics a study may optimise (its ``objectives`` list names some of them).
-METRIC_NAMES = ("top1", "top5", "macs", "flops", "params", "latency_ms")
 MAXIMIZED = ("top1", "top5")
 
 

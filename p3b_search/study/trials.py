@@ -94,7 +94,8 @@ def cross_section_problem(trial: TrialConfig) -> tuple[str, str] | None:
             return (f"method_config.{knob}", f"must be <= training.prune.epochs ({epochs}) (got {got(value)}): "
                                              f"lower it or train the prune stage longer")
     start = trial.method_config.get("prune_start_epoch")
-    if start is not None and trial.method_config.get("prune_finalize_epoch", 0) is None and float(start) >= epochs:
+    at_stage_end = "prune_finalize_epoch" in trial.method_config and trial.method_config["prune_finalize_epoch"] is None
+    if start is not None and at_stage_end and float(start) >= epochs:
         return ("method_config.prune_start_epoch", f"must be < training.prune.epochs ({epochs}) (got {got(start)}): "
                                                    "pruning must start before the prune stage ends")
     return None
