@@ -63,8 +63,8 @@ BAD_STUDIES = [
     pytest.param("name: s\nsearch_space:\n  training.prune.epochs: {type: float, low: 2, high: 8}\n",
                  lambda: "search_space.training.prune.epochs.type: training.prune.epochs is an integer: use type: int",
                  id="float-range-on-int-field"),
-    pytest.param("name: s\nmethod: {name: p3b, config: {prune_finalize_epoch: 25}}\nsearch_space:\n"
-                 "  method_config.prune_start_epoch: {type: int, low: 5, high: 30}\n",
+    pytest.param("name: s\ntraining: {prune: {epochs: 30}}\nmethod: {name: p3b, config: {prune_finalize_epoch: 25}}\n"
+                 "search_space:\n  method_config.prune_start_epoch: {type: int, low: 5, high: 30}\n",
                  lambda: "search_space.method_config.prune_start_epoch.high: gives no valid trial: method_config: "
                          "prune_start_epoch=30 is not before prune_finalize_epoch=25: start pruning earlier or "
                          "finalize later", id="start-after-finalize"),
