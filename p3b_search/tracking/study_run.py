@@ -107,7 +107,7 @@ class StudyTracker:
             self.parent_run_id = max(existing, key=lambda run: run.info.start_time).info.run_id
             self.fail_stuck_runs("FAILED", "the study process ended while this trial ran (marked on resume)")
             self.client.update_run(self.parent_run_id, status="RUNNING")
-            self.client.settag(self.parent_run_id, "p3b.resumed_at_ms", now_ms())
+            self.client.set_tag(self.parent_run_id, "p3b.resumed_at_ms", now_ms())
         else:
             if resume:
                 logger.warning("MLflow: no parent run of study %r in experiment %r; starting a new one",
@@ -262,9 +262,9 @@ class StudyTracker:
         tagged = {run.info.run_id for run in search_all(
             self.client, self.experiment_id, f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.{PARETO_TAG} = 'true'")}
         for run_id in tagged - front_run_ids:
-            self.client.settag(run_id, PARETO_TAG, "false")
+            self.client.set_tag(run_id, PARETO_TAG, "false")
         for run_id in front_run_ids - tagged:
-            self.client.settag(run_id, PARETO_TAG, "true")
+            self.client.set_tag(run_id, PARETO_TAG, "true")
 
     def _publish_front(self, files: Mapping[str, Any], state: ParetoSummary) -> None:
         n = len(state.finished)
