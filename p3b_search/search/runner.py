@@ -208,7 +208,7 @@ def run_study(
                          f"with `python search.py resume {layout.root}`, or pick another --name")
     preflight(study, objective, address, num_cpus)
     quiet = _quiet_libraries(verbose)
-    started_ray, interrupted, session, tracker = False, True, None, None
+    started_ray, interrupted, session, started_tracker = False, True, None, None
     try:
         # Ray first: a cluster that refuses us is an error before the study leaves any trace
         started_ray = _init_ray(study, address, num_cpus, verbose)
@@ -216,8 +216,8 @@ def run_study(
         optuna_study = open_optuna_study(study)
         cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None
-        tracker = tracking
-        session = StudySession(study, optuna_study, cost, tracker, annotations_of(read_trials(layout)), printer)
+        started_tracker = tracking  # closed however the run ends
+        session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer)
         open_session(session)
         if address:
             for line in cluster_lines(study, address):
@@ -232,8 +232,8 @@ def run_study(
         frame = session.refresh()
         session.publish_front()
     finally:
-        if tracker is not None:
-            tracker.close("KILLED" if interrupted else "FINISHED")
+        if started_tracker is not None:
+            started_tracker.close("KILLED" if interrupted else "FINISHED")
         if session is not None:
             close_session(session)
         if started_ray:
