@@ -18,7 +18,6 @@ runs/<name>/). NAME is that folder, the study file, or a study name under --outp
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ EXPORT_COMMANDS = ("export", "bench")
 
 def study_folder(name: str, output_dir: str) -> Path:
     """The study folder NAME refers to: a folder, a study file, or a name under ``output_dir``."""
-    from p3b_search.search.schema import StudyError, load_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.messages import StudyError
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -42,7 +42,7 @@ def study_folder(name: str, output_dir: str) -> Path:
 
 
 def _print_front(outcome) -> None:
-    from p3b_search.search.tables import table_text
+    from p3b_search.study.tables import table_text
 
     study = outcome.study
     print(f"\nPareto front of {study.name} ({len(outcome.front)} of "
@@ -70,22 +70,22 @@ def _hints(folder: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from p3b_search.search.runner import run_study
-    from p3b_search.search.schema import load_study
+    from p3b_search.launch import run_study
+    from p3b_search.study.loading import load_study, with_overrides
 
     _import_objective(args.objective)  # a custom objective may register its own methods
     study = load_study(args.study)
     changes = {k: v for k, v in (("n_trials", args.trials), ("name", args.name), ("output_dir", args.output_dir))
                if v is not None}
     if changes:
-        study = study.with_overrides(**changes)
+        study = with_overrides(study, **changes)
     return _finish(run_study(study, address=args.address, objective=args.objective or _default_objective(),
                              num_cpus=args.cpus, verbose=args.verbose))
 
 
 def _import_objective(objective: str | None) -> None:
     """Import the module of ``--objective MODULE:FUNCTION`` (one-line error when it cannot be)."""
-    from p3b_search.search.schema import StudyError
+    from p3b_search.study.messages import StudyError
 
     if not objective:
         return
@@ -118,7 +118,8 @@ def _default_objective() -> str:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from p3b_search.search.runner import run_study, study_from_folder
+    from p3b_search.launch import run_study
+    from p3b_search.study.loading import study_from_folder
 
     _import_objective(args.objective)
     study = study_from_folder(study_folder(args.study, args.output_dir))
@@ -137,8 +138,9 @@ def _finish(outcome) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from p3b_search.search.runner import study_from_folder, study_summary
-    from p3b_search.search.tables import table_text
+    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.summary import study_summary
+    from p3b_search.study.tables import table_text
 
     folder = study_folder(args.study, args.output_dir)
     outcome = study_summary(study_from_folder(folder))
@@ -152,7 +154,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from p3b_search.search.runner import study_from_folder, study_summary
+    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.summary import study_summary
 
     outcome = study_summary(study_from_folder(study_folder(args.study, args.output_dir)))
     if args.csv:
@@ -163,10 +166,18 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from p3b_search.search.compare import (CORE_METHOD, comparison_table, core_benefits, display_table, title,
-                                           trial_allocations, trial_results, write_comparison)
-    from p3b_search.search.results import read_trials
-    from p3b_search.search.runner import study_from_folder
+    from p3b_search.study.compare import (
+        CORE_METHOD,
+        comparison_table,
+        core_benefits,
+        display_table,
+        title,
+        trial_allocations,
+        trial_results,
+        write_comparison,
+    )
+    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.results import read_trials
     from p3b_search.tracking.figures import write_comparison_figures
 
     study = study_from_folder(study_folder(args.study, args.output_dir))
@@ -185,26 +196,18 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
-
-    from p3b_search.search.runner import study_from_folder
-    from p3b_search.tracking.mlflow_tracker import ui_url
+    from p3b_search.study.loading import study_from_folder
+    from p3b_search.tracking.ui import experiment_route, serve_ui
 
     study = study_from_folder(study_folder(args.study, args.output_dir))
     uri = study.tracking_uri
-    experiment = MlflowClient(uri).get_experiment_by_name(study.name)
-    route = ui_url("", experiment.experiment_id) if experiment is not None else ""
+    route = experiment_route(uri, study.name)
     if uri.startswith(("http://", "https://")):
         print(f"study {study.name} logs to the tracking server: {uri.rstrip('/')}/{route}")
         return 0
     print(f"MLflow UI for {study.name}: http://127.0.0.1:{args.port}/{route}\n"
           "(Ctrl-C to stop; list the front with the filter tags.pareto = \"true\")")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port)]
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    return serve_ui(uri, args.port)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
@@ -274,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in EXPORT_COMMANDS:
         from p3b_search.export.cli import main as export_main
+        from p3b_search.tracking.registry import register_model
 
-        return export_main(argv)
-    from p3b_search.search.schema import StudyError, did_you_mean
+        return export_main(argv, registrar=register_model)
+    from p3b_search.study.messages import StudyError, did_you_mean
 
     parser, commands = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in commands:

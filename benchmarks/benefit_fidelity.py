@@ -36,17 +36,19 @@ GOAL_RHO, GOAL_KEEP = 0.9, 0.05
 
 def setting_study(study, fraction: float, every: int):
     """``study`` with P3B's auxiliary heads at ``fraction`` of every ``every``-th micro-batch."""
+    from p3b_search.study.loading import with_overrides
+
     config = {**study.method.config, "aux_batch_fraction": fraction, "aux_every": every}
-    return study.with_overrides(name=f"{study.name}-f{fraction:g}-k{every}",
-                                method={**study.method.model_dump(), "config": config})
+    return with_overrides(study, name=f"{study.name}-f{fraction:g}-k{every}",
+                          method={**study.method.model_dump(), "config": config})
 
 
 def settings(study, fraction: float, every: int) -> pd.DataFrame:
     """One row per COMPLETE trial of a setting's study: ``trial`` (study:number), ``fraction``,
     ``every``, ``seed``, ``top1``, ``alpha``."""
     from p3b_search.methods.p3b import P3BConfig
-    from p3b_search.search.compare import complete_trials
-    from p3b_search.search.results import read_trials
+    from p3b_search.study.compare import complete_trials
+    from p3b_search.study.results import read_trials
 
     rows = []
     for row, config in complete_trials(study, read_trials(study.layout)):
@@ -58,7 +60,7 @@ def settings(study, fraction: float, every: int) -> pd.DataFrame:
 
 def allocations_of(study) -> pd.DataFrame:
     """The study's allocation rows with ``trial`` as ``study:number``."""
-    from p3b_search.search.results import read_allocations
+    from p3b_search.study.results import read_allocations
 
     rows = read_allocations(study.layout)
     return rows.assign(trial=study.name + ":" + rows["trial"].astype(int).astype(str))
@@ -145,8 +147,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from p3b_search.search.runner import run_study, study_finished
-    from p3b_search.search.schema import load_study
+    from p3b_search.launch import run_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.summary import study_finished
 
     base = load_study(args.study)
     pairs = [(float(f), int(k)) for f, k in (s.split(",") for s in args.settings)]

@@ -27,13 +27,15 @@ import pandas as pd
 def arm(study, seed: int, stopping: bool):
     """The study with the sampler seed and early stopping of one arm, in its own folder."""
     name = f"{study.name}-{'on' if stopping else 'off'}-s{seed}"
-    return study.with_overrides(name=name, sampler={**study.sampler.model_dump(), "seed": seed},
-                                early_stopping={**study.early_stopping.model_dump(), "enabled": stopping})
+    from p3b_search.study.loading import with_overrides
+
+    return with_overrides(study, name=name, sampler={**study.sampler.model_dump(), "seed": seed},
+                          early_stopping={**study.early_stopping.model_dump(), "enabled": stopping})
 
 
 def measure(study) -> dict[str, float]:
     """Trial-epochs, stopped trials and normalised hypervolume of a finished study."""
-    from p3b_search.search.runner import study_summary
+    from p3b_search.study.summary import study_summary
 
     outcome = study_summary(study)
     trials = outcome.trials
@@ -77,8 +79,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from p3b_search.search.runner import run_study, study_finished
-    from p3b_search.search.schema import load_study
+    from p3b_search.launch import run_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.summary import study_finished
 
     base = load_study(args.study)
     rows = []

@@ -17,7 +17,7 @@ Per repeat, in alternating order:
   (``reuse_actors``). The command's time adds Ray's start-up and shutdown, the Optuna and MLflow
   stores' creation and the final tables.
 * *direct*: a fresh ``python`` process that builds the same ``TrialConfig``
-  (``p3b_search.search.schema.trial_config``) and calls ``objectives.prune_finetune.run_trial``
+  (``p3b_search.study.trials.trial_config``) and calls ``objectives.prune_finetune.run_trial``
   ``--trials`` times with the in-memory ``TrialReporter`` and the torch threads a Ray trial gets;
   a trial's time is that call (imports happen before it), the command's time the whole process.
 
@@ -66,7 +66,8 @@ def direct(path: Path, trials: int) -> list[Timing]:
 
     from objectives.prune_finetune import run_trial
     from p3b_search.reporting import TrialReporter
-    from p3b_search.search.schema import load_study, trial_config
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.trials import trial_config
 
     study = load_study(path)
     torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
@@ -104,8 +105,8 @@ def ray_results(layout, ray_trial_id: str) -> list[dict]:
 
 def run_framework(path: Path, trials: int) -> tuple[list[Timing], float]:
     """(per-trial timings from trials.parquet and Ray's results, command s) of ``search.py run``."""
-    from p3b_search.search.results import read_trials
-    from p3b_search.search.schema import load_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.results import read_trials
 
     command = run_search(path)
     layout = load_study(path).layout

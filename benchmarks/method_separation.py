@@ -64,9 +64,9 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from p3b_search.search.compare import trial_results
-    from p3b_search.search.results import read_trials
-    from p3b_search.search.runner import study_from_folder
+    from p3b_search.study.compare import trial_results
+    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.results import read_trials
 
     study = study_from_folder(args.output_dir / args.study)
     per_method, figures = separation(trial_results(study, read_trials(study.layout)), args.ratio)

@@ -30,8 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     import yaml
 
-    from p3b_search.search.results import read_trials
-    from p3b_search.search.schema import load_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.results import read_trials
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="p3b-scaling-"))
     base = yaml.safe_load(args.study.read_text())

@@ -6,7 +6,7 @@
 Each run is the quickstart study (``studies/quickstart.yaml``) with only the sampler (and its
 seed) replaced and MLflow tracking off, run by ``search.py run`` in a fresh process. The two
 samplers alternate, so load drifts hit both alike. The hypervolume of the completed trials
-among the first N (by Optuna number) is computed with ``p3b_search.search.pareto.hypervolume``
+among the first N (by Optuna number) is computed with ``p3b_search.study.pareto.hypervolume``
 against one fixed reference, 0 % top-1 and the dense model's MACs, and normalised by the
 box 100 % x dense MACs (1.0 = a 100 %-accurate model that costs nothing).
 """
@@ -22,10 +22,10 @@ from benchmarks.study_variants import QUICKSTART, load_line, run_search, write_v
 
 def hypervolumes(study_file: Path, checkpoints: list[int]) -> dict[int, float]:
     """Normalised hypervolume of the study's first N trials, for each N in ``checkpoints``."""
-    from p3b_search.search.pareto import hypervolume
-    from p3b_search.search.results import read_trials
-    from p3b_search.search.runner import reference_point
-    from p3b_search.search.schema import load_study
+    from p3b_search.study.front import reference_point
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.pareto import hypervolume
+    from p3b_search.study.results import read_trials
 
     study = load_study(study_file)
     reference = reference_point(study)

@@ -49,7 +49,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     if args.one == "plain":
         run_trial(config, TrialReporter(), workdir)
         return {"wall_s": time.perf_counter() - began, "cpu_s": time.process_time() - cpu_began}
-    from p3b_search.tracking.mlflow_tracker import MlflowTrialReporter
+    from p3b_search.tracking.trial_run import MlflowTrialReporter
 
     imported = time.perf_counter()
     reporter = MlflowTrialReporter(**json.loads(args.child_args))
@@ -89,7 +89,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    from p3b_search.tracking.mlflow_tracker import StudyTracker
+    from p3b_search.tracking.study_run import StudyTracker
 
     folder = Path(tempfile.mkdtemp(prefix="p3b-bench-study-"))
     uri = args.tracking_uri or f"sqlite:///{folder}/mlflow.db"

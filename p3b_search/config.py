@@ -1,7 +1,7 @@
 """Validated configuration of what one trial trains: the model, the data, the two stages.
 
 These sections are shared by the objective (``objectives/``) and the study schema
-(``p3b_search.search.schema``), which composes them with the method and the search space.
+(``p3b_search.study.sections``), which composes them with the method and the search space.
 Every model forbids unknown keys, so a typo fails before any compute is spent.
 """
 from __future__ import annotations
@@ -16,11 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 EMBEDDED_TASKS = ("digits", "glyphs")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A frozen pydantic model that refuses unknown fields."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """A timm model: ``name`` as in ``timm.list_models()``, ``overrides`` passed to
     ``timm.create_model`` (e.g. ``img_size``, ``depth``, ``drop_path_rate``).
 
@@ -35,7 +37,7 @@ class ModelConfig(_Strict):
     num_classes: int | None = Field(None, ge=2, description="None: taken from the data set.")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where images come from. ``digits``: the embedded scikit-learn digits transfer task
     (source classes 0-4, target classes 5-9). ``glyphs``: the embedded glyphs transfer task
     (source: capitals A-Z in sans-serif faces on plain grey; target: lower-case a-z in serif
@@ -62,7 +64,7 @@ class DataConfig(_Strict):
         return self
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One training stage. ``lr`` is the base LR for a batch of 512 (scaled linearly by the
     effective batch, as in DeiT); ``schedule`` cosine decays to ``min_lr`` after ``warmup_epochs``."""
 
@@ -73,7 +75,7 @@ class StageConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """Both stages of a trial (prune, then fine-tune of the pruned model) and what they share."""
 
     prune: StageConfig = StageConfig(epochs=10, schedule="constant")
@@ -90,7 +92,7 @@ class TrainingConfig(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU.")
 
 
-class TrialConfig(_Strict):
+class TrialConfig(StrictModel):
     """Everything one trial needs: what ``objectives.prune_finetune.run_trial`` runs.
 
     ``method_config`` holds the method's knobs; it is validated by the method's own

@@ -1,7 +1,7 @@
 """Confidence intervals over seeds: Student t intervals of a mean and of a paired difference.
 
 Pure functions of numbers (no study, no pandas): the method comparison
-(:mod:`p3b_search.search.compare`) calls them per method and prune ratio.
+(:mod:`p3b_search.study.compare`) calls them per method and prune ratio.
 """
 from __future__ import annotations
 

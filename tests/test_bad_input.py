@@ -13,7 +13,7 @@ import pytest
 
 import search
 from p3b_search.methods import available_methods
-from p3b_search.search.schema import StudyConfig
+from p3b_search.study.sections import StudyConfig
 from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
 ROOT = Path(__file__).parent.parent
@@ -92,6 +92,24 @@ STUDY_CASES = [
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: search_space.method_config.alpha: sampler grid needs the values of every dimension: "
                  "add step (without log: true) or list them with type: categorical", id="study-grid-float-without-step"),
+    # rules across fields, checked when the study loads (not inside a trial)
+    pytest.param({"s.yaml": HEAD + "training: {prune: {epochs: 2, lr: 0.001, min_lr: 0.01}}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: training.prune.min_lr: must be <= training.prune.lr (0.001) (got 0.01): lower min_lr "
+                 "or raise lr", id="study-min-lr-above-lr"),
+    pytest.param({"s.yaml": HEAD + "training: {finetune: {epochs: 2, lr: 0.001, min_lr: 0.01}}\nsearch_space:\n"
+                            "  method_config.prune_ratio: {type: float, low: 0.3, high: 0.6}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: training.finetune.min_lr: must be <= training.finetune.lr (0.001) (got 0.01): lower "
+                 "min_lr or raise lr", id="study-min-lr-above-lr-beside-a-search-space"),
+    pytest.param({"s.yaml": HEAD + "training: {prune: {epochs: 2}}\n"
+                            "method: {name: p3b, config: {prune_finalize_epoch: 3}}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: method.config.prune_finalize_epoch: must be <= training.prune.epochs (2) (got 3): "
+                 "lower it or train the prune stage longer", id="study-finalize-after-prune-stage"),
+    pytest.param({"s.yaml": HEAD + "training: {prune: {epochs: 2}}\nsearch_space:\n"
+                            "  method_config.prune_finalize_epoch: {type: float, low: 1, high: 4}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: search_space.method_config.prune_finalize_epoch.high: must be <= training.prune.epochs "
+                 "(2) (got 4): lower it or train the prune stage longer", id="study-searched-finalize-after-prune-stage"),
     # data folders
     pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder}\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: data: data.root is required for data.kind='imagefolder': set it to the data set "

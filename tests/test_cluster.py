@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from p3b_search.search.schema import load_study
+from p3b_search.study.loading import load_study
 from tests.test_faults import STUDY, _kill_session
 from tests.test_runner import ROOT, write_study
 from tests.test_runner import _cli as cli

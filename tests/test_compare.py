@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 import search
-from p3b_search.search.compare import benefit_by_depth, benefit_timing, comparison_table, markdown, trial_results
-from p3b_search.search.results import read_trials
-from p3b_search.search.schema import StudyError, load_study
 from p3b_search.stats import paired_difference
+from p3b_search.study.compare import benefit_by_depth, benefit_timing, comparison_table, markdown, trial_results
+from p3b_search.study.loading import load_study
+from p3b_search.study.messages import StudyError
+from p3b_search.study.results import read_trials
 from tests.test_figures import benefit_rows
 from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
@@ -159,7 +160,7 @@ def test_trial_results_take_method_ratio_and_seed_from_the_trial_configuration(t
 def test_grid_study_runs_each_point_once_and_compares(tmp_path, capsys):
     """A real grid study (3 methods x 2 ratios x 5 seeds, dense once per seed: 25 trials) through
     Ray Tune with 2 trials at a time, then ``search.py compare --out``."""
-    from p3b_search.search.runner import run_study
+    from p3b_search.launch import run_study
 
     study = study_from(tmp_path, GRID_STUDY)
     assert study.n_trials == 25

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from p3b_search.config import DataConfig
 from p3b_search.data import build_loaders
 from p3b_search.export.load import load_pruned
-from p3b_search.search.schema import load_study
+from p3b_search.study.loading import load_study
 from p3b_search.training.loop import evaluate
 
 STUDY = """name: dp
@@ -40,7 +40,7 @@ tracking: {enabled: false}
 
 @pytest.mark.slow
 def test_two_worker_p3b_trial_completes_with_rank_0_writing_once(tmp_path):
-    from p3b_search.search.runner import run_study
+    from p3b_search.launch import run_study
 
     path = tmp_path / "study.yaml"
     path.write_text(f"output_dir: {tmp_path / 'runs'}\n{STUDY}")

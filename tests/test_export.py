@@ -31,13 +31,14 @@ from p3b_search.export.bench import bench
 from p3b_search.export.card import UNSTRUCTURED_NOTE
 from p3b_search.export.cli import main
 from p3b_search.export.load import ExportError, load_pruned
-from p3b_search.export.runtimes import check_runtime
 from p3b_search.export.picks import Pick, parse_amount, select_trial
+from p3b_search.export.runtimes import check_runtime
 from p3b_search.export.writer import export_trial
 from p3b_search.methods import PrunedModel
 from p3b_search.models import DIGITS_VIT, create_timm_model
-from p3b_search.search.layout import StudyLayout
+from p3b_search.study.layout import StudyLayout
 from p3b_search.surgery import get_adapter, random_masks, shrink_model
+from p3b_search.tracking.registry import register_model
 from p3b_search.training.loop import evaluate
 from p3b_search.trial_folder import TrialFolder
 
@@ -397,7 +398,8 @@ def test_model_folder_that_differs_from_its_record_is_refused(study, tmp_path):
 
 def test_register_needs_the_trial_s_mlflow_run(study, tmp_path):
     with pytest.raises(ExportError, match="--register digits-vit: trial 0 has no MLflow run"):
-        export_trial(study.root, Pick.parse("trial 0"), tmp_path / "out", register="digits-vit")
+        export_trial(study.root, Pick.parse("trial 0"), tmp_path / "out", register="digits-vit",
+                     registrar=register_model)
     assert not (tmp_path / "out").exists()
 
 
@@ -451,7 +453,7 @@ def test_register_logs_pt2_into_the_trial_run_and_sets_alias_best(study, tmp_pat
     write_trials_table(copy, rows)
 
     result = export_trial(copy.root, Pick.parse("trial 0"), tmp_path / "out", register="digits-vit",
-                          onnx=False, bench_repeats=1)
+                          onnx=False, bench_repeats=1, registrar=register_model)
     version = client.get_model_version_by_alias("digits-vit", "best")
     assert int(version.version) == result.registered_version and version.run_id == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"

@@ -23,8 +23,9 @@ import torch
 from optuna.trial import TrialState
 
 from p3b_search.reporting import TrialReporter
-from p3b_search.search.schema import load_study, trial_config
-from p3b_search.tracking.mlflow_tracker import PARENT_TAG, REASON_TAG, STATE_TAG, TRIAL_TAG
+from p3b_search.study.loading import load_study
+from p3b_search.study.trials import trial_config
+from p3b_search.tracking.client import PARENT_TAG, REASON_TAG, STATE_TAG, TRIAL_TAG
 from tests.test_runner import OBJECTIVE, ROOT, write_study
 from tests.test_runner import _cli as cli
 from tests.test_runner import _wait_for as wait_for
@@ -178,7 +179,7 @@ class _WorkerKiller(threading.Thread):
 def faulty_study(tmp_path_factory):
     """A study of 4 trials, one at a time: trial 0's worker is SIGKILLed mid-epoch, trial 1
     diverges (lr 1e30: NaN loss), trial 2 runs plainly, trial 3 runs out of memory."""
-    from p3b_search.search.runner import run_study
+    from p3b_search.launch import run_study
 
     tmp_path = tmp_path_factory.mktemp("faulty")
     study = load_study(write_study(tmp_path, FAULTY))

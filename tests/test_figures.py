@@ -1,21 +1,21 @@
-"""p3b_search.tracking.figures: allocation tables, keep-ratio heatmaps and Pareto plots."""
+"""p3b_search.tracking.figures (allocation tables, keep-ratio heatmaps) and the Pareto plots of
+p3b_search.study.front_figures."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from p3b_search.search.compare import core_benefits
+from p3b_search.study.compare import core_benefits
 from p3b_search.tracking.figures import (
     allocation_table,
     benefit_over_training,
     check_allocation_row,
     keep_ratio_by_depth,
     keep_ratio_heatmap,
-    pareto_plotly,
-    pareto_png,
     write_comparison_figures,
 )
+from p3b_search.study.front_figures import pareto_plotly, pareto_png
 
 
 def test_allocation_table_orders_columns_and_heatmap_rows_follow_the_network():

@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p3b_search.search.dense import DenseReference, dense_accuracy
-from p3b_search.search.frontier import front_state
-from p3b_search.search.pareto import hypervolume, normalized_hypervolume
-from p3b_search.search.results import trials_frame
-from p3b_search.search.schema import StudyConfig
-from p3b_search.search.tables import display_table
-from p3b_search.tracking.front_figures import merge_identical, pareto_plotly, pareto_png
-from p3b_search.tracking.front_report import front_files, hover_text
+from p3b_search.study.dense import DenseReference, dense_accuracy
+from p3b_search.study.front import pareto_summary
+from p3b_search.study.front_figures import merge_identical, pareto_plotly, pareto_png
+from p3b_search.study.front_report import front_files, hover_text
+from p3b_search.study.pareto import hypervolume, normalized_hypervolume
+from p3b_search.study.results import trials_frame
+from p3b_search.study.sections import StudyConfig
+from p3b_search.study.tables import display_table
 from p3b_search.units import column_title, count_text, prefix_for, value_text
 
 DIRECTIONS = {"top1": "maximize", "macs": "minimize"}
@@ -60,7 +60,7 @@ def test_dense_trials_are_the_reference_never_the_front():
     given_figure = StudyConfig(name="s", dense_reference={"top1": 88.5})
     assert dense_accuracy(given_figure, frame) == ({"top1": 88.5}, "dense_reference in the study file")
     dense = DenseReference({"top1": 91.0, "macs": DENSE_MACS}, source)
-    state = front_state(frame, DIRECTIONS, [0.0, DENSE_MACS], dense.ideal(list(DIRECTIONS)))
+    state = pareto_summary(frame, DIRECTIONS, [0.0, DENSE_MACS], dense)
     assert list(state.finished["number"]) == [0, 3] and state.on_front.all()
     expected = (80 * 2.6e9 + 70 * 1e9) / (91.0 * DENSE_MACS)
     assert state.hypervolume_normalized == pytest.approx(expected)
@@ -98,7 +98,7 @@ def test_tables_show_one_method_column_units_and_the_dense_row_first():
 def test_identical_trials_merge_into_one_labelled_point():
     frame = trials([(0, "p3b", 80.0, 2e9), (1, "p3b", 80.0, 2e9), (2, "p3b", 70.0, 1e9)])
     assert merge_identical(frame, ["top1", "macs"]) == [[0, 1], [2]]
-    state = front_state(frame, DIRECTIONS, [0.0, DENSE_MACS])
+    state = pareto_summary(frame, DIRECTIONS, [0.0, DENSE_MACS])
     hover = [f"trial {n}" for n in frame["number"]]
     fig = pareto_plotly(state.finished, DIRECTIONS, state.on_front, state.knee, hover, "front")
     front = next(t for t in fig.data if t.name == "Pareto front")
@@ -110,8 +110,8 @@ def test_figure_marks_dense_knee_methods_units_and_links():
     frame = trials([(0, "p3b", 80.0, 2e9), (1, "uniform-magnitude", 75.0, 1e9), (2, "uniform-magnitude", 60.0, 3e9)])
     frame["mlflow_run_id"] = ["r0", "r1", "r2"]
     dense = DenseReference({"top1": 91.0, "macs": DENSE_MACS}, "mean of 3 dense trials")
-    state = front_state(frame, DIRECTIONS, [0.0, DENSE_MACS], dense.ideal(list(DIRECTIONS)))
-    files = front_files(state, DIRECTIONS, [0.0, DENSE_MACS], "s", dense, link=lambda run: f"http://ui/{run}")
+    state = pareto_summary(frame, DIRECTIONS, [0.0, DENSE_MACS], dense)
+    files = front_files(state, "s", link=lambda run: f"http://ui/{run}")
     fig = files["front.html"]
     names = [t.name for t in fig.data]
     assert {"p3b: front", "uniform-magnitude: front", "uniform-magnitude: dominated", "knee", "dense model"} <= set(names)
@@ -130,7 +130,7 @@ def test_figure_marks_dense_knee_methods_units_and_links():
 
 def test_chosen_trial_is_ringed_and_unknown_dense_accuracy_draws_its_cost():
     frame = trials([(0, "p3b", 80.0, 2e9), (1, "p3b", 70.0, 1e9)])
-    state = front_state(frame, DIRECTIONS, [0.0, DENSE_MACS])
+    state = pareto_summary(frame, DIRECTIONS, [0.0, DENSE_MACS])
     dense = DenseReference({"macs": DENSE_MACS})
     png = pareto_png(state.finished, DIRECTIONS, state.on_front, state.knee, "front", dense=dense, chosen=1)
     labels = png.axes[0].get_legend_handles_labels()[1]
@@ -147,14 +147,15 @@ def test_hover_lists_objectives_with_units_and_parameters():
 def test_a_study_without_finished_trials_still_gets_its_files():
     frame = trials([(0, "p3b", 80.0, 2e9)]).assign(state="RUNNING")
     dense = DenseReference({"top1": 91.0, "macs": DENSE_MACS}, "mean of 1 dense trial")
-    state = front_state(frame, DIRECTIONS, [0.0, DENSE_MACS], dense.ideal(list(DIRECTIONS)))
-    files = front_files(state, DIRECTIONS, [0.0, DENSE_MACS], "s", dense)
+    state = pareto_summary(frame, DIRECTIONS, [0.0, DENSE_MACS], dense)
+    files = front_files(state, "s")
     assert files["front.parquet"].empty and state.hypervolume == 0.0 and state.hypervolume_normalized == 0.0
     assert [t.name for t in files["front.html"].data][-1] == "dense model"
 
 
 def test_flops_objective_is_referenced_at_twice_the_dense_macs():
-    from p3b_search.search.runner import dense_cost, reference_point
+    from p3b_search.study.dense import dense_cost
+    from p3b_search.study.front import reference_point
 
     study = StudyConfig(name="s", objectives=[{"name": "top1"}, {"name": "flops"}])
     cost = dense_cost(study)

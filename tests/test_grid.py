@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from p3b_search.search.results import DUPLICATE_ATTR, trials_frame
 from p3b_search.search.samplers import RayGridSampler, create_sampler
-from p3b_search.search.schema import StudyError, config_key, grid_configs, grid_values, load_study, trial_config
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.space import suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
+from p3b_search.study.dimensions import config_key, grid_values
+from p3b_search.study.loading import load_study, with_overrides
+from p3b_search.study.messages import StudyError
+from p3b_search.study.results import DUPLICATE_ATTR, trials_frame
+from p3b_search.study.trials import grid_configs, trial_config
 
 COMPARISON = Path(__file__).parent.parent / "studies" / "method_comparison.yaml"
 GRID = """name: grid
@@ -89,9 +92,9 @@ def test_grid_mistakes_are_one_line(tmp_path, text, field, expected):
 def test_fewer_trials_than_the_grid_run_that_many_points(tmp_path):
     study = study_from(tmp_path, GRID + "n_trials: 4\n")
     assert study.n_trials == 4
-    assert study.with_overrides(n_trials=27).n_trials == 27
+    assert with_overrides(study, n_trials=27).n_trials == 27
     with pytest.raises(StudyError, match="n_trials: 28 is more than the grid's 27"):
-        study.with_overrides(n_trials=28)
+        with_overrides(study, n_trials=28)
 
 
 def test_seed_is_a_dimension_through_its_dotted_path(tmp_path):

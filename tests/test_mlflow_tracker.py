@@ -18,9 +18,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
-from p3b_search.search.pareto import hypervolume
+from p3b_search.study.front import pareto_summary
+from p3b_search.study.pareto import hypervolume
 from p3b_search.tracking.background import BackgroundSender
-from p3b_search.tracking.mlflow_tracker import MlflowTrialReporter, StudyTracker
+from p3b_search.tracking.study_run import StudyTracker
+from p3b_search.tracking.trial_run import MlflowTrialReporter
 
 OBJECTIVES = {"top1": "maximize", "macs": "minimize"}
 REFERENCE = [0.0, 10.0]
@@ -125,11 +127,12 @@ def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_
     def pareto_tags() -> dict[int, str | None]:
         return {n: client.get_run(run_id).data.tags.get("pareto") for n, run_id in runs.items()}
 
-    nothing_yet = tracker.refresh_front(trials_table([(0, np.nan, np.nan, "RUNNING")]), OBJECTIVES, REFERENCE)
+    nothing_yet = tracker.publish_front(pareto_summary(trials_table([(0, np.nan, np.nan, "RUNNING")]), OBJECTIVES,
+                                                        REFERENCE))
     assert nothing_yet.front.empty and nothing_yet.hypervolume == 0.0 and nothing_yet.trials_finished == 0
 
-    snapshot = tracker.refresh_front(trials_table([(0, 80.0, 4.0, "COMPLETE"), (1, 70.0, 2.0, "COMPLETE")]),
-                                     OBJECTIVES, REFERENCE)
+    snapshot = tracker.publish_front(pareto_summary(
+        trials_table([(0, 80.0, 4.0, "COMPLETE"), (1, 70.0, 2.0, "COMPLETE")]), OBJECTIVES, REFERENCE))
     assert sorted(snapshot.front["number"]) == [0, 1] and pareto_tags() == {0: "true", 1: "true"}
 
     # trial 2 dominates trial 1; trial 3 would dominate everything but was stopped early (its
@@ -143,7 +146,7 @@ def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_
     assert runs[3] == stopped.run_id
     table = trials_table([(0, 80.0, 4.0, "COMPLETE"), (1, 70.0, 2.0, "COMPLETE"), (2, 75.0, 1.0, "COMPLETE"),
                           (3, 99.0, 0.5, "PRUNED")], run_ids={0: runs[0], 3: runs[3]})
-    snapshot = tracker.refresh_front(table, OBJECTIVES, REFERENCE)
+    snapshot = tracker.publish_front(pareto_summary(table, OBJECTIVES, REFERENCE))
     assert sorted(snapshot.front["number"]) == [0, 2] and snapshot.trials_finished == 3
     assert pareto_tags() == {0: "true", 1: "false", 2: "true", 3: None}
     in_ui_filter = client.search_runs([tracker.experiment_id], "tags.pareto = 'true'")
@@ -214,7 +217,7 @@ def test_bad_input_fails_with_one_line_errors(tmp_path):
         reporter.report_allocations([{"step": 0, "layer": 0, "kind": "attn"}])
     reporter.finish("failed", "bad row")
     with pytest.raises(ValueError, match=r"lacks objective column\(s\) \['macs'\]"):
-        tracker.refresh_front(pd.DataFrame({"number": [0], "top1": [1.0]}), OBJECTIVES, REFERENCE)
+        pareto_summary(pd.DataFrame({"number": [0], "top1": [1.0]}), OBJECTIVES, REFERENCE)
     with pytest.raises(ValueError, match="already holds study 'demo'.*resume it"):
         start(make_tracker(tmp_path), tmp_path)
     tracker.close()
@@ -292,8 +295,8 @@ CRASHING_DRIVER = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
+from p3b_search.tracking.trial_run import MlflowTrialReporter
 from tests.test_mlflow_tracker import make_tracker, start
-from p3b_search.tracking.mlflow_tracker import MlflowTrialReporter
 folder = Path({folder!r})
 tracker = make_tracker(folder)
 with tracker:

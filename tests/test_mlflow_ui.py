@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from p3b_search.tracking.mlflow_tracker import ui_url
+from p3b_search.tracking.client import ui_url
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
@@ -97,8 +97,8 @@ def mlflow_server(tmp_path):
 def run_tiny_study(url: str | None, folder: Path):
     """A real study through the search runner, tracked on the server at ``url`` (None: in the
     embedded store of the study folder)."""
-    from p3b_search.search.runner import run_study
-    from p3b_search.search.schema import load_study
+    from p3b_search.launch import run_study
+    from p3b_search.study.loading import load_study
 
     study_file = folder / "study.yaml"
     text = STUDY_FILE.format(name=STUDY, output_dir=folder / "runs", n_trials=N_TRIALS)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p3b_search.search.pareto import hypervolume, knee_index, pareto_mask
+from p3b_search.study.pareto import hypervolume, knee_index, pareto_mask
 
 DIRECTION = st.sampled_from(["maximize", "minimize"])
 

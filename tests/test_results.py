@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from p3b_search.search.layout import StudyLayout
-from p3b_search.search.pareto import pareto_mask
-from p3b_search.search.results import (
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.pareto import pareto_mask
+from p3b_search.study.results import (
     AllocationWriter,
     annotations_of,
     merge_allocations,

@@ -20,11 +20,14 @@ import pytest
 from optuna.trial import TrialState
 
 from p3b_search.search.early_stopping import DominatedTrialStopper
-from p3b_search.search.layout import StudyLayout
-from p3b_search.search.pareto import pareto_mask
-from p3b_search.search.schema import EarlyStopping, StudyError, load_study, trial_budget
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.loading import load_study, with_overrides
+from p3b_search.study.messages import StudyError
+from p3b_search.study.pareto import pareto_mask
+from p3b_search.study.sections import EarlyStopping
+from p3b_search.study.trials import trial_budget
 
 ROOT = Path(__file__).parent.parent
 OBJECTIVE = "tests.search_objective:run_trial"
@@ -94,7 +97,7 @@ def test_searcher_rejects_invalid_samples_before_compute(tmp_path):
 def test_reopening_a_study_with_other_objectives_is_refused(tmp_path):
     study = load_study(write_study(tmp_path, SEARCHED))
     open_optuna_study(study)
-    other = study.with_overrides(objectives=["top1", "params"])
+    other = with_overrides(study, objectives=["top1", "params"])
     with pytest.raises(StudyError, match="objectives: the stored study 'tell' optimizes"):
         open_optuna_study(other)
 
@@ -242,7 +245,7 @@ early_stopping: {enabled: true, grace_epochs: 0, margin: 10.0}
 def test_study_end_to_end(tmp_path):
     from mlflow import MlflowClient
 
-    from p3b_search.search.runner import run_study
+    from p3b_search.launch import run_study
 
     study = load_study(write_study(tmp_path, E2E))
     layout = study.layout
@@ -394,8 +397,8 @@ def test_resume_runs_a_trial_asked_before_ray_saved_anything(tmp_path):
 
 def test_trial_reporter_forwards_epochs_and_writes_allocation_parts_once(tmp_path):
     from p3b_search.reporting import TrialReporter
-    from p3b_search.search.results import AllocationWriter, read_allocations
     from p3b_search.search.trainable import TuneTrialReporter
+    from p3b_search.study.results import AllocationWriter, read_allocations
 
     layout = StudyLayout(tmp_path)
     sent: list[tuple[dict, object]] = []

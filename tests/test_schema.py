@@ -7,7 +7,10 @@ import pytest
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import available_methods, get_method
-from p3b_search.search.schema import Choice, FloatRange, StudyError, load_study, trial_config
+from p3b_search.study.loading import load_study, with_overrides
+from p3b_search.study.messages import StudyError
+from p3b_search.study.sections import Choice, FloatRange
+from p3b_search.study.trials import trial_config
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
 
@@ -60,8 +63,8 @@ BAD_STUDIES = [
     pytest.param("name: s\nsearch_space:\n  training.prune.epochs: {type: float, low: 2, high: 8}\n",
                  lambda: "search_space.training.prune.epochs.type: training.prune.epochs is an integer: use type: int",
                  id="float-range-on-int-field"),
-    pytest.param("name: s\nmethod: {name: p3b, config: {prune_finalize_epoch: 25}}\nsearch_space:\n"
-                 "  method_config.prune_start_epoch: {type: int, low: 5, high: 30}\n",
+    pytest.param("name: s\ntraining: {prune: {epochs: 30}}\nmethod: {name: p3b, config: {prune_finalize_epoch: 25}}\n"
+                 "search_space:\n  method_config.prune_start_epoch: {type: int, low: 5, high: 30}\n",
                  lambda: "search_space.method_config.prune_start_epoch.high: gives no valid trial: method_config: "
                          "prune_start_epoch=30 is not before prune_finalize_epoch=25: start pruning earlier or "
                          "finalize later", id="start-after-finalize"),
@@ -181,9 +184,9 @@ def test_method_as_a_choice_samples_each_methods_own_knobs(tmp_path):
 
 def test_with_overrides_revalidates(tmp_path):
     study = load_study(write(tmp_path, "name: s\n"))
-    assert study.with_overrides(n_trials=3).n_trials == 3
+    assert with_overrides(study, n_trials=3).n_trials == 3
     with pytest.raises(StudyError, match="n_trials: must be >= 1"):
-        study.with_overrides(n_trials=0)
+        with_overrides(study, n_trials=0)
 
 
 def test_search_space_types_parse(tmp_path):

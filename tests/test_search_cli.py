@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 import search
-from p3b_search.search.results import trials_frame, write_trials
-from p3b_search.search.schema import load_study
+from p3b_search.study.loading import load_study
+from p3b_search.study.results import trials_frame, write_trials
 
 ROOT = Path(__file__).parent.parent
 

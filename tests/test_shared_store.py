@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from p3b_search.search.shared_store import open_shared_store
+from p3b_search.stores import open_shared_store
 
 PROCESSES = 4
 
@@ -55,7 +55,7 @@ def test_errors_other_than_a_creation_race_are_not_retried():
 
 
 def test_a_server_store_is_opened_again_while_its_schema_is_being_created(monkeypatch):
-    monkeypatch.setattr("p3b_search.search.shared_store.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("p3b_search.stores.time.sleep", lambda seconds: None)
     failures = ["(psycopg.errors.DuplicateTable) relation \"studies\" already exists",
                 "duplicate key value violates unique constraint \"version_info_pkey\""]
 

@@ -9,8 +9,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from p3b_search.methods import get_method
 from p3b_search.search.samplers import available_samplers, create_sampler
-from p3b_search.search.schema import load_study, trial_config
 from p3b_search.search.space import distributions, reference_params, suggest_params
+from p3b_search.study.loading import load_study
+from p3b_search.study.trials import trial_config
 
 SHOOTOUT = Path(__file__).parent.parent / "studies" / "method_shootout.yaml"
 

@@ -16,15 +16,20 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p3b_search.export.load import ExportError
 from p3b_search.export.runtimes import RUNTIMES
+
+if TYPE_CHECKING:
+    from p3b_search.export.writer import ModelRegistrar
 
 
 def study_folder(name: str, output_dir: str) -> Path:
     """The study folder ``name`` refers to (see the module docstring), resolved as the other
     ``search.py`` commands resolve it."""
-    from p3b_search.search.schema import StudyError, load_study
+    from p3b_search.study.loading import load_study
+    from p3b_search.study.messages import StudyError
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -84,7 +89,7 @@ def build_parser(prog: str = "search.py") -> argparse.ArgumentParser:
     return parser
 
 
-def _run_export(args: argparse.Namespace) -> None:
+def _run_export(args: argparse.Namespace, registrar: ModelRegistrar | None) -> None:
     from p3b_search.export.picks import Pick, parse_amount
     from p3b_search.export.writer import export_trial
 
@@ -94,7 +99,7 @@ def _run_export(args: argparse.Namespace) -> None:
     pick = Pick.parse(" ".join(args.pick), **limits)
     folder = study_folder(args.study, args.output_dir)
     result = export_trial(folder, pick, args.out, args.register, overwrite=args.overwrite, onnx=not args.no_onnx,
-                          round_to=args.round_to)
+                          round_to=args.round_to, registrar=registrar)
     print(f"exported trial {result.trial} of {folder} ({pick.describe()}) to {result.folder}: "
           f"{', '.join(result.files)}")
     for note in result.notes:
@@ -125,12 +130,15 @@ def _run_bench(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(report.to_dict(), indent=1))
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "search.py") -> int:
-    """Run ``export`` or ``bench`` (``argv`` starts with the subcommand); returns the exit status."""
+def main(argv: Sequence[str] | None = None, prog: str = "search.py",
+         registrar: ModelRegistrar | None = None) -> int:
+    """Run ``export`` or ``bench`` (``argv`` starts with the subcommand); returns the exit status.
+    ``registrar``: what ``export --register`` registers the model with (the command line passes
+    the tracking layer's :func:`~p3b_search.tracking.registry.register_model`)."""
     args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "export":
-            _run_export(args)
+            _run_export(args, registrar)
         else:
             _run_bench(args)
     except ExportError as error:

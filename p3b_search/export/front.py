@@ -6,6 +6,11 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from p3b_search.study.front import study_pareto
+from p3b_search.study.front_figures import pareto_png
+from p3b_search.study.loading import study_from_folder
+from p3b_search.study.results import read_trials
+
 FRONT_FILE = "front.png"
 
 
@@ -13,17 +18,11 @@ def front_with_choice(study_dir: str | Path, trial: int) -> tuple[Figure, bool]:
     """The front figure of the study in ``study_dir`` (dense reference, knee) with trial
     ``trial`` ringed; returns (figure, whether the trial is a point of the figure: a dense
     or unfinished trial is not)."""
-    from p3b_search.search.results import read_trials
-    from p3b_search.search.runner import dense_cost, front_of, reference_point, study_from_folder
-    from p3b_search.tracking.front_figures import pareto_png
-
     study = study_from_folder(study_dir)
-    frame = read_trials(study.layout)
-    cost = dense_cost(study)
-    state, dense = front_of(study, frame, reference_point(study, cost), cost)
-    rows = state.finished.index[state.finished["number"] == trial] if len(state.finished) else []
+    summary = study_pareto(study, read_trials(study.layout))
+    finished = summary.finished
+    rows = finished.index[finished["number"] == trial] if len(finished) else []
     chosen = int(rows[0]) if len(rows) else None
-    title = f"{study.name}: exported trial {trial} on the front of {len(state.finished)} finished trials"
-    directions = dict(zip(study.metric_names, study.directions))
-    return pareto_png(state.finished, directions, state.on_front, state.knee, title, dense=dense,
+    title = f"{study.name}: exported trial {trial} on the front of {len(finished)} finished trials"
+    return pareto_png(finished, dict(summary.directions), summary.on_front, summary.knee, title, dense=summary.dense,
                       chosen=chosen), chosen is not None

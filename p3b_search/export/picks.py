@@ -4,7 +4,7 @@ Rules (``--pick``):
 
 * ``max-accuracy``: the highest top-1 (ties: fewer MACs, then the lower trial number).
 * ``knee``: the knee of the Pareto front over the study's objectives, as defined by
-  :func:`p3b_search.search.pareto.knee_index`: each objective is scaled to [0, 1] over the front
+  :func:`p3b_search.study.pareto.knee_index`: each objective is scaled to [0, 1] over the front
   (0 = the front's best value, 1 = its worst), and the knee is the front trial closest in
   Euclidean distance to the ideal point (0, ..., 0): the most balanced trade-off. ``dense``
   trials are the front's reference point, never its knee (as in the front figure).
@@ -28,9 +28,9 @@ import pandas as pd
 
 from p3b_search.errors import first_line
 from p3b_search.export.load import ExportError
-from p3b_search.search.layout import StudyLayout
-from p3b_search.search.pareto import knee_index
-from p3b_search.search.results import is_dense
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.pareto import knee_index
+from p3b_search.study.results import is_dense
 from p3b_search.trial_folder import FINISHED, TrialFolder
 
 #: Columns of the trials table read here.
@@ -100,23 +100,6 @@ _OPTIONS = {MACS: "--max-macs", PARAMS: "--max-params", LATENCY: "--max-latency"
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
-
-
-def read_trials(study_dir: str | Path) -> pd.DataFrame:
-    """The trials table of the study in ``study_dir``, one row per trial."""
-    import pyarrow.parquet as pq
-
-    path = StudyLayout(Path(study_dir)).trials_table
-    if not path.is_file():
-        raise ExportError(f"{path}: no trials table: is {study_dir} a study folder (runs/<study name>)?")
-    try:
-        table = pq.read_table(path).to_pandas()
-    except Exception as error:  # pyarrow raises several types for corrupt files
-        raise ExportError(f"{path}: cannot read the trials table ({first_line(error)})") from None
-    missing = [c for c in (NUMBER, STATE, TOP1) if c not in table.columns]
-    if missing:
-        raise ExportError(f"{path}: lacks column(s) {missing} (has {list(table.columns)})")
-    return table
 
 
 def _complete(trials: pd.DataFrame) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -33,22 +33,29 @@ from safetensors.torch import save_file
 from torch import nn
 
 from p3b_search.cost import model_cost
-from p3b_search.errors import first_line
+from p3b_search.errors import RegistryError, first_line
 from p3b_search.export.bench import BenchReport, bench, dense_parent
 from p3b_search.export.card import CardFacts, model_card
-from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.counts import count_model, read_weight_masks
+from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.load import ExportError, load_pruned, read_arch_spec
-from p3b_search.export.picks import NUMBER, TOP1, Pick, check_exportable, read_trials, select_trial
-from p3b_search.search.layout import StudyLayout
+from p3b_search.export.picks import NUMBER, TOP1, Pick, check_exportable, select_trial
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.loading import study_from_folder
+from p3b_search.study.messages import StudyError
+from p3b_search.study.results import read_trials
 from p3b_search.surgery import ArchSpec, get_adapter
 from p3b_search.surgery.rounding import round_widths
 from p3b_search.trial_folder import ARCH_FILE, MASKS_FILE, MODEL_DIR, RESULT_FILE, WEIGHTS_FILE
 
+#: Registers an exported model: (model, input example batch, tracking URI, run id, model name,
+#: card files) -> registered version; raises :class:`~p3b_search.errors.RegistryError`.
+#: The command line passes :func:`p3b_search.tracking.registry.register_model`.
+ModelRegistrar = Callable[[nn.Module, Any, str, str, str, list[Path]], int]
+
 #: Column of the trials table holding the trial's MLflow run id.
 RUN_ID = "mlflow_run_id"
 PT2_FILE, ONNX_FILE, CARD_FILE = "model.pt2", "model.onnx", "README.md"
-BEST_ALIAS = "best"
 _MAX_BATCH = 4096
 #: Below this size the ONNX weights are stored inside model.onnx (protobuf's limit is 2 GiB).
 _ONNX_INLINE_BYTES = 1 << 30
@@ -70,9 +77,6 @@ class StudyInfo:
 
 def read_study(study_dir: str | Path) -> StudyInfo:
     """:class:`StudyInfo` of the study folder ``study_dir``, read as ``search.py resume`` reads it."""
-    from p3b_search.search.runner import study_from_folder
-    from p3b_search.search.schema import StudyError
-
     try:
         study = study_from_folder(study_dir)
     except StudyError as error:
@@ -165,40 +169,6 @@ def _export_onnx(model: nn.Module, folder: Path) -> str | None:
     return None
 
 
-def register_model(model: nn.Module, tracking_uri: str, run_id: str, model_name: str,
-                   card_files: list[Path]) -> int:
-    """Log ``model`` (pt2, with an input example) into run ``run_id``, register it as
-    ``model_name`` and point the alias ``best`` at the new version; returns the version."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri)
-    try:
-        status = client.get_run(run_id).info.status
-    except MlflowException as error:
-        raise ExportError(f"--register: MLflow run {run_id} not found in {tracking_uri} "
-                          f"({first_line(error)})") from None
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
-                                            input_example=_example(model).numpy(),
-                                            registered_model_name=model_name)
-            for path in card_files:
-                mlflow.log_artifact(str(path), "export")
-        client.set_terminated(run_id, status)  # reopening the run must not change how it ended
-        version = int(info.registered_model_version)
-        client.set_registered_model_alias(model_name, BEST_ALIAS, version)
-    except MlflowException as error:
-        raise ExportError(f"--register {model_name}: MLflow refused ({first_line(error)}); the exported "
-                          "folder is complete, only the registration failed") from None
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-    return version
-
-
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ExportError(f"--out {out_dir}: exists and is not empty: choose another folder or pass --overwrite")
@@ -228,7 +198,10 @@ class ChosenTrial:
 
 def choose_trial(study: StudyInfo, pick: Pick) -> ChosenTrial:
     """The trial ``pick`` names, loaded and verified (fine-tuned, same counts as recorded)."""
-    trials = read_trials(study.layout.root)
+    try:
+        trials = read_trials(study.layout, must_exist=True)
+    except StudyError as error:
+        raise ExportError(str(error)) from None
     row = select_trial(trials, pick, study.objectives)
     model_dir = check_exportable(study.layout, row, trials, study.resume_command)
     result = _read_result(model_dir.parent)
@@ -305,16 +278,19 @@ def _rounded(chosen: ChosenTrial, round_to: int) -> ChosenTrial:
 
 def export_trial(study_dir: str | Path, pick: Pick, out_dir: str | Path, register: str | None = None, *,
                  overwrite: bool = False, onnx: bool = True, bench_repeats: int = 10,
-                 round_to: int = 1) -> ExportResult:
+                 round_to: int = 1, registrar: ModelRegistrar | None = None) -> ExportResult:
     """Export the trial of ``study_dir`` chosen by ``pick`` to ``out_dir`` (see the module docstring).
 
     ``register``: also log the model to the trial's MLflow run and register it under this name
-    with the alias ``best``. ``onnx``: also try ``model.onnx``. ``bench_repeats``: timed runs of
+    with the alias ``best``, through ``registrar`` (the tracking layer's). ``onnx``: also try ``model.onnx``. ``bench_repeats``: timed runs of
     the CPU latency measurement in the card. ``round_to`` > 1: kept widths rounded up to its
     multiples with zero units (same logits, MACs of the rounded model reported).
     """
     if round_to < 1:
         raise ExportError(f"--round-to: must be a whole number >= 1, e.g. 8 or 16 (got {round_to})")
+    if register and registrar is None:
+        raise ExportError(f"--register {register}: no model registry was given: pass "
+                          "registrar=p3b_search.tracking.registry.register_model (search.py export does)")
     study = read_study(study_dir)
     out_dir = Path(out_dir).resolve()
     _check_target(out_dir, overwrite)
@@ -338,7 +314,10 @@ def export_trial(study_dir: str | Path, pick: Pick, out_dir: str | Path, registe
             shutil.rmtree(staging)
     version = None
     if register:
-        version = register_model(chosen.model, study.tracking_uri, chosen.run_id, register,
-                                 [out_dir / CARD_FILE, out_dir / ARCH_FILE])
+        try:
+            version = registrar(chosen.model, _example(chosen.model).numpy(), study.tracking_uri,
+                                     chosen.run_id, register, [out_dir / CARD_FILE, out_dir / ARCH_FILE])
+        except RegistryError as error:
+            raise ExportError(str(error)) from None
     return ExportResult(out_dir, chosen.number, sorted(files), dataclasses.replace(report, folder=str(out_dir)),
                         notes, version)

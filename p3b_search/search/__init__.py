@@ -1,16 +1,15 @@
-"""The search layer: study files, the search space, the Ray Tune runner, the Pareto front and
-the Parquet results.
+"""The search layer: Optuna and Ray only, on top of the study layer (``p3b_search.study``).
 
-Modules (import what you need; only :mod:`.runner`, :mod:`.searcher`, :mod:`.trainable` and
-:mod:`.early_stopping` import Ray):
+Modules (import what you need):
 
-* :mod:`.schema` -- the study file (``load_study``, ``trial_config``, ``StudyError``), the grid
-* :mod:`.space` -- Optuna distributions, define-by-run sampling, the reference trial
-* :mod:`.samplers` -- the Optuna samplers by name (a registry) and a user's ``module:Class``
-* :mod:`.compare` -- the method comparison table (``search.py compare``)
-* :mod:`.pareto` -- ``pareto_mask``, ``hypervolume``, ``knee_index``
-* :mod:`.results` -- ``trials.parquet`` and ``allocations.parquet``
-* :mod:`.layout` -- the files of a study folder
-* :mod:`.runner` -- ``run_study`` (driver), :mod:`.searcher` -- Optuna behind Ray Tune,
-  :mod:`.trainable` -- what runs in a Ray worker, :mod:`.early_stopping` -- hopeless trials
+* :mod:`.preflight` -- machine-side checks before a study starts (paths, resources, cluster)
+* :mod:`.runner` -- ``run_study``: Ray start-up, the Tuner, resume (the driver)
+* :mod:`.progress` -- the driver's live session and the Ray Tune callback (tables, front, console)
+* :mod:`.searcher` -- Optuna behind Ray Tune; :mod:`.space` -- distributions, define-by-run
+  sampling, the reference trial; :mod:`.samplers` -- the Optuna samplers by name (a registry)
+  and a user's ``module:Class``
+* :mod:`.trainable` -- what runs in a Ray worker; :mod:`.early_stopping` -- hopeless trials
+
+It never imports ``p3b_search.tracking``: a tracker reaches the runner as a
+``p3b_search.study.tracking.StudyTracking`` (see ``p3b_search.launch``).
 """

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from ray.tune.stopper import Stopper
 
-from p3b_search.search.schema import EarlyStopping
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER
+from p3b_search.study.sections import EarlyStopping
 
 STAGES = {0.0: "prune", 1.0: "finetune"}
 STAGE_WORDS = {"prune": "prune-stage", "finetune": "fine-tune"}

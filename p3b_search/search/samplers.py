@@ -22,8 +22,10 @@ from typing import Any, Callable
 
 import optuna
 
-from p3b_search.search.schema import StudyConfig, StudyError, did_you_mean, grid_values
 from p3b_search.search.space import METHOD
+from p3b_search.study.dimensions import grid_values
+from p3b_search.study.messages import StudyError, did_you_mean
+from p3b_search.study.sections import StudyConfig
 
 SamplerFactory = Callable[[StudyConfig, dict[str, Any]], optuna.samplers.BaseSampler]
 """Builds a sampler for a study from the keyword arguments the study gives it (``seed``, options)."""

@@ -38,12 +38,15 @@ from optuna.storages import BaseStorage
 from optuna.trial import FixedTrial, TrialState
 from ray.tune.search import Searcher
 
-from p3b_search.search.results import DUPLICATE_ATTR, FINAL_ATTR, FINAL_METRICS
 from p3b_search.search.samplers import create_sampler
-from p3b_search.search.schema import StudyConfig, StudyError, config_key, grid_point_count, trial_config
-from p3b_search.search.shared_store import open_shared_store
 from p3b_search.search.space import reference_params, suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
+from p3b_search.stores import open_shared_store
+from p3b_search.study.dimensions import config_key, grid_point_count
+from p3b_search.study.messages import StudyError
+from p3b_search.study.results import DUPLICATE_ATTR, FINAL_ATTR, FINAL_METRICS
+from p3b_search.study.sections import StudyConfig
+from p3b_search.study.trials import trial_config
 
 logger = logging.getLogger(__name__)
 

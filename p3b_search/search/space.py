@@ -7,7 +7,7 @@ conditional: a ``method_config.<knob>`` is sampled only when the sampled method 
 (and does not fix it, as dense its prune ratio).
 
 ``sampler: grid`` (:mod:`p3b_search.search.samplers`) is Optuna's ``GridSampler`` over the
-product of every dimension's grid values (:func:`~p3b_search.search.schema.grid_values`). A
+product of every dimension's grid values (:func:`~p3b_search.study.dimensions.grid_values`). A
 grid point whose method lacks a knob samples the same configuration as another point; the
 searcher skips such repeats unrun (see :mod:`p3b_search.search.searcher`).
 """
@@ -20,13 +20,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from p3b_search.methods import get_method
-from p3b_search.search.schema import (
-    Choice,
-    FloatRange,
-    IntRange,
-    StudyConfig,
-    active_keys,
-)
+from p3b_search.study.dimensions import active_keys
+from p3b_search.study.sections import Choice, FloatRange, IntRange, StudyConfig
 
 METHOD = "method"
 _KNOB = "method_config."

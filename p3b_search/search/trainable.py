@@ -1,5 +1,6 @@
 """What runs inside a Ray worker: one trial of the objective, its reports forwarded to Ray Tune,
-the allocation Parquet parts and (when tracking is on) its MLflow child run.
+the allocation Parquet parts and (when the study is tracked) its run on the tracker, opened by
+the :class:`~p3b_search.study.tracking.TrialRunFactory` the driver passed in.
 
 A trial's per-epoch results carry the objective's metrics plus ``trial_finished = False`` and
 the objective keys ``objective_<name> = NaN``; only the last result, sent after the objective
@@ -9,7 +10,7 @@ placeholders exist because Ray Tune checks that every result carries the searche
 
 ``workers_per_trial > 1``: the Tune trial launches a Ray Train ``TorchTrainer`` whose workers
 (gloo on CPU, NCCL on GPU) all run the objective under ``torch.distributed``; rank 0 forwards
-reports, writes allocation parts and logs to MLflow. Reducing pruning statistics across ranks
+reports, writes allocation parts and logs to the tracker. Reducing pruning statistics across ranks
 is the methods' job (``torch.distributed.all_reduce`` when a process group exists).
 """
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from p3b_search.reporting import TrialReporter
-from p3b_search.search.results import AllocationWriter
-from p3b_search.search.schema import StudyConfig, trial_config
+from p3b_search.study.results import AllocationWriter
+from p3b_search.study.sections import StudyConfig
+from p3b_search.study.tracking import TrialRunFactory
+from p3b_search.study.trials import trial_config
 
 TRIAL_NUMBER = "trial_number"
 FINISHED = "trial_finished"
@@ -46,11 +49,11 @@ def objective_key(name: str) -> str:
 
 class TuneTrialReporter(TrialReporter):
     """Forwards one trial's reports: per-epoch results (+ checkpoint) to Ray, allocation rows to
-    Parquet parts, everything to ``downstream`` (the MLflow reporter) when given.
+    Parquet parts, everything to ``downstream`` (the tracker's trial run) when given.
 
     Allocation rows received before the report of epoch ``e`` are written as part ``e``; the
     first epoch reported after a restart drops the parts from that epoch on (see
-    :class:`~p3b_search.search.results.AllocationWriter`).
+    :class:`~p3b_search.study.results.AllocationWriter`).
     """
 
     def __init__(self, report: ReportFn, metric_names: list[str], writer: AllocationWriter | None = None,
@@ -118,20 +121,10 @@ def _train_report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
     ray.train.report(result, checkpoint=checkpoint)
 
 
-def _mlflow_reporter(study: StudyConfig, tracking: dict[str, Any], number: int,
-                     params: dict[str, Any]) -> TrialReporter:
-    """The trial's MLflow child run; ``tracking``: ``tracking_uri``, ``experiment_id`` and
-    ``parent_run_id`` of the study's parent run (made by the driver's ``StudyTracker``)."""
-    from p3b_search.tracking.mlflow_tracker import MlflowTrialReporter
-
-    return MlflowTrialReporter(**tracking, run_name=f"{study.name}-trial-{number:04d}", trial_number=number,
-                               params=params)
-
-
 def run_objective(
     config: dict[str, Any],
     study: StudyConfig,
-    tracking: dict[str, Any] | None,
+    trial_runs: TrialRunFactory | None,
     objective: str,
     report: ReportFn,
     checkpoint: Any,
@@ -139,8 +132,9 @@ def run_objective(
 ) -> None:
     """Run the objective for one trial's Ray config and report through ``report``.
 
+    ``trial_runs``: opens the trial's run on the study tracker (None: untracked);
     ``checkpoint``: the Ray checkpoint to resume from (None for a fresh start); ``lead``:
-    this process writes allocation parts and the MLflow run (rank 0).
+    this process writes allocation parts and the tracker's run (rank 0).
     """
     run = load_objective(objective)  # first: importing it may register methods
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER}
@@ -151,8 +145,8 @@ def run_objective(
     kwargs = {"measure_latency": True} if "latency_ms" in study.metric_names else {}
     with ExitStack() as stack:
         downstream = None
-        if tracking is not None and lead:
-            downstream = stack.enter_context(_mlflow_reporter(study, tracking, number, params))
+        if trial_runs is not None and lead:
+            downstream = stack.enter_context(trial_runs(number, params))
         writer = AllocationWriter(study.layout, number) if lead else None
         reporter = TuneTrialReporter(report, study.metric_names, writer, downstream)
         resume_from = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
@@ -160,14 +154,14 @@ def run_objective(
         reporter.finish(objectives)
 
 
-def tune_trainable(config: dict[str, Any], study: StudyConfig, tracking: dict[str, Any] | None,
+def tune_trainable(config: dict[str, Any], study: StudyConfig, trial_runs: TrialRunFactory | None,
                    objective: str) -> None:
     """The Ray Tune function trainable of a single-process trial."""
     import torch
     from ray import tune
 
     torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
-    run_objective(config, study, tracking, objective, _tune_report, tune.get_checkpoint())
+    run_objective(config, study, trial_runs, objective, _tune_report, tune.get_checkpoint())
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -178,11 +172,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     study = loop_config["study"]
     torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
     rank0 = ray.train.get_context().get_world_rank() == 0
-    run_objective(loop_config["config"], study, loop_config["tracking"], loop_config["objective"],
+    run_objective(loop_config["config"], study, loop_config["trial_runs"], loop_config["objective"],
                   _train_report, ray.train.get_checkpoint(), lead=rank0)
 
 
-def data_parallel_trainable(config: dict[str, Any], study: StudyConfig, tracking: dict[str, Any] | None,
+def data_parallel_trainable(config: dict[str, Any], study: StudyConfig, trial_runs: TrialRunFactory | None,
                             objective: str) -> None:
     """The Ray Tune trainable of a ``workers_per_trial > 1`` trial: a ``TorchTrainer`` run.
 
@@ -199,7 +193,7 @@ def data_parallel_trainable(config: dict[str, Any], study: StudyConfig, tracking
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": dict(config), "study": study,
-                           "tracking": tracking, "objective": objective},
+                           "trial_runs": trial_runs, "objective": objective},
         torch_config=TorchConfig(backend="nccl" if resources.gpu > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=study.workers_per_trial, use_gpu=resources.gpu > 0,
                                      resources_per_worker={"CPU": resources.cpu, "GPU": resources.gpu}),

@@ -1,6 +1,6 @@
 """Tables and figures the MLflow runs carry: a trial's allocation table and keep-ratio heatmap,
 and the method comparison's keep ratio by depth (``search.py compare --out``). The study's
-Pareto front figures live in :mod:`p3b_search.tracking.front_figures` (re-exported here).
+Pareto front figures live in :mod:`p3b_search.study.front_figures`.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state), so they are safe
 in worker threads and headless processes.
@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from p3b_search.methods.allocation import ALLOCATION_KEYS, REQUIRED_ALLOCATION_KEYS
-from p3b_search.tracking.front_figures import pareto_plotly, pareto_png  # noqa: F401  (re-exported)
 
 _KIND_ORDER = {"attn": 0, "mlp": 1}
 

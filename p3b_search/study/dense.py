@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from p3b_search.search.results import is_dense
-from p3b_search.search.schema import MAXIMIZED, StudyConfig
+from p3b_search.config import EMBEDDED_TASKS
+from p3b_search.study.results import is_dense
+from p3b_search.study.sections import MAXIMIZED, StudyConfig
+from p3b_search.units import FLOPS_PER_MAC, value_text
 
 ACCURACIES = ("top1", "top5")
 
@@ -44,8 +46,6 @@ class DenseReference:
 
     def describe(self) -> str:
         """``dense: top-1 93.9 % (study file), 4.61M MACs per image``-style summary."""
-        from p3b_search.units import value_text
-
         known = [f"{name} {value_text(name, self.get(name))}" for name in ("top1", "top5", "macs", "params")
                  if math.isfinite(self.get(name))]
         accuracy = f" (accuracy: {self.source})" if self.source else (
@@ -70,6 +70,34 @@ def dense_accuracy(study: StudyConfig, frame: pd.DataFrame) -> tuple[dict[str, f
 
 def dense_reference(study: StudyConfig, frame: pd.DataFrame, cost: Mapping[str, float]) -> DenseReference:
     """The study's :class:`DenseReference`: ``cost`` (``params``, ``macs``, ``flops`` of the
-    dense model, see ``runner.dense_cost``) and the accuracy of :func:`dense_accuracy`."""
+    dense model, see :func:`dense_cost`) and the accuracy of :func:`dense_accuracy`."""
     accuracy, source = dense_accuracy(study, frame)
     return DenseReference({**cost, **accuracy}, source)
+
+
+def _class_count(study: StudyConfig) -> int:
+    """Classes of the target data set (for the dense model's cost)."""
+    if study.model.num_classes is not None:
+        return study.model.num_classes
+    data = study.data
+    if data.kind in EMBEDDED_TASKS:
+        from p3b_search.data.loaders import embedded_class_count
+
+        return embedded_class_count(data.kind)
+    if data.kind in ("cifar10", "cifar100"):
+        return 10 if data.kind == "cifar10" else 100
+    return sum(1 for p in (data.root / "train").iterdir() if p.is_dir())
+
+
+def dense_cost(study: StudyConfig) -> dict[str, float]:
+    """``params``, ``macs`` and ``flops`` (= 2 x MACs) per image of the dense model, counted on
+    the meta device."""
+    import torch
+
+    from p3b_search.cost import model_cost
+    from p3b_search.models import create_timm_model
+
+    with torch.device("meta"):
+        model = create_timm_model(study.model, _class_count(study))
+    cost = model_cost(model)
+    return {"params": float(cost.params), "macs": float(cost.macs), "flops": float(FLOPS_PER_MAC * cost.macs)}

@@ -25,9 +25,11 @@ import pyarrow as pa
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import get_method
-from p3b_search.search.results import PARAM_PREFIX, read_allocations, write_parquet_atomic
-from p3b_search.search.schema import StudyConfig, StudyError, trial_config
 from p3b_search.stats import CONFIDENCE, Interval, paired_difference, t_interval
+from p3b_search.study.messages import StudyError
+from p3b_search.study.results import PARAM_PREFIX, read_allocations, write_parquet_atomic
+from p3b_search.study.sections import StudyConfig
+from p3b_search.study.trials import trial_config
 
 CORE_METHOD = "p3b"
 REFERENCE_METHOD = "dense"

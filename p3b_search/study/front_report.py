@@ -1,21 +1,21 @@
 """The files that describe the study's front: ``front.png``, ``front.html`` (hover: a trial's
 objectives, parameters and MLflow run), ``front.parquet`` (the front's rows, ``knee`` flag) and
 ``summary.parquet`` (one row: trials finished, front size, hypervolume in objective units and
-normalised, the reference point and the dense reference). The driver writes them to
-``<study>/pareto/`` and the tracker logs the same files to the parent run's ``pareto/``.
+normalised, the reference point and the dense reference), all drawn from one
+:class:`~p3b_search.study.front.ParetoSummary`. The driver writes them to ``<study>/pareto/``
+and the tracker logs the same files to the parent run's ``pareto/``.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from p3b_search.search.dense import DenseReference
-from p3b_search.search.frontier import FrontState
-from p3b_search.tracking.front_figures import pareto_plotly, pareto_png, save_files
+from p3b_search.study.front import ParetoSummary
+from p3b_search.study.front_figures import pareto_plotly, pareto_png, save_files
 from p3b_search.units import value_text
 
 NUMBER_COLUMN, RUN_ID_COLUMN = "number", "mlflow_run_id"
@@ -54,8 +54,7 @@ def _plain(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def summary_table(state: FrontState, directions: Mapping[str, str], reference: Sequence[float],
-                  dense: DenseReference | None) -> pd.DataFrame:
+def summary_table(state: ParetoSummary) -> pd.DataFrame:
     """One row: ``trials_finished``, ``front_size``, ``hypervolume`` (objective units, e.g.
     % x MACs per image), ``hypervolume_normalized`` (1.0 = dense accuracy at zero cost),
     ``knee_trial``, ``reference.<objective>``, ``dense.<objective>`` and ``dense_source``."""
@@ -64,14 +63,15 @@ def summary_table(state: FrontState, directions: Mapping[str, str], reference: S
     row: dict[str, Any] = {"trials_finished": len(state.finished), "front_size": int(state.on_front.sum()),
                            "hypervolume": state.hypervolume, "hypervolume_normalized": state.hypervolume_normalized,
                            "knee_trial": float(knee)}
-    row.update({f"reference.{name}": float(value) for name, value in zip(directions, reference)})
+    row.update({f"reference.{name}": float(value) for name, value in zip(state.directions, state.reference)})
+    dense = state.dense
     if dense is not None:
         row.update({f"dense.{name}": dense.get(name) for name in ("top1", "top5", "macs", "flops", "params")})
         row["dense_source"] = dense.source
     return pd.DataFrame([row])
 
 
-def front_title(study_name: str, state: FrontState) -> str:
+def front_title(study_name: str, state: ParetoSummary) -> str:
     """``quickstart: Pareto front of 8 finished trials (3 on the front), HV 0.71 of dense``."""
     title = (f"{study_name}: Pareto front of {len(state.finished)} finished trials "
              f"({int(state.on_front.sum())} on the front)")
@@ -80,9 +80,9 @@ def front_title(study_name: str, state: FrontState) -> str:
     return title
 
 
-def front_files(state: FrontState, directions: Mapping[str, str], reference: Sequence[float], study_name: str,
-                dense: DenseReference | None = None, link: Callable[[str], str] | None = None) -> dict[str, Any]:
+def front_files(state: ParetoSummary, study_name: str, link: Callable[[str], str] | None = None) -> dict[str, Any]:
     """``{file name: table or figure}`` of :data:`FRONT_FILES`; ``link``: run id -> URL of the run."""
+    directions, dense = dict(state.directions), state.dense
     names = list(directions)
     finished = state.finished
     run_ids = finished[RUN_ID_COLUMN] if RUN_ID_COLUMN in finished.columns else pd.Series([None] * len(finished))
@@ -94,12 +94,11 @@ def front_files(state: FrontState, directions: Mapping[str, str], reference: Seq
         "front.html": pareto_plotly(finished, directions, state.on_front, state.knee, hover, title, dense=dense,
                                     links=links),
         "front.png": pareto_png(finished, directions, state.on_front, state.knee, title, dense=dense),
-        "summary.parquet": summary_table(state, directions, reference, dense),
+        "summary.parquet": summary_table(state),
     }
 
 
-def write_front(folder: str | Path, state: FrontState, directions: Mapping[str, str], reference: Sequence[float],
-                study_name: str, dense: DenseReference | None = None,
+def write_front(folder: str | Path, state: ParetoSummary, study_name: str,
                 link: Callable[[str], str] | None = None) -> list[Path]:
     """Write :func:`front_files` into ``folder`` (the study's ``pareto/``); returns the paths."""
-    return save_files(front_files(state, directions, reference, study_name, dense, link), folder)
+    return save_files(front_files(state, study_name, link), folder)

@@ -1,6 +1,6 @@
 """The study's results as Parquet tables, readable with pandas/pyarrow while the study runs.
 
-``trials.parquet`` (one row per trial that started; written by the driver only; a grid point
+``trials.parquet`` (the one reader is :func:`read_trials`; one row per trial that started; written by the driver only; a grid point
 skipped as a repeat of an earlier trial's configuration is no row)::
 
     number        Optuna trial number (int)
@@ -39,8 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from p3b_search.files import atomic_write
-from p3b_search.search.layout import StudyLayout
-from p3b_search.search.pareto import pareto_mask
+from p3b_search.study.layout import StudyLayout
+from p3b_search.study.messages import StudyError
+from p3b_search.study.pareto import pareto_mask
 from p3b_search.units import FLOPS_PER_MAC
 
 PARAM_PREFIX = "param."
@@ -51,6 +52,8 @@ STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
 FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
 DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the trial it repeats
+#: Columns every trials table has (what a reader of the table may rely on).
+REQUIRED_COLUMNS = ("number", "state", "top1")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -149,11 +152,23 @@ def write_trials(frame: pd.DataFrame, layout: StudyLayout) -> None:
     write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), layout.trials_table)
 
 
-def read_trials(layout: StudyLayout) -> pd.DataFrame:
-    """``trials.parquet`` (empty frame when no trial has started yet)."""
-    if not layout.trials_table.exists():
+def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
+    """``trials.parquet``: an empty frame when no trial has started yet, or with ``must_exist``
+    a one-line :class:`StudyError` when the table is missing, unreadable or lacks the
+    ``number``, ``state`` or ``top1`` column."""
+    path = layout.trials_table
+    if not path.is_file():
+        if must_exist:
+            raise StudyError(f"{path}: no trials table: is {layout.root} a study folder (runs/<study name>)?")
         return pd.DataFrame(columns=["number", "state", *FINAL_METRICS, "pareto"])
-    return pd.read_parquet(layout.trials_table)
+    try:
+        frame = pq.read_table(path).to_pandas()
+    except Exception as error:  # noqa: BLE001  (pyarrow raises several types for corrupt files)
+        raise StudyError(f"{path}: cannot read the trials table ({(str(error).strip() or type(error).__name__).splitlines()[0]})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise StudyError(f"{path}: lacks column(s) {missing} (has {list(frame.columns)})")
+    return frame
 
 
 def annotations_of(frame: pd.DataFrame) -> dict[int, dict[str, Any]]:

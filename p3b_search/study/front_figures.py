@@ -28,7 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from plotly import graph_objects as go
 
-from p3b_search.search.dense import DenseReference
+from p3b_search.study.dense import DenseReference
 from p3b_search.units import COUNTS, column_title, prefix_for, value_text
 
 FRONT_RED, DOMINATED_GREY = "#d62728", "#9e9e9e"

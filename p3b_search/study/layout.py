@@ -5,7 +5,7 @@
     study.yaml           the effective study file (after command-line overrides)
     optuna.db            Optuna storage (SQLite) unless ``storage`` names another database
     mlflow.db, mlartifacts/   embedded MLflow store unless ``tracking.uri`` names a server
-    trials.parquet       one row per trial (see ``p3b_search.search.results``)
+    trials.parquet       one row per trial (see :mod:`p3b_search.study.results`)
     allocations.parquet  one row per sub-block per mask update, merged from allocations/
     allocations/         per-trial parts written by the trials themselves
     pareto/              the front: front.png, front.html, front.parquet, summary.parquet

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from p3b_search.search.dense import DenseReference
+from p3b_search.study.dense import DenseReference
 from p3b_search.units import COUNTS, column_title, prefix_for
 
 PARAM_PREFIX, KNOB_PREFIX = "param.", "method_config."

@@ -1,0 +1,120 @@
+"""Machine-side checks before a study starts: paths, weights, the objective, resources, the
+cluster's address. Each failure is a one-line :class:`~p3b_search.study.messages.StudyError`
+before any compute (the study file itself was checked when it was loaded)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+from p3b_search.config import EMBEDDED_TASKS
+from p3b_search.search.samplers import create_sampler
+from p3b_search.study.messages import StudyError
+from p3b_search.study.sections import StudyConfig
+
+DRIVER_CPU = 0.01  # CPU reserved by a data-parallel trial's own process (it launches the workers)
+
+
+def _check_image_folder(source: str, root: Path) -> None:
+    """``root/train`` and ``root/val`` (or ``validation``) exist and each holds an image in a class folder."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    layout = "expected root/train/<class>/*.jpg and root/val/<class>/*.jpg"
+    suffixes = get_img_extensions(as_set=True)
+    for names in (("train",), ("val", "validation")):
+        split = next((root / name for name in names if (root / name).is_dir()), None)
+        if split is None:
+            raise StudyError(f"{source}: data.root: {root} has no {names[0]}/ folder: {layout}")
+        images = (f for d in split.iterdir() if d.is_dir() for f in d.rglob("*") if f.suffix.lower() in suffixes)
+        if next(images, None) is None:
+            raise StudyError(f"{source}: data.root: {split} holds no images in class folders: {layout}")
+
+
+def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus: int | None = None) -> None:
+    """Machine-side checks before anything starts; one-line :class:`StudyError` on failure."""
+    import timm
+
+    source = study.source
+    create_sampler(study)  # an unknown sampler, or options it refuses: StudyError naming sampler.*
+    if not timm.is_model(study.model.name):
+        raise StudyError(f"{source}: model.name: {study.model.name!r} is not a timm model: pick one from "
+                         "timm.list_models()")
+    if study.data.kind not in EMBEDDED_TASKS and not study.data.root.is_dir():
+        raise StudyError(f"{source}: data.root: folder {study.data.root} does not exist: point it at the data set")
+    if study.data.kind == "imagefolder":
+        _check_image_folder(source, study.data.root)
+    weights = study.model.weights
+    if weights not in (None, "hub", "source-pretrained"):
+        if not Path(weights).is_file():
+            raise StudyError(f"{source}: model.weights: file {weights} does not exist: set a local .pth/.safetensors")
+        from p3b_search.weights import WeightsError, read_state_dict
+
+        try:  # read it once here: a corrupt file fails now, not in every trial
+            read_state_dict(weights)
+        except WeightsError as error:
+            raise StudyError(f"{source}: model.weights: {error}") from None
+    module = objective.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise StudyError(f"{source}: cannot find the objective module {module!r} (from {objective!r}): "
+                         "is the project installed (pip install -e .)?")
+    if address:
+        check_reachable(address)
+        return
+    needed_cpus, needed_gpus = trial_needs(study)
+    cpus = num_cpus or os.cpu_count() or 1
+    if needed_cpus > cpus:
+        raise StudyError(f"{source}: resources_per_trial.cpu: a trial needs {needed_cpus:g} CPUs, local Ray has "
+                         f"{cpus}: lower it (or join a cluster with --address)")
+    if needed_gpus > 0:
+        import torch
+
+        if torch.cuda.device_count() * 1.0 < needed_gpus:
+            raise StudyError(f"{source}: resources_per_trial.gpu: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): set gpu: 0 to run on CPU")
+
+
+def trial_needs(study: StudyConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds while it runs, all its data-parallel workers included."""
+    resources, workers = study.resources_per_trial, study.workers_per_trial
+    return resources.cpu * workers + (DRIVER_CPU if workers > 1 else 0), resources.gpu * workers
+
+
+def cluster_lines(study: StudyConfig, address: str) -> list[str]:
+    """What the joined cluster offers, and a warning when one trial needs more than that now
+    (its trials then wait for nodes to join, e.g. from an autoscaler)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    lines = [f"joined the Ray cluster at {address}: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs"]
+    needed_cpus, needed_gpus = trial_needs(study)
+    if needed_cpus > cpus or needed_gpus > gpus:
+        lines.append(f"warning: one trial needs {needed_cpus:g} CPUs and {needed_gpus:g} GPUs, more than the "
+                     "cluster has now: trials wait until nodes join (or lower resources_per_trial)")
+    return lines
+
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens at ``address`` (``ray.init`` would wait for minutes).
+
+    ``address``: ``HOST:PORT`` or ``ray://HOST:PORT``; ``auto`` (find the local node's cluster) is
+    left to Ray, which fails fast when there is none."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"--address {address}: expected HOST:PORT (the head's GCS port, 6379 by default), "
+                         "ray://HOST:10001 or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise StudyError(f"--address {address}: nothing answers at {host}:{port} ({error.strerror or error}): "
+                         f"start the head node with `ray start --head --port {port}`, or fix --address") from None
+

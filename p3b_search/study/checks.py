@@ -1,0 +1,292 @@
+"""Every check of a study that needs more than one field: all run by
+:func:`p3b_search.study.loading.load_study` before any compute.
+
+Checks raise :class:`~p3b_search.study.messages.FieldError` (path + instruction); the loader
+prefixes the file name. Cross-section rules of a trial (``min_lr`` <= ``lr``, prune epochs
+within the prune stage) live in :func:`p3b_search.study.trials.cross_section_problem` and are
+tried here on the fixed configuration and on every bound of the search space.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from p3b_search.config import TrialConfig
+from p3b_search.methods import available_methods, get_method
+from p3b_search.study.dimensions import MAX_GRID_POINTS, grid_point_count, method_knobs
+from p3b_search.study.messages import FieldError, StudyError, did_you_mean, first_model, got, join_path, message_of
+from p3b_search.study.sections import MAXIMIZED, Choice, FloatRange, IntRange, StudyConfig
+from p3b_search.study.trials import grid_configs, trial_config
+
+_MAX_CROSS_CHECKS = 256
+
+
+def check_study(study: StudyConfig) -> StudyConfig:
+    """Run every check on ``study``; returns it, with ``n_trials`` = the whole grid for a
+    ``sampler: grid`` study whose file omits ``n_trials``. Raises :class:`FieldError`."""
+    _check_study(study)
+    return _with_grid_trials(study) if study.sampler.name == "grid" else study
+
+
+def _method_class(name: str, path: str):
+    try:
+        return get_method(name)
+    except ValueError:
+        names = available_methods()
+        raise FieldError(path, f"unknown pruning method {name!r}: {did_you_mean(name, names)}"
+                                f"choose one of {', '.join(names)}") from None
+
+
+def _check_method_config(cls: Any, knobs: dict[str, Any], path: str) -> None:
+    try:
+        cls.config_cls.model_validate(knobs)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        if first["type"] == "extra_forbidden":
+            knob = str(first["loc"][-1])
+            raise FieldError(f"{path}.{knob}", _not_a_knob(knob, [cls.name])) from None
+        loc = tuple(first["loc"])
+        raise FieldError(join_path((path, *loc)) if loc else path, message_of(first)) from None
+
+
+
+def _not_a_knob(knob: str, methods: list[str]) -> str:
+    owners = [m for m in available_methods() if knob in method_knobs(m)]
+    belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
+    which = f"method {methods[0]!r}" if len(methods) == 1 else f"any of the methods {', '.join(methods)}"
+    knobs = sorted({k for m in methods for k in method_knobs(m)})
+    if not knobs:
+        return f"not a knob of {which}{belongs}: remove it ({which} has no knobs to set)"
+    return (f"not a knob of {which}{belongs}: {did_you_mean(knob, knobs)}"
+            f"remove it or use one of {', '.join(knobs)}")
+
+
+def _check_study(study: StudyConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study.name):
+        raise FieldError("name", f"must be a folder name (letters, digits, '_', '-', '.') (got {study.name!r})")
+    _check_method_section(study)
+    for key, dim in study.search_space.items():
+        _check_dimension(study, key, dim)
+    _check_objectives(study)
+    _check_resources(study)
+    for field, url in (("storage", study.storage), ("tracking.uri", study.tracking.uri)):
+        if url is not None and "://" not in url and not url.startswith("file:"):
+            raise FieldError(field, f"must be a URL such as sqlite:///path/db.sqlite or "
+                                      f"postgresql://host/db (got {url!r})")
+    fixed = _fixed_trial_error(study)
+    if fixed is not None and not study.search_space:
+        raise _at_fixed_field(fixed)
+    for key, dim in study.search_space.items():
+        _check_bounds(study, key, dim, fixed)
+
+
+def _fixed_trial_error(study: StudyConfig) -> StudyError | None:
+    """What is wrong with the fixed configuration alone (nothing sampled), if anything."""
+    try:
+        trial_config(study, {})
+    except StudyError as error:
+        return error
+    return None
+
+
+def _at_fixed_field(error: StudyError) -> FieldError:
+    """``error`` of the fixed configuration, at the field the study file sets (a fixed knob
+    ``method_config.X`` is ``method.config.X`` there)."""
+    field = error.field or "method"
+    if field.startswith("method_config."):
+        field = "method.config." + field.removeprefix("method_config.")
+    return FieldError(field, error.reason or str(error))
+
+
+def _check_method_section(study: StudyConfig) -> None:
+    method_dim = study.search_space.get("method")
+    if method_dim is not None:
+        if not isinstance(method_dim, Choice):
+            raise FieldError("search_space.method", "must be {type: categorical, choices: [method names]}")
+        for i, choice in enumerate(method_dim.choices):
+            _method_class(str(choice), f"search_space.method.choices[{i}]")
+        if study.method.name not in [str(c) for c in method_dim.choices]:
+            raise FieldError("method.name", f"{study.method.name!r} (the reference method) must be one of "
+                                             f"search_space.method.choices: add it there or change method.name")
+    cls = _method_class(study.method.name, "method.name")
+    candidates = study.candidate_methods()
+    if method_dim is None:
+        _check_method_config(cls, study.method.config, "method.config")
+        return
+    for knob in study.method.config:
+        if not any(knob in method_knobs(m) for m in candidates):
+            raise FieldError(f"method.config.{knob}", _not_a_knob(knob, candidates))
+    for method in candidates:
+        knobs = {k: v for k, v in study.method.config.items() if k in method_knobs(method)}
+        _check_method_config(get_method(method), knobs, "method.config")
+
+
+def _field_at(path: str) -> Any:
+    """The pydantic FieldInfo a non-method search-space path addresses (None below a dict field)."""
+    parts = path.split(".")
+    model: Any = TrialConfig
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        where = ".".join(parts[: i + 1])
+        if part not in fields:
+            raise FieldError(f"search_space.{path}", f"{where} is not a field of the trial configuration: "
+                                                      f"{did_you_mean(part, sorted(fields))}use one of "
+                                                      f"{', '.join('.'.join(parts[:i] + [f]) for f in sorted(fields))}")
+        info = fields[part]
+        nested = first_model(info.annotation)
+        if nested is None:
+            if i == len(parts) - 1:
+                return info
+            if getattr(info.annotation, "__origin__", None) is dict and i == len(parts) - 2:
+                return None  # e.g. model.overrides.depth: any key of a free-form mapping
+            raise FieldError(f"search_space.{path}", f"{where} is a value, not a section: search {where} itself")
+        model = nested
+    raise FieldError(f"search_space.{path}", f"{path} is a section, not a value: search one of its fields "
+                                              f"({', '.join(sorted(model.model_fields))})")
+
+
+def _annotation_kinds(annotation: Any) -> set[type]:
+    args = getattr(annotation, "__args__", None)
+    if args and getattr(annotation, "__origin__", None) is not Literal:
+        return set().union(*(_annotation_kinds(a) for a in args))
+    return {annotation} if isinstance(annotation, type) else {object}
+
+
+def _check_dimension(study: StudyConfig, key: str, dim: Any) -> None:
+    path = f"search_space.{key}"
+    if isinstance(dim, (FloatRange, IntRange)):
+        if dim.low > dim.high:
+            raise FieldError(f"{path}.low", f"must be <= high ({got(dim.high)}) (got {got(dim.low)}): swap them")
+        if dim.log and dim.low <= 0:
+            raise FieldError(f"{path}.low", f"must be > 0 with log: true (got {got(dim.low)})")
+        if dim.log and dim.step not in (None, 1):
+            raise FieldError(f"{path}.step", "cannot be combined with log: true: remove one of them")
+        if dim.step is not None:
+            steps = (dim.high - dim.low) / dim.step
+            if not math.isclose(steps, round(steps), abs_tol=1e-9):
+                raise FieldError(f"{path}.high", f"high - low must be a multiple of step ({got(dim.step)}) "
+                                                  f"(got {got(dim.high)})")
+    if isinstance(dim, Choice) and len(set(map(repr, dim.choices))) != len(dim.choices):
+        raise FieldError(f"{path}.choices", f"has duplicates: list each choice once (got {dim.choices})")
+    if key == "method":
+        return
+    if key == "method_config":
+        raise FieldError(path, "name a knob of the method, e.g. method_config.prune_ratio")
+    if key.startswith("method_config."):
+        knob = key.removeprefix("method_config.")
+        candidates = study.candidate_methods()
+        owners = [m for m in candidates if knob in method_knobs(m)]
+        if not owners:
+            raise FieldError(path, _not_a_knob(knob, candidates))
+        if knob in study.method.config:
+            raise FieldError(path, f"{knob} is also fixed in method.config: remove it from one of the two")
+        fields = [get_method(m).config_cls.model_fields[knob] for m in owners]
+    else:
+        info = _field_at(key)
+        fields = [] if info is None else [info]
+    for info in fields:
+        kinds = _annotation_kinds(info.annotation)
+        if isinstance(dim, FloatRange) and float not in kinds and object not in kinds:
+            if int in kinds:
+                raise FieldError(f"{path}.type", f"{key} is an integer: use type: int")
+            raise FieldError(f"{path}.type", f"{key} is not a number: use type: categorical")
+        if isinstance(dim, IntRange) and not kinds & {int, float, object}:
+            raise FieldError(f"{path}.type", f"{key} is not a number: use type: categorical")
+
+
+def _bound_values(dim: Any) -> list[tuple[str, Any]]:
+    """(sub-path, value) of a dimension's extremes: low and high, or every choice."""
+    if isinstance(dim, Choice):
+        return [(f"choices[{i}]", c) for i, c in enumerate(dim.choices)]
+    return [("low", dim.low), ("high", dim.high)]
+
+
+def _check_bounds(study: StudyConfig, key: str, dim: Any, fixed: StudyError | None) -> None:
+    """Every bound must give a valid trial configuration for some corner of the other dimensions.
+
+    Field constraints (``prune_ratio < 1``) fail for every corner; a cross-field rule of a
+    method (start epoch <= finalize epoch) fails only when no corner of the other searched
+    knobs (their low/high or choices) makes the bound valid. A bound that fails exactly as the
+    fixed configuration does (``fixed``), at a field nobody searches, is the fixed
+    configuration's fault: the error names that field.
+    """
+    others = [(k, d) for k, d in study.search_space.items() if k != key]
+    corners = itertools.product(*([v for _, v in _bound_values(d)] for _, d in others))
+    corners = list(itertools.islice(corners, _MAX_CROSS_CHECKS))
+    for sub, value in _bound_values(dim):
+        first_error = None
+        for corner in corners:
+            params = {k: v for (k, _), v in zip(others, corner)}
+            params[key] = value
+            if "method" in params:
+                knobs = method_knobs(str(params["method"]))
+                if key.startswith("method_config.") and key.removeprefix("method_config.") not in knobs:
+                    continue
+                params = {k: v for k, v in params.items()
+                          if not k.startswith("method_config.") or k.removeprefix("method_config.") in knobs}
+            try:
+                trial_config(study, params)
+                first_error = None
+                break
+            except StudyError as error:
+                first_error = first_error or error
+        if first_error is not None:
+            if (fixed is not None and first_error.field not in study.search_space
+                    and (first_error.field, first_error.reason) == (fixed.field, fixed.reason)):
+                raise _at_fixed_field(fixed)
+            reason = first_error.reason
+            if first_error.field != key:
+                reason = f"gives no valid trial: {first_error.field}: {reason}"
+            raise FieldError(f"search_space.{key}.{sub}", reason)
+
+
+def _check_objectives(study: StudyConfig) -> None:
+    seen: set[str] = set()
+    for i, objective in enumerate(study.objectives):
+        if objective.name in seen:
+            raise FieldError(f"objectives[{i}].name", f"{objective.name} is listed twice: remove one")
+        seen.add(objective.name)
+        natural = "maximize" if objective.name in MAXIMIZED else "minimize"
+        if objective.direction not in (None, natural):
+            raise FieldError(f"objectives[{i}].direction",
+                              f"{objective.name} is always {natural}d: set {natural} or remove direction")
+        if objective.name == "latency_ms" and objective.reference is None:
+            raise FieldError(f"objectives[{i}].reference", "latency_ms needs a reference (the milliseconds "
+                                                            "a useful model must beat, e.g. the dense model's)")
+
+
+def _check_resources(study: StudyConfig) -> None:
+    gpu = study.resources_per_trial.gpu
+    if gpu > 1 and not float(gpu).is_integer():
+        raise FieldError("resources_per_trial.gpu", f"fractions are only possible below 1 GPU (got {got(gpu)})")
+    if gpu > 1:
+        raise FieldError("resources_per_trial.gpu", f"is per worker: set gpu: 1 and workers_per_trial: "
+                                                     f"{int(gpu)} for a data-parallel trial (got {got(gpu)})")
+
+
+
+def _with_grid_trials(study: StudyConfig) -> StudyConfig:
+    """Check a ``sampler: grid`` study (finite dimensions, a grid of runnable size, ``n_trials``
+    within it); returns it with ``n_trials`` = the whole grid when the file omits ``n_trials``."""
+    for key, dim in study.search_space.items():
+        if isinstance(dim, FloatRange) and dim.step is None:
+            raise FieldError(f"search_space.{key}", "sampler grid needs the values of every dimension: add "
+                                                     "step (without log: true) or list them with type: categorical")
+    points = grid_point_count(study)
+    if points > MAX_GRID_POINTS:
+        raise FieldError("search_space", f"the grid has {points} points (at most {MAX_GRID_POINTS}): use coarser "
+                                          "steps, fewer choices or another sampler")
+    size = len(grid_configs(study))
+    if size == 0:
+        raise FieldError("search_space", "no point of the grid is a valid trial configuration: widen the grid "
+                                          "(see search_space for each method's knobs)")
+    if "n_trials" not in study.model_fields_set:
+        return study.model_copy(update={"n_trials": size})
+    if study.n_trials > size:
+        raise FieldError("n_trials", f"{study.n_trials} is more than the grid's {size} distinct trial "
+                                      f"configurations: set n_trials: {size} or fewer (or omit it: the whole grid)")
+    return study

@@ -1,0 +1,282 @@
+"""The study's parent run on MLflow (driver side): created or reopened, the Pareto summary it is
+given published on it, trials' runs ended when their workers could not, stuck runs cleaned up.
+
+::
+
+    tracker = StudyTracker(uri, experiment_name, study_name, artifact_location)
+    with tracker:                                   # Ctrl-C / crash: leftover runs -> KILLED/FAILED
+        tracker.start(study_file, space, sampler, {"top1": "maximize", "macs": "minimize"}, resume=False)
+        factory = tracker.run_factory()             # the workers open their child runs with it
+        ...
+        tracker.publish_front(pareto_summary(trials, {"top1": "maximize", "macs": "minimize"}, [0.0, dense_macs]))
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from p3b_search.stores import open_shared_store
+from p3b_search.study.front import ParetoSummary
+from p3b_search.study.front_figures import save_files
+from p3b_search.study.front_report import front_files
+from p3b_search.tracking.client import (
+    LOCAL_UI,
+    PARENT_TAG,
+    PARETO_TAG,
+    REASON_TAG,
+    RUN_ID_COLUMN,
+    RUN_STATUS,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    check_server,
+    json_default,
+    log_batch,
+    now_ms,
+    param,
+    quote,
+    search_all,
+    tag,
+    ui_url,
+    upload_files,
+)
+from p3b_search.tracking.trial_run import ChildRunFactory
+
+logger = logging.getLogger(__name__)
+
+#: Column of the trials table that finds a child run by trial number.
+NUMBER_COLUMN = "number"
+ARTIFACT_DIR_PARETO = "pareto"
+
+
+class StudyTracker:
+    """Driver side: the study's parent run, the Pareto summary published on it, and clean-up of stuck runs.
+
+    ``tracking_uri``: ``sqlite:///<study>/mlflow.db`` (embedded default) or a tracking server
+    URL. ``artifact_location`` is used when the experiment is created (embedded default:
+    ``<study>/mlartifacts``); an existing experiment keeps its own.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, study_name: str,
+                 artifact_location: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.study_name = study_name
+        self.artifact_location = artifact_location
+        # an SQL store creates its tables here; another study may be creating them too
+        self.client = open_shared_store(lambda: MlflowClient(tracking_uri), tracking_uri, "MLflow tracking store")
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._closed = False
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def start(self, study_file: Path, space: Mapping[str, Any], sampler: str,
+              objectives: Mapping[str, str] | Sequence[tuple[str, str]], resume: bool = False) -> str:
+        """Create the parent run (or, with ``resume``, reuse the study's existing one and fail its
+        runs left RUNNING by the interrupted process); returns the parent run id.
+
+        ``space``: parameter name -> its distribution/spec (logged as JSON); ``objectives``:
+        name -> "maximize"/"minimize", in the study's order.
+        """
+        objectives = dict(objectives)
+        check_server(self.tracking_uri)
+        try:
+            self.experiment_id = open_shared_store(self._experiment_id, self.tracking_uri, "MLflow experiment")
+            existing = search_all(self.client, self.experiment_id, f"tags.`{STUDY_TAG}` = '{quote(self.study_name)}'")
+        except MlflowException as error:
+            raise RuntimeError(
+                f"cannot use MLflow tracking store {self.tracking_uri!r}: {error.message.splitlines()[0]} "
+                "(check tracking.uri in the study file, or that the server is running)"
+            ) from None
+        if existing and not resume:
+            raise ValueError(
+                f"experiment {self.experiment_name!r} already holds study {self.study_name!r} "
+                f"(run {existing[0].info.run_id}): resume it, or choose another study name"
+            )
+        if existing:
+            self.parent_run_id = max(existing, key=lambda run: run.info.start_time).info.run_id
+            self.fail_stuck_runs("FAILED", "the study process ended while this trial ran (marked on resume)")
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+            self.client.set_tag(self.parent_run_id, "p3b.resumed_at_ms", now_ms())
+        else:
+            if resume:
+                logger.warning("MLflow: no parent run of study %r in experiment %r; starting a new one",
+                               self.study_name, self.experiment_name)
+            self._create_parent(Path(study_file), space, sampler, objectives)
+        self._closed = False
+        atexit.register(self._close_at_exit)
+        return self.parent_run_id
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        if experiment.lifecycle_stage != "active":
+            raise ValueError(
+                f"MLflow experiment {self.experiment_name!r} is deleted: restore it "
+                f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or set another name"
+            )
+        return experiment.experiment_id
+
+    def _create_parent(self, study_file: Path, space: Mapping[str, Any], sampler: str,
+                       objectives: dict[str, str]) -> None:
+        objectives_text = ", ".join(f"{name}:{direction}" for name, direction in objectives.items())
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags={
+            STUDY_TAG: self.study_name, "p3b.sampler": sampler, "p3b.objectives": objectives_text,
+        })
+        self.parent_run_id = run.info.run_id
+        space_json = {name: json.loads(json.dumps(spec, default=json_default)) for name, spec in space.items()}
+        params = [param("sampler", sampler), param("objectives", objectives_text),
+                  *(param(f"space.{name}", json.dumps(spec, sort_keys=True)) for name, spec in space_json.items())]
+        log_batch(self.client, self.parent_run_id, params=params)
+        self.client.log_artifact(self.parent_run_id, str(study_file), "study")
+        self.client.log_dict(self.parent_run_id, {
+            "study": self.study_name, "sampler": sampler, "objectives": objectives, "space": space_json,
+        }, "study/search_space.json")
+
+    def run_factory(self) -> ChildRunFactory:
+        """What opens a trial's child run in a worker (plain, picklable)."""
+        if self.parent_run_id is None:
+            raise RuntimeError("StudyTracker.start() must run before run_factory()")
+        return ChildRunFactory(self.tracking_uri, self.experiment_id, self.parent_run_id, self.study_name)
+
+    def child_run_args(self, trial_number: int, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of :class:`MlflowTrialReporter` for one trial (plain, picklable)."""
+        return self.run_factory().run_args(trial_number, params)
+
+    def end_trial(self, trial_number: int, state: str, reason: str | None = None) -> str | None:
+        """Set the end ``state`` (finished / stopped / failed) of a trial whose worker could not,
+        e.g. one stopped early by the search or lost with its worker; returns its run id (None
+        when the trial has no child run). A run that already ended keeps its status."""
+        if state not in RUN_STATUS:
+            raise ValueError(f"trial state {state!r}: use one of {', '.join(RUN_STATUS)}")
+        runs = search_all(self.client, self.experiment_id,
+                           f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.{TRIAL_TAG} = '{trial_number}'")
+        for run in runs:
+            if run.info.status == "RUNNING":
+                tags = [tag(STATE_TAG, state)] + ([tag(REASON_TAG, reason)] if reason else [])
+                log_batch(self.client, run.info.run_id, tags=tags)
+                self.client.set_terminated(run.info.run_id, RUN_STATUS[state])
+        return runs[0].info.run_id if runs else None
+
+    def fail_stuck_runs(self, status: str = "KILLED", reason: str = "the study stopped before the trial ended") -> list[str]:
+        """Mark this study's child runs still RUNNING as ``status`` (KILLED or FAILED), with the
+        trial state and ``reason`` as tags; returns their run ids. Runs of other studies in the
+        same experiment are never touched (they may be running now)."""
+        state = "failed" if status == "FAILED" else "stopped"
+        stuck = search_all(self.client, self.experiment_id,
+                            f"tags.{PARENT_TAG} = '{self.parent_run_id}' and attributes.status = 'RUNNING'")
+        for run in stuck:
+            log_batch(self.client, run.info.run_id, tags=[tag(STATE_TAG, state), tag(REASON_TAG, reason)])
+            self.client.set_terminated(run.info.run_id, status)
+        if stuck:
+            logger.warning("MLflow: marked %d run(s) of study %r left RUNNING as %s", len(stuck), self.study_name, status)
+        return [run.info.run_id for run in stuck]
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the parent run with ``status`` (FINISHED, KILLED, FAILED) after marking children
+        still RUNNING as KILLED. Safe to call twice; store errors only warn."""
+        if self._closed or self.parent_run_id is None:
+            return
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        try:
+            self.fail_stuck_runs("KILLED", f"the study ended ({status}) before the trial did")
+            self.client.set_terminated(self.parent_run_id, status)
+        except (MlflowException, OSError) as error:
+            logger.warning("MLflow: could not close study run %s: %s", self.parent_run_id, error)
+
+    def _close_at_exit(self) -> None:
+        self.close("KILLED")
+
+    def __enter__(self) -> "StudyTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        else:
+            self.close("KILLED" if issubclass(exc_type, (KeyboardInterrupt, SystemExit)) else "FAILED")
+
+    # ----------------------------------------------------------------------------- front
+    def run_link(self, run_id: str) -> str:
+        """Where ``run_id`` opens in the MLflow UI: on the tracking server, or for the embedded store
+        on ``search.py ui``'s default address (:data:`LOCAL_UI`)."""
+        server = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+        return ui_url(server, self.experiment_id, run_id)
+    def publish_front(self, summary: ParetoSummary, save_to: str | Path | None = None) -> ParetoSummary:
+        """Publish ``summary`` (computed by the caller) on the parent run; returns it with each
+        finished row's child run id in ``mlflow_run_id``.
+
+        ``summary.finished`` needs a ``number`` (the trial number passed to
+        :meth:`child_run_args`) and/or ``mlflow_run_id`` column. Logs
+        ``pareto/front.parquet|.html|.png`` and ``pareto/summary.parquet``, the metrics
+        ``hypervolume``, ``hypervolume_normalized`` (when the dense accuracy is known),
+        ``front_size`` and ``trials_finished`` at step = trials finished, and moves the
+        ``pareto`` tags; ``save_to``: also write the files there. Store errors only warn: the
+        study goes on.
+        """
+        finished = summary.finished
+        if NUMBER_COLUMN not in finished.columns and RUN_ID_COLUMN not in finished.columns:
+            raise ValueError(f"trials table needs a {NUMBER_COLUMN!r} or {RUN_ID_COLUMN!r} column to find the child runs")
+        try:
+            summary = summary.with_columns(**{RUN_ID_COLUMN: self._run_ids(finished)})
+            self._move_pareto_tags(set(summary.front[RUN_ID_COLUMN].dropna()))
+            files = front_files(summary, self.study_name, self.run_link)
+            self._publish_front(files, summary)
+        except (MlflowException, OSError) as error:
+            logger.warning("MLflow: could not publish the Pareto front of study %r: %s", self.study_name, error)
+            files = front_files(summary, self.study_name)
+        if save_to is not None:
+            save_files(files, save_to)
+        return summary
+
+    def child_run_ids(self) -> dict[int, str]:
+        """Trial number -> child run id, for every trial whose worker has started its run (a
+        worker learns its run id asynchronously, so the driver may not have it yet)."""
+        runs = search_all(self.client, self.experiment_id, f"tags.{PARENT_TAG} = '{self.parent_run_id}'")
+        return {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
+
+    def _run_ids(self, trials: pd.DataFrame) -> list[str | None]:
+        """The child run of each row: its ``mlflow_run_id`` when given, else found by trial number."""
+        by_number = self.child_run_ids()
+        given = trials[RUN_ID_COLUMN] if RUN_ID_COLUMN in trials.columns else pd.Series([None] * len(trials))
+        numbers = trials[NUMBER_COLUMN] if NUMBER_COLUMN in trials.columns else pd.Series([None] * len(trials))
+        return [
+            run_id if isinstance(run_id, str) and run_id else by_number.get(None if pd.isna(n) else int(n))
+            for run_id, n in zip(given, numbers)
+        ]
+
+    def _move_pareto_tags(self, front_run_ids: set[str]) -> None:
+        """``pareto=true`` on the front's child runs, ``pareto=false`` on those pushed off it."""
+        tagged = {run.info.run_id for run in search_all(
+            self.client, self.experiment_id, f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.{PARETO_TAG} = 'true'")}
+        for run_id in tagged - front_run_ids:
+            self.client.set_tag(run_id, PARETO_TAG, "false")
+        for run_id in front_run_ids - tagged:
+            self.client.set_tag(run_id, PARETO_TAG, "true")
+
+    def _publish_front(self, files: Mapping[str, Any], state: ParetoSummary) -> None:
+        n = len(state.finished)
+        upload_files(self.client, self.parent_run_id, files, ARTIFACT_DIR_PARETO)
+        timestamp = now_ms()
+        metrics = [Metric("hypervolume", state.hypervolume, timestamp, n),
+                   Metric("front_size", float(state.on_front.sum()), timestamp, n),
+                   Metric("trials_finished", float(n), timestamp, n)]
+        if np.isfinite(state.hypervolume_normalized):
+            metrics.append(Metric("hypervolume_normalized", state.hypervolume_normalized, timestamp, n))
+        front = state.front
+        log_batch(self.client, self.parent_run_id, metrics=metrics,
+                   tags=[tag("pareto.knee_run_id", run_id) for run_id in front.loc[front["knee"], RUN_ID_COLUMN]
+                         if isinstance(run_id, str)])
+

@@ -1,0 +1,47 @@
+"""MLflow as the study's tracker: the :class:`~p3b_search.study.tracking.StudyTracking` the
+command line hands to the runner (the search layer never imports this package)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from p3b_search.study.front import ParetoSummary
+from p3b_search.study.messages import StudyError
+from p3b_search.study.sections import StudyConfig
+from p3b_search.tracking.study_run import StudyTracker
+from p3b_search.tracking.trial_run import ChildRunFactory
+
+
+class MlflowStudyTracking:
+    """The study's parent run (opened by :meth:`start`), its front, its trials' child runs."""
+
+    def __init__(self) -> None:
+        self.tracker: StudyTracker | None = None
+
+    def start(self, study: StudyConfig, resume: bool) -> ChildRunFactory:
+        """Open the study's parent run (embedded store: in the study folder; reopened with
+        ``resume``); a one-line :class:`StudyError` when the store cannot be used."""
+        embedded = study.tracking.uri is None
+        self.tracker = StudyTracker(study.tracking_uri, experiment_name=study.name, study_name=study.name,
+                                    artifact_location=study.layout.mlflow_artifacts.as_uri() if embedded else None)
+        space = {key: dim.model_dump() for key, dim in study.search_space.items()}
+        try:
+            self.tracker.start(study.layout.study_file, space, study.sampler.name,
+                               dict(zip(study.metric_names, study.directions)), resume=resume)
+        except (RuntimeError, ValueError) as error:  # the tracker's one-line messages
+            raise StudyError(f"{study.source}: tracking: {error}") from None
+        return self.tracker.run_factory()
+
+    def publish_front(self, summary: ParetoSummary, save_to: Path | None = None) -> ParetoSummary:
+        return self._started().publish_front(summary, save_to)
+
+    def end_trial(self, number: int, state: str, reason: str | None = None) -> str | None:
+        return self._started().end_trial(number, state, reason)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.tracker is not None:
+            self.tracker.close(status)
+
+    def _started(self) -> StudyTracker:
+        if self.tracker is None:
+            raise RuntimeError("MlflowStudyTracking.start() must run first")
+        return self.tracker
