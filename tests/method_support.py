@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from p3b_search.config import StageConfig, TrainingConfig
 from p3b_search.methods.base import PruningMethod
-from p3b_search.training.hooks import StepInfo, TrainingHooks
+from p3b_search.methods.hooks import StepInfo, TrainingHooks
 from p3b_search.training.loop import build_optimizer
 
 NUM_CLASSES = 4

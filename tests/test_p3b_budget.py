@@ -8,14 +8,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from p3b_search.methods.p3b.budget import (
-    BudgetAllocation,
-    KeepRatioRamp,
-    allocate_budget,
-    block_importance,
-    block_params_target,
-    solve_keep_ratios,
-)
+from p3b_search.methods.p3b.budget import BudgetAllocation, allocate_budget, block_importance, solve_keep_ratios
+from p3b_search.methods.ramp import KeepRatioRamp
+from p3b_search.methods.target import block_params_target
 
 
 def softplus(x: float) -> float:

@@ -16,7 +16,7 @@ from p3b_search.methods import get_method
 from p3b_search.methods.allocation import ALLOCATION_KEYS
 from p3b_search.methods.p3b import P3B, P3BConfig
 from p3b_search.methods.p3b.benefit import BlockBenefit
-from p3b_search.training.hooks import StepInfo
+from p3b_search.methods.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer, train_stage
 from p3b_search.training.rng import seed_everything
 from tests.method_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401

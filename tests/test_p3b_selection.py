@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from p3b_search.cost import model_cost
-from p3b_search.methods.p3b.selection import (
+from p3b_search.methods.selection import (
     P3B_GROUPS,
     TauSchedule,
     UnitLayout,
@@ -109,7 +109,7 @@ def test_soft_mask_puts_exactly_the_removed_units_below_one_half():
     order = torch.randperm(layout_size)
     kept = torch.ones(layout_size, dtype=torch.bool)
     kept[order[:removed]] = False
-    from p3b_search.methods.p3b.selection import Selection
+    from p3b_search.methods.selection import Selection
 
     sel = Selection(order, removed, kept, torch.zeros(1))
     values = soft_mask(sel, tau=0.1)

@@ -10,7 +10,7 @@ from p3b_search.methods import get_method
 from p3b_search.cost import model_cost
 from p3b_search.methods.s2vite import S2ViTE, S2ViTEConfig, count_masks, kept_units, solve_densities
 from p3b_search.surgery import get_adapter
-from p3b_search.training.hooks import StepInfo
+from p3b_search.methods.hooks import StepInfo
 from p3b_search.training.loop import build_optimizer
 from tests.conftest import make_model
 from tests.method_support import batch, drive, make, regrown_update_sizes, small_swin, small_vit

@@ -14,7 +14,7 @@ from p3b_search.data import build_loaders
 from p3b_search.models import create_timm_model
 from p3b_search.training import checkpoint as checkpoint_module
 from p3b_search.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from p3b_search.training.hooks import StepInfo, TrainingHooks
+from p3b_search.methods.hooks import StepInfo, TrainingHooks
 from p3b_search.training.loop import evaluate, resolve_device, train_stage
 from p3b_search.training.rng import rng_state, seed_everything, set_rng_state
 from p3b_search.training.schedule import build_scheduler, lr_multiplier, scaled_lr

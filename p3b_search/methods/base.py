@@ -1,6 +1,6 @@
 """The protocol every pruning method implements, and the registry of methods by name.
 
-A method is a :class:`~p3b_search.training.hooks.TrainingHooks` for the *prune stage*, plus
+A method is a :class:`~p3b_search.methods.hooks.TrainingHooks` for the *prune stage*, plus
 ``prepare`` (before the optimizer exists), ``finalize`` (end of the prune stage: a pruned model
 without gates or auxiliary heads) and ``finetune_hooks`` (what the *fine-tune stage* needs, e.g.
 keeping unstructured zeros at zero). Methods know nothing of Optuna, Ray or MLflow: per mask
@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from p3b_search.training.hooks import TrainingHooks
+from p3b_search.methods.hooks import TrainingHooks
 
 
 class MethodConfig(BaseModel):

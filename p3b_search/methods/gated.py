@@ -2,7 +2,7 @@
 schedule, cost accounting, allocation rows, state, and the finalize step that shrinks the model.
 
 A gated method keeps the model dense during the prune stage and expresses pruning as gate
-values (soft or 0/1) on the units of :data:`~p3b_search.methods.p3b.selection.P3B_GROUPS`.
+values (soft or 0/1) on the units of :data:`~p3b_search.methods.selection.P3B_GROUPS`.
 At the finalize step the gates are made hard; :meth:`GatedPruning.finalize` removes the gates
 and returns ``shrink_model`` of the hard masks (sub-blocks with nothing left are skipped).
 
@@ -21,9 +21,10 @@ from torch import nn
 from p3b_search.cost import SubBlockCost, dense_sub_block_params, model_cost, sub_block_cost
 from p3b_search.methods.allocation import allocation_row
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
-from p3b_search.methods.p3b.budget import KeepRatioRamp, block_params_target
-from p3b_search.methods.p3b.schedule import PruneSchedule
-from p3b_search.methods.p3b.selection import (
+from p3b_search.methods.target import block_params_target
+from p3b_search.methods.ramp import KeepRatioRamp
+from p3b_search.methods.schedule import PruneSchedule
+from p3b_search.methods.selection import (
     TauSchedule,
     UnitLayout,
     normalised_ranks,
@@ -31,10 +32,10 @@ from p3b_search.methods.p3b.selection import (
     taylor_terms,
     walk_threshold,
 )
-from p3b_search.methods.p3b.window import WindowedSum
+from p3b_search.methods.window import WindowedSum
 from p3b_search.surgery import BlockMasks, GateSet, ModelAdapter, attach_gates, get_adapter, shrink_model
 from p3b_search.surgery.gates import masked_sizes
-from p3b_search.training.hooks import StepInfo
+from p3b_search.methods.hooks import StepInfo
 
 NAN = float("nan")
 

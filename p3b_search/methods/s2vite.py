@@ -67,7 +67,7 @@ from p3b_search.surgery import (
     get_adapter,
     shrink_model,
 )
-from p3b_search.training.hooks import StepInfo
+from p3b_search.methods.hooks import StepInfo
 
 #: the unit group S²ViTE prunes in each kind of sub-block
 UNIT_GROUP = {"attn": "heads", "mlp": "hidden"}

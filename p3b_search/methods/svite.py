@@ -50,7 +50,7 @@ from p3b_search.methods.sparsity import (
 )
 from p3b_search.methods.target import kept_target
 from p3b_search.surgery import ModelAdapter, get_adapter
-from p3b_search.training.hooks import StepInfo
+from p3b_search.methods.hooks import StepInfo
 
 
 class PruneGrowConfig(MethodConfig):

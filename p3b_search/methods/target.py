@@ -12,6 +12,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Callable
 
+import torch
+
 from p3b_search.cost import masked_params
 from p3b_search.methods.base import PrunedModel
 
@@ -55,3 +57,11 @@ def check_kept(method: str, kept: int, dense: int, prune_ratio: float, fix: str)
             f"{method}: prune_ratio={prune_ratio:g} asks to keep {1.0 - prune_ratio:.3f} of the parameters, "
             f"the closest this configuration reaches is {fraction:.3f}: {fix}"
         )
+
+
+def block_params_target(dense_params: torch.Tensor, never_pruned_params: float, prune_ratio: float) -> float:
+    """Parameters the sub-blocks may keep in total: ``(1-p)(sum(W) + W_nb) - W_nb``.
+
+    ``never_pruned_params`` = 0 gives the "block parameters only" variant (p of the blocks)."""
+    total = float(dense_params.sum()) + never_pruned_params
+    return (1.0 - prune_ratio) * total - never_pruned_params

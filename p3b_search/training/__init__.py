@@ -1,4 +1,4 @@
-"""Training: the stage loop and evaluation (``loop``), method hooks (``hooks``), LR schedules
-(``schedule``), full-state checkpoints (``checkpoint``), seeds (``rng``), the source-domain
-pretraining (``pretrain``) and models built with their weights (``build``). Submodules are
-imported explicitly, keeping ``p3b_search.training.hooks`` light for the methods."""
+"""Training: the stage loop and evaluation (``loop``), LR schedules (``schedule``), full-state
+checkpoints (``checkpoint``), seeds (``rng``), the source-domain pretraining (``pretrain``) and
+models built with their weights (``build``). The points where a method plugs into the loop are
+``p3b_search.methods.hooks``. Submodules are imported explicitly."""

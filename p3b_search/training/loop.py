@@ -4,7 +4,7 @@ One stage = AdamW (no weight decay on biases, norms, position embeddings and cla
 tokens, as timm groups them) + the method's extra parameter groups, LR scaled by the effective
 batch (see :mod:`p3b_search.training.schedule`, stepped per optimizer update), label smoothing
 or timm mixup/cutmix, gradient accumulation, bf16 autocast on CUDA, and the method's hooks in
-the order documented in :mod:`p3b_search.training.hooks`. After each epoch:
+the order documented in :mod:`p3b_search.methods.hooks`. After each epoch:
 ``hooks.on_epoch_end`` -> evaluation -> full-state checkpoint -> ``on_epoch_end`` callback.
 
 Reproducibility: call :func:`~p3b_search.training.rng.seed_everything` before building the
@@ -41,7 +41,7 @@ from p3b_search.distributed import (
     sum_across_ranks,
 )
 from p3b_search.training.checkpoint import load_checkpoint, save_checkpoint
-from p3b_search.training.hooks import StepInfo, TrainingHooks
+from p3b_search.methods.hooks import StepInfo, TrainingHooks
 from p3b_search.training.rng import rng_state, set_rng_state
 from p3b_search.training.schedule import build_scheduler, scaled_lr
 

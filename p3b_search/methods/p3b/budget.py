@@ -14,7 +14,9 @@ Steps, for each of the cls and patch benefits ``D`` (one value per sub-block, sh
    kappa is clamped to [0, 1]: sub-blocks that reach 1 (or 0) are fixed there and ``s`` is
    re-solved for the others (:func:`solve_keep_ratios`).
 
-Step 7, the ramp from dense to the target, is :class:`KeepRatioRamp`. Everything here is
+Step 7, the ramp from dense to the target, is :class:`p3b_search.methods.ramp.KeepRatioRamp`
+(shared by every gated method); the target of step 6 is
+:func:`p3b_search.methods.target.block_params_target`. Everything here is
 float64 and works on any device.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from p3b_search.methods.target import block_params_target
 
 SOFT_CLAMP_SLOPE = 1.4
 KEPT_PARAMS_EPS = 1e-6
@@ -42,14 +46,6 @@ def block_importance(benefit: torch.Tensor, kept_params: torch.Tensor, scale: fl
     soft = F.softplus(SOFT_CLAMP_SLOPE * u) - F.softplus(SOFT_CLAMP_SLOPE * u - scale)
     importance = soft / (kept_params.to(torch.float64) + KEPT_PARAMS_EPS)
     return importance / importance.mean()
-
-
-def block_params_target(dense_params: torch.Tensor, never_pruned_params: float, prune_ratio: float) -> float:
-    """Parameters the sub-blocks may keep in total: ``(1-p)(sum(W) + W_nb) - W_nb``.
-
-    ``never_pruned_params`` = 0 gives the "block parameters only" variant (p of the blocks)."""
-    total = float(dense_params.sum()) + never_pruned_params
-    return (1.0 - prune_ratio) * total - never_pruned_params
 
 
 def solve_keep_ratios(importance: torch.Tensor, dense_params: torch.Tensor, target_params: float) -> torch.Tensor:
@@ -120,28 +116,3 @@ def allocate_budget(
     importance = alpha * cls_now + (1 - alpha) * patch_now
     target = block_params_target(dense_params, never_pruned_params, prune_ratio)
     return BudgetAllocation(solve_keep_ratios(importance, dense_params, target), importance, cls_now, patch_now)
-
-
-@dataclass(frozen=True)
-class KeepRatioRamp:
-    """Step 7: ``kappa(t) = 1 - (1 - kappa) * min(1, (t + 1 - t_start) / (t_sparse - t_start))``
-    at micro-batch ``t`` (before ``t_start`` the model stays dense; ``t_sparse == t_start``
-    jumps to the target at once)."""
-
-    start_step: int
-    sparse_step: int
-
-    def progress(self, step: int) -> float:
-        """Fraction of the way from dense (0) to the target keep ratios (1)."""
-        span = self.sparse_step - self.start_step
-        if span <= 0:
-            return 1.0 if step + 1 >= self.start_step else 0.0
-        return min(1.0, max(0.0, (step + 1 - self.start_step) / span))
-
-    def __call__(self, keep_ratios: torch.Tensor, step: int) -> torch.Tensor:
-        return ramp_keep_ratios(keep_ratios, self.progress(step))
-
-
-def ramp_keep_ratios(keep_ratios: torch.Tensor, progress: float) -> torch.Tensor:
-    """``1 - (1 - kappa) * progress``: dense at progress 0, the target ``kappa`` at 1."""
-    return 1.0 - (1.0 - keep_ratios) * progress
