@@ -48,6 +48,7 @@ def got(value: Any) -> str:
 
 
 def join_path(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a dotted path: ``("a", 0, "b")`` -> ``a[0].b``."""
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
@@ -55,6 +56,7 @@ def join_path(loc: tuple[Any, ...]) -> str:
 
 
 def did_you_mean(word: str, options: list[str]) -> str:
+    """``"did you mean X? "`` for the option closest to ``word`` ("" when none is close)."""
     close = difflib.get_close_matches(word, options, n=1)
     return f"did you mean {close[0]}? " if close else ""
 
@@ -80,6 +82,7 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
 
 
 def first_model(annotation: Any) -> Any:
+    """The first pydantic model class in a type annotation (None when it holds none)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
@@ -142,12 +145,14 @@ def first_error(error: ValidationError, model: type[BaseModel], prefix: tuple = 
 
 
 def format_params(params: dict[str, Any]) -> str:
+    """Sampled parameters as ``key=value, ...`` for a message."""
     if not params:
         return "no sampled parameters"
     return ", ".join(f"{k}={short_value(v)}" for k, v in params.items())
 
 
 def short_value(value: Any) -> str:
+    """A value for a message: floats to 4 significant digits."""
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
     return got(value)
