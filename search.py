@@ -24,23 +24,6 @@ from pathlib import Path
 EXPORT_COMMANDS = ("export", "bench")
 
 
-def study_folder(name: str, output_dir: str) -> Path:
-    """The study folder NAME refers to: a folder, a study file, or a name under ``output_dir``."""
-    from p3b_search.study.loading import load_study
-    from p3b_search.study.messages import StudyError
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file():
-        return load_study(path).layout.root
-    candidate = Path(output_dir).expanduser() / name
-    if candidate.is_dir():
-        return candidate
-    raise StudyError(f"study {name!r}: no study folder {candidate}: pass the folder printed by `search.py run`, "
-                     "the study file, or set --output-dir to where the study ran")
-
-
 def _print_front(outcome) -> None:
     from p3b_search.study.tables import table_text
 
@@ -119,7 +102,7 @@ def _default_objective() -> str:
 
 def _resume(args: argparse.Namespace) -> int:
     from p3b_search.launch import run_study
-    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.loading import study_folder, study_from_folder
 
     _import_objective(args.objective)
     study = study_from_folder(study_folder(args.study, args.output_dir))
@@ -138,7 +121,7 @@ def _finish(outcome) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.study.summary import study_summary
     from p3b_search.study.tables import table_text
 
@@ -154,7 +137,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.study.summary import study_summary
 
     outcome = study_summary(study_from_folder(study_folder(args.study, args.output_dir)))
@@ -176,7 +159,7 @@ def _compare(args: argparse.Namespace) -> int:
         trial_results,
         write_comparison,
     )
-    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.study.results import read_trials
     from p3b_search.tracking.figures import write_comparison_figures
 
@@ -196,7 +179,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.tracking.ui import experiment_route, serve_ui
 
     study = study_from_folder(study_folder(args.study, args.output_dir))

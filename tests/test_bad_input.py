@@ -183,8 +183,8 @@ CLI_CASES = {
                                  "error: study 'nope': no study folder {tmp}/nope: pass the folder printed by "
                                  "`search.py run`, the study file, or set --output-dir to where the study ran"),
     "cli-export-unknown-study": (["export", "nope", "--pick", "knee", "--out", "{tmp}/out", "--output-dir", "{tmp}"],
-                                 "error: study 'nope': no study folder {tmp}/nope (pass the study folder, its study "
-                                 "file, or set --output-dir to where the study ran)"),
+                                 "error: study 'nope': no study folder {tmp}/nope: pass the folder printed by "
+                                 "`search.py run`, the study file, or set --output-dir to where the study ran"),
     "cli-trials-not-a-number": (["run", "studies/quickstart.yaml", "--trials", "ten", "--output-dir", "{tmp}"],
                                 "search.py run: error: argument --trials: must be a whole number >= 1 (got 'ten')"),
     "cli-trials-zero": (["run", "studies/quickstart.yaml", "--trials", "0", "--output-dir", "{tmp}"],

@@ -25,25 +25,15 @@ if TYPE_CHECKING:
     from p3b_search.export.writer import ModelRegistrar
 
 
-def study_folder(name: str, output_dir: str) -> Path:
-    """The study folder ``name`` refers to (see the module docstring), resolved as the other
-    ``search.py`` commands resolve it."""
-    from p3b_search.study.loading import load_study
+def _study_folder(name: str, output_dir: str) -> Path:
+    """:func:`p3b_search.study.loading.study_folder`, its error as an :class:`ExportError`."""
+    from p3b_search.study.loading import study_folder
     from p3b_search.study.messages import StudyError
 
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file():
-        try:
-            return load_study(path).layout.root
-        except StudyError as error:
-            raise ExportError(str(error)) from None
-    candidate = Path(output_dir).expanduser() / name
-    if candidate.is_dir():
-        return candidate
-    raise ExportError(f"study {name!r}: no study folder {candidate} (pass the study folder, its study file, "
-                      "or set --output-dir to where the study ran)")
+    try:
+        return study_folder(name, output_dir)
+    except StudyError as error:
+        raise ExportError(str(error)) from None
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +87,7 @@ def _run_export(args: argparse.Namespace, registrar: ModelRegistrar | None) -> N
         ("max_macs", args.max_macs, "--max-macs"), ("max_params", args.max_params, "--max-params"),
         ("max_latency_ms", args.max_latency, "--max-latency")) if value is not None}
     pick = Pick.parse(" ".join(args.pick), **limits)
-    folder = study_folder(args.study, args.output_dir)
+    folder = _study_folder(args.study, args.output_dir)
     result = export_trial(folder, pick, args.out, args.register, overwrite=args.overwrite, onnx=not args.no_onnx,
                           round_to=args.round_to, registrar=registrar)
     print(f"exported trial {result.trial} of {folder} ({pick.describe()}) to {result.folder}: "

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import optuna
 
+from p3b_search.errors import first_line
 from p3b_search.search.space import METHOD
 from p3b_search.study.dimensions import grid_values
 from p3b_search.study.messages import StudyError, did_you_mean
@@ -147,6 +148,6 @@ def create_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return build()
     except (TypeError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise StudyError(f"{source}: sampler.options: sampler {config.name} refuses {dict(config.options)} "
                          f"({reason}): fix or remove the options") from None

@@ -89,3 +89,17 @@ def study_from_folder(folder: str | Path) -> StudyConfig:
     if study.layout.root != layout.root:  # the folder was moved or renamed since the study ran
         study = with_overrides(study, output_dir=layout.root.parent, name=layout.root.name)
     return study
+
+
+def study_folder(name: str, output_dir: str) -> Path:
+    """The study folder NAME refers to: a folder, a study file, or a name under ``output_dir``."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return load_study(path).layout.root
+    candidate = Path(output_dir).expanduser() / name
+    if candidate.is_dir():
+        return candidate
+    raise StudyError(f"study {name!r}: no study folder {candidate}: pass the folder printed by `search.py run`, "
+                     "the study file, or set --output-dir to where the study ran")

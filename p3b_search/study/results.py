@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from p3b_search.errors import first_line
 from p3b_search.files import atomic_write
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.messages import StudyError
@@ -164,7 +165,7 @@ def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
     try:
         frame = pq.read_table(path).to_pandas()
     except Exception as error:  # noqa: BLE001  (pyarrow raises several types for corrupt files)
-        raise StudyError(f"{path}: cannot read the trials table ({(str(error).strip() or type(error).__name__).splitlines()[0]})") from None
+        raise StudyError(f"{path}: cannot read the trials table ({first_line(error)})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise StudyError(f"{path}: lacks column(s) {missing} (has {list(frame.columns)})")

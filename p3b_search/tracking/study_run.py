@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from p3b_search.errors import first_line
 from p3b_search.stores import open_shared_store
 from p3b_search.study.front import ParetoSummary
 from p3b_search.study.front_figures import save_files
@@ -95,7 +96,7 @@ class StudyTracker:
             existing = search_all(self.client, self.experiment_id, f"tags.`{STUDY_TAG}` = '{quote(self.study_name)}'")
         except MlflowException as error:
             raise RuntimeError(
-                f"cannot use MLflow tracking store {self.tracking_uri!r}: {error.message.splitlines()[0]} "
+                f"cannot use MLflow tracking store {self.tracking_uri!r}: {first_line(error)} "
                 "(check tracking.uri in the study file, or that the server is running)"
             ) from None
         if existing and not resume:
