@@ -55,6 +55,7 @@ from p3b_search.search.results import (
 )
 from p3b_search.search.schema import MAXIMIZED, StudyConfig, StudyError, load_study, trial_budget
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
+from p3b_search.search.stores_preflight import check_stores
 from p3b_search.search.trainable import (
     DEFAULT_OBJECTIVE,
     MLFLOW_RUN_ID,
@@ -178,6 +179,7 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
         except ImportError as error:
             raise StudyError(f"{source}: tracking.enabled: MLflow tracking is unavailable ({error}): "
                              "install mlflow or set tracking.enabled: false") from None
+    check_stores(study)
     if address:
         _check_reachable(address)
         return
