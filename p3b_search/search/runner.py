@@ -55,10 +55,12 @@ from p3b_search.search.results import (
 )
 from p3b_search.search.schema import MAXIMIZED, StudyConfig, StudyError, load_study, trial_budget
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
+from p3b_search.search.shared_paths import check_shared_paths
 from p3b_search.search.stores_preflight import check_stores
 from p3b_search.search.trainable import (
     DEFAULT_OBJECTIVE,
     MLFLOW_RUN_ID,
+    RAY_NODE_ID,
     TRIAL_NUMBER,
     data_parallel_trainable,
     tune_trainable,
@@ -323,8 +325,7 @@ class StudyProgress(Callback):
         notes = {}
         if isinstance(result.get("epoch"), (int, float)) and math.isfinite(result["epoch"]):
             notes["epochs_done"] = int(result["epoch"]) + 1
-        if result.get(MLFLOW_RUN_ID):
-            notes[MLFLOW_RUN_ID] = result[MLFLOW_RUN_ID]
+        notes.update({key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)})
         self._note(trial, **notes).refresh(force=False)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -584,6 +585,8 @@ def run_study(
         # Ray first: a cluster that refuses us is an error before the study leaves any trace
         started_ray = _init_ray(study, address, num_cpus, verbose)
         _write_study_file(study)
+        if address:  # after the study file exists: it stands for the study folder
+            check_shared_paths(study)
         optuna_study = open_optuna_study(study)
         cost = dense_cost(study)
         reference = reference_point(study, cost)

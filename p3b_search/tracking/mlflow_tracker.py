@@ -16,7 +16,8 @@ Worker (a Ray process; nothing global is used, ``MLFLOW_RUN_ID`` is cleared)::
         run_trial(config, reporter, workdir)
 
 Child run tags: ``trial_number``, ``state`` (running / finished / stopped / failed),
-``state_reason``, ``pareto`` ("true" on the current front, "false" once pushed off it).
+``state_reason``, ``pareto`` ("true" on the current front, "false" once pushed off it), and
+the reporter's ``tags`` (the runner's: ``ray_node_id``, the node of the trial's latest attempt).
 Parent run tag ``p3b.study`` names the study; filter the front in the UI with ``tags.pareto = "true"``.
 """
 from __future__ import annotations
@@ -429,7 +430,8 @@ class MlflowTrialReporter(TrialReporter):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str,
-                 params: Mapping[str, Any], trial_number: int | None = None, finish_timeout_s: float = 60.0):
+                 params: Mapping[str, Any], trial_number: int | None = None, finish_timeout_s: float = 60.0,
+                 tags: Mapping[str, str] | None = None):
         super().__init__()
         # MLFLOW_RUN_ID overrides parent_run_id in mlflow.start_run (a known bug); a Ray worker may
         # inherit it from the driver's environment. This reporter uses no active run, but code in
@@ -444,10 +446,10 @@ class MlflowTrialReporter(TrialReporter):
         self._earlier_allocations: list[dict[str, Any]] = []  # from an earlier attempt of this trial
         self._finished = False
         self._sender = BackgroundSender(tracking_uri, label=run_name)
-        params = dict(params)
-        self._sender.submit("start of the child run", lambda client: self._start_run(client, params))
+        params, tags = dict(params), dict(tags or {})
+        self._sender.submit("start of the child run", lambda client: self._start_run(client, params, tags))
 
-    def _start_run(self, client: MlflowClient, params: dict[str, Any]) -> None:
+    def _start_run(self, client: MlflowClient, params: dict[str, Any], tags: dict[str, str]) -> None:
         earlier = []
         if self.trial_number is not None:
             earlier = client.search_runs([self.experiment_id], max_results=1, filter_string=(
@@ -462,7 +464,7 @@ class MlflowTrialReporter(TrialReporter):
                 tags[TRIAL_TAG] = str(self.trial_number)
             run_id = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
         _log_batch(client, run_id, params=[_param(key, value) for key, value in params.items()],
-                   tags=[_tag(STATE_TAG, "running")])
+                   tags=[_tag(STATE_TAG, "running")] + [_tag(key, value) for key, value in tags.items()])
         self.run_id = run_id
 
     @staticmethod
