@@ -446,10 +446,10 @@ class MlflowTrialReporter(TrialReporter):
         self._earlier_allocations: list[dict[str, Any]] = []  # from an earlier attempt of this trial
         self._finished = False
         self._sender = BackgroundSender(tracking_uri, label=run_name)
-        params, tags = dict(params), dict(tags or {})
-        self._sender.submit("start of the child run", lambda client: self._start_run(client, params, tags))
+        params, extra_tags = dict(params), dict(tags or {})
+        self._sender.submit("start of the child run", lambda client: self._start_run(client, params, extra_tags))
 
-    def _start_run(self, client: MlflowClient, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def _start_run(self, client: MlflowClient, params: dict[str, Any], extra_tags: dict[str, str]) -> None:
         earlier = []
         if self.trial_number is not None:
             earlier = client.search_runs([self.experiment_id], max_results=1, filter_string=(
@@ -464,7 +464,7 @@ class MlflowTrialReporter(TrialReporter):
                 tags[TRIAL_TAG] = str(self.trial_number)
             run_id = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
         _log_batch(client, run_id, params=[_param(key, value) for key, value in params.items()],
-                   tags=[_tag(STATE_TAG, "running")] + [_tag(key, value) for key, value in tags.items()])
+                   tags=[_tag(STATE_TAG, "running")] + [_tag(key, value) for key, value in extra_tags.items()])
         self.run_id = run_id
 
     @staticmethod
