@@ -35,6 +35,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from p3b_search.search.optuna_storage import open_storage
 from p3b_search.search.results import DUPLICATE_ATTR, FINAL_ATTR, FINAL_METRICS
 from p3b_search.search.schema import StudyConfig, StudyError, config_key, grid_point_count, trial_config
 from p3b_search.search.shared_store import open_shared_store
@@ -52,7 +53,7 @@ def open_optuna_study(study: StudyConfig, create: bool = True) -> optuna.Study:
     reference trial enqueued when it does not exist yet and ``create``)."""
     if study.storage is None:
         study.layout.root.mkdir(parents=True, exist_ok=True)
-    storage = open_shared_store(lambda: optuna.storages.get_storage(study.storage_url), study.storage_url,
+    storage = open_shared_store(lambda: open_storage(study.storage_url), study.storage_url,
                                 "Optuna storage")
     names = study.metric_names
     try:
@@ -90,7 +91,7 @@ class FrontSafeOptunaSearch(OptunaSearch):
             mode=["max" if d == "maximize" else "min" for d in study.directions],
             sampler=create_sampler(study),
             study_name=study.name,
-            storage=optuna.storages.get_storage(study.storage_url),
+            storage=open_storage(study.storage_url),
         )
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:

@@ -95,7 +95,7 @@ def assert_complete_once(records: Recorded, n_trials: int) -> None:
     assert sorted(records.runs) == numbers
     for trial, (_, row) in zip(records.optuna_trials, records.table.iterrows()):
         run = records.runs[trial.number]
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED", (trial.number, run.info.status, run.data.tags)
         assert [row["top1"], row["macs"]] == trial.values
         assert [run.data.metrics["final/top1"], run.data.metrics["final/macs"]] == trial.values
         assert run.data.tags[RAY_NODE_ID] == row[RAY_NODE_ID]
