@@ -65,6 +65,7 @@ TRIAL_TAG = "trial_number"
 STATE_TAG = "state"
 REASON_TAG = "state_reason"
 PARETO_TAG = "pareto"
+FINISH_TIMEOUT_S = 180.0  # how long a trial's end waits for its buffered MLflow calls
 #: Trial states and the MLflow run status each ends with.
 RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 #: Columns of the trials table that ``refresh_front`` reads besides the objectives.
@@ -430,7 +431,8 @@ class MlflowTrialReporter(TrialReporter):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str,
-                 params: Mapping[str, Any], trial_number: int | None = None, finish_timeout_s: float = 60.0,
+                 params: Mapping[str, Any], trial_number: int | None = None,
+                 finish_timeout_s: float = FINISH_TIMEOUT_S,
                  tags: Mapping[str, str] | None = None):
         super().__init__()
         # MLFLOW_RUN_ID overrides parent_run_id in mlflow.start_run (a known bug); a Ray worker may
@@ -517,7 +519,11 @@ class MlflowTrialReporter(TrialReporter):
     def finish(self, state: str = "finished", reason: str | None = None) -> bool:
         """End the run: allocation table + heatmap, ``state`` tag (finished / stopped / failed)
         with ``reason``, run status FINISHED / KILLED / FAILED. Waits up to ``finish_timeout_s``
-        for buffered calls; returns False (after a warning) if some could not be sent."""
+        for buffered calls; returns False (after a warning) if some could not be sent.
+
+        The default wait outlasts a tracking server that is down for a minute: a call in flight when
+        it went down is retried inside MLflow's client at growing intervals (2, 4, ... 64 s), so
+        it may go through only a minute after the server is back."""
         if state not in RUN_STATUS:
             raise ValueError(f"trial state {state!r}: use one of {', '.join(RUN_STATUS)}")
         if self._finished:

@@ -86,7 +86,6 @@ def test_tracking_server_outage_delays_logging_but_not_trials(tmp_path, postgres
     assert driver.returncode == 0, output
     # the trials went on while the server was down
     assert during["epochs_done"].sum() > at_stop["epochs_done"].sum()
-    print(output)
     records = recorded(study)
     assert_complete_once(records, 4)
     assert_fronts_agree(records)
