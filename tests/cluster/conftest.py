@@ -197,7 +197,12 @@ class RayCluster:
         env = cluster_env(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
         with log.open("w") as out:
             node = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: "Ray runtime started" in log.read_text(), f"Ray node {name}", log, node)
+        try:
+            _wait(lambda: "Ray runtime started" in log.read_text(), f"Ray node {name}", log, node)
+        except BaseException:
+            kill_session(node.pid)
+            node.wait(timeout=30)
+            raise
         return node
 
     def start(self) -> None:
