@@ -49,7 +49,8 @@ def start_driver(folder: Path, address: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def wait_for_rows(study: StudyConfig, condition, driver: subprocess.Popen, timeout_s: float = 120) -> pd.DataFrame:
+def wait_for_rows(study: StudyConfig, condition, driver: subprocess.Popen,
+                  timeout_s: float = STUDY_TIMEOUT_S) -> pd.DataFrame:
     """The trials table once ``condition(frame)`` holds (fails if the driver ends first)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
