@@ -10,6 +10,7 @@ from pathlib import Path
 
 from p3b_search.config import EMBEDDED_TASKS
 from p3b_search.search.samplers import create_sampler
+from p3b_search.search.stores_preflight import check_stores
 from p3b_search.study.messages import StudyError
 from p3b_search.study.sections import StudyConfig
 
@@ -62,6 +63,7 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
     if not found:
         raise StudyError(f"{source}: cannot find the objective module {module!r} (from {objective!r}): "
                          "is the project installed (pip install -e .)?")
+    check_stores(study)
     if address:
         check_reachable(address)
         return

@@ -15,7 +15,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from p3b_search.search.early_stopping import DominatedTrialStopper
-from p3b_search.search.trainable import MLFLOW_RUN_ID, TRIAL_NUMBER
+from p3b_search.search.trainable import MLFLOW_RUN_ID, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, study_pareto
 from p3b_search.study.front_report import write_front
 from p3b_search.study.results import front, merge_allocations, trials_frame, write_trials
@@ -151,8 +151,7 @@ class StudyProgress(Callback):
         notes = {}
         if isinstance(result.get("epoch"), (int, float)) and math.isfinite(result["epoch"]):
             notes["epochs_done"] = int(result["epoch"]) + 1
-        if result.get(MLFLOW_RUN_ID):
-            notes[MLFLOW_RUN_ID] = result[MLFLOW_RUN_ID]
+        notes.update({key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)})
         self._note(trial, **notes).refresh(force=False)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):

@@ -39,6 +39,7 @@ from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.preflight import DRIVER_CPU, cluster_lines, preflight
 from p3b_search.search.progress import StudyProgress, StudySession, close_session, open_session
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
+from p3b_search.search.shared_paths import check_shared_paths
 from p3b_search.search.trainable import DEFAULT_OBJECTIVE, data_parallel_trainable, tune_trainable
 from p3b_search.study.dense import dense_cost
 from p3b_search.study.messages import StudyError
@@ -210,6 +211,8 @@ def run_study(
         # Ray first: a cluster that refuses us is an error before the study leaves any trace
         started_ray = _init_ray(study, address, num_cpus, verbose)
         _write_study_file(study)
+        if address:  # after the study file exists: it stands for the study folder
+            check_shared_paths(study)
         optuna_study = open_optuna_study(study)
         cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None

@@ -38,6 +38,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FixedTrial, TrialState
 from ray.tune.search import Searcher
 
+from p3b_search.search.optuna_storage import open_storage
 from p3b_search.search.samplers import create_sampler
 from p3b_search.search.space import reference_params, suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
@@ -59,8 +60,7 @@ def optuna_storage(study: StudyConfig) -> BaseStorage:
     """The study's Optuna storage (the study folder is created for the default SQLite file)."""
     if study.storage is None:
         study.layout.root.mkdir(parents=True, exist_ok=True)
-    return open_shared_store(lambda: optuna.storages.get_storage(study.storage_url), study.storage_url,
-                             "Optuna storage")
+    return open_shared_store(lambda: open_storage(study.storage_url), study.storage_url, "Optuna storage")
 
 
 def open_optuna_study(study: StudyConfig, create: bool = True, sampler: optuna.samplers.BaseSampler | None = None,

@@ -31,6 +31,7 @@ TRIAL_NUMBER = "trial_number"
 FINISHED = "trial_finished"
 OBJECTIVE_PREFIX = "objective_"
 MLFLOW_RUN_ID = "mlflow_run_id"
+RAY_NODE_ID = "ray_node_id"  # the Ray node a trial (attempt) runs on
 DEFAULT_OBJECTIVE = "objectives.prune_finetune:run_trial"
 
 ReportFn = Callable[..., None]
@@ -57,8 +58,9 @@ class TuneTrialReporter(TrialReporter):
     """
 
     def __init__(self, report: ReportFn, metric_names: list[str], writer: AllocationWriter | None = None,
-                 downstream: TrialReporter | None = None):
+                 downstream: TrialReporter | None = None, node_id: str | None = None):
         super().__init__()
+        self._node_id = node_id
         self._report = report
         self._metric_names = metric_names
         self._writer = writer
@@ -68,7 +70,8 @@ class TuneTrialReporter(TrialReporter):
 
     def _extras(self) -> dict[str, Any]:
         run_id = getattr(self._downstream, "run_id", None)
-        return {MLFLOW_RUN_ID: run_id} if run_id else {}
+        extras = {MLFLOW_RUN_ID: run_id, RAY_NODE_ID: self._node_id}
+        return {key: value for key, value in extras.items() if value}
 
     def report_epoch(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         super().report_epoch(metrics, checkpoint_dir)
@@ -121,6 +124,13 @@ def _train_report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
     ray.train.report(result, checkpoint=checkpoint)
 
 
+def _ray_node_id() -> str | None:
+    """Id of the Ray node this process runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def run_objective(
     config: dict[str, Any],
     study: StudyConfig,
@@ -143,12 +153,14 @@ def run_objective(
     workdir = study.layout.trial_dir(number)
     workdir.mkdir(parents=True, exist_ok=True)
     kwargs = {"measure_latency": True} if "latency_ms" in study.metric_names else {}
+    node_id = _ray_node_id()
     with ExitStack() as stack:
         downstream = None
         if trial_runs is not None and lead:
-            downstream = stack.enter_context(trial_runs(number, params))
+            tags = {RAY_NODE_ID: node_id} if node_id else None
+            downstream = stack.enter_context(trial_runs(number, params, tags))
         writer = AllocationWriter(study.layout, number) if lead else None
-        reporter = TuneTrialReporter(report, study.metric_names, writer, downstream)
+        reporter = TuneTrialReporter(report, study.metric_names, writer, downstream, node_id)
         resume_from = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
         objectives = run(trial, reporter, workdir, resume_from, **kwargs)
         reporter.finish(objectives)

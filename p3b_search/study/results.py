@@ -20,6 +20,7 @@ skipped as a repeat of an earlier trial's configuration is no row)::
                   retries: restarts from a checkpoint after a failure
     fail_reason   one line for FAIL (PRUNED: why it was stopped)
     mlflow_run_id, ray_trial_id
+    ray_node_id   the Ray node the trial's latest attempt ran on
 
 ``allocations.parquet``: one row per sub-block per mask update, the method's allocation rows
 plus ``trial``; trials write their own parts under ``allocations/<number>/`` and
@@ -50,7 +51,8 @@ FINAL_METRICS = ("top1", "top5", "macs", "flops", "params", "latency_ms", "kept_
 #: The method whose trials measure the dense reference (never points of the front).
 DENSE_METHOD = "dense"
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id")
+ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id",
+               "ray_node_id")
 FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
 DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the trial it repeats
 #: Columns every trials table has (what a reader of the table may rely on).

@@ -18,10 +18,12 @@ from p3b_search.study.sections import StudyConfig
 
 
 class TrialRunFactory(Protocol):
-    """Picklable (Ray sends it to every worker): ``factory(trial_number, params)`` opens the
-    trial's run as a :class:`TrialReporter` context manager that ends the run on exit."""
+    """Picklable (Ray sends it to every worker): ``factory(trial_number, params, tags)`` opens the
+    trial's run, with ``tags`` (e.g. the Ray node), as a :class:`TrialReporter` context manager
+    that ends the run on exit."""
 
-    def __call__(self, number: int, params: Mapping[str, Any]) -> AbstractContextManager[TrialReporter]: ...
+    def __call__(self, number: int, params: Mapping[str, Any],
+                 tags: Mapping[str, str] | None = None) -> AbstractContextManager[TrialReporter]: ...
 
 
 class StudyTracking(Protocol):

@@ -36,6 +36,10 @@ from p3b_search.tracking.client import (
 from p3b_search.tracking.figures import allocation_table, check_allocation_row, keep_ratio_heatmap, sub_block_name
 
 ARTIFACT_DIR_ALLOCATIONS = "allocations"
+#: How long a trial's end waits for its buffered MLflow calls (s). It outlasts a tracking server
+#: that is down for a minute: a call in flight when it went down is retried inside MLflow's client
+#: at growing intervals (2, 4, ... 64 s), so it may go through a minute after the server is back.
+FINISH_TIMEOUT_S = 180.0
 
 
 class MlflowTrialReporter(TrialReporter):
@@ -45,7 +49,8 @@ class MlflowTrialReporter(TrialReporter):
     allocation report) and sent in order by a :class:`BackgroundSender` that retries while the
     store is unreachable, so logging never slows or crashes the trial. Figures and tables are
     made once, in :meth:`finish`. A retried trial (same ``trial_number`` under the same parent)
-    continues its earlier child run instead of starting a second one.
+    continues its earlier child run instead of starting a second one. ``tags`` are set on the run
+    when it starts (the runner's: ``ray_node_id``, the node of the trial's latest attempt).
 
     Metrics: per-epoch keys with step = epoch; ``keep_ratio/L03.attn`` etc. with step = the
     allocation row's ``step`` (mask update); ``final/<objective>``. Artifacts:
@@ -54,7 +59,8 @@ class MlflowTrialReporter(TrialReporter):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str,
-                 params: Mapping[str, Any], trial_number: int | None = None, finish_timeout_s: float = 60.0):
+                 params: Mapping[str, Any], trial_number: int | None = None,
+                 finish_timeout_s: float = FINISH_TIMEOUT_S, tags: Mapping[str, str] | None = None):
         super().__init__()
         # MLFLOW_RUN_ID overrides parent_run_id in mlflow.start_run (a known bug); a Ray worker may
         # inherit it from the driver's environment. This reporter uses no active run, but code in
@@ -69,10 +75,10 @@ class MlflowTrialReporter(TrialReporter):
         self._earlier_allocations: list[dict[str, Any]] = []  # from an earlier attempt of this trial
         self._finished = False
         self._sender = BackgroundSender(tracking_uri, label=run_name)
-        params = dict(params)
-        self._sender.submit("start of the child run", lambda client: self._start_run(client, params))
+        params, extra_tags = dict(params), dict(tags or {})
+        self._sender.submit("start of the child run", lambda client: self._start_run(client, params, extra_tags))
 
-    def _start_run(self, client: MlflowClient, params: dict[str, Any]) -> None:
+    def _start_run(self, client: MlflowClient, params: dict[str, Any], extra_tags: dict[str, str]) -> None:
         earlier = []
         if self.trial_number is not None:
             earlier = client.search_runs([self.experiment_id], max_results=1, filter_string=(
@@ -87,7 +93,7 @@ class MlflowTrialReporter(TrialReporter):
                 tags[TRIAL_TAG] = str(self.trial_number)
             run_id = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
         log_batch(client, run_id, params=[param(key, value) for key, value in params.items()],
-                   tags=[tag(STATE_TAG, "running")])
+                  tags=[tag(STATE_TAG, "running")] + [tag(key, value) for key, value in extra_tags.items()])
         self.run_id = run_id
 
     @staticmethod
@@ -186,11 +192,13 @@ class ChildRunFactory:
     parent_run_id: str
     study_name: str
 
-    def run_args(self, number: int, params: Mapping[str, Any]) -> dict[str, Any]:
+    def run_args(self, number: int, params: Mapping[str, Any],
+                 tags: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Keyword arguments of :class:`MlflowTrialReporter` for trial ``number``."""
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id, "run_name": f"{self.study_name}-trial-{number:04d}",
-                "trial_number": number, "params": dict(params)}
+                "trial_number": number, "params": dict(params), "tags": dict(tags or {})}
 
-    def __call__(self, number: int, params: Mapping[str, Any]) -> MlflowTrialReporter:
-        return MlflowTrialReporter(**self.run_args(number, params))
+    def __call__(self, number: int, params: Mapping[str, Any],
+                 tags: Mapping[str, str] | None = None) -> MlflowTrialReporter:
+        return MlflowTrialReporter(**self.run_args(number, params, tags))
