@@ -18,6 +18,8 @@ import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.storages import BaseStorage
 
+from p3b_search.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 FIRST_WAIT_S = 0.5
@@ -55,7 +57,7 @@ def _retrying(name: str) -> Callable[..., Any]:
                 if outage_since is None:
                     outage_since = time.monotonic()
                     logger.warning("Optuna storage unreachable (%s); retrying for up to %.0f s",
-                                   str(error).splitlines()[0], PATIENCE_S)
+                                   first_line(error), PATIENCE_S)
                 time.sleep(wait)
                 wait = min(2 * wait, MAX_WAIT_S)
                 continue

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from p3b_search.errors import first_line
 from p3b_search.study.checks import check_study
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.messages import FieldError, StudyError, first_error
@@ -33,7 +34,7 @@ def load_study(path: str | Path) -> StudyConfig:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = getattr(error, "problem", None) or first_line(error)
         raise StudyError(f"{where}: invalid YAML: {problem}") from None
     if raw is None:
         raise StudyError(f"{source}: the study file is empty: start from studies/quickstart.yaml")
