@@ -18,7 +18,9 @@ epoch, to keep trials running while a test interrupts them), ``fail-once-<number
 (raise once after the second epoch, to exercise retries) and ``oom-<number>`` (raise
 ``torch.OutOfMemoryError`` in the first epoch, as a too-large batch on a GPU would).
 Every epoch trained is appended to ``workdir/epochs.log``; the process id of the latest
-attempt is in ``workdir/pid``.
+attempt is in ``workdir/pid``. Each attempt also appends ``<trial> <pid> <event> <time>``
+lines (events ``start``, ``epoch``, ``end``) to the study folder's ``attempts.log``: when each
+attempt ran, for tests that count the trials running at once.
 """
 from __future__ import annotations
 
@@ -72,6 +74,11 @@ def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean() * 100)
 
 
+def _log_attempt(study_root: Path, workdir: Path, event: str) -> None:
+    with open(study_root / "attempts.log", "a") as log:
+        log.write(f"{int(Path(workdir).name)} {os.getpid()} {event} {time.time():.3f}\n")
+
+
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
               resume_from: Path | None = None) -> dict[str, float]:
     torch.manual_seed(config.training.seed)
@@ -81,6 +88,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     study_root = Path(workdir).parent.parent
     pause = float((study_root / "epoch-seconds").read_text()) if (study_root / "epoch-seconds").exists() else 0.0
     (Path(workdir) / "pid").write_text(str(os.getpid()))
+    _log_attempt(study_root, workdir, "start")
     x, y, xv, yv = _digits()
     prune_epochs, total = config.training.prune.epochs, config.training.prune.epochs + config.training.finetune.epochs
     model, start = _mlp(HIDDEN), 0
@@ -124,6 +132,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint / "state.pt")
         with open(Path(workdir) / "epochs.log", "a") as log:
             log.write(f"{epoch}\n")
+        _log_attempt(study_root, workdir, "epoch")
         marker = study_root / f"fail-once-{int(Path(workdir).name)}"
         reporter.report_epoch({"epoch": float(epoch), "stage": float(epoch >= prune_epochs), "loss": 0.0,
                                "top1": _top1(model, xv, yv), "macs": macs,
@@ -135,4 +144,5 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     objectives = {"top1": _top1(model, xv, yv), "top5": 100.0, "macs": float(64 * keep + keep * 10),
                   "params": params, "kept_fraction": params / sum(p.numel() for p in _mlp(HIDDEN).parameters())}
     reporter.report_final(objectives)
+    _log_attempt(study_root, workdir, "end")
     return objectives

@@ -1,8 +1,8 @@
-"""Faults a long study meets: the driver SIGKILLed, a trial's worker SIGKILLed mid-epoch, a trial
+"""Faults a long study meets: a trial's worker SIGKILLed mid-epoch, a trial
 that diverges (NaN loss) or runs out of memory, two studies sharing one Optuna storage and one
 MLflow store. (Retries after an exception, Ctrl-C + resume, an unreachable tracking server and
 corrupt checkpoints / weights are covered in test_runner, test_mlflow_tracker, test_training,
-test_weights and test_load_pruned.)
+test_weights and test_load_pruned; the driver SIGKILLed in test_driver_kill.)
 
 Real local Ray, real Optuna and MLflow stores, and the small real objective of
 ``tests/search_objective.py`` (an MLP on scikit-learn's digits, pruned and fine-tuned).
@@ -28,7 +28,6 @@ from p3b_search.study.trials import trial_config
 from p3b_search.tracking.client import PARENT_TAG, REASON_TAG, STATE_TAG, TRIAL_TAG
 from tests.test_runner import OBJECTIVE, ROOT, write_study
 from tests.test_runner import _cli as cli
-from tests.test_runner import _wait_for as wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -79,65 +78,6 @@ def _kill_session(session_id: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-# ----------------------------------------------------------------------------- the driver dies
-
-KILLED = """name: killed
-search_space:
-  method_config.prune_ratio: {type: float, low: 0.2, high: 0.9}
-n_trials: 4
-concurrency: 2
-""" + STUDY
-
-
-def test_driver_killed_mid_study_resumes_with_every_trial_recorded_once(tmp_path):
-    study = load_study(write_study(tmp_path, KILLED))
-    layout = study.layout
-    layout.root.mkdir(parents=True)
-    (layout.root / "epoch-seconds").write_text("1.0")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen(cli("run", str(tmp_path / "study.yaml")), cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        before = wait_for(layout, lambda f: (f["state"] == "COMPLETE").any() and (f["state"] == "RUNNING").any(), 150)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        _kill_session(driver.pid)  # Ray's processes of the dead driver, if any survived it
-    assert driver.returncode == -signal.SIGKILL
-    deadline = time.monotonic() + 30
-    while _session_processes(driver.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _session_processes(driver.pid)
-    assert len(before) < 4 or (before["state"] != "COMPLETE").any()
-
-    resumed = subprocess.run(cli("resume", str(layout.root)), cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=200)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "finished after" in resumed.stdout
-
-    # Optuna: trials 0..3 once each, all complete, each run by one Ray trial
-    records = optuna.load_study(study_name="killed", storage=study.storage_url).trials
-    assert [t.number for t in records] == [0, 1, 2, 3]
-    assert [t.state for t in records] == [TrialState.COMPLETE] * 4
-    assert len({t.user_attrs["ray_trial_id"] for t in records}) == 4
-    # the trials table agrees, row for row
-    trials = pd.read_parquet(layout.trials_table)
-    assert trials["number"].tolist() == [0, 1, 2, 3] and trials["state"].tolist() == ["COMPLETE"] * 4
-    for record, (_, row) in zip(records, trials.iterrows()):
-        assert [row["top1"], row["macs"]] == pytest.approx(record.values)
-    # allocation rows: each update once (2 prune epochs + the finalize row per trial)
-    allocations = pd.read_parquet(layout.allocations_table)
-    assert allocations.groupby("trial").size().to_dict() == {0: 3, 1: 3, 2: 3, 3: 3}
-    assert not allocations.duplicated(["trial", "step"]).any()
-    # MLflow: one child run per trial, none left RUNNING, the parent ended
-    parent, children = _children(study.tracking_uri, "killed")
-    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == [0, 1, 2, 3]
-    assert [r.info.status for r in children] == ["FINISHED"] * 4
-    assert {r.data.tags[STATE_TAG] for r in children} == {"finished"}
-    assert parent.info.status == "FINISHED"
-    assert set(trials["mlflow_run_id"]) == {r.info.run_id for r in children}
 
 
 # ----------------------------------------------------------------------------- trials that fail

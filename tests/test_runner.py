@@ -159,18 +159,23 @@ def test_a_trial_ray_never_recorded_runs_again_with_its_parameters(tmp_path, ray
     assert rerun.params["method_config.prune_ratio"] == lost["method_config.prune_ratio"]
 
 
-def test_a_trial_lost_while_sampled_is_failed_not_run(tmp_path):
-    """A trial asked but not fully sampled (the driver stopped in between) cannot run as it was:
-    it is told FAIL with its reason, and a new sample runs."""
+def test_a_trial_lost_while_sampled_is_sampled_to_the_end_and_run(tmp_path):
+    """A trial asked but not fully sampled (the driver stopped in between) keeps what was
+    sampled, gets the rest, and runs under its own number: no new trial replaces it."""
     study = load_study(write_study(tmp_path, SEARCHED))
     optuna_study = open_optuna_study(study)
+    optuna_study.ask()  # the reference trial, still held by ... nobody: lost as well
     half = optuna_study.ask()
-    half.suggest_float("method_config.prune_ratio", 0.3, 0.8)  # the other knobs never sampled
-    config = FrontSafeOptunaSearch(study).suggest("a")
-    assert config[TRIAL_NUMBER] != half.number
+    ratio = half.suggest_float("method_config.prune_ratio", 0.3, 0.8)  # the other knobs never sampled
+    searcher = FrontSafeOptunaSearch(study)
+    reference, completed = searcher.suggest("a"), searcher.suggest("b")
+    assert reference[TRIAL_NUMBER] == 0 and reference["method_config.prune_ratio"] == 0.5
+    assert completed[TRIAL_NUMBER] == half.number and completed["method_config.prune_ratio"] == ratio
+    assert {"method_config.prune_start_epoch", "method_config.prune_sparse_epoch"} <= set(completed)
     record = optuna_study.trials[half.number]
-    assert record.state == TrialState.FAIL
-    assert record.user_attrs["fail_reason"] == "lost: the driver stopped while this trial was sampled"
+    assert record.state == TrialState.RUNNING and record.params == {
+        k: v for k, v in completed.items() if k != TRIAL_NUMBER}
+    assert len(optuna_study.trials) == 2
 
 
 def test_dominated_trial_stopper():

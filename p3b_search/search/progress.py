@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 from ray.tune import Callback
 
+from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.trainable import MLFLOW_RUN_ID, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, study_pareto
@@ -44,7 +45,12 @@ class StudySession:
     tracker: StudyTracking | None = None
     annotations: dict[int, dict[str, Any]] = field(default_factory=dict)
     printer: Callable[[str], None] = print
+    #: the driver's record, rewritten as Ray spawns processes (None: no local Ray session)
+    driver: DriverRecord | None = None
     started: float = field(default_factory=time.monotonic)
+    #: trials Ray runs now (None before Ray's first event); Optuna's RUNNING also counts trials
+    #: asked by a stopped driver that wait to run again
+    running: int | None = None
     frame: pd.DataFrame | None = None
     pareto: ParetoSummary | None = None
     last_said: float = field(default_factory=time.monotonic)
@@ -97,7 +103,8 @@ class StudySession:
         shown = " ".join("/".join(value_text(n, row[n]) for n in names) for _, row in points.head(5).iterrows())
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
         return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts.get('COMPLETE', 0)}/{self.study.n_trials} "
-                f"done, {counts.get('RUNNING', 0)} running, {counts.get('PRUNED', 0)} stopped, "
+                f"done, {self.running if self.running is not None else counts.get('RUNNING', 0)} running, "
+                f"{counts.get('PRUNED', 0)} stopped, "
                 f"{counts.get('FAIL', 0)} failed | front {int(frame['pareto'].sum()) if len(frame) else 0}"
                 + (f" ({'/'.join(names)}): {shown}" if shown else ""))
 
@@ -137,32 +144,44 @@ class StudyProgress(Callback):
         self.root = root
         self.stopper = stopper
 
-    def _note(self, trial: Any, **notes: Any) -> StudySession:
+    def _session(self, trials: list[Any], starting: Any = None, ending: Any = None) -> StudySession:
+        """The live session, with Ray's count of running trials brought up to date (Ray calls
+        back before it marks a ``starting`` trial RUNNING and before an ``ending`` one stops)."""
         session = _SESSIONS[self.root]
+        running = {t.trial_id for t in trials if t.status == "RUNNING" and t is not ending}
+        session.running = len(running | ({starting.trial_id} if starting is not None else set()))
+        return session
+
+    def _note(self, trials: list[Any], trial: Any, starting: bool = False, ending: bool = False,
+              **notes: Any) -> StudySession:
+        session = self._session(trials, trial if starting else None, trial if ending else None)
         number = _trial_number(trial)
         if number is not None:
             session.annotations.setdefault(number, {}).update(notes)
         return session
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._note(trial, ray_trial_id=trial.trial_id).refresh()
+        session = self._note(trials, trial, starting=True, ray_trial_id=trial.trial_id)
+        if session.driver is not None:  # Ray may have spawned a worker for it
+            session.driver.write(with_ray_session=True)
+        session.refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         notes = {}
         if isinstance(result.get("epoch"), (int, float)) and math.isfinite(result["epoch"]):
             notes["epochs_done"] = int(result["epoch"]) + 1
         notes.update({key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)})
-        self._note(trial, **notes).refresh(force=False)
+        self._note(trials, trial, **notes).refresh(force=False)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         # Ray registers a reported checkpoint after the result's on_trial_result; the trial's
         # last result is still the one the checkpoint was reported with.
         epoch = (trial.last_result or {}).get("epoch")
         if isinstance(epoch, (int, float)) and math.isfinite(epoch):
-            self._note(trial, epochs_saved=int(epoch) + 1).refresh(force=False)
+            self._note(trials, trial, epochs_saved=int(epoch) + 1).refresh(force=False)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        session = _SESSIONS[self.root]
+        session = self._session(trials)
         number = _trial_number(trial)
         notes = session.annotations.setdefault(number, {}) if number is not None else {}
         notes["retries"] = int(notes.get("retries") or 0) + 1
@@ -171,7 +190,7 @@ class StudyProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         reason = self.stopper.reasons.get(trial.trial_id) if self.stopper is not None else None
-        session = self._note(trial, **({"fail_reason": reason} if reason else {}))
+        session = self._note(trials, trial, ending=True, **({"fail_reason": reason} if reason else {}))
         number = _trial_number(trial)
         if reason and session.tracker is not None and number is not None:
             try:
@@ -181,10 +200,10 @@ class StudyProgress(Callback):
         self._ended(session)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(self._note(trial, fail_reason=_error_line(trial)))
+        self._ended(self._note(trials, trial, ending=True, fail_reason=_error_line(trial)))
 
     def on_step_end(self, iteration, trials, **info):
-        session = _SESSIONS[self.root]
+        session = self._session(trials)
         if time.monotonic() - session.last_said > HEARTBEAT_S:
             session.refresh(force=False)
             session.say(session.progress_line())

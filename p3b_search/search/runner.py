@@ -17,7 +17,9 @@ Resume: ``Tuner.restore`` brings back Ray's trials and the searcher's Ray -> Opt
 so in-flight trials continue from their last checkpoint under their own Optuna numbers (no
 trial lost, none duplicated). An Optuna trial that Ray never recorded (the driver died between
 asking Optuna and saving its state) is run again by the searcher with the same number and
-parameters; one still RUNNING once the study has ended is marked FAIL.
+parameters; one still RUNNING once the study has ended is marked FAIL. Before anything else,
+``resume`` ends the processes a killed driver's local Ray session left behind, by the ids in
+its ``driver.json`` (see :mod:`p3b_search.search.driver_record`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
+from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.preflight import DRIVER_CPU, cluster_lines, preflight
 from p3b_search.search.progress import StudyProgress, StudySession, close_session, open_session
@@ -204,6 +207,12 @@ def run_study(
     if not resume and (layout.study_file.exists() or layout.ray_experiment.exists()):
         raise StudyError(f"{study.source}: name: study {study.name!r} already exists in {layout.root}: continue it "
                          f"with `python search.py resume {layout.root}`, or pick another --name")
+    driver = DriverRecord(layout.driver_record)
+    if resume:  # a killed driver's Ray processes go first (an error if that driver still runs)
+        ended = driver.end_leftovers()
+        if ended:
+            printer(f"ended {len(ended)} process(es) the stopped driver's Ray session left: "
+                    + ", ".join(p.describe() for p in ended))
     preflight(study, objective, address, num_cpus)
     quiet = _quiet_libraries(verbose)
     started_ray, interrupted, session, started_tracker = False, True, None, None
@@ -211,13 +220,15 @@ def run_study(
         # Ray first: a cluster that refuses us is an error before the study leaves any trace
         started_ray = _init_ray(study, address, num_cpus, verbose)
         _write_study_file(study)
+        driver.write(with_ray_session=started_ray and not address)
         if address:  # after the study file exists: it stands for the study folder
             check_shared_paths(study)
         optuna_study = open_optuna_study(study)
         cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None
         started_tracker = tracking  # closed however the run ends
-        session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer)
+        session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer,
+                               driver=driver if started_ray and not address else None)
         open_session(session)
         if address:
             for line in cluster_lines(study, address):
@@ -240,6 +251,8 @@ def run_study(
             import ray
 
             ray.shutdown()
+        if layout.root.exists():
+            driver.remove()
         quiet()
     return StudyOutcome(study, frame, session.summary(), interrupted, time.monotonic() - session.started)
 

@@ -21,7 +21,8 @@ Resume, each sampled configuration exactly once: the searcher's saved state (whi
 with its experiment state) is the Optuna trial *number* of each Ray trial in flight, and the
 sampler; ``Tuner.restore`` thus continues in-flight trials under their own numbers. An Optuna
 trial RUNNING in the storage that no Ray trial holds was asked by a driver that stopped before
-Ray recorded it: the next ``suggest`` hands that trial out again, same number, same parameters,
+Ray recorded it: the next ``suggest`` hands that trial out again, same number, same parameters
+(those it lacks, when the driver stopped half-way through sampling it, are sampled then),
 instead of sampling a new one.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
-from optuna.trial import FixedTrial, TrialState
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from p3b_search.search.optuna_storage import open_storage
@@ -184,21 +185,26 @@ class FrontSafeOptunaSearch(Searcher):
 
     def _lost_trial(self, grid: bool) -> tuple[int, dict[str, Any]] | None:
         """The first Optuna trial RUNNING in the storage that no Ray trial holds, with its
-        parameters, when it can run; lost trials that cannot (sampled halfway, invalid) are
-        told FAIL on the way."""
+        parameters, when it can run; lost trials that cannot (invalid) are told FAIL on the way.
+
+        A trial lost half-way through its sampling is sampled to the end: Optuna returns the
+        recorded value of a parameter already suggested and samples only the missing ones."""
         held = set(self._numbers.values())
-        for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number in held:
+        study = self.optuna_study
+        study_id = self._storage.get_study_id_from_name(study.study_name)
+        for record in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if record.number in held:
                 continue
-            try:  # replay the sampling on the recorded values: every parameter there, in range
-                params = suggest_params(FixedTrial(trial.params, trial.number), self._study_config)
-            except ValueError:
-                self._fail(trial.number, "fail_reason", "lost: the driver stopped while this trial was sampled")
+            trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, record.number)
+            try:  # Optuna's own Trial of the stored record: define-by-run sampling continues it
+                params = suggest_params(optuna.Trial(study, trial_id), self._study_config)
+            except ValueError as error:  # a recorded value outside today's search space
+                self._fail(record.number, "fail_reason", f"lost, and its parameters no longer fit: {error}")
                 continue
-            rejection = self._rejection(trial.number, params, grid)
+            rejection = self._rejection(record.number, params, grid)
             if rejection is None:
-                return trial.number, params
-            self._fail(trial.number, *rejection)
+                return record.number, params
+            self._fail(record.number, *rejection)
         return None
 
     def _rejection(self, number: int, params: dict[str, Any], grid: bool) -> tuple[str, Any] | None:

@@ -12,6 +12,7 @@
                          (hypervolume, normalised hypervolume, dense reference)
     trials/<number>/     a trial's working folder: its final model in ``model/``
     ray/                 Ray Tune's storage_path (experiment state, trial checkpoints)
+    driver.json          the running driver's process and its local Ray session's processes
 
 Multi-node runs need this folder on storage every node sees (NFS, a shared volume).
 """
@@ -69,6 +70,12 @@ class StudyLayout:
     def ray_experiment(self) -> Path:
         """Ray Tune's experiment folder (what ``Tuner.restore`` reads)."""
         return self.ray_storage / RAY_EXPERIMENT
+
+    @property
+    def driver_record(self) -> Path:
+        """``driver.json``: which process drives the study, and the processes of the local Ray
+        session it started (what ``resume`` ends when that driver was killed)."""
+        return self.root / "driver.json"
 
     def trial_dir(self, number: int) -> Path:
         """Working folder of Optuna trial ``number``; the final model lands in ``model/``."""
