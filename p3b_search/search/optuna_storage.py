@@ -79,14 +79,15 @@ POSTGRES_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idl
 DEFAULT_STUDY_NAME_PREFIX = "no-name-"  # Optuna's, for a study created without a name
 
 
-def _unreachable(error: BaseException | None) -> bool:
-    """Whether ``error`` (or its cause) reads like a database that is down or restarting."""
+def _unreachable(error: BaseException | None) -> BaseException | None:
+    """``error`` or the first of its causes that reads like a database that is down or
+    restarting (None: none does)."""
     while error is not None:
         text = str(error).lower()
         if any(marker in text for marker in UNREACHABLE_MARKERS):
-            return True
+            return error
         error = error.__cause__
-    return False
+    return None
 
 
 class _Retry:
@@ -131,12 +132,13 @@ class RetryingStorage(BaseStorage):
                 outcome = settle() if settle is not None and outage_since is not None else RETRY
                 result = method(*args) if isinstance(outcome, _Retry) else outcome
             except StorageInternalError as error:
-                if not _unreachable(error) or time.monotonic() + wait > deadline:
+                reason = _unreachable(error)
+                if reason is None or time.monotonic() + wait > deadline:
                     raise
                 if outage_since is None:
                     outage_since = time.monotonic()
                     logger.warning("Optuna storage unreachable (%s); retrying for up to %.0f s",
-                                   first_line(error), self.patience_s)
+                                   first_line(reason), self.patience_s)
                 time.sleep(wait)
                 wait = min(2 * wait, self.max_wait_s)
                 continue
