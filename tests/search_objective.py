@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -77,6 +78,26 @@ def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def _log_attempt(study_root: Path, workdir: Path, event: str) -> None:
     with open(study_root / "attempts.log", "a") as log:
         log.write(f"{int(Path(workdir).name)} {os.getpid()} {event} {time.time():.3f}\n")
+
+
+def most_running(study_root: Path) -> int:
+    """The most trial attempts that ran at once, from ``attempts.log`` (an attempt runs from its
+    ``start`` to its last line: a killed worker writes no ``end``)."""
+    spans: dict[tuple[str, str, int], list[float]] = {}
+    starts: dict[tuple[str, str], int] = defaultdict(int)
+    for line in (Path(study_root) / "attempts.log").read_text().splitlines():
+        trial, pid, event, at = line.split()
+        if event == "start":
+            starts[trial, pid] += 1
+        spans.setdefault((trial, pid, starts[trial, pid]), [float(at), float(at)])[1] = float(at)
+    # at equal times an attempt that starts counts before one that ends
+    events = sorted([(start, 1) for start, _ in spans.values()] + [(end, -1) for _, end in spans.values()],
+                    key=lambda event: (event[0], -event[1]))
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
 
 
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,

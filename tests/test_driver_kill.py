@@ -25,8 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -36,6 +34,7 @@ from optuna.trial import TrialState
 from p3b_search.study.loading import load_study
 from p3b_search.tracking.client import TRIAL_TAG
 from tests.driver_kill import MOMENTS
+from tests.search_objective import most_running
 from tests.test_faults import STUDY, _children, _kill_session, _session_processes
 from tests.test_runner import OBJECTIVE, ROOT, write_study
 
@@ -54,28 +53,6 @@ concurrency: {CONCURRENCY}
 
 def _search(*arguments: str) -> list[str]:
     return [*arguments, "--objective", OBJECTIVE, "--cpus", "2"]
-
-
-def _max_overlap(log: Path) -> int:
-    """The most trial attempts running at once, from the objective's ``attempts.log`` (an
-    attempt runs from its ``start`` to its last line: a killed worker writes no ``end``)."""
-    spans: dict[tuple[str, str, int], list[float]] = {}
-    starts: dict[tuple[str, str], int] = defaultdict(int)
-    for line in log.read_text().split("\n"):
-        if not line:
-            continue
-        trial, pid, event, at = line.split()
-        if event == "start":
-            starts[trial, pid] += 1
-        key = (trial, pid, starts[trial, pid])
-        spans.setdefault(key, [float(at), float(at)])[1] = float(at)
-    events = sorted([(start, 1) for start, _ in spans.values()] + [(end, -1) for _, end in spans.values()],
-                    key=lambda e: (e[0], -e[1]))
-    running = most = 0
-    for _, step in events:
-        running += step
-        most = max(most, running)
-    return most
 
 
 @pytest.mark.parametrize("moment", MOMENTS)
@@ -137,7 +114,7 @@ def test_driver_killed_at_each_moment_resumes_every_trial_exactly_once(tmp_path,
     assert not allocations.duplicated(["trial", "step"]).any()
 
     # concurrency, across the kill and the resume
-    assert _max_overlap(layout.root / "attempts.log") <= CONCURRENCY
+    assert most_running(layout.root) <= CONCURRENCY
     shown = [int(n) for n in re.findall(r"(\d+) running", output)]
     assert shown and max(shown) <= CONCURRENCY, output
 

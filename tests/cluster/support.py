@@ -43,10 +43,16 @@ concurrency: 2
     return study
 
 
-def start_driver(folder: Path, address: str) -> subprocess.Popen:
-    """``search.py run <folder>/study.yaml --address <address>`` in a session of its own."""
-    return subprocess.Popen(cli("run", str(folder / "study.yaml"), "--address", address), cwd=folder,
-                            env=cluster_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+def start_driver(folder: Path, address: str, *arguments: str, command: str = "run",
+                 kill_at: tuple[str, int] | None = None) -> subprocess.Popen:
+    """``search.py COMMAND <folder>/study.yaml --address <address>`` in a session of its own (for
+    ``resume``, give the study folder as the only argument); ``kill_at``: (moment, trial) at
+    which the driver SIGKILLs itself (see ``tests/driver_kill.py``)."""
+    search = cli(command, *(arguments or (str(folder / "study.yaml"),)), "--address", address)
+    if kill_at is not None:
+        moment, number = kill_at
+        search = [search[0], "-m", "tests.driver_kill", moment, str(number), *search[2:]]
+    return subprocess.Popen(search, cwd=folder, env=cluster_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -5,10 +5,14 @@ PostgreSQL and MLflow on a tracking server backed by it:
   Optuna, MLflow holds every trial once;
 - the tracking server is down for 20 s: trials go on, what they logged arrives afterwards;
 - the second Ray node is killed mid-trial: its trial is retried from its last checkpoint on the
-  head and ends with the metrics of an undisturbed run; the study completes.
+  head and ends with the metrics of an undisturbed run; the study completes;
+- the driver joined to the cluster is SIGKILLed while a trial reports, then ``resume --address``:
+  Ray ends the dead driver's trials (never more than ``concurrency`` at a time across the two
+  drivers), every trial completes once, and the cluster itself keeps running.
 """
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -27,6 +31,7 @@ from tests.cluster.support import (
     wait_for_rows,
     write_cluster_study,
 )
+from tests.search_objective import most_running
 from tests.test_faults import _kill_session as kill_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -135,3 +140,27 @@ def test_lost_node_trial_resumes_on_the_head_from_its_checkpoint(tmp_path, postg
     record = records.optuna_trials[lost]
     direct = _undisturbed(study, record.params, tmp_path / "direct" / "trials" / "0000")
     assert record.values == [direct["top1"], direct["macs"]]
+
+
+def test_driver_killed_on_the_cluster_resumes_every_trial_once(tmp_path, postgres, tracking_server, ray_cluster):
+    study = write_cluster_study(tmp_path, "driver-kill", postgres.create_database("driver_kill"),
+                                tracking_server.uri, epoch_seconds=1.0)
+    driver = start_driver(tmp_path, ray_cluster.address, kill_at=("reporting", 1))
+    resumed = None
+    try:
+        output = driver.communicate(timeout=STUDY_TIMEOUT_S)[0]
+        assert driver.returncode == -signal.SIGKILL, output
+        resumed = start_driver(tmp_path, ray_cluster.address, str(study.layout.root), command="resume")
+        output = _finish(resumed)
+    finally:
+        kill_session(driver.pid)
+        if resumed is not None:
+            kill_session(resumed.pid)
+    assert resumed.returncode == 0, output
+    assert ray_cluster.head.poll() is None and ray_cluster.second.poll() is None  # not the driver's to end
+    records = recorded(study)
+    assert_complete_once(records, 4)
+    assert_fronts_agree(records)
+    assert most_running(study.layout.root) <= 2
+    epochs = (study.layout.trial_dir(1) / "epochs.log").read_text().split()
+    assert sorted(set(epochs)) == [str(e) for e in range(EPOCHS)] and epochs.count("0") == 1, epochs
