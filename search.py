@@ -121,6 +121,7 @@ def _finish(outcome) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from p3b_search.search.driver_record import DriverRecord
     from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.study.summary import study_summary
     from p3b_search.study.tables import table_text
@@ -131,6 +132,9 @@ def _status(args: argparse.Namespace) -> int:
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
     print(f"study {outcome.study.name} in {folder}: {outcome.study.n_trials} trials planned; "
           + ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "RUNNING", "PRUNED", "FAIL")))
+    driver = DriverRecord(outcome.study.layout.driver_record).driver_state()
+    if driver:
+        print(driver)
     print(table_text(frame, outcome.study.metric_names, outcome.dense))
     _print_front(outcome)
     return 0

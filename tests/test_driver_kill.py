@@ -31,6 +31,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from p3b_search.search.driver_record import DriverRecord
 from p3b_search.study.loading import load_study
 from p3b_search.tracking.client import TRIAL_TAG
 from tests.driver_kill import MOMENTS
@@ -72,6 +73,7 @@ def test_driver_killed_at_each_moment_resumes_every_trial_exactly_once(tmp_path,
         assert driver.returncode == -signal.SIGKILL, output
         time.sleep(3)  # Ray's processes that share the driver's fate are gone by now
         leftovers = _session_processes(driver.pid)
+        assert "stopped without ending" in DriverRecord(layout.driver_record).driver_state()
         given = optuna.load_study(study_name="killed", storage=study.storage_url).trials[KILLED_TRIAL].params
 
         resumed = subprocess.Popen(_search(sys.executable, str(ROOT / "search.py"), "resume", str(layout.root)),

@@ -49,6 +49,7 @@ def test_record_names_this_process_and_what_it_spawned(tmp_path):
         child.wait()
     record.remove()
     assert not record.path.exists() and DriverRecord(tmp_path / "driver.json").end_leftovers() == []
+    assert record.driver_state() is None  # the last driver ended
 
 
 def test_a_killed_drivers_orphans_are_ended_by_their_ids(tmp_path):
@@ -56,12 +57,15 @@ def test_a_killed_drivers_orphans_are_ended_by_their_ids(tmp_path):
     driver, orphan_pid = _spawn_driver(record.path)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        assert record.driver_state().startswith(f"driver: running (pid {driver.pid}, started ")
         with pytest.raises(StudyError, match=rf"the study is running \(driver pid {driver.pid}"):
             record.end_leftovers()  # its driver still runs: refused, nothing ended
         assert psutil.pid_exists(orphan_pid)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         assert psutil.Process(orphan_pid).status() != psutil.STATUS_ZOMBIE  # outlived its driver
+        assert record.driver_state() == (f"driver: pid {driver.pid} stopped without ending (killed?): continue "
+                                         f"with `python search.py resume {tmp_path}`")
 
         ended = record.end_leftovers()
         assert [p.pid for p in ended] == [orphan_pid]
@@ -97,3 +101,4 @@ def test_another_hosts_driver_is_left_to_that_host(tmp_path):
                                        "driver": {"pid": me.pid, "started": me.create_time(), "name": "x"},
                                        "ray_session": [{"pid": me.pid, "started": me.create_time()}]}))
     assert record.end_leftovers() == []
+    assert record.driver_state() == f"driver: pid {me.pid} on elsewhere.invalid (not visible from this machine)"

@@ -80,24 +80,47 @@ class DriverRecord:
         """The driver ended and took its Ray session down: nothing left to end."""
         self.path.unlink(missing_ok=True)
 
+    def _read(self) -> tuple[str, ProcessId, list[ProcessId]] | None:
+        """The recorded host, driver and Ray session (None: no record)."""
+        if not self.path.exists():
+            return None
+        data = json.loads(self.path.read_text())
+        return data["host"], ProcessId(**data["driver"]), [ProcessId(**entry) for entry in data["ray_session"]]
+
+    def driver_state(self) -> str | None:
+        """One line on the recorded driver: running, stopped without ending, or on another host
+        (None: no driver left a record, i.e. the last one ended)."""
+        record = self._read()
+        if record is None:
+            return None
+        host, driver, _ = record
+        if host != socket.gethostname():
+            return f"driver: pid {driver.pid} on {host} (not visible from this machine)"
+        if driver.live_process() is not None:
+            return f"driver: running (pid {driver.pid}, started {_clock(driver.started)})"
+        return (f"driver: pid {driver.pid} stopped without ending (killed?): continue with "
+                f"`python search.py resume {self.path.parent}`")
+
     def end_leftovers(self) -> list[ProcessId]:
         """End the recorded Ray processes of a driver that did not end (the ids it ended; empty
         without a record). A :class:`StudyError` when the recorded driver still runs."""
-        if not self.path.exists():
+        record = self._read()
+        if record is None:
             return []
-        data = json.loads(self.path.read_text())
-        driver = ProcessId(**data["driver"])
-        if data["host"] != socket.gethostname():
+        host, driver, session = record
+        if host != socket.gethostname():
             return []  # another machine's processes: neither visible nor ours to end
         if driver.live_process() is not None:
-            started = datetime.fromtimestamp(driver.started).strftime("%Y-%m-%d %H:%M:%S")
             raise StudyError(f"{self.path.parent}: the study is running (driver pid {driver.pid}, started "
-                             f"{started}): wait for it, or stop it (Ctrl-C) before resuming")
-        recorded = [ProcessId(**entry) for entry in data["ray_session"]]
-        leftovers = {p: live for p in recorded if (live := p.live_process()) is not None}
+                             f"{_clock(driver.started)}): wait for it, or stop it (Ctrl-C) before resuming")
+        leftovers = {p: live for p in session if (live := p.live_process()) is not None}
         _end(list(leftovers.values()))
         self.remove()
         return list(leftovers)
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _descendants(process: psutil.Process) -> list[psutil.Process]:
