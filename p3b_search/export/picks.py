@@ -31,7 +31,7 @@ from p3b_search.export.load import ExportError
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.pareto import knee_index
 from p3b_search.study.results import is_dense
-from p3b_search.trial_folder import FINISHED, TrialFolder
+from p3b_search.trial_folder import FINISHED
 
 #: Columns of the trials table read here.
 NUMBER, STATE, TOP1, MACS, PARAMS, LATENCY = "number", "state", "top1", "macs", "params", "latency_ms"
@@ -164,7 +164,7 @@ def _number_ranges(numbers: list[int]) -> str:
 
 def trial_state(layout: StudyLayout, number: int) -> str | None:
     """The ``state`` in the trial's ``result.json`` (``"finished"`` once fine-tuned), None without one."""
-    path = TrialFolder(layout.trial_dir(number)).result
+    path = layout.trial_folder(number).result
     if not path.is_file():
         return None
     try:
@@ -175,7 +175,7 @@ def trial_state(layout: StudyLayout, number: int) -> str | None:
 
 def is_exportable(layout: StudyLayout, number: int) -> bool:
     """True when trial ``number`` finished fine-tuning and its model folder is complete."""
-    model = TrialFolder(layout.trial_dir(number)).model
+    model = layout.trial_folder(number).model
     return trial_state(layout, number) == FINISHED and model.arch.is_file() and model.weights.is_file()
 
 
@@ -183,7 +183,7 @@ def check_exportable(layout: StudyLayout, row: pd.Series, trials: pd.DataFrame, 
     """The model folder of the chosen trial; :class:`ExportError` when its weights are not
     fine-tuned or are gone, saying what finishes it and which trials are exportable instead."""
     number = int(row[NUMBER])
-    folder = TrialFolder(layout.trial_dir(number)).model.root
+    folder = layout.trial_folder(number).model.root
     if is_exportable(layout, number):
         return folder
     state, table_state = trial_state(layout, number), str(row[STATE]).upper()

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from p3b_search.trial_folder import TrialFolder
+
 RAY_EXPERIMENT = "tune"
 
 
@@ -80,6 +82,10 @@ class StudyLayout:
     def trial_dir(self, number: int) -> Path:
         """Working folder of Optuna trial ``number``; the final model lands in ``model/``."""
         return self.root / "trials" / f"{number:05d}"
+
+    def trial_folder(self, number: int) -> TrialFolder:
+        """The files of trial ``number``'s working folder (what export reads)."""
+        return TrialFolder(self.trial_dir(number))
 
     def default_storage_url(self) -> str:
         return f"sqlite:///{self.optuna_db}"
