@@ -163,7 +163,10 @@ class StudyProgress(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         session = self._note(trials, trial, starting=True, ray_trial_id=trial.trial_id)
         if session.driver is not None:  # Ray may have spawned a worker for it
-            session.driver.write(with_ray_session=True)
+            try:
+                session.driver.write(with_ray_session=True)
+            except OSError as error:  # a full disk must not end the study
+                logger.warning("could not update %s: %s", session.driver.path, error)
         session.refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
