@@ -220,7 +220,8 @@ def run_study(
         # Ray first: a cluster that refuses us is an error before the study leaves any trace
         started_ray = _init_ray(study, address, num_cpus, verbose)
         _write_study_file(study)
-        driver.write(with_ray_session=started_ray and not address)
+        local_session = started_ray and not address  # its Ray processes are this driver's to record
+        driver.write(with_ray_session=local_session)
         if address:  # after the study file exists: it stands for the study folder
             check_shared_paths(study)
         optuna_study = open_optuna_study(study)
@@ -228,7 +229,7 @@ def run_study(
         trial_runs = tracking.start(study, resume) if tracking is not None else None
         started_tracker = tracking  # closed however the run ends
         session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer,
-                               driver=driver if started_ray and not address else None)
+                               driver=driver if local_session else None)
         open_session(session)
         if address:
             for line in cluster_lines(study, address):

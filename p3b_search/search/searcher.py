@@ -138,14 +138,18 @@ class FrontSafeOptunaSearch(Searcher):
             self._optuna = open_optuna_study(self._study_config, sampler=self._sampler, storage=self._storage)
         return self._optuna
 
+    def _trial_id(self, number: int) -> int:
+        """The storage's id of trial ``number``."""
+        study = self.optuna_study
+        storage = self._storage
+        return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               number)
+
     def _set_attr(self, number: int, key: str, value: Any) -> None:
         """Set a user attr of trial ``number`` (through the storage: the trial may be asked by
         another driver, so no ``optuna.Trial`` object of it exists here)."""
-        study = self.optuna_study
-        storage = self._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                                   number)
-        storage.set_trial_user_attr(trial_id, key, value)
+        trial_id = self._trial_id(number)  # first: it opens the storage of a restored searcher
+        self._storage.set_trial_user_attr(trial_id, key, value)
 
     def _fail(self, number: int, key: str, value: Any) -> None:
         self._set_attr(number, key, value)
@@ -191,13 +195,11 @@ class FrontSafeOptunaSearch(Searcher):
         recorded value of a parameter already suggested and samples only the missing ones."""
         held = set(self._numbers.values())
         study = self.optuna_study
-        study_id = self._storage.get_study_id_from_name(study.study_name)
         for record in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if record.number in held:
                 continue
-            trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, record.number)
             try:  # Optuna's own Trial of the stored record: define-by-run sampling continues it
-                params = suggest_params(optuna.Trial(study, trial_id), self._study_config)
+                params = suggest_params(optuna.Trial(study, self._trial_id(record.number)), self._study_config)
             except ValueError as error:  # a recorded value outside today's search space
                 self._fail(record.number, "fail_reason", f"lost, and its parameters no longer fit: {error}")
                 continue
