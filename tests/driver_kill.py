@@ -89,6 +89,13 @@ def _arm(moment: str, number: int) -> None:
 MOMENTS = ("sampling", "asked", "started", "reporting", "finishing")
 
 
+def killing(command: list[str], moment: str, number: int) -> list[str]:
+    """``command`` (``[python, search.py, arguments...]``) run by this harness instead, killed at
+    ``moment`` of trial ``number``."""
+    python, _, *arguments = command
+    return [python, "-m", "tests.driver_kill", moment, str(number), *arguments]
+
+
 def main(argv: list[str]) -> int:
     moment, number, *arguments = argv
     _arm(moment, int(number))

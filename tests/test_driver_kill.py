@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import optuna
@@ -34,10 +33,11 @@ from optuna.trial import TrialState
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.study.loading import load_study
 from p3b_search.tracking.client import TRIAL_TAG
-from tests.driver_kill import MOMENTS
+from tests.driver_kill import MOMENTS, killing
 from tests.search_objective import most_running
 from tests.test_faults import STUDY, _children, _kill_session, _session_processes
-from tests.test_runner import OBJECTIVE, ROOT, write_study
+from tests.test_runner import ROOT, write_study
+from tests.test_runner import _cli as cli
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +52,6 @@ concurrency: {CONCURRENCY}
 """ + STUDY
 
 
-def _search(*arguments: str) -> list[str]:
-    return [*arguments, "--objective", OBJECTIVE, "--cpus", "2"]
-
-
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_driver_killed_at_each_moment_resumes_every_trial_exactly_once(tmp_path, moment):
     study = load_study(write_study(tmp_path, KILLED))
@@ -64,8 +60,7 @@ def test_driver_killed_at_each_moment_resumes_every_trial_exactly_once(tmp_path,
     (layout.root / "epoch-seconds").write_text("0.5")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "tests.driver_kill", moment, str(KILLED_TRIAL),
-         *_search("run", str(tmp_path / "study.yaml"))],
+        killing(cli("run", str(tmp_path / "study.yaml")), moment, KILLED_TRIAL),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     resumed_pid = None
     try:
@@ -76,7 +71,7 @@ def test_driver_killed_at_each_moment_resumes_every_trial_exactly_once(tmp_path,
         assert "stopped without ending" in DriverRecord(layout.driver_record).driver_state()
         given = optuna.load_study(study_name="killed", storage=study.storage_url).trials[KILLED_TRIAL].params
 
-        resumed = subprocess.Popen(_search(sys.executable, str(ROOT / "search.py"), "resume", str(layout.root)),
+        resumed = subprocess.Popen(cli("resume", str(layout.root)),
                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
         resumed_pid = resumed.pid

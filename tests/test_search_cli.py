@@ -1,6 +1,7 @@
 """search.py: help a newcomer understands, one-line errors, status/pareto of a study folder."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,15 @@ def test_status_shows_trials_and_front(study_folder, capsys):
     assert "study cli in" in out and "3 complete, 0 running, 0 pruned, 0 fail" in out
     assert "Pareto front of cli (2 of 3 finished trials; top1 (maximize) / macs (minimize))" in out
     assert "hypervolume 2.65e+08 (reference point: top1=0, macs=4e+06)" in out
+    assert "driver:" not in out  # the last driver ended: no record
+
+
+def test_status_names_a_running_driver(study_folder, capsys):
+    from p3b_search.search.driver_record import DriverRecord
+
+    DriverRecord(study_folder / "driver.json").write(with_ray_session=False)  # this process drives it
+    assert search.main(["status", str(study_folder)]) == 0
+    assert f"driver: running (pid {os.getpid()}, started " in capsys.readouterr().out
 
 
 def test_pareto_as_csv(study_folder, capsys):

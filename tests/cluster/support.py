@@ -15,6 +15,7 @@ from p3b_search.study.loading import load_study
 from p3b_search.study.sections import StudyConfig
 from p3b_search.search.trainable import RAY_NODE_ID
 from p3b_search.tracking.client import PARETO_TAG, TRIAL_TAG
+from tests.driver_kill import killing
 from tests.test_cluster import _env as cluster_env
 from tests.test_faults import STUDY, _children
 from tests.test_runner import _cli as cli
@@ -50,8 +51,7 @@ def start_driver(folder: Path, address: str, *arguments: str, command: str = "ru
     which the driver SIGKILLs itself (see ``tests/driver_kill.py``)."""
     search = cli(command, *(arguments or (str(folder / "study.yaml"),)), "--address", address)
     if kill_at is not None:
-        moment, number = kill_at
-        search = [search[0], "-m", "tests.driver_kill", moment, str(number), *search[2:]]
+        search = killing(search, *kill_at)
     return subprocess.Popen(search, cwd=folder, env=cluster_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
