@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.pareto import pareto_mask
 from p3b_search.study.results import (
-    AllocationWriter,
+    TrialPartWriter,
     annotations_of,
     merge_allocations,
     read_allocations,
@@ -121,14 +121,14 @@ def rows(update: int, blocks: int = 3) -> list[dict]:
 
 def test_allocation_parts_merge_and_survive_a_retry(tmp_path):
     layout = StudyLayout(tmp_path)
-    first = AllocationWriter(layout, 0)
+    first = TrialPartWriter(layout.allocation_parts, 0)
     for epoch in range(3):
         first.write(rows(epoch), epoch)
     # trial 0 failed after epoch 2's rows; Ray restarts it from the checkpoint of epoch 1
     first.clear_from(2)
     first.write(rows(2), 2)
     first.write(rows(3), 3)
-    AllocationWriter(layout, 1).write(rows(0, blocks=2), 0)
+    TrialPartWriter(layout.allocation_parts, 1).write(rows(0, blocks=2), 0)
     table = read_allocations(layout)
     assert len(table) == 4 * 3 + 2
     assert not table.duplicated(["trial", "step", "sub_block"]).any()

@@ -400,10 +400,10 @@ def test_resume_runs_a_trial_asked_before_ray_saved_anything(tmp_path):
     assert rerun.user_attrs["ray_trial_id"] != "never-recorded"
 
 
-def test_trial_reporter_forwards_epochs_and_writes_allocation_parts_once(tmp_path):
+def test_trial_reporter_forwards_epochs_and_writes_allocation_and_curve_parts_once(tmp_path):
     from p3b_search.reporting import TrialReporter
     from p3b_search.search.trainable import TuneTrialReporter
-    from p3b_search.study.results import AllocationWriter, read_allocations
+    from p3b_search.study.results import TrialPartWriter, read_allocations, read_epochs
 
     layout = StudyLayout(tmp_path)
     sent: list[tuple[dict, object]] = []
@@ -411,7 +411,8 @@ def test_trial_reporter_forwards_epochs_and_writes_allocation_parts_once(tmp_pat
 
     def attempt(epochs: range, objectives: dict | None = None) -> None:
         reporter = TuneTrialReporter(lambda result, folder: sent.append((result, folder)), ["top1", "macs"],
-                                     AllocationWriter(layout, 7), downstream)
+                                     TrialPartWriter(layout.allocation_parts, 7), downstream,
+                                     epoch_writer=TrialPartWriter(layout.epoch_parts, 7))
         for epoch in epochs:
             reporter.report_allocations([{"step": epoch, "layer": 0, "kind": "attn", "keep_ratio": 0.9}])
             reporter.report_epoch({"epoch": float(epoch), "top1": 50.0 + epoch, "macs": 1e6}, tmp_path / "ckpt")
@@ -428,4 +429,7 @@ def test_trial_reporter_forwards_epochs_and_writes_allocation_parts_once(tmp_pat
     assert sent[0][1] == tmp_path / "ckpt" and sent[-1][1] is None
     table = read_allocations(layout)
     assert table["step"].tolist() == [0, 1, 2, 3, 99]  # epoch 2 redone once, not twice
+    curve = read_epochs(layout)
+    assert curve["epoch"].tolist() == [0, 1, 2, 3] and curve["trial"].tolist() == [7] * 4
+    assert curve["top1"].tolist() == [50.0, 51.0, 52.0, 53.0]
     assert len(downstream.epochs) == 5 and downstream.allocations[-1]["step"] == 99

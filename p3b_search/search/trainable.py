@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from p3b_search.reporting import TrialReporter
-from p3b_search.study.results import AllocationWriter
+from p3b_search.study.results import TrialPartWriter
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.tracking import TrialRunFactory
 from p3b_search.study.trials import trial_config
@@ -49,21 +49,25 @@ def objective_key(name: str) -> str:
 
 
 class TuneTrialReporter(TrialReporter):
-    """Forwards one trial's reports: per-epoch results (+ checkpoint) to Ray, allocation rows to
-    Parquet parts, everything to ``downstream`` (the tracker's trial run) when given.
+    """Forwards one trial's reports: per-epoch results (+ checkpoint) to Ray, allocation rows and
+    the epoch's metrics to Parquet parts, everything to ``downstream`` (the tracker's trial run)
+    when given.
 
-    Allocation rows received before the report of epoch ``e`` are written as part ``e``; the
-    first epoch reported after a restart drops the parts from that epoch on (see
-    :class:`~p3b_search.study.results.AllocationWriter`).
+    Allocation rows received before the report of epoch ``e`` are written as part ``e`` of
+    ``writer``, the epoch's metrics as part ``e`` of ``epoch_writer``; the first epoch reported
+    after a restart drops both writers' parts from that epoch on (see
+    :class:`~p3b_search.study.results.TrialPartWriter`).
     """
 
-    def __init__(self, report: ReportFn, metric_names: list[str], writer: AllocationWriter | None = None,
-                 downstream: TrialReporter | None = None, node_id: str | None = None):
+    def __init__(self, report: ReportFn, metric_names: list[str], writer: TrialPartWriter | None = None,
+                 downstream: TrialReporter | None = None, node_id: str | None = None,
+                 epoch_writer: TrialPartWriter | None = None):
         super().__init__()
         self._node_id = node_id
         self._report = report
         self._metric_names = metric_names
         self._writer = writer
+        self._epoch_writer = epoch_writer
         self._downstream = downstream
         self._pending: list[dict[str, Any]] = []
         self._last_epoch: int | None = None
@@ -76,10 +80,14 @@ class TuneTrialReporter(TrialReporter):
     def report_epoch(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         super().report_epoch(metrics, checkpoint_dir)
         epoch = int(metrics.get("epoch", len(self.epochs) - 1))
+        if self._last_epoch is None:
+            for writer in (self._writer, self._epoch_writer):
+                if writer is not None:
+                    writer.clear_from(epoch)
         if self._writer is not None:
-            if self._last_epoch is None:
-                self._writer.clear_from(epoch)
             self._writer.write(self._pending, epoch)
+        if self._epoch_writer is not None:
+            self._epoch_writer.write([{**metrics, "epoch": epoch}], epoch)
         self._pending = []
         self._last_epoch = epoch
         if self._downstream is not None:
@@ -159,8 +167,9 @@ def run_objective(
         if trial_runs is not None and lead:
             tags = {RAY_NODE_ID: node_id} if node_id else None
             downstream = stack.enter_context(trial_runs(number, params, tags))
-        writer = AllocationWriter(study.layout, number) if lead else None
-        reporter = TuneTrialReporter(report, study.metric_names, writer, downstream, node_id)
+        writer, epoch_writer = ((TrialPartWriter(study.layout.allocation_parts, number),
+                                 TrialPartWriter(study.layout.epoch_parts, number)) if lead else (None, None))
+        reporter = TuneTrialReporter(report, study.metric_names, writer, downstream, node_id, epoch_writer)
         resume_from = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
         objectives = run(trial, reporter, workdir, resume_from, **kwargs)
         reporter.finish(objectives)

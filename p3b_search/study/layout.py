@@ -8,6 +8,7 @@
     trials.parquet       one row per trial (see :mod:`p3b_search.study.results`)
     allocations.parquet  one row per sub-block per mask update, merged from allocations/
     allocations/         per-trial parts written by the trials themselves
+    epochs/              per-trial parts: one row of metrics per epoch (the learning curves)
     pareto/              the front: front.png, front.html, front.parquet, summary.parquet
                          (hypervolume, normalised hypervolume, dense reference)
     trials/<number>/     a trial's working folder: its final model in ``model/``
@@ -59,6 +60,11 @@ class StudyLayout:
     @property
     def allocation_parts(self) -> Path:
         return self.root / "allocations"
+
+    @property
+    def epoch_parts(self) -> Path:
+        """``epochs/<number>/part-<epoch>.parquet``: each trial's metrics of each epoch."""
+        return self.root / "epochs"
 
     @property
     def pareto_dir(self) -> Path:

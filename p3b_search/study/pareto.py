@@ -14,7 +14,7 @@ import numpy as np
 _DIRECTIONS = ("maximize", "minimize")
 
 
-def _as_minimization(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+def as_minimization(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     """``values`` as float64 ``(n, m)`` with maximized columns negated (smaller is better)."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2:
@@ -35,7 +35,7 @@ def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     better in one. Identical rows do not dominate each other, so duplicates of a front point are
     all on the front. Cost O(n^2 m) in blocks of rows, fine for thousands of trials.
     """
-    points = _as_minimization(values, directions)
+    points = as_minimization(values, directions)
     n = len(points)
     finite = np.isfinite(points).all(axis=1)
     mask = finite.copy()
@@ -57,8 +57,8 @@ def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequen
     a sort-and-sweep, O(n log n); more: slicing along the last objective down to the
     two-objective sweep, O(n^(m-1) log n), exact.
     """
-    points = _as_minimization(values, directions)
-    ref = _as_minimization(np.asarray(reference, dtype=np.float64)[None, :], directions)[0]
+    points = as_minimization(values, directions)
+    ref = as_minimization(np.asarray(reference, dtype=np.float64)[None, :], directions)[0]
     if not np.isfinite(ref).all():
         raise ValueError(f"hypervolume reference point must be finite, got {list(reference)}")
     points = points[np.isfinite(points).all(axis=1)]
@@ -98,7 +98,7 @@ def knee_index(values: np.ndarray, directions: Sequence[str]) -> int:
     1 = its worst; a constant objective scales to 0), then take the front row closest in
     Euclidean distance to the ideal point (0, ..., 0). Ties go to the lowest row index.
     """
-    points = _as_minimization(values, directions)
+    points = as_minimization(values, directions)
     front = np.flatnonzero(pareto_mask(values, directions))
     if len(front) == 0:
         raise ValueError("knee_index needs at least one row with finite objective values")

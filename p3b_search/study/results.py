@@ -185,18 +185,19 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-# ----------------------------------------------------------------------------- allocations
+# ----------------------------------------------------------------------------- per-trial parts
 
-class AllocationWriter:
-    """Writes one trial's allocation rows as parts ``allocations/<number>/part-<index>.parquet``.
+class TrialPartWriter:
+    """Writes one trial's rows of a per-trial table as parts ``<parts>/<number>/part-<index>.parquet``.
 
     ``index`` is the epoch the rows belong to. A trial restarted from a checkpoint redoes the
     epochs after it: :meth:`clear_from` drops their old parts first, and :meth:`write` replaces
-    a part, so a retried trial never duplicates rows.
+    a part, so a retried trial never duplicates rows. Used for ``allocations/`` (the method's
+    allocation rows) and ``epochs/`` (one row of metrics per epoch: the learning curve).
     """
 
-    def __init__(self, layout: StudyLayout, number: int):
-        self.folder = layout.allocation_parts / f"{number:05d}"
+    def __init__(self, parts: Path, number: int):
+        self.folder = parts / f"{number:05d}"
         self.number = number
 
     def write(self, rows: list[dict[str, Any]], index: int) -> None:
@@ -211,11 +212,10 @@ class AllocationWriter:
                 path.unlink(missing_ok=True)
 
 
-def read_allocations(layout: StudyLayout) -> pd.DataFrame:
-    """Every allocation row written so far, read from the per-trial parts (always current)."""
-    parts = sorted(layout.allocation_parts.glob("*/part-*.parquet"))
+def read_parts(parts: Path) -> pd.DataFrame:
+    """Every row written so far under ``parts`` (one folder per trial), in trial and part order."""
     tables = []
-    for path in parts:
+    for path in sorted(parts.glob("*/part-*.parquet")):
         try:
             tables.append(pq.read_table(path))
         except (OSError, pa.ArrowInvalid):
@@ -223,6 +223,19 @@ def read_allocations(layout: StudyLayout) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame(columns=["trial"])
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def read_allocations(layout: StudyLayout) -> pd.DataFrame:
+    """Every allocation row written so far, read from the per-trial parts (always current)."""
+    return read_parts(layout.allocation_parts)
+
+
+def read_epochs(layout: StudyLayout) -> pd.DataFrame:
+    """The learning curves: one row per trial per epoch reported so far (both stages), with
+    ``trial``, ``epoch`` (0-based over both stages), ``stage`` (0 prune, 1 fine-tune) and the
+    epoch's metrics (``top1`` in %, ``epoch_seconds``; in the prune stage of gated methods also
+    ``keep_ratio`` and ``macs`` per image of the model the current masks would shrink to)."""
+    return read_parts(layout.epoch_parts)
 
 
 def merge_allocations(layout: StudyLayout) -> int:

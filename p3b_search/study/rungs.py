@@ -1,0 +1,86 @@
+"""Rung ranking of multi-objective successive halving (MO-ASHA, Schmucker et al. 2021).
+
+At a rung (an epoch every trial passes) the trials that reached it are ranked by non-dominated
+sorting on the study's objectives, ties inside a front broken by crowding distance (NSGA-II's:
+the points at the ends of a front and those far from their neighbours first); a trial continues
+when it is in the top ``1 / eta`` of its rung. The live scheduler
+(:mod:`p3b_search.search.successive_halving`) and the replay simulator of the tabular benchmark
+use these functions, so both decide alike.
+
+``values`` is an ``(n, m)`` array as in :mod:`p3b_search.study.pareto`; rows holding a NaN rank
+after every finite row.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from p3b_search.study.pareto import as_minimization, pareto_mask
+
+
+def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Int ``(n,)``: 0 for the rows on the Pareto front, 1 for the front of the rest, and so on;
+    rows holding a NaN get one rank past the last finite front."""
+    values = np.asarray(values, dtype=np.float64)
+    ranks = np.full(len(values), -1, dtype=np.int64)
+    finite = np.isfinite(values).all(axis=1) if values.size else np.zeros(len(values), dtype=bool)
+    remaining = np.flatnonzero(finite)
+    rank = 0
+    while len(remaining):
+        front = pareto_mask(values[remaining], directions)
+        ranks[remaining[front]] = rank
+        remaining = remaining[~front]
+        rank += 1
+    ranks[~finite] = rank
+    return ranks
+
+
+def crowding_distances(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Float ``(n,)``: NSGA-II's crowding distance of each row within ``values`` (one front).
+
+    Per objective the rows are sorted; the two ends get infinity, the others the gap between
+    their neighbours over the objective's range; the distances add over objectives. An
+    objective with one value everywhere adds nothing.
+    """
+    points = as_minimization(values, directions)
+    n = len(points)
+    distance = np.zeros(n)
+    if n <= 2:
+        distance[:] = math.inf
+        return distance
+    for column in points.T:
+        order = np.argsort(column, kind="stable")
+        low, high = column[order[0]], column[order[-1]]
+        distance[order[0]] = distance[order[-1]] = math.inf
+        if high > low:
+            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / (high - low)
+    return distance
+
+
+def rung_order(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Row indices best first: by non-dominated rank, then by crowding distance within the rank
+    (larger first), then by row index (earlier first)."""
+    values = np.asarray(values, dtype=np.float64)
+    ranks = nondominated_ranks(values, directions)
+    crowding = np.zeros(len(values))
+    finite = np.isfinite(values).all(axis=1) if values.size else np.zeros(len(values), dtype=bool)
+    for rank in np.unique(ranks[finite]):
+        members = np.flatnonzero((ranks == rank) & finite)
+        crowding[members] = crowding_distances(values[members], directions)
+    return np.lexsort((np.arange(len(values)), -crowding, ranks))
+
+
+def promotion_quota(n: int, eta: int) -> int:
+    """How many of ``n`` trials at a rung continue: the top ``n / eta``, at least one."""
+    return max(1, n // eta)
+
+
+def continues_at_rung(values: np.ndarray, directions: Sequence[str], row: int, eta: int) -> bool:
+    """Whether row ``row`` of the trials recorded at a rung (itself included) is in the top
+    ``1 / eta`` of :func:`rung_order` (asynchronous successive halving: the decision is taken
+    when the trial reaches the rung, against the trials that reached it before)."""
+    order = rung_order(values, directions)
+    position = int(np.flatnonzero(order == row)[0])
+    return position < promotion_quota(len(order), eta)
