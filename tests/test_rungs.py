@@ -72,3 +72,23 @@ def test_a_dominated_trial_stops_and_a_dominating_one_continues():
 def test_the_first_trial_at_a_rung_continues_and_quotas_follow_eta():
     assert continues_at_rung(np.array([[10.0, 1.0]]), DIRECTIONS, 0, eta=3)
     assert [promotion_quota(n, 3) for n in (1, 2, 3, 5, 6, 9)] == [1, 1, 1, 1, 2, 3]
+
+
+def test_rule_decides_on_rungs_only_and_a_repeated_report_replaces_the_record():
+    from p3b_search.study.rungs import SuccessiveHalvingRule
+
+    rule = SuccessiveHalvingRule(rungs=[2, 4], eta=2, directions=DIRECTIONS)
+    assert rule.decide("a", 2, [80.0, 5.0])           # first at the rung
+    assert not rule.decide("b", 2, [70.0, 6.0])       # dominated by a: 1 of 2 continues
+    assert rule.decide("b", 3, [10.0, 9.0])           # epoch 3 is no rung
+    assert rule.decide("b", 2, [90.0, 4.0])           # b again at rung 2 (a retry), now ahead
+    assert len(rule.records[2]) == 2 and rule.records[4] == {}
+
+
+def test_rule_refuses_eta_below_two():
+    import pytest
+
+    from p3b_search.study.rungs import SuccessiveHalvingRule
+
+    with pytest.raises(ValueError, match="eta"):
+        SuccessiveHalvingRule(rungs=[1], eta=1, directions=DIRECTIONS)

@@ -84,3 +84,37 @@ def continues_at_rung(values: np.ndarray, directions: Sequence[str], row: int, e
     order = rung_order(values, directions)
     position = int(np.flatnonzero(order == row)[0])
     return position < promotion_quota(len(order), eta)
+
+
+class SuccessiveHalvingRule:
+    """Asynchronous multi-objective successive halving: the rungs' records and the decisions.
+
+    ``rungs``: epoch counts (epochs trained over both stages, 1-based: ``4`` = after the fourth
+    epoch) at which a trial is ranked against every trial that reached the rung before it;
+    ``eta``: the top ``1 / eta`` continue. ``values`` are the trial's objectives at that epoch, in
+    the order of ``directions``. A trial reported again at a rung (a retry, a resumed study)
+    replaces its record; its decision is taken again against the others.
+    """
+
+    def __init__(self, rungs: Sequence[int], eta: int, directions: Sequence[str]):
+        if eta < 2:
+            raise ValueError(f"eta={eta}: successive halving needs eta >= 2")
+        self.rungs = tuple(sorted(set(int(r) for r in rungs)))
+        self.eta = int(eta)
+        self.directions = tuple(directions)
+        self.records: dict[int, dict[object, tuple[float, ...]]] = {rung: {} for rung in self.rungs}
+
+    def record(self, trial: object, epochs_done: int, values: Sequence[float]) -> None:
+        """Store ``trial``'s objectives at a rung (no decision: e.g. rebuilding the records)."""
+        if epochs_done in self.records:
+            self.records[epochs_done][trial] = tuple(float(v) for v in values)
+
+    def decide(self, trial: object, epochs_done: int, values: Sequence[float]) -> bool:
+        """Record ``trial`` at ``epochs_done`` and say whether it continues (always True off a rung)."""
+        if epochs_done not in self.records:
+            return True
+        self.record(trial, epochs_done, values)
+        at_rung = self.records[epochs_done]
+        trials = list(at_rung)
+        return continues_at_rung(np.array([at_rung[t] for t in trials]), self.directions, trials.index(trial),
+                                 self.eta)
