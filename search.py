@@ -122,6 +122,7 @@ def _finish(outcome) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from p3b_search.search.driver_record import DriverRecord
+    from p3b_search.study.front_report import history_line
     from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.study.summary import study_summary
     from p3b_search.study.tables import table_text
@@ -137,6 +138,9 @@ def _status(args: argparse.Namespace) -> int:
         print(driver)
     print(table_text(frame, outcome.study.metric_names, outcome.dense))
     _print_front(outcome)
+    history = history_line(outcome.pareto.history)
+    if history:
+        print(history)
     return 0
 
 

@@ -67,7 +67,8 @@ def log_trial(tracker: StudyTracker, number: int, top1: float, macs: float, epoc
 
 def trials_table(rows: list[tuple[int, float, float, str]], run_ids: dict[int, str] | None = None) -> pd.DataFrame:
     """The search's ``trials.parquet`` layout; ``mlflow_run_id`` is None where the worker had not told it yet."""
-    table = pd.DataFrame(rows, columns=["number", "top1", "macs", "state"]).assign(**{"param.alpha": 0.5})
+    table = pd.DataFrame(rows, columns=["number", "top1", "macs", "state"]).assign(**{"param.alpha": 0.5},
+                                                                                  epochs_done=3)
     return table.assign(mlflow_run_id=[(run_ids or {}).get(n) for n in table["number"]])
 
 
@@ -118,7 +119,7 @@ def test_parent_and_nested_children_carry_study_trials_and_allocations(tmp_path,
         assert '"path": "allocations/allocations.json", "type": "table"' in logged
 
 
-def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_count(tmp_path):
+def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_count_and_trial_epochs(tmp_path):
     tracker = make_tracker(tmp_path)
     parent_id = start(tracker, tmp_path)
     runs = {n: log_trial(tracker, n, top1, macs).run_id for n, top1, macs in [(0, 80.0, 4.0), (1, 70.0, 2.0)]}
@@ -162,13 +163,19 @@ def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_
     history = metric_steps(client, parent_id, "hypervolume")
     assert history == pytest.approx({0: 0.0, 2: 80.0 * 6 + 70.0 * 2, 3: 705.0})
     assert metric_steps(client, parent_id, "front_size") == {0: 0.0, 2: 2.0, 3: 2.0}
+    # the history against trial-epochs (3 per trial, in trial order): the stopped trial spends
+    # epochs without moving the front; each point is logged once over the three publishes
+    assert metric_steps(client, parent_id, "history/hypervolume") == pytest.approx(
+        {3: 480.0, 6: 620.0, 9: 705.0, 12: 705.0})
+    assert len(client.get_metric_history(parent_id, "history/hypervolume")) == 4
 
     front = pd.read_parquet(client.download_artifacts(parent_id, "pareto/front.parquet", str(tmp_path)))
     assert sorted(front["mlflow_run_id"]) == sorted([runs[0], runs[2]]) and front["knee"].sum() == 1
     html = Path(client.download_artifacts(parent_id, "pareto/front.html", str(tmp_path))).read_text()
     assert runs[2] in html and runs[1] in html and "param.alpha" in html and "plotly" in html
     assert runs[3] not in html
-    assert {a.path for a in client.list_artifacts(parent_id, "pareto")} >= {"pareto/front.png"}
+    assert {a.path for a in client.list_artifacts(parent_id, "pareto")} >= {"pareto/front.png", "pareto/history.png",
+                                                                            "pareto/history.parquet"}
 
 
 def test_trial_state_follows_how_the_trial_ended(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from p3b_search.study.dense import DenseReference, dense_cost, dense_reference
+from p3b_search.study.history import hypervolume_history
 from p3b_search.study.pareto import hypervolume, knee_index, normalized_hypervolume, pareto_mask
 from p3b_search.study.results import is_dense
 from p3b_search.study.sections import MAXIMIZED, StudyConfig
@@ -35,7 +36,9 @@ class ParetoSummary:
     objectives, dense trials left out (index 0..n-1); ``on_front``: bool per row; ``knee``:
     row index of the knee (None without rows); ``hypervolume`` in objective units (e.g.
     % x MACs); ``hypervolume_normalized``: divided by the box from the reference point to the
-    dense reference's ideal point (NaN when that is unknown); ``dense``: that reference."""
+    dense reference's ideal point (NaN when that is unknown); ``dense``: that reference;
+    ``history``: the hypervolume after each ended trial against the trial-epochs spent
+    (:func:`~p3b_search.study.history.hypervolume_history`)."""
 
     directions: Mapping[str, str]
     reference: Sequence[float]
@@ -45,6 +48,7 @@ class ParetoSummary:
     hypervolume: float
     hypervolume_normalized: float
     dense: DenseReference | None = None
+    history: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     @property
     def front(self) -> pd.DataFrame:
@@ -89,7 +93,7 @@ def pareto_summary(trials: pd.DataFrame, directions: Mapping[str, str] | Sequenc
     normalized = normalized_hypervolume(values, dirs, reference, ideal) if ideal is not None else math.nan
     return ParetoSummary(directions, list(reference), finished, pareto_mask(values, dirs),
                          knee_index(values, dirs) if len(values) else None, hypervolume(values, dirs, reference),
-                         normalized, dense)
+                         normalized, dense, hypervolume_history(trials, names, dirs, reference, ideal))
 
 
 def reference_point(study: StudyConfig, cost: Mapping[str, float] | None = None) -> list[float]:

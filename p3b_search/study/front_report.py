@@ -1,7 +1,8 @@
 """The files that describe the study's front: ``front.png``, ``front.html`` (hover: a trial's
-objectives, parameters and MLflow run), ``front.parquet`` (the front's rows, ``knee`` flag) and
+objectives, parameters and MLflow run), ``front.parquet`` (the front's rows, ``knee`` flag),
 ``summary.parquet`` (one row: trials finished, front size, hypervolume in objective units and
-normalised, the reference point and the dense reference), all drawn from one
+normalised, the reference point and the dense reference) and the hypervolume history
+(``history.png``, ``history.parquet``: after each ended trial, against trial-epochs), all drawn from one
 :class:`~p3b_search.study.front.ParetoSummary`. The driver writes them to ``<study>/pareto/``
 and the tracker logs the same files to the parent run's ``pareto/``.
 """
@@ -16,12 +17,13 @@ import pandas as pd
 
 from p3b_search.study.front import ParetoSummary
 from p3b_search.study.front_figures import pareto_plotly, pareto_png, save_files
+from p3b_search.study.history_figure import history_png
 from p3b_search.units import value_text
 
 NUMBER_COLUMN, RUN_ID_COLUMN = "number", "mlflow_run_id"
 #: Table columns shown on hover besides the objectives and ``param.*`` (with their units).
 _HOVER_EXTRA = ("kept_fraction", "params", "top1", "top5", "macs", "flops", "latency_ms")
-FRONT_FILES = ("front.parquet", "front.html", "front.png", "summary.parquet")
+FRONT_FILES = ("front.parquet", "front.html", "front.png", "summary.parquet", "history.parquet", "history.png")
 
 
 def _shown(value: Any) -> bool:
@@ -95,7 +97,28 @@ def front_files(state: ParetoSummary, study_name: str, link: Callable[[str], str
                                     links=links),
         "front.png": pareto_png(finished, directions, state.on_front, state.knee, title, dense=dense),
         "summary.parquet": summary_table(state),
+        "history.parquet": state.history,
+        "history.png": history_png(state.history, f"{study_name}: hypervolume against compute"),
     }
+
+
+def history_line(history: pd.DataFrame, points: int = 4) -> str:
+    """``hypervolume history (normalised): 0.412 after 24 trial-epochs, ..., 0.615 after 96``: the
+    history at ``points`` evenly spaced moments (by trial-epochs) up to now; '' when empty."""
+    if history.empty:
+        return ""
+    normalized = bool(history["hypervolume_normalized"].notna().all())
+    column = "hypervolume_normalized" if normalized else "hypervolume"
+    spent = history["trial_epochs"].to_numpy()
+    marks = sorted({int(spent[-1] * (k + 1) / points) for k in range(points)})
+    shown = []
+    for mark in marks:
+        row = history[history["trial_epochs"] <= mark].tail(1)
+        if len(row):
+            shown.append(f"{row[column].iloc[0]:.4g} after {int(row['trial_epochs'].iloc[0])}")
+    stopped = int((history["state"] == "PRUNED").sum())
+    return (f"hypervolume history{' (normalised)' if normalized else ''}: " + ", ".join(shown)
+            + f" trial-epochs ({len(history)} trials ended, {stopped} stopped early)")
 
 
 def write_front(folder: str | Path, state: ParetoSummary, study_name: str,

@@ -53,6 +53,9 @@ from p3b_search.tracking.client import (
 )
 from p3b_search.tracking.trial_run import ChildRunFactory
 
+#: Parent-run metrics of the hypervolume history, at step = trial-epochs spent.
+HISTORY_METRICS = ("history/hypervolume", "history/hypervolume_normalized")
+
 logger = logging.getLogger(__name__)
 
 #: Column of the trials table that finds a child run by trial number.
@@ -79,6 +82,7 @@ class StudyTracker:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._closed = False
+        self._history_logged: int | None = None  # trial-epochs up to which the history is on the run
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self, study_file: Path, space: Mapping[str, Any], sampler: str,
@@ -267,6 +271,23 @@ class StudyTracker:
         for run_id in front_run_ids - tagged:
             self.client.set_tag(run_id, PARETO_TAG, "true")
 
+    def _history_metrics(self, history: pd.DataFrame, timestamp: int) -> list[Metric]:
+        """The hypervolume history's new points as metrics at step = trial-epochs spent
+        (``history/hypervolume``, ``history/hypervolume_normalized``), so the MLflow UI charts the
+        hypervolume against compute; points already on the run (also before a resume) are skipped."""
+        if self._history_logged is None:
+            logged = self.client.get_metric_history(self.parent_run_id, HISTORY_METRICS[0])
+            self._history_logged = max((m.step for m in logged), default=-1)
+        new = history[history["trial_epochs"] > self._history_logged].drop_duplicates("trial_epochs", keep="last")
+        metrics = []
+        for name in HISTORY_METRICS:
+            column = name.removeprefix("history/")
+            metrics += [Metric(name, float(value), timestamp, int(step))
+                        for step, value in zip(new["trial_epochs"], new[column]) if np.isfinite(value)]
+        if len(new):
+            self._history_logged = int(new["trial_epochs"].max())
+        return metrics
+
     def _publish_front(self, files: Mapping[str, Any], state: ParetoSummary) -> None:
         n = len(state.finished)
         upload_files(self.client, self.parent_run_id, files, ARTIFACT_DIR_PARETO)
@@ -276,6 +297,7 @@ class StudyTracker:
                    Metric("trials_finished", float(n), timestamp, n)]
         if np.isfinite(state.hypervolume_normalized):
             metrics.append(Metric("hypervolume_normalized", state.hypervolume_normalized, timestamp, n))
+        metrics += self._history_metrics(state.history, timestamp)
         front = state.front
         log_batch(self.client, self.parent_run_id, metrics=metrics,
                    tags=[tag("pareto.knee_run_id", run_id) for run_id in front.loc[front["knee"], RUN_ID_COLUMN]
