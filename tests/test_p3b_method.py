@@ -252,27 +252,66 @@ def test_p3b_prunes_a_swin_model_end_to_end():
     assert model_cost(pruned.model).params == pytest.approx(0.5 * method.dense_total_params, rel=0.02)
 
 
-FULL_ROWS = Path(__file__).parent / "data" / "p3b_allocation_rows_full.json"
+FULL_ROWS = Path(__file__).parent / "data" / "p3b_allocation_rows_full.json"  # recorded on an Intel CPU
+
+# What of the recording holds on other machines, measured by rerunning the computation on an AMD
+# EPYC under 1 and 2 torch threads, OPENBLAS_CORETYPE unset and Haswell, MKL_CBWR=COMPATIBLE and
+# ATEN_CPU_CAPABILITY avx2 and default (unvectorized) kernels, against the recording and each other:
+# - the kept units of the decisions at steps 5 and 7 were the same in every run; at step 9 the
+#   unvectorized kernels kept 119 parameters more in one MLP sub-block, and from there on the runs
+#   train other models (with torch.backends.mkldnn disabled, step 5 already kept one unit less);
+# - up to step 9 the floats moved by at most 1.8e-7 (benefits: fp32 loss differences, absolute)
+#   and 1.0e-3 (importance, keep_ratio_target: relative);
+# - the kept parameters summed over the sub-blocks of each decision moved by at most 0.16%.
+SCHEDULE_KEYS = ("step", "epoch", "layer", "kind", "sub_block")
+DECISION_KEYS = ("kept_params", "kept_macs", "keep_ratio")
+DECISION_STEPS = (5, 7)  # kept units pinned exactly
+FLOAT_STEPS = (5, 7, 9)  # computed before any decision that differed between the runs
+BENEFIT_ABS = 1e-6  # 5x the measured 1.8e-7
+IMPORTANCE_REL = 1e-2  # 10x the measured 1.0e-3
+KEPT_TOTAL_REL = 1e-2  # 6x the measured 0.16%
+
+
+def kept_per_decision(rows: list[dict]) -> dict[int, int]:
+    """Kept parameters summed over the sub-blocks, per decision step."""
+    totals: dict[int, int] = {}
+    for row in rows:
+        totals[row["step"]] = totals.get(row["step"], 0) + row["kept_params"]
+    return totals
+
+
+def assert_reproduces_recording(rows: list[dict], recorded: list[dict]) -> None:
+    """``rows`` agree with ``recorded`` in what holds across CPUs, thread counts and kernels:
+    every row's schedule, the kept units of :data:`DECISION_STEPS`, the floats of
+    :data:`FLOAT_STEPS` to the measured tolerances, and each decision's kept total."""
+    assert len(rows) == len(recorded)
+    for row, expected in zip(rows, recorded):
+        assert row.keys() == expected.keys()
+        where = {key: expected[key] for key in SCHEDULE_KEYS}
+        assert {key: row[key] for key in SCHEDULE_KEYS} == where
+        if expected["step"] in DECISION_STEPS:
+            assert {key: row[key] for key in DECISION_KEYS} == {key: expected[key] for key in DECISION_KEYS}, where
+        if expected["step"] in FLOAT_STEPS:
+            for key in ("benefit_cls", "benefit_patch"):
+                assert row[key] == pytest.approx(expected[key], rel=0, abs=BENEFIT_ABS), (key, where)
+            for key in ("importance", "keep_ratio_target"):
+                assert row[key] == pytest.approx(expected[key], rel=IMPORTANCE_REL), (key, where)
+    assert kept_per_decision(rows) == pytest.approx(kept_per_decision(recorded), rel=KEPT_TOTAL_REL)
 
 
 def test_full_benefit_computation_reproduces_the_recorded_allocation_rows():
     """aux_batch_fraction 1 and aux_every 1 (all images, every micro-batch) is the reference
-    computation: its allocation rows on a fixed seed are the ones recorded in
-    ``tests/data/p3b_allocation_rows_full.json`` (integers exactly, floats to fp32 rounding)."""
+    computation: on a fixed seed it reproduces the allocation rows recorded in
+    ``tests/data/p3b_allocation_rows_full.json`` in what held across the CPUs, thread counts and kernels
+    measured (see above)."""
     seed_everything(0)
     model = tiny_vit()
     method = make_p3b(aux_batch_fraction=1.0, aux_every=1)
     method.prepare(model)
     train_stage(model, loader(), loader(), stage(EPOCHS), training(), method, progress=False)
-    rows, recorded = method.pop_allocation_rows(), json.loads(FULL_ROWS.read_text())
-    assert len(rows) == len(recorded) == 36
-    for row, expected in zip(rows, recorded):
-        assert row.keys() == expected.keys()
-        for key, value in expected.items():
-            if isinstance(value, float):
-                assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
-            else:
-                assert row[key] == value, key
+    recorded = json.loads(FULL_ROWS.read_text())
+    assert len(recorded) == 36 and {row["step"] for row in recorded} >= set(FLOAT_STEPS)
+    assert_reproduces_recording(method.pop_allocation_rows(), recorded)
 
 
 def test_aux_every_must_leave_every_window_a_measurement():
