@@ -152,3 +152,102 @@ def test_a_driver_restart_leaves_every_decision_as_it_would_have_been(rung_value
                 decisions[name].append(report(scheduler, ray_trial(number), study.layout, 1, top1, macs))
         assert decisions["restarted"] == decisions["live"]
         assert decisions["live"][0] == CONTINUE
+
+
+# ----------------------------------------------------------------------------- end to end
+
+HALVING = """name: halving
+method: {name: p3b, config: {prune_ratio: 0.5}}
+training: {prune: {epochs: 2, lr: 0.01}, finetune: {epochs: 2, lr: 0.01}, batch_size: 64}
+search_space:
+  training.prune.lr: {type: categorical, choices: [0.01, 1.0e-5]}
+  training.seed: {type: int, low: 0, high: 1000}
+objectives: [top1, {name: macs, reference: 3000}]
+sampler: {name: random, seed: 0}   # prune lr: 0.01 (the reference), 1e-5, 0.01, 1e-5
+n_trials: 4
+concurrency: 1
+tracking: {enabled: false}
+scheduler: {name: successive-halving, rungs: [2], eta: 2}
+"""
+N_TRIALS, RUNG, HOPELESS = 4, 2, {1, 3}  # lr 1e-5: far behind trial 0 at the rung, same MACs
+
+
+def replayed_reasons(study: StudyConfig) -> dict[int, str]:
+    """The rule replayed on the learning curves, trials reaching the rung in number order (one
+    at a time): the stop reason of each trial it stops."""
+    names, directions = rung_objectives(study.metric_names, study.directions)
+    rule = SuccessiveHalvingRule([RUNG], 2, directions)
+    curves = read_epochs(study.layout)
+    reasons = {}
+    for number in range(N_TRIALS):
+        row = curves[(curves["trial"] == number) & (curves["epoch"] == RUNG - 1)].iloc[0]
+        if not rule.decide(number, RUNG, epoch_values(row.to_dict(), names)):
+            place, count = rule.standing(number, RUNG)
+            reasons[number] = f"stopped at rung {RUNG} (rank {place} of {count}, eta 2)"
+    return reasons
+
+
+def assert_stopped_at_the_rung(study: StudyConfig) -> None:
+    """Optuna, the trials table and the trials' folders agree with the replayed rule: stopped
+    trials are PRUNED with their rung in fail_reason, never trained past it, never on the front."""
+    reasons = replayed_reasons(study)
+    assert HOPELESS <= reasons.keys() and 0 not in reasons
+    records = optuna.load_study(study_name="halving", storage=study.storage_url).trials
+    assert [t.number for t in records] == list(range(N_TRIALS))  # each trial once
+    assert len({t.user_attrs["ray_trial_id"] for t in records}) == N_TRIALS
+    assert [t.state for t in records] == [TrialState.PRUNED if n in reasons else TrialState.COMPLETE
+                                          for n in range(N_TRIALS)]
+    assert all(t.values is None for t in records if t.number in reasons)
+    trials = pd.read_parquet(study.layout.trials_table)
+    assert trials["number"].tolist() == list(range(N_TRIALS))
+    stopped = trials[trials["state"] == "PRUNED"]
+    assert dict(zip(stopped["number"], stopped["fail_reason"])) == reasons
+    assert set(stopped["epochs_done"]) == {RUNG} and not stopped["pareto"].any()
+    assert (trials.loc[trials["state"] == "COMPLETE", "epochs_done"] == 4).all()
+    assert trials["pareto"].any()
+    for number in reasons:
+        epochs = {int(e) for e in (study.layout.trial_dir(number) / "epochs.log").read_text().split()}
+        assert epochs == set(range(RUNG)), (number, epochs)
+
+
+@pytest.mark.slow
+def test_trials_stopped_at_a_rung_end_pruned_and_off_the_front(tmp_path):
+    from p3b_search.search.runner import run_study
+
+    study = load_study(write_study(tmp_path, HALVING))
+    lines: list[str] = []
+    outcome = run_study(study, objective=OBJECTIVE, num_cpus=2, printer=lines.append)
+    assert not outcome.interrupted
+    assert_stopped_at_the_rung(study)
+    assert not set(outcome.front["number"]) & replayed_reasons(study).keys()
+    assert f"{len(replayed_reasons(study))} stopped" in lines[-1]
+
+
+@pytest.mark.slow
+def test_driver_killed_while_a_trial_waits_at_a_rung_resumes_with_the_rung_rebuilt(tmp_path):
+    """The driver is SIGKILLed when trial 1's rung result reached it, before the scheduler
+    decided; ``resume`` decides it against the rung's records rebuilt from the study folder
+    (trial 0's: alone at the rung it would continue), and every trial counts once."""
+    study = load_study(write_study(tmp_path, HALVING))
+    layout = study.layout
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(killing(cli("run", str(tmp_path / "study.yaml")), "at-rung", 1), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    resumed = None
+    try:
+        output = driver.communicate(timeout=300)[0]
+        assert driver.returncode == -signal.SIGKILL, output
+        waiting = read_epochs(layout)
+        assert set(waiting.loc[waiting["epoch"] == RUNG - 1, "trial"]) == {0, 1}  # both reached the rung
+        time.sleep(3)  # Ray's processes that share the driver's fate are gone by now
+        resumed = subprocess.Popen(cli("resume", str(layout.root)), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        output = resumed.communicate(timeout=300)[0]
+    finally:
+        _kill_session(driver.pid)
+        if resumed is not None:
+            _kill_session(resumed.pid)
+    assert resumed.returncode == 0, output
+    assert "finished after" in output
+    assert replayed_reasons(study)[1] == "stopped at rung 2 (rank 2 of 2, eta 2)"
+    assert_stopped_at_the_rung(study)
