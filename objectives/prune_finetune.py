@@ -89,6 +89,15 @@ def objectives_of(pruned: PrunedModel, metrics: dict[str, float], dense_params: 
             "flops": float(FLOPS_PER_MAC * kept.macs), "nonzero_macs": float(kept.nonzero_macs)}
 
 
+def finetune_epoch_cost(pruned: PrunedModel, dense_params: int) -> dict[str, float]:
+    """The pruned model's cost, reported with every fine-tune epoch under the prune stage's names
+    and meanings: ``macs`` per image, ``kept_params`` (non-zeros when unstructured) and
+    ``keep_ratio`` = ``kept_params`` / ``dense_params`` (so every epoch of both stages carries
+    the cost a scheduler ranks on)."""
+    kept = kept_cost(pruned.model, pruned.weight_masks)
+    return {"macs": float(kept.macs), "kept_params": float(kept.params), "keep_ratio": kept.params / dense_params}
+
+
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
               resume_from: Path | None = None, measure_latency: bool = False) -> dict[str, float]:
     """Run one trial (both stages) and return its objectives: ``top1``, ``top5`` (percent),
@@ -115,10 +124,10 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     method: PruningMethod = method_cls(method_config, num_classes=num_classes, epochs=training.prune.epochs,
                                        steps_per_epoch=len(train_loader))
 
-    def on_epoch_end(stage_index: int):
+    def on_epoch_end(stage_index: int, cost: dict[str, float] | None = None):
         def report(epoch: int, metrics: dict[str, float], folder: Path | None) -> None:
             reporter.report_allocations(method.pop_allocation_rows())
-            reporter.report_epoch({**metrics, "stage": float(stage_index)}, folder)
+            reporter.report_epoch({**metrics, **(cost or {}), "stage": float(stage_index)}, folder)
         return report
 
     if stage == "prune":
@@ -143,7 +152,8 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
             _write_json(checkpoint.stage_file, {"stage": "finetune"})
         finetune_resume = resume_from  # its model state is loaded by the training loop
     history = train_stage(pruned.model, train_loader, val_loader, training.finetune, training,
-                          method.finetune_hooks(pruned), on_epoch_end=on_epoch_end(1),
+                          method.finetune_hooks(pruned),
+                          on_epoch_end=on_epoch_end(1, finetune_epoch_cost(pruned, dense_params)),
                           checkpoint_dir=checkpoint_dir, resume_from=finetune_resume,
                           epoch_offset=training.prune.epochs)
     final = history[-1] if history else evaluate(pruned.model, val_loader, amp=training.amp)

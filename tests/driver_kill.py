@@ -13,6 +13,11 @@ the OOM killer or a lost machine would leave a study. The moments of trial numbe
   that epoch was registered;
 - ``finishing``: its final result was told to Optuna (COMPLETE) and the driver is about to
   record its end (before the ``on_trial_complete`` callback and Ray's next state save).
+
+And for a study with a ``scheduler`` (see :data:`SCHEDULER_MOMENTS`):
+
+- ``at-rung``: Ray received its result of a rung's epoch (its learning-curve row is written)
+  and the successive-halving scheduler is about to decide whether it continues.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import optuna
 
 from p3b_search.search.progress import StudyProgress
 from p3b_search.search.searcher import FrontSafeOptunaSearch
+from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import TRIAL_NUMBER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,11 +88,17 @@ def _arm(moment: str, number: int) -> None:
     elif moment == "finishing":
         _kill_before(StudyProgress, "on_trial_complete",
                      lambda callback, iteration, trials, trial, **k: _number(trial) == number)
+    elif moment == "at-rung":
+        _kill_before(SuccessiveHalvingScheduler, "on_trial_result",
+                     lambda scheduler, controller, trial, result: _number(trial) == number
+                     and int(result.get("epoch", -1)) + 1 in scheduler.rungs)
     else:
-        raise SystemExit(f"moment {moment!r}: choose one of {', '.join(MOMENTS)}")
+        raise SystemExit(f"moment {moment!r}: choose one of {', '.join(MOMENTS + SCHEDULER_MOMENTS)}")
 
 
+#: Moments of any trial's life; a study with a scheduler has more (SCHEDULER_MOMENTS).
 MOMENTS = ("sampling", "asked", "started", "reporting", "finishing")
+SCHEDULER_MOMENTS = ("at-rung",)
 
 
 def killing(command: list[str], moment: str, number: int) -> list[str]:

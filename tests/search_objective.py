@@ -6,7 +6,10 @@ reports per-epoch allocation rows (the keep ratio of its hidden layer, ramping t
 model is physically smaller) and the fine-tune stage trains the rest at ``2 * alpha`` times
 its learning rate (``alpha`` = 0: no fine-tuning, a hopeless trial for early stopping).
 It reads ``prune_ratio`` and ``alpha`` of the trial's method config (P3B's knobs; ``alpha`` is
-0.5 for a method without it) and reports ``kept_fraction`` = kept / dense parameters.
+0.5 for a method without it) and reports ``kept_fraction`` = kept / dense parameters. Every
+epoch reports ``top1``, ``macs``, ``kept_params`` and ``keep_ratio`` (kept / dense parameters)
+as the shipped objective does: in the prune stage those of the model the epoch's keep ratio
+would shrink to (a gated method's masks), in the fine-tune stage the pruned model's.
 Full-state checkpoints each epoch; ``resume_from`` continues after the checkpointed epoch.
 
 The checkpoint holds the model, the optimizer and the RNG state, so a resumed trial ends
@@ -68,6 +71,13 @@ def _shrink(model: nn.Sequential, keep: int) -> nn.Sequential:
         small[2].weight.copy_(fc2.weight[:, kept])
         small[2].bias.copy_(fc2.bias)
     return small
+
+
+def _cost(hidden: int) -> dict[str, float]:
+    """``macs``, ``kept_params`` and ``keep_ratio`` of the MLP with ``hidden`` hidden units."""
+    params = 64 * hidden + hidden + hidden * 10 + 10
+    return {"macs": float(64 * hidden + hidden * 10), "kept_params": float(params),
+            "keep_ratio": params / (64 * HIDDEN + HIDDEN + HIDDEN * 10 + 10)}
 
 
 def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -144,20 +154,19 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
             raise FloatingPointError(f"training loss became {sum(losses) / len(losses)} in epoch {epoch}: "
                                      "lower the stage lr")
         time.sleep(pause)
+        kept_units = model[0].out_features
         if epoch < prune_epochs:
             ramp = 1 - (1 - keep / HIDDEN) * (epoch + 1) / max(1, prune_epochs)
             reporter.report_allocations([{"step": epoch * 10 + 9, "layer": 0, "kind": "mlp", "keep_ratio": ramp}])
-        hidden = model[0].out_features
-        macs = float(64 * hidden + hidden * 10)
-        torch.save({"model": model.state_dict(), "hidden": hidden, "epoch": epoch,
+            kept_units = round(ramp * HIDDEN)  # what the epoch's keep ratio would keep
+        torch.save({"model": model.state_dict(), "hidden": model[0].out_features, "epoch": epoch,
                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint / "state.pt")
         with open(Path(workdir) / "epochs.log", "a") as log:
             log.write(f"{epoch}\n")
         _log_attempt(study_root, workdir, "epoch")
         marker = study_root / f"fail-once-{int(Path(workdir).name)}"
         reporter.report_epoch({"epoch": float(epoch), "stage": float(epoch >= prune_epochs), "loss": 0.0,
-                               "top1": _top1(model, xv, yv), "macs": macs,
-                               "kept_params": float(sum(p.numel() for p in model.parameters()))}, checkpoint)
+                               "top1": _top1(model, xv, yv), **_cost(kept_units)}, checkpoint)
         if epoch == 1 and marker.exists():
             marker.unlink()
             raise RuntimeError("injected failure after epoch 1")

@@ -44,6 +44,20 @@ STUDY_CASES = [
     pytest.param({"s.yaml": HEAD + "early_stopping: {enabled: true, stages: [warmup]}\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: early_stopping.stages[0]: must be one of 'prune' or 'finetune' (got 'warmup')",
                  id="early-stopping-unknown-stage"),
+    pytest.param({"s.yaml": HEAD + "training: {prune: {epochs: 2}, finetune: {epochs: 2}}\n"
+                            "scheduler: {name: successive-halving, rungs: [2, 4], eta: 3}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: scheduler.rungs[1]: must be below the 4 epochs a trial trains (training.prune.epochs "
+                 "+ training.finetune.epochs): a rung at the last epoch decides nothing; lower it (got 4)",
+                 id="scheduler-rung-past-the-epochs"),
+    pytest.param({"s.yaml": HEAD + "scheduler: {name: successive-halving, rungs: [2], eta: 1}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: scheduler.eta: must be >= 2: the top 1/eta of each rung continue, e.g. eta: 3 keeps a "
+                 "third (got 1)", id="scheduler-eta-below-2"),
+    pytest.param({"s.yaml": HEAD + "objectives: [top1]\nscheduler: {name: successive-halving, rungs: [2]}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: scheduler: successive halving ranks each rung on accuracy and cost, and objectives "
+                 "hold no cost that every epoch reports: add macs, flops or params to objectives (got top1)",
+                 id="scheduler-without-cost-objective"),
     pytest.param({"s.yaml": HEAD + "method: {name: p3b, config: {prune_steps_update_mask: 2, aux_every: 3}}\n"},
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: method.config: aux_every=3 exceeds prune_steps_update_mask=2: a window would measure "

@@ -61,6 +61,24 @@ def test_trial_reports_every_epoch_and_saves_a_loadable_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == objectives["params"]
 
 
+@pytest.mark.parametrize("method", ["dense", "global-taylor"])
+def test_every_epoch_of_both_stages_reports_the_cost(tmp_path, method):
+    """``macs``, ``kept_params`` and ``keep_ratio`` at every epoch (what a scheduler ranks a rung
+    on); the fine-tune epochs report the pruned model's, the trial's final cost."""
+    reporter = TrialReporter()
+    objectives = run_trial(tiny_trial(method, **({} if method == "dense" else {"prune_ratio": 0.5})),
+                           reporter, tmp_path)
+    for epoch in reporter.epochs:
+        assert {"macs", "kept_params", "keep_ratio"} <= set(epoch), epoch
+    for epoch in reporter.epochs[2:]:  # fine-tune
+        assert (epoch["macs"], epoch["kept_params"], epoch["keep_ratio"]) == (
+            objectives["macs"], objectives["params"], objectives["kept_fraction"])
+    if method == "dense":
+        assert all(e["keep_ratio"] == 1.0 and e["macs"] == objectives["macs"] for e in reporter.epochs)
+    else:
+        assert reporter.epochs[0]["keep_ratio"] > objectives["kept_fraction"]  # the prune stage ramps down
+
+
 @pytest.mark.parametrize("stop_after", [0, 2])  # inside the prune stage, inside the fine-tune stage
 def test_resumed_trial_ends_exactly_like_an_uninterrupted_one(tmp_path, stop_after):
     config = tiny_trial()

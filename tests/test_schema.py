@@ -35,8 +35,8 @@ BAD_STUDIES = [
     pytest.param("name: s\nn_trial: 3\n",
                  lambda: "n_trial: unknown key: did you mean n_trials? remove it or use one of concurrency, data, "
                          "dense_reference, early_stopping, enqueue_reference, max_failures, method, model, n_trials, name, objectives, "
-                         "output_dir, resources_per_trial, sampler, search_space, storage, tracking, training, "
-                         "workers_per_trial", id="unknown-key"),
+                         "output_dir, resources_per_trial, sampler, scheduler, search_space, storage, tracking, "
+                         "training, workers_per_trial", id="unknown-key"),
     pytest.param("name: s\nsearch_space:\n  method_config.prune_ratio: {type: float, low: 0.3, high: 1.5}\n",
                  lambda: "search_space.method_config.prune_ratio.high: must be < 1 (got 1.5)", id="ratio-above-1"),
     pytest.param("name: s\nmethod: {name: p3bb}\n",
@@ -114,6 +114,36 @@ BAD_STUDIES = [
     pytest.param("name: my study\n",
                  lambda: "name: must be a folder name (letters, digits, '_', '-', '.') (got 'my study')",
                  id="name-with-space"),
+    # successive halving: rungs are epoch counts over both stages (here 4 + 2)
+    pytest.param("name: s\ntraining: {prune: {epochs: 4}, finetune: {epochs: 2}}\n"
+                 "scheduler: {name: successive-halving, rungs: [4, 6]}\n",
+                 lambda: "scheduler.rungs[1]: must be below the 6 epochs a trial trains (training.prune.epochs + "
+                         "training.finetune.epochs): a rung at the last epoch decides nothing; lower it (got 6)",
+                 id="rung-at-the-last-epoch"),
+    pytest.param("name: s\ntraining: {prune: {epochs: 4}, finetune: {epochs: 4}}\n"
+                 "search_space:\n  training.finetune.epochs: {type: int, low: 1, high: 4}\n"
+                 "scheduler: {name: successive-halving, rungs: [5]}\n",
+                 lambda: "scheduler.rungs[0]: must be below the 5 epochs a trial trains at the fewest "
+                         "(training.prune.epochs + training.finetune.epochs): a rung at the last epoch decides "
+                         "nothing; lower it (got 5)", id="rung-past-the-shortest-trial"),
+    pytest.param("name: s\nscheduler: {name: successive-halving, rungs: [0]}\n",
+                 lambda: "scheduler.rungs[0]: must be >= 1: a rung counts the epochs trained over both stages, 1 = "
+                         "after the first epoch (got 0)", id="rung-zero"),
+    pytest.param("name: s\nscheduler: {name: successive-halving, rungs: [4, 2, 4]}\n",
+                 lambda: "scheduler.rungs[2]: 4 is listed twice: list each rung once", id="rung-twice"),
+    pytest.param("name: s\nscheduler: {name: successive-halving, rungs: [4], eta: 1}\n",
+                 lambda: "scheduler.eta: must be >= 2: the top 1/eta of each rung continue, e.g. eta: 3 keeps a "
+                         "third (got 1)", id="eta-below-2"),
+    pytest.param("name: s\nobjectives: [top1, {name: latency_ms, reference: 5}]\n"
+                 "scheduler: {name: successive-halving, rungs: [4]}\n",
+                 lambda: "scheduler: successive halving ranks each rung on accuracy and cost, and objectives hold no "
+                         "cost that every epoch reports: add macs, flops or params to objectives (got top1, "
+                         "latency_ms)", id="scheduler-without-cost"),
+    pytest.param("name: s\nearly_stopping: {enabled: true}\nscheduler: {name: successive-halving, rungs: [4]}\n",
+                 lambda: "scheduler: successive halving and early_stopping both stop trials: set early_stopping: "
+                         "{enabled: false} or remove scheduler", id="scheduler-and-early-stopping"),
+    pytest.param("name: s\nscheduler: {name: asha, rungs: [4]}\n",
+                 lambda: "scheduler.name: must be one of 'successive-halving' (got 'asha')", id="unknown-scheduler"),
     pytest.param("method: {name: p3b}\n", lambda: "name: required: add it", id="missing-name"),
     pytest.param("", lambda: "the study file is empty: start from studies/quickstart.yaml", id="empty-file"),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
+from p3b_search.cost import model_cost
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
 
 
@@ -20,6 +21,15 @@ class Dense(PruningMethod):
 
     name = "dense"
     config_cls = DenseConfig
+
+    def prepare(self, model: nn.Module) -> None:
+        cost = model_cost(model)
+        self._epoch_cost = {"kept_params": float(cost.params), "keep_ratio": 1.0, "macs": float(cost.macs)}
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """The dense model's ``kept_params``, ``keep_ratio`` (1) and ``macs`` per image, as every
+        pruning method reports its model's each prune-stage epoch."""
+        return dict(self._epoch_cost)
 
     def finalize(self, model: nn.Module) -> PrunedModel:
         return PrunedModel(model, structured=True)

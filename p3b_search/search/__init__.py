@@ -8,7 +8,8 @@ Modules (import what you need):
 * :mod:`.searcher` -- Optuna behind Ray Tune; :mod:`.space` -- distributions, define-by-run
   sampling, the reference trial; :mod:`.samplers` -- the Optuna samplers by name (a registry)
   and a user's ``module:Class``
-* :mod:`.trainable` -- what runs in a Ray worker; :mod:`.early_stopping` -- hopeless trials
+* :mod:`.trainable` -- what runs in a Ray worker; :mod:`.early_stopping` -- hopeless trials;
+  :mod:`.successive_halving` -- the multi-objective successive-halving scheduler
 
 It never imports ``p3b_search.tracking``: a tracker reaches the runner as a
 ``p3b_search.study.tracking.StudyTracking`` (see ``p3b_search.launch``).

@@ -16,6 +16,7 @@ from ray.tune import Callback
 
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
+from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import MLFLOW_RUN_ID, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, study_pareto
 from p3b_search.study.front_report import write_front
@@ -137,12 +138,23 @@ def close_session(session: "StudySession") -> None:
 class StudyProgress(Callback):
     """Ray Tune callback of the driver: keeps the Parquet tables and the tracker's front current and
     prints a progress line when a trial ends (and every ``HEARTBEAT_S`` otherwise). Ray pickles
-    it with the run config, so it holds only the study folder and the stopper; the live objects
-    are in the driver's :class:`StudySession`."""
+    it with the run config, so it holds only the study folder, the stopper and the scheduler
+    (whose ``reasons`` say why a trial was stopped); the live objects are in the driver's
+    :class:`StudySession`."""
 
-    def __init__(self, root: str, stopper: DominatedTrialStopper | None = None):
+    def __init__(self, root: str, stopper: DominatedTrialStopper | None = None,
+                 scheduler: SuccessiveHalvingScheduler | None = None):
         self.root = root
         self.stopper = stopper
+        self.scheduler = scheduler
+
+    def _stop_reason(self, trial: Any) -> str | None:
+        """Why the stopper or the scheduler stopped ``trial`` (None: neither did)."""
+        for source in (self.stopper, self.scheduler):
+            reason = source.reasons.get(trial.trial_id) if source is not None else None
+            if reason:
+                return reason
+        return None
 
     def _session(self, trials: list[Any], starting: Any = None, ending: Any = None) -> StudySession:
         """The live session, with Ray's count of running trials brought up to date (Ray calls
@@ -192,7 +204,7 @@ class StudyProgress(Callback):
         session.say(f"trial {number}: restarting from its last checkpoint after: {_error_line(trial)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        reason = self.stopper.reasons.get(trial.trial_id) if self.stopper is not None else None
+        reason = self._stop_reason(trial)
         session = self._note(trials, trial, ending=True, **({"fail_reason": reason} if reason else {}))
         number = _trial_number(trial)
         if reason and session.tracker is not None and number is not None:

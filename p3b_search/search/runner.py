@@ -8,14 +8,16 @@ Driver-side flow of :func:`run_study`::
     Optuna study in its storage (reference trial enqueued)     -> searcher.open_optuna_study
     the study tracker, when one is given (MLflow parent run)   -> study.tracking.StudyTracking
     Tuner(FrontSafeOptunaSearch behind a ConcurrencyLimiter, per-trial resources,
-          FailureConfig retries from the last checkpoint, DominatedTrialStopper)
+          FailureConfig retries from the last checkpoint, DominatedTrialStopper,
+          SuccessiveHalvingScheduler when the study has a scheduler section)
       or Tuner.restore(...) to resume an interrupted study
     StudyProgress callback: trials.parquet / allocations.parquet, the Pareto summary in pareto/
                             and on the tracker, one progress line per event  -> search.progress
 
 Resume: ``Tuner.restore`` brings back Ray's trials and the searcher's Ray -> Optuna mapping,
 so in-flight trials continue from their last checkpoint under their own Optuna numbers (no
-trial lost, none duplicated). An Optuna trial that Ray never recorded (the driver died between
+trial lost, none duplicated); the successive-halving scheduler rebuilds its rungs' records from
+the study's learning curves. An Optuna trial that Ray never recorded (the driver died between
 asking Optuna and saving its state) is run again by the searcher with the same number and
 parameters; one still RUNNING once the study has ended is marked FAIL. Before anything else,
 ``resume`` ends the processes a killed driver's local Ray session left behind, by the ids in
@@ -43,6 +45,7 @@ from p3b_search.search.preflight import DRIVER_CPU, cluster_lines, preflight
 from p3b_search.search.progress import StudyProgress, StudySession, close_session, open_session
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.shared_paths import check_shared_paths
+from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import DEFAULT_OBJECTIVE, data_parallel_trainable, tune_trainable
 from p3b_search.study.dense import dense_cost
 from p3b_search.study.messages import StudyError
@@ -162,6 +165,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
         return tune.Tuner.restore(str(layout.ray_experiment), trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     stopper = DominatedTrialStopper(study.early_stopping, budget_of=partial(trial_budget, study))
+    scheduler = SuccessiveHalvingScheduler(study) if study.scheduler is not None else None
     searcher = ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency)
     # trials asked but never ended (the driver died before Ray saved its state) run again: see the searcher
     remaining = max(0, study.n_trials - _trials_ended(session.optuna_study))
@@ -169,14 +173,15 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
         trainable,
         # reuse_actors: a finished trial's worker process runs the next trial (no new process,
         # no second import of torch and timm: seconds per trial on small studies)
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=layout.ray_experiment.name,
             storage_path=str(layout.ray_storage),
             # data-parallel trials retry inside Ray Train (see trainable.data_parallel_trainable)
             failure_config=tune.FailureConfig(max_failures=study.max_failures if study.workers_per_trial == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[StudyProgress(str(layout.root), stopper)],
+            callbacks=[StudyProgress(str(layout.root), stopper, scheduler)],
             stop=stopper,
             verbose=0,
         ),

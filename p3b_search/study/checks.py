@@ -19,6 +19,7 @@ from p3b_search.config import TrialConfig
 from p3b_search.methods import available_methods, get_method
 from p3b_search.study.dimensions import MAX_GRID_POINTS, grid_point_count, method_knobs
 from p3b_search.study.messages import FieldError, StudyError, did_you_mean, first_model, got, join_path, message_of
+from p3b_search.study.rungs import EPOCH_COSTS
 from p3b_search.study.sections import MAXIMIZED, Choice, FloatRange, IntRange, StudyConfig
 from p3b_search.study.trials import grid_configs, trial_config
 
@@ -82,6 +83,7 @@ def _check_study(study: StudyConfig) -> None:
         raise _at_fixed_field(fixed)
     for key, dim in study.search_space.items():
         _check_bounds(study, key, dim, fixed)
+    _check_scheduler(study)
 
 
 def _fixed_trial_error(study: StudyConfig) -> StudyError | None:
@@ -257,6 +259,49 @@ def _check_objectives(study: StudyConfig) -> None:
         if objective.name == "latency_ms" and objective.reference is None:
             raise FieldError(f"objectives[{i}].reference", "latency_ms needs a reference (the milliseconds "
                                                             "a useful model must beat, e.g. the dense model's)")
+
+
+def _fewest_epochs(study: StudyConfig) -> tuple[int, bool]:
+    """The fewest epochs (both stages) a trial of ``study`` trains, and whether that is a searched
+    bound (run after the bounds checks: every searched epoch count is a valid one)."""
+    total, searched = 0, False
+    for stage in ("prune", "finetune"):
+        dim = study.search_space.get(f"training.{stage}.epochs")
+        if dim is None:
+            total += getattr(study.training, stage).epochs
+        else:
+            total += int(min(value for _, value in _bound_values(dim)))
+            searched = True
+    return total, searched
+
+
+def _check_scheduler(study: StudyConfig) -> None:
+    section = study.scheduler
+    if section is None:
+        return
+    if study.early_stopping.enabled:
+        raise FieldError("scheduler", "successive halving and early_stopping both stop trials: set "
+                                      "early_stopping: {enabled: false} or remove scheduler")
+    if section.eta < 2:
+        raise FieldError("scheduler.eta", f"must be >= 2: the top 1/eta of each rung continue, e.g. eta: 3 keeps "
+                                          f"a third (got {got(section.eta)})")
+    epochs, searched = _fewest_epochs(study)
+    for i, rung in enumerate(section.rungs):
+        path = f"scheduler.rungs[{i}]"
+        if rung < 1:
+            raise FieldError(path, f"must be >= 1: a rung counts the epochs trained over both stages, 1 = after "
+                                   f"the first epoch (got {got(rung)})")
+        if rung >= epochs:
+            fewest = "at the fewest " if searched else ""
+            raise FieldError(path, f"must be below the {epochs} epochs a trial trains {fewest}(training.prune.epochs "
+                                   f"+ training.finetune.epochs): a rung at the last epoch decides nothing; lower it "
+                                   f"(got {got(rung)})")
+        if rung in section.rungs[:i]:
+            raise FieldError(path, f"{rung} is listed twice: list each rung once")
+    if not any(o.name in EPOCH_COSTS for o in study.objectives):
+        raise FieldError("scheduler", f"successive halving ranks each rung on accuracy and cost, and objectives "
+                                      f"hold no cost that every epoch reports: add {', '.join(EPOCH_COSTS[:-1])} or "
+                                      f"{EPOCH_COSTS[-1]} to objectives (got {', '.join(study.metric_names)})")
 
 
 def _check_resources(study: StudyConfig) -> None:

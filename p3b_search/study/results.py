@@ -233,8 +233,9 @@ def read_allocations(layout: StudyLayout) -> pd.DataFrame:
 def read_epochs(layout: StudyLayout) -> pd.DataFrame:
     """The learning curves: one row per trial per epoch reported so far (both stages), with
     ``trial``, ``epoch`` (0-based over both stages), ``stage`` (0 prune, 1 fine-tune) and the
-    epoch's metrics (``top1`` in %, ``epoch_seconds``; in the prune stage of gated methods also
-    ``keep_ratio`` and ``macs`` per image of the model the current masks would shrink to)."""
+    epoch's metrics (``top1`` in %, ``epoch_seconds``, and the cost: ``macs`` per image,
+    ``kept_params`` and ``keep_ratio`` of the model the epoch's masks would shrink to, in the
+    fine-tune stage of the pruned model)."""
     return read_parts(layout.epoch_parts)
 
 

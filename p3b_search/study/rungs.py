@@ -8,16 +8,49 @@ when it is in the top ``1 / eta`` of its rung. The live scheduler
 use these functions, so both decide alike.
 
 ``values`` is an ``(n, m)`` array as in :mod:`p3b_search.study.pareto`; rows holding a NaN rank
-after every finite row.
+after every finite row. A rung ranks on the objectives every epoch reports
+(:func:`rung_objectives`), read from an epoch's metrics by :func:`epoch_values`.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from p3b_search.study.pareto import as_minimization, pareto_mask
+from p3b_search.units import FLOPS_PER_MAC
+
+#: Objective -> (epoch metric, factor): how each objective is read from one epoch's metrics. Every
+#: epoch of both stages reports ``top1``/``top5`` (%), ``macs`` (per image) and ``kept_params``
+#: of the model the epoch's masks shrink to (fine-tune: the pruned model); ``latency_ms`` is
+#: measured only when a trial ends.
+EPOCH_METRICS: dict[str, tuple[str, float]] = {
+    "top1": ("top1", 1.0), "top5": ("top5", 1.0), "macs": ("macs", 1.0),
+    "flops": ("macs", FLOPS_PER_MAC), "params": ("kept_params", 1.0)}
+#: The cost objectives a rung can rank on.
+EPOCH_COSTS = ("macs", "flops", "params")
+
+
+def rung_objectives(names: Sequence[str], directions: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The study's objectives that every epoch reports (all but ``latency_ms``) and their
+    directions: what a rung ranks on."""
+    kept = [(name, direction) for name, direction in zip(names, directions) if name in EPOCH_METRICS]
+    return [name for name, _ in kept], [direction for _, direction in kept]
+
+
+def epoch_values(metrics: Mapping[str, Any], names: Sequence[str]) -> tuple[float, ...]:
+    """Objectives ``names`` (see :data:`EPOCH_METRICS`) at one epoch, from its metrics (a trial's
+    result or a learning-curve row); NaN where the epoch did not report one."""
+    values = []
+    for name in names:
+        key, factor = EPOCH_METRICS[name]
+        value = metrics.get(key)
+        finite = isinstance(value, (int, float, np.number)) and math.isfinite(value)
+        values.append(float(value) * factor if finite else math.nan)
+    return tuple(values)
 
 
 def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -108,6 +141,23 @@ class SuccessiveHalvingRule:
         """Store ``trial``'s objectives at a rung (no decision: e.g. rebuilding the records)."""
         if epochs_done in self.records:
             self.records[epochs_done][trial] = tuple(float(v) for v in values)
+
+    def record_curves(self, curves: pd.DataFrame, names: Sequence[str]) -> None:
+        """Record every learning-curve row that lies on a rung, under its trial: ``curves`` as
+        :func:`p3b_search.study.results.read_epochs` reads them (``trial``, ``epoch`` 0-based over
+        both stages, the epoch's metrics), ``names`` the objectives of :func:`epoch_values`."""
+        for row in curves.to_dict("records"):
+            epochs_done = int(row["epoch"]) + 1
+            if epochs_done in self.records:
+                self.record(int(row["trial"]), epochs_done, epoch_values(row, names))
+
+    def standing(self, trial: object, epochs_done: int) -> tuple[int, int]:
+        """``(place, count)``: ``trial``'s 1-based place in :func:`rung_order` among the ``count``
+        trials recorded at rung ``epochs_done``."""
+        at_rung = self.records[epochs_done]
+        trials = list(at_rung)
+        order = rung_order(np.array([at_rung[t] for t in trials]), self.directions)
+        return int(np.flatnonzero(order == trials.index(trial))[0]) + 1, len(trials)
 
     def decide(self, trial: object, epochs_done: int, values: Sequence[float]) -> bool:
         """Record ``trial`` at ``epochs_done`` and say whether it continues (always True off a rung)."""

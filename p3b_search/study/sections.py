@@ -144,6 +144,25 @@ class EarlyStopping(StrictModel):
     margin: float = Field(5.0, ge=0, description="Top-1 points by which the other trial must be better.")
 
 
+class SuccessiveHalving(StrictModel):
+    """Multi-objective successive halving (asynchronous, as MO-ASHA): at each rung the trials
+    that reached it are ranked by non-dominated sorting on the study's objectives at that epoch
+    (ties by crowding distance); a trial continues only when it is in the top ``1 / eta`` of
+    the trials recorded there so far (at least one continues).
+
+    ``rungs`` are epoch counts over both stages (1-based: with 4 prune and 2 fine-tune epochs,
+    4 is the end of the prune stage and 5 the first fine-tune epoch), each below the trial's
+    last epoch. A rung ranks on the objectives every epoch reports (``top1``, ``top5``,
+    ``macs``, ``flops``, ``params``; ``latency_ms`` is measured only when a trial ends), so
+    the objectives must hold a cost among ``macs``, ``flops`` and ``params``. A stopped trial is
+    recorded as PRUNED in Optuna and never appears on the front. Not with ``early_stopping``.
+    """
+
+    name: Literal["successive-halving"]
+    rungs: list[int] = Field(min_length=1, description="Epoch counts (both stages, 1-based) where trials are ranked.")
+    eta: int = Field(3, description="The top 1/eta of each rung continue (>= 2).")
+
+
 class StudyConfig(StrictModel):
     """A whole study; see the module docstring and ``studies/*.yaml``."""
 
@@ -167,6 +186,7 @@ class StudyConfig(StrictModel):
     storage: str | None = Field(None, description="Optuna storage URL; None: SQLite in the study folder.")
     tracking: TrackingConfig = TrackingConfig()
     early_stopping: EarlyStopping = EarlyStopping()
+    scheduler: SuccessiveHalving | None = Field(None, description="Stop trials at rungs: successive halving.")
     enqueue_reference: bool = Field(True, description="Run the methods' default knobs as the first trial "
                                                       "(not with sampler grid: every trial is a grid point).")
 
