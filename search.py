@@ -7,7 +7,7 @@ records every trial, and you pick a model from the accuracy / MACs Pareto front.
   python search.py run studies/quickstart.yaml     # a 5-minute CPU demo (embedded digits data)
   python search.py status quickstart               # trials so far and the current front
   python search.py pareto quickstart               # the front as a table
-  python search.py compare method_comparison       # methods x prune ratios over seeds, with 95 % CIs
+  python search.py compare method_comparison       # methods x prune ratios over seeds, every pair tested
   python search.py ui quickstart                   # MLflow UI on http://127.0.0.1:5000
   python search.py export quickstart --pick knee --out pruned/   # the chosen model
   python search.py resume quickstart               # continue an interrupted study
@@ -159,31 +159,46 @@ def _pareto(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from p3b_search.study.compare import (
         CORE_METHOD,
-        comparison_table,
+        compare_methods,
+        compare_plan,
         core_benefits,
-        display_table,
-        title,
         trial_allocations,
         trial_results,
-        write_comparison,
     )
-    from p3b_search.study.loading import study_folder, study_from_folder
+    from p3b_search.study.compare_report import markdown, title, write_comparison
+    from p3b_search.study.loading import load_study, study_folder, study_from_folder
     from p3b_search.study.results import read_trials
     from p3b_search.tracking.figures import write_comparison_figures
 
     study = study_from_folder(study_folder(args.study, args.output_dir))
+    named = Path(args.study).expanduser()
+    section = load_study(named).compare if named.is_file() else study.compare  # a study file's section wins
+    plan = compare_plan(study, section, args.primary, args.margin, args.equivalence)
     results = trial_results(study, read_trials(study.layout))
-    table = comparison_table(results, study.candidate_methods())
-    print(title(study))
-    print(display_table(table).to_string(index=False) if len(table) else "(no finished trials yet)")
+    comparison = compare_methods(results, plan, study.candidate_methods())
+    if results.empty:
+        print(title(study, comparison) + "\n(no finished trials yet)")
+        return 0
+    print(markdown(study, comparison), end="")
     if args.out:
         prefix = Path(args.out).expanduser()
         allocations = trial_allocations(study, results)
         benefits = core_benefits(allocations)
-        paths = write_comparison(study, table, benefits, prefix)
+        paths = write_comparison(study, comparison, benefits, prefix)
         for path in paths + write_comparison_figures(allocations, benefits, CORE_METHOD, prefix):
             print(f"wrote {path}")
     return 0
+
+
+def _positive_float(text: str) -> float:
+    """argparse type of margins: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text!r})")
+    return value
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -245,12 +260,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     pareto.set_defaults(handler=_pareto)
 
     compare = sub.add_parser("compare", help="methods x prune ratios over seeds: top-1 with 95 %% CIs, kept "
-                                             "params, MACs, paired difference to the best baseline",
+                                             "params, MACs; every pair of methods by paired t tests, Holm-adjusted",
                              description="Compare the methods of a study (e.g. studies/method_comparison.yaml) "
-                                         "per prune ratio over its seeds.")
+                                         "per prune ratio over its seeds: every pair by a paired t test, "
+                                         "Holm-adjusted over all pairs of the report, Friedman's omnibus per "
+                                         "ratio, equivalence (TOST) for the declared pairs, and top-1 at the "
+                                         "primary method's MACs. Options win over the study file's compare "
+                                         "section.")
     study_arg(compare)
-    compare.add_argument("--out", metavar="PREFIX", help="also write PREFIX.md, PREFIX.parquet and, when the "
-                                                         "trials recorded allocations, PREFIX_depth.png")
+    compare.add_argument("--primary", metavar="A:B", help="the declared primary comparison, e.g. "
+                                                          "p3b:global-taylor: reported first, tested for "
+                                                          "equivalence, and A's MACs are where every method's "
+                                                          "top-1 is matched")
+    compare.add_argument("--equivalence", metavar="A:B", action="append",
+                         help="also test A and B for equivalence within the margin (repeatable)")
+    compare.add_argument("--margin", type=_positive_float, metavar="POINTS",
+                         help="equivalence margin in top-1 points (default: the study file's, else 1)")
+    compare.add_argument("--out", metavar="PREFIX", help="also write PREFIX.md, PREFIX.parquet (methods), "
+                                                         "PREFIX_pairs.parquet, PREFIX_omnibus.parquet and, when "
+                                                         "the trials recorded allocations, PREFIX_depth.png")
     compare.set_defaults(handler=_compare)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the study's tracking store (127.0.0.1)")

@@ -33,7 +33,7 @@ def write(tmp_path: Path, text: str) -> Path:
 # from it so a newly registered method does not break the test.
 BAD_STUDIES = [
     pytest.param("name: s\nn_trial: 3\n",
-                 lambda: "n_trial: unknown key: did you mean n_trials? remove it or use one of concurrency, data, "
+                 lambda: "n_trial: unknown key: did you mean n_trials? remove it or use one of compare, concurrency, data, "
                          "dense_reference, early_stopping, enqueue_reference, max_failures, method, model, n_trials, name, objectives, "
                          "output_dir, resources_per_trial, sampler, scheduler, search_space, storage, tracking, "
                          "training, workers_per_trial", id="unknown-key"),
@@ -111,6 +111,15 @@ BAD_STUDIES = [
     pytest.param("name: s\nresources_per_trial: {cpu: 4, gpu: 4}\n",
                  lambda: "resources_per_trial.gpu: is per worker: set gpu: 1 and workers_per_trial: 4 for a "
                          "data-parallel trial (got 4)", id="gpus-per-trial"),
+    pytest.param("name: s\nsearch_space:\n  method: {type: categorical, choices: [p3b, global-taylor]}\n"
+                 "compare: {primary: \"p3b:global-tailor\"}\n",
+                 lambda: "compare.primary: 'global-tailor' is not a method of this study: did you mean global-taylor? "
+                         "use one of p3b, global-taylor", id="compare-primary-not-in-study"),
+    pytest.param("name: s\ncompare: {equivalence: [\"p3b:p3b\", p3b]}\n",
+                 lambda: "compare.equivalence[1]: must be two method names as A:B, e.g. p3b:global-taylor (got 'p3b')",
+                 id="compare-equivalence-not-a-pair"),
+    pytest.param("name: s\ncompare: {margin: -1}\n", lambda: "compare.margin: must be > 0 (got -1)",
+                 id="compare-margin-not-positive"),
     pytest.param("name: my study\n",
                  lambda: "name: must be a folder name (letters, digits, '_', '-', '.') (got 'my study')",
                  id="name-with-space"),

@@ -19,6 +19,7 @@ from p3b_search.config import TrialConfig
 from p3b_search.methods import available_methods, get_method
 from p3b_search.study.dimensions import MAX_GRID_POINTS, grid_point_count, method_knobs
 from p3b_search.study.messages import FieldError, StudyError, did_you_mean, first_model, got, join_path, message_of
+from p3b_search.study.results import DENSE_METHOD
 from p3b_search.study.rungs import EPOCH_COSTS
 from p3b_search.study.sections import MAXIMIZED, Choice, FloatRange, IntRange, StudyConfig
 from p3b_search.study.trials import grid_configs, trial_config
@@ -74,6 +75,7 @@ def _check_study(study: StudyConfig) -> None:
         _check_dimension(study, key, dim)
     _check_objectives(study)
     _check_resources(study)
+    _check_compare(study)
     for field, url in (("storage", study.storage), ("tracking.uri", study.tracking.uri)):
         if url is not None and "://" not in url and not url.startswith("file:"):
             raise FieldError(field, f"must be a URL such as sqlite:///path/db.sqlite or "
@@ -302,6 +304,33 @@ def _check_scheduler(study: StudyConfig) -> None:
         raise FieldError("scheduler", f"successive halving ranks each rung on accuracy and cost, and objectives "
                                       f"hold no cost that every epoch reports: add {', '.join(EPOCH_COSTS[:-1])} or "
                                       f"{EPOCH_COSTS[-1]} to objectives (got {', '.join(study.metric_names)})")
+
+
+def method_pair_problem(pair: tuple[str, str], methods: list[str]) -> str | None:
+    """What is wrong with comparing ``pair`` (A, B) in a study whose trials use ``methods``, if
+    anything (an instruction for a one-line error)."""
+    first, second = pair
+    for name in pair:
+        if name not in methods:
+            pruning = [m for m in methods if m != DENSE_METHOD]
+            return (f"{name!r} is not a method of this study: {did_you_mean(name, pruning)}"
+                    f"use one of {', '.join(pruning)}")
+    if DENSE_METHOD in pair:
+        return (f"{DENSE_METHOD} is the reference (prune ratio 0) and pairs with no pruned method: "
+                "name two pruning methods")
+    if first == second:
+        return f"compares {first} with itself: name two different methods"
+    return None
+
+
+def _check_compare(study: StudyConfig) -> None:
+    methods = study.candidate_methods()
+    declared = [("compare.primary", study.compare.primary_pair)]
+    declared += [(f"compare.equivalence[{i}]", pair) for i, pair in enumerate(study.compare.equivalence_pairs)]
+    for path, pair in declared:
+        problem = None if pair is None else method_pair_problem(pair, methods)
+        if problem:
+            raise FieldError(path, problem)
 
 
 def _check_resources(study: StudyConfig) -> None:

@@ -1,13 +1,21 @@
 """Method comparison of a study (``search.py compare NAME``): per method and prune ratio, top-1
-over seeds with its 95 % Student t interval, the kept fraction of parameters, MACs, and the
-difference to the best baseline at that ratio, paired by seed, with its 95 % interval.
+over seeds with its 95 % Student t interval, the kept fraction of parameters and MACs; every
+pair of methods at each prune ratio tested by :mod:`p3b_search.study.pairwise` (paired by
+seed, Holm-adjusted over one family, with Friedman's omnibus per ratio); and, for a declared
+primary comparison A:B, each method's top-1 at A's MACs.
 
-Roles: ``dense`` is the reference (first row, prune ratio 0); ``p3b`` is the project's core
-method; every other method is a baseline. The best baseline at a ratio is the *structured*
-baseline with the highest mean top-1 there: unstructured methods (``dimap``, ``svite``) keep
-dense shapes and need sparse kernels to be faster, so they are marked rows (``structured`` =
-False) compared with that baseline, never the baseline themselves. A difference is
-*separated* only when its interval excludes zero and at least :data:`MIN_SEEDS` seeds pair up.
+Roles: ``dense`` is the reference (first row, prune ratio 0, in no pair); ``p3b`` is the
+project's core method (first in each pair it is in, unless a declared pair says otherwise).
+The primary comparison is declared (``--primary A:B`` or the study file's ``compare.primary``),
+never picked from the data. Unstructured methods (``structured`` = False: ``dimap``, ``svite``)
+keep dense shapes and MACs; they are paired like the others and marked in the table.
+
+**Matched MACs.** A method that keeps more MACs than A at a prune ratio cannot win on that
+alone: each method's mean top-1 is read at A's mean MACs at that ratio, interpolated linearly
+in MACs between the two rungs of the method's own prune-ratio ladder (mean MACs and mean top-1
+per ratio) that bracket it. Outside the ladder's MACs it is n/a (never extrapolated), as it is
+for a method whose MACs do not change with the prune ratio. Accuracy is concave in MACs, so a
+chord slightly underrates the interpolated method: close rungs keep that small.
 
 A trial's method, prune ratio and seed are those of its trial configuration (searched or
 fixed in the study; dense's prune ratio is always 0), so any study whose trials differ only in
@@ -16,27 +24,27 @@ method, prune ratio and seed compares, as ``studies/method_comparison.yaml`` (a 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import get_method
-from p3b_search.stats import CONFIDENCE, Interval, paired_difference, t_interval
+from p3b_search.stats import t_interval
+from p3b_search.study.checks import method_pair_problem
 from p3b_search.study.messages import StudyError
-from p3b_search.study.results import PARAM_PREFIX, read_allocations, write_parquet_atomic
-from p3b_search.study.sections import StudyConfig
+from p3b_search.study.pairwise import PairPlan, omnibus_table, pairs_table, ratio_methods
+from p3b_search.study.results import DENSE_METHOD, PARAM_PREFIX, read_allocations
+from p3b_search.study.sections import CompareSection, StudyConfig, method_pair
 from p3b_search.study.trials import trial_config
 
 CORE_METHOD = "p3b"
-REFERENCE_METHOD = "dense"
-MIN_SEEDS = 5
+REFERENCE_METHOD = DENSE_METHOD
 RESULT_COLUMNS = ["number", "method", "prune_ratio", "seed", "top1", "kept_fraction", "macs", "params"]
-TABLE_COLUMNS = ["method", "structured", "prune_ratio", "n", "top1", "top1_low", "top1_high", "kept_fraction", "macs",
-                 "baseline", "diff", "diff_low", "diff_high", "pairs", "verdict"]
+SUMMARY_COLUMNS = ["method", "structured", "prune_ratio", "n", "top1", "top1_low", "top1_high", "kept_fraction",
+                   "macs", "matched_macs", "top1_at_matched_macs"]
 
 
 def _param_value(value: object) -> object:
@@ -73,107 +81,97 @@ def trial_results(study: StudyConfig, trials: pd.DataFrame) -> pd.DataFrame:
     return results
 
 
-def _order(results: pd.DataFrame, methods: list[str]) -> list[tuple[str, float]]:
-    """(method, ratio) groups: the reference first, then by ratio: the core method, then the
-    baselines in ``methods`` order (others by name)."""
+def compare_plan(study: StudyConfig, section: CompareSection | None = None, primary: str | None = None,
+                 margin: float | None = None, equivalence: Sequence[str] | None = None) -> PairPlan:
+    """What a comparison declares: the command line's ``primary`` (``"A:B"``), ``margin`` (top-1
+    points) and ``equivalence`` pairs where given, else ``section``'s (default: the study's
+    ``compare`` section, checked when the study was loaded). Raises :class:`StudyError` (one
+    line naming the option) for a pair that is not two of the study's pruning methods."""
+    section = section or study.compare
+    methods = study.candidate_methods()
+
+    def checked(option: str, text: str) -> tuple[str, str]:
+        try:
+            pair = method_pair(text)
+        except ValueError as error:
+            raise StudyError(f"{option} {text}: {error}") from None
+        problem = method_pair_problem(pair, methods)
+        if problem:
+            raise StudyError(f"{option} {text}: {problem} (study {study.name!r})")
+        return pair
+
+    return PairPlan(
+        primary=section.primary_pair if primary is None else checked("--primary", primary),
+        equivalence=tuple(section.equivalence_pairs if equivalence is None
+                          else (checked("--equivalence", text) for text in equivalence)),
+        margin=section.margin if margin is None else margin)
+
+
+def method_rank(methods: Sequence[str]) -> Callable[[str], tuple]:
+    """Sort key of method names: the reference, the core method, then ``methods``' order, then by name."""
     rank = {m: i for i, m in enumerate(methods)}
-    groups = results[["method", "prune_ratio"]].drop_duplicates().itertuples(index=False)
-    return sorted(((str(m), float(r)) for m, r in groups),
-                  key=lambda g: (g[0] != REFERENCE_METHOD, g[1], g[0] != CORE_METHOD, rank.get(g[0], len(rank)), g[0]))
+    return lambda m: (m != REFERENCE_METHOD, m != CORE_METHOD, rank.get(m, len(rank)), m)
 
 
-def _verdict(difference: Interval) -> str:
-    if difference.n < MIN_SEEDS:
-        return f"not separated (n = {difference.n} < {MIN_SEEDS})"
-    return "separated" if difference.excludes_zero else "not separated"
+def matched_top1(macs: Sequence[float], top1: Sequence[float], target: float) -> float:
+    """Top-1 at ``target`` MACs along a ladder of (``macs``, ``top1``) rungs: linear in MACs
+    between the two rungs around ``target``; NaN outside the ladder's MACs (never
+    extrapolated), when two rungs share MACs (top-1 is then no function of MACs) or when a
+    value is NaN."""
+    points = sorted(zip(macs, top1))
+    xs = [x for x, _ in points]
+    if math.isnan(target) or any(math.isnan(x) for x in xs) or len(set(xs)) < len(xs):
+        return math.nan
+    if not xs or not xs[0] <= target <= xs[-1]:
+        return math.nan
+    return float(np.interp(target, xs, [y for _, y in points]))
 
 
-def comparison_table(results: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
-    """The comparison of :func:`trial_results`, one row per method and prune ratio (columns
-    :data:`TABLE_COLUMNS`; ``top1_low``/``top1_high`` and ``diff_low``/``diff_high`` bound the
-    95 % intervals; ``diff`` = this row's top-1 minus ``baseline``'s, paired by seed; ``pairs``:
-    the seeds both have). ``methods``: the order of the baselines (default: by name)."""
-    top1 = {group: dict(zip(rows["seed"], rows["top1"]))
-            for group, rows in results.groupby(["method", "prune_ratio"])}
-    means = {group: sum(seeds.values()) / len(seeds) for group, seeds in top1.items()}
-    best: dict[float, str] = {}
-    for (method, ratio), mean in sorted(means.items(), key=lambda item: -item[1]):
-        if method not in (CORE_METHOD, REFERENCE_METHOD) and get_method(method).structured:
-            best.setdefault(ratio, method)
+def summary_table(results: pd.DataFrame, methods: Sequence[str] = (), primary: str | None = None) -> pd.DataFrame:
+    """One row per method and prune ratio of :func:`trial_results` (columns
+    :data:`SUMMARY_COLUMNS`): the reference first, then by ratio in :func:`method_rank` order.
+    ``top1_low``/``top1_high`` bound the 95 % interval; ``matched_macs``: ``primary``'s mean
+    MACs at this ratio, ``top1_at_matched_macs``: this method's top-1 there (:func:`matched_top1`
+    along its own ratios; NaN without a ``primary``)."""
+    rank = method_rank(methods)
+    groups = sorted(results.groupby(["method", "prune_ratio"]),
+                    key=lambda item: (item[0][0] != REFERENCE_METHOD, item[0][1], rank(item[0][0])))
     rows = []
-    for method, ratio in _order(results, methods or []):
-        group = results[(results["method"] == method) & (results["prune_ratio"] == ratio)]
+    for (method, ratio), group in groups:
         accuracy = t_interval(group["top1"])
-        baseline = best.get(ratio) if method != REFERENCE_METHOD else None
-        difference = Interval(math.nan, math.nan, math.nan, 0)
-        if method == REFERENCE_METHOD:
-            verdict = "reference"
-        elif baseline is None:
-            verdict = "no baseline"
-        elif baseline == method:
-            verdict = "best baseline"
-        else:
-            difference = paired_difference(top1[(method, ratio)], top1[(baseline, ratio)])
-            verdict = _verdict(difference)
-        rows.append({"method": method, "structured": get_method(method).structured, "prune_ratio": ratio,
-                     "n": accuracy.n, "top1": accuracy.mean,
-                     "top1_low": accuracy.low, "top1_high": accuracy.high,
-                     "kept_fraction": group["kept_fraction"].mean(), "macs": group["macs"].mean(),
-                     "baseline": baseline or "", "diff": difference.mean, "diff_low": difference.low,
-                     "diff_high": difference.high, "pairs": difference.n, "verdict": verdict})
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        rows.append({"method": method, "structured": get_method(method).structured, "prune_ratio": float(ratio),
+                     "n": accuracy.n, "top1": accuracy.mean, "top1_low": accuracy.low, "top1_high": accuracy.high,
+                     "kept_fraction": group["kept_fraction"].mean(), "macs": group["macs"].mean()})
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    own = table[table["method"] == primary]
+    target = dict(zip(own["prune_ratio"], own["macs"]))
+    table["matched_macs"] = [target.get(ratio, math.nan) for ratio in table["prune_ratio"]]
+    ladders = dict(list(table.groupby("method")))
+    table["top1_at_matched_macs"] = [matched_top1(ladders[m]["macs"].tolist(), ladders[m]["top1"].tolist(), t)
+                                     for m, t in zip(table["method"], table["matched_macs"])]
+    return table
 
 
-def _number(value: float, fmt: str) -> str:
-    return "—" if math.isnan(value) else format(value, fmt)
+@dataclass(frozen=True)
+class Comparison:
+    """A study's method comparison: the per-method ``summary`` (:func:`summary_table`), the
+    ``pairs`` and ``omnibus`` tables (:mod:`p3b_search.study.pairwise`) and the ``plan`` they
+    follow."""
+
+    summary: pd.DataFrame
+    pairs: pd.DataFrame
+    omnibus: pd.DataFrame
+    plan: PairPlan
 
 
-def _interval(low: float, high: float, fmt: str) -> str:
-    return "—" if math.isnan(low) else f"[{low:{fmt}}, {high:{fmt}}]"
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """:func:`comparison_table` as text columns for people (top-1 in %, MACs in millions)."""
-    ci = f"{CONFIDENCE:.0%} CI"
-    return pd.DataFrame({
-        "method": table["method"],
-        "structured": ["yes" if s else "no (marked row)" for s in table["structured"]],
-        "prune ratio": [f"{r:g}" for r in table["prune_ratio"]],
-        "n (seeds)": table["n"],
-        "top-1 %": [_number(v, ".2f") for v in table["top1"]],
-        f"top-1 {ci}": [_interval(lo, hi, ".2f") for lo, hi in zip(table["top1_low"], table["top1_high"])],
-        "kept params": [_number(v, ".3f") for v in table["kept_fraction"]],
-        "MACs/image (M)": [_number(v / 1e6, ".4g") for v in table["macs"]],
-        "best baseline": table["baseline"],
-        "Δ top-1 (paired)": [_number(v, "+.2f") for v in table["diff"]],
-        f"Δ {ci}": [_interval(lo, hi, "+.2f") for lo, hi in zip(table["diff_low"], table["diff_high"])],
-        "verdict": table["verdict"],
-    })
-
-
-def title(study: StudyConfig) -> str:
-    """One line saying what the table compares."""
-    return (f"Method comparison of study {study.name} ({study.model.name}, data {study.data.kind}): "
-            f"top-1 over seeds with {CONFIDENCE:.0%} Student t intervals; Δ = top-1 minus the best baseline "
-            f"at that prune ratio, paired by seed; separated = the Δ interval excludes 0 with >= {MIN_SEEDS} seeds.")
-
-
-def recipe(study: StudyConfig) -> str:
-    """One line with what every trial shares: stages, LR, batch."""
-    prune, finetune = study.training.prune, study.training.finetune
-    return (f"Recipe: {prune.epochs} prune ({prune.schedule}) + {finetune.epochs} fine-tune ({finetune.schedule}) "
-            f"epochs, base LR {prune.lr:g} / {finetune.lr:g} per 512 images, batch {study.training.batch_size}; "
-            "kept params = measured fraction of the dense model's parameters.")
-
-
-def markdown(study: StudyConfig, table: pd.DataFrame, command: str | None = None) -> str:
-    """The comparison as a Markdown document: :func:`title`, :func:`recipe`, the command that
-    wrote it (when given), then the :func:`display_table`."""
-    shown = display_table(table).astype(str)
-    lines = [title(study), "", recipe(study), ""] + ([f"Command: `{command}`", ""] if command else [])
-    lines += ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+def compare_methods(results: pd.DataFrame, plan: PairPlan, methods: Sequence[str] = ()) -> Comparison:
+    """The :class:`Comparison` of :func:`trial_results` under ``plan``; ``methods``: the order
+    of the methods after the core one (default: by name)."""
+    top1 = {(str(m), float(r)): dict(zip(rows["seed"], rows["top1"]))
+            for (m, r), rows in results.groupby(["method", "prune_ratio"])}
+    paired = ratio_methods([g for g in top1 if g[0] != REFERENCE_METHOD], method_rank(methods))
+    return Comparison(summary_table(results, methods, plan.primary[0] if plan.primary else None),
+                      pairs_table(top1, plan, paired), omnibus_table(top1, paired), plan)
 
 
 def trial_allocations(study: StudyConfig, results: pd.DataFrame) -> pd.DataFrame:
@@ -234,16 +232,3 @@ def benefit_by_depth(allocations: pd.DataFrame) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def write_comparison(study: StudyConfig, table: pd.DataFrame, benefits: pd.DataFrame, prefix: Path) -> list[Path]:
-    """Write ``PREFIX.md`` (:func:`markdown`, then :func:`benefit_by_depth` when the core method
-    recorded block benefits) and ``PREFIX.parquet`` (:func:`comparison_table`); returns the paths.
-    ``benefits``: :func:`core_benefits` (the figures are drawn by the tracking layer)."""
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_name(f"{prefix.name}.md"), prefix.with_name(f"{prefix.name}.parquet")]
-    text = markdown(study, table, f"python search.py compare {study.name} --out {prefix}")
-    if not benefits.empty:
-        text += "\n" + benefit_by_depth(benefits)
-    paths[0].write_text(text)
-    write_parquet_atomic(pa.Table.from_pandas(table, preserve_index=False), paths[1])
-    return paths

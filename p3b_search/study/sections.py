@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, field_validator
 
 from p3b_search.config import DataConfig, ModelConfig, StrictModel, TrainingConfig
 from p3b_search.study.layout import StudyLayout
@@ -163,6 +163,46 @@ class SuccessiveHalving(StrictModel):
     eta: int = Field(3, description="The top 1/eta of each rung continue (>= 2).")
 
 
+def method_pair(text: str) -> tuple[str, str]:
+    """``"A:B"`` as ``(A, B)``: two method names; ValueError (the instruction) when it is not."""
+    first, colon, second = text.partition(":")
+    if not colon or not first.strip() or not second.strip() or ":" in second:
+        raise ValueError(f"must be two method names as A:B, e.g. p3b:global-taylor (got {text!r})")
+    return first.strip(), second.strip()
+
+
+def _pair_text(text: str) -> str:
+    method_pair(text)
+    return text
+
+
+#: A study file's ``"A:B"`` pair of method names (checked by :func:`method_pair`).
+MethodPairText = Annotated[str, AfterValidator(_pair_text)]
+
+
+class CompareSection(StrictModel):
+    """What ``search.py compare`` tests besides every pair of methods (its ``--primary``,
+    ``--margin`` and ``--equivalence`` win over these).
+
+    ``primary``: the declared primary comparison ``"A:B"`` (A the method studied, B its
+    comparator): reported first, tested for equivalence, and the MACs of A are where every
+    method's top-1 is read for the matched-MACs column. ``margin``: the equivalence margin in
+    top-1 points. ``equivalence``: further ``"A:B"`` pairs whose equivalence within the margin
+    is tested (two one-sided tests)."""
+
+    primary: MethodPairText | None = None
+    margin: float = Field(1.0, gt=0)
+    equivalence: list[MethodPairText] = Field(default_factory=list)
+
+    @property
+    def primary_pair(self) -> tuple[str, str] | None:
+        return method_pair(self.primary) if self.primary else None
+
+    @property
+    def equivalence_pairs(self) -> list[tuple[str, str]]:
+        return [method_pair(text) for text in self.equivalence]
+
+
 class StudyConfig(StrictModel):
     """A whole study; see the module docstring and ``studies/*.yaml``."""
 
@@ -187,6 +227,7 @@ class StudyConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     early_stopping: EarlyStopping = EarlyStopping()
     scheduler: SuccessiveHalving | None = Field(None, description="Stop trials at rungs: successive halving.")
+    compare: CompareSection = CompareSection()
     enqueue_reference: bool = Field(True, description="Run the methods' default knobs as the first trial "
                                                       "(not with sampler grid: every trial is a grid point).")
 
