@@ -24,6 +24,7 @@ from p3b_search.study.sections import MAXIMIZED, StudyConfig
 #: Values of ``state`` that count as a finished point (Optuna's name and the tracker's).
 FINISHED_STATES = {"finished", "complete"}
 STATE_COLUMN = "state"
+SHARED_COLUMN = "epochs_shared"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class ParetoSummary:
     objectives, dense trials left out (index 0..n-1); ``on_front``: bool per row; ``knee``:
     row index of the knee (None without rows); ``hypervolume`` in objective units (e.g.
     % x MACs); ``hypervolume_normalized``: divided by the box from the reference point to the
-    dense reference's ideal point (NaN when that is unknown); ``dense``: that reference."""
+    dense reference's ideal point (NaN when that is unknown); ``dense``: that reference;
+    ``trial_epochs_shared``: trial-epochs restored from shared prefixes instead of trained, over
+    every trial of the table (its ``epochs_shared`` summed)."""
 
     directions: Mapping[str, str]
     reference: Sequence[float]
@@ -45,6 +48,7 @@ class ParetoSummary:
     hypervolume: float
     hypervolume_normalized: float
     dense: DenseReference | None = None
+    trial_epochs_shared: int = 0
 
     @property
     def front(self) -> pd.DataFrame:
@@ -87,9 +91,10 @@ def pareto_summary(trials: pd.DataFrame, directions: Mapping[str, str] | Sequenc
     values = finished[names].to_numpy(dtype=float).reshape(len(finished), len(names))
     ideal = dense.ideal(names) if dense is not None else None
     normalized = normalized_hypervolume(values, dirs, reference, ideal) if ideal is not None else math.nan
+    shared = int(trials[SHARED_COLUMN].fillna(0).sum()) if SHARED_COLUMN in trials.columns else 0
     return ParetoSummary(directions, list(reference), finished, pareto_mask(values, dirs),
                          knee_index(values, dirs) if len(values) else None, hypervolume(values, dirs, reference),
-                         normalized, dense)
+                         normalized, dense, shared)
 
 
 def reference_point(study: StudyConfig, cost: Mapping[str, float] | None = None) -> list[float]:
