@@ -59,8 +59,9 @@ def run(config: TrialConfig, folder: Path, prefixes: Path | None = None) -> tupl
     return run_trial(config, reporter, folder, prefixes=prefixes), reporter
 
 
-def learning_curve(reporter: TrialReporter) -> list[dict[str, float]]:
-    return [{k: v for k, v in epoch.items() if k not in UNSHARED_METRICS} for epoch in reporter.epochs]
+def learning_curve(epochs: list[dict[str, float]]) -> list[dict[str, float]]:
+    """A trial's reported epochs without what a restored epoch may report differently."""
+    return [{k: v for k, v in epoch.items() if k not in UNSHARED_METRICS} for epoch in epochs]
 
 
 def assert_same_trial(folder: Path, objectives: dict, reporter: TrialReporter,
@@ -70,7 +71,7 @@ def assert_same_trial(folder: Path, objectives: dict, reporter: TrialReporter,
     weights, expected_weights = (load_file(f / "model" / "model.safetensors") for f in (folder, expected_folder))
     assert weights.keys() == expected_weights.keys()
     assert all(torch.equal(weights[k], expected_weights[k]) for k in weights)
-    assert learning_curve(reporter) == learning_curve(expected_reporter)
+    assert learning_curve(reporter.epochs) == learning_curve(expected_reporter.epochs)
     assert pd.DataFrame(reporter.allocations).equals(pd.DataFrame(expected_reporter.allocations))
 
 
@@ -108,7 +109,7 @@ def test_a_trial_restored_from_another_trials_prefix_ends_as_from_scratch(tmp_pa
     assert restored(reporter) == [1.0] * shared + [0.0] * (4 - shared)
     assert [e["epoch"] for e in reporter.epochs] == [0, 1, 2, 3]
     # the restored epochs are the first trial's: before the start nothing depends on the knobs
-    assert learning_curve(reporter)[:shared] == learning_curve(trainer)[:shared]
+    assert learning_curve(reporter.epochs)[:shared] == learning_curve(trainer.epochs)[:shared]
 
     expected, reference = run(trial(method, **second), tmp_path / "scratch")
     assert "prefix_shared" not in reference.epochs[0]  # without the cache: no flag, nothing published
@@ -172,7 +173,7 @@ def test_processes_publishing_one_prefix_at_once_leave_one_complete_prefix(tmp_p
     source = tmp_path / "checkpoint.pt"
     state = {"epoch": 2, "model": {"w": torch.randn(4_000_000, generator=torch.Generator().manual_seed(0))}}
     save_checkpoint(state, tmp_path)  # 16 MB: the copies overlap in time
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # the publishers only copy files: no torch work after the fork
     barrier, results = context.Barrier(4), context.Queue()
     workers = [context.Process(target=_publish, args=(str(tmp_path / "cache"), str(source), barrier, results))
                for _ in range(4)]
@@ -283,3 +284,93 @@ def test_the_summary_counts_the_trial_epochs_restored(tmp_path):
     assert summary_table(summary)["trial_epochs_shared"].tolist() == [3]
     assert "epochs_shared" in table_text(trials, ["top1", "macs"])
     assert "epochs_shared" not in table_text(trials.assign(epochs_shared=0), ["top1", "macs"])
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+E2E = """name: prefixes
+output_dir: {runs}
+model: {{name: vit_tiny_patch16_224, overrides: {{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}}}}
+data: {{kind: digits, max_train_samples: {samples}}}
+training:
+  prune: {{epochs: 2, lr: 5.0e-2, schedule: constant}}
+  finetune: {{epochs: 1, lr: 5.0e-2}}
+  batch_size: {batch}
+  device: cpu
+method: {{name: p3b, config: {{prune_start_epoch: 1.0, prune_steps_update_mask: 2}}}}
+search_space:
+  method_config.prune_ratio: {{type: float, low: 0.3, high: 0.7}}
+shared_prefixes: true
+sampler: {{name: random, seed: 0}}
+n_trials: 3
+concurrency: 1
+"""
+
+
+@pytest.mark.slow
+def test_a_study_reports_the_trial_epochs_its_trials_shared(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    import search
+    from p3b_search.study.results import read_epochs
+
+    path = tmp_path / "study.yaml"
+    path.write_text(E2E.format(runs=tmp_path / "runs", samples=SAMPLES, batch=BATCH))
+    assert search.main(["run", str(path), "--cpus", "2"]) == 0
+    assert "shared prefixes: 2 trial-epochs restored from" in capsys.readouterr().out
+
+    study = load_study(path)
+    layout = study.layout
+    trials = pd.read_parquet(layout.trials_table)
+    assert trials["state"].tolist() == ["COMPLETE"] * 3
+    assert trials["epochs_shared"].tolist() == [0, 1, 1]  # the first trial trained the prefix, the others restored it
+    assert pd.read_parquet(layout.pareto_dir / "summary.parquet")["trial_epochs_shared"].tolist() == [2]
+    curves = read_epochs(layout).sort_values(["trial", "epoch"])
+    assert curves.groupby("trial")["prefix_shared"].apply(list).to_dict() == {
+        0: [0.0, 0.0, 0.0], 1: [1.0, 0.0, 0.0], 2: [1.0, 0.0, 0.0]}
+    assert [p.name for p in layout.prefixes.glob("*/*")] == ["epoch-1"]
+
+    client = MlflowClient(study.tracking_uri)
+    experiment = client.get_experiment_by_name(study.name)
+    (parent,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{study.name}'")
+    assert parent.data.metrics["trial_epochs_shared"] == 2
+
+    assert search.main(["status", str(layout.root)]) == 0
+    out = capsys.readouterr().out
+    assert "epochs_shared" in out and "shared prefixes: 2 trial-epochs restored from" in out
+
+
+def _data_parallel_worker(rank: int, store: str, folder: str) -> None:
+    """Rank ``rank`` of two: a trial publishes its prefix, another restores it, and the same
+    other trial runs from scratch (both ranks run every trial, as Ray Train's workers do)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        root, results = Path(folder), {}
+        run_trial(trial("p3b", **TAYLOR), TrialReporter(), root / "first", prefixes=root / "prefixes")
+        for name, cache in (("second", root / "prefixes"), ("scratch", None)):
+            reporter = TrialReporter()
+            results[name] = (run_trial(trial("p3b", prune_ratio=0.3, **TAYLOR), reporter, root / name,
+                                       prefixes=cache), reporter.epochs)
+        torch.save(results, root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_restore_the_prefix_rank_0_chose(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_data_parallel_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for results in ranks:
+        objectives, epochs = results["second"]
+        assert [e["prefix_shared"] for e in epochs] == [1.0, 1.0, 0.0, 0.0]
+        expected, expected_epochs = results["scratch"]
+        assert objectives == expected and learning_curve(epochs) == learning_curve(expected_epochs)
+    weights, expected_weights = (load_file(tmp_path / name / "model" / "model.safetensors")
+                                 for name in ("second", "scratch"))
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+    assert published(tmp_path / "prefixes") == ["epoch-2"]
