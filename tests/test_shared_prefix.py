@@ -156,7 +156,7 @@ def test_an_incomplete_prefix_is_never_used_and_is_cleaned(tmp_path):
     _, reporter = run(trial("global-taylor", prune_ratio=0.3, **TAYLOR), tmp_path / "second", cache)
     assert restored(reporter) == [0.0] * 4  # trained from scratch
     removed = PrefixCache(cache).clean_incomplete()
-    assert sorted(removed) == sorted([prefix, partial]) and list(prefix.parent.iterdir()) == []
+    assert sorted(removed) == sorted([prefix, partial]) and list(cache.iterdir()) == []
 
     run(trial("global-taylor", prune_ratio=0.3, **TAYLOR), tmp_path / "third", cache)
     assert published(cache) == ["epoch-2"]  # published again, complete
@@ -246,10 +246,11 @@ training: {{prune: {{epochs: 4}}}}
 
 @pytest.mark.parametrize("text, error", [
     pytest.param("method: {name: dimap}\n",
-                 "shared_prefixes: nothing to share: dimap prunes from step 0: start pruning later", id="dimap"),
+                 "shared_prefixes: nothing to share: dimap prunes from step 0: let trials start pruning later "
+                 "(prune_start_epoch >= 1; above 1 for uniform-magnitude) or remove shared_prefixes", id="dimap"),
     pytest.param("search_space:\n  method_config.prune_start_epoch: {type: float, low: 0.0, high: 0.5}\n",
                  "shared_prefixes: nothing to share: p3b starts pruning in its first epoch "
-                 "(method_config.prune_start_epoch): start pruning later", id="p3b-start-below-1"),
+                 "(method_config.prune_start_epoch): let trials start pruning later", id="p3b-start-below-1"),
     pytest.param("method: {name: uniform-magnitude, config: {prune_start_epoch: 1}}\n",
                  "uniform-magnitude starts pruning in its first epoch", id="uniform-magnitude-start-1"),
     pytest.param("method: {name: dense}\nsearch_space:\n  method: {type: categorical, choices: [dense, svite]}\n",
@@ -316,11 +317,15 @@ def test_a_study_reports_the_trial_epochs_its_trials_shared(tmp_path, capsys):
 
     path = tmp_path / "study.yaml"
     path.write_text(E2E.format(runs=tmp_path / "runs", samples=SAMPLES, batch=BATCH))
+    layout = load_study(path).layout
+    killed = layout.prefixes / "key" / f".epoch-1-killed{PARTIAL_SUFFIX}"  # what a killed publisher left
+    killed.mkdir(parents=True)
     assert search.main(["run", str(path), "--cpus", "2"]) == 0
-    assert "shared prefixes: 2 trial-epochs restored from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "removed 1 incomplete shared prefix(es)" in out and not killed.exists()
+    assert "shared prefixes: 2 trial-epochs restored from" in out
 
     study = load_study(path)
-    layout = study.layout
     trials = pd.read_parquet(layout.trials_table)
     assert trials["state"].tolist() == ["COMPLETE"] * 3
     assert trials["epochs_shared"].tolist() == [0, 1, 1]  # the first trial trained the prefix, the others restored it

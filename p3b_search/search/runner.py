@@ -229,7 +229,8 @@ def run_study(
         if study.shared_prefixes:  # before any trial runs: what a killed publisher left goes
             removed = PrefixCache(layout.prefixes).clean_incomplete()
             if removed:
-                printer(f"removed {len(removed)} incomplete shared prefix(es) a stopped trial left in {layout.prefixes}")
+                printer(f"removed {len(removed)} incomplete shared prefix(es) a stopped trial left in "
+                        f"{layout.prefixes}")
         optuna_study = open_optuna_study(study)
         cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None

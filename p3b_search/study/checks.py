@@ -296,9 +296,9 @@ def _check_something_shared(study: StudyConfig) -> None:
             reasons.append(f"{method} trials differ only by seed")
         else:
             reasons.append(f"{method} prunes from step 0")
-    raise FieldError("shared_prefixes", f"nothing to share: {'; '.join(reasons)}: start pruning later "
-                                         "(prune_start_epoch >= 1, above 1 for uniform-magnitude) or remove "
-                                         "shared_prefixes")
+    raise FieldError("shared_prefixes", f"nothing to share: {'; '.join(reasons)}: let trials start pruning "
+                                         "later (prune_start_epoch >= 1; above 1 for uniform-magnitude) or "
+                                         "remove shared_prefixes")
 
 
 def _check_objectives(study: StudyConfig) -> None:

@@ -134,7 +134,8 @@ class PrefixCache:
 
     def clean_incomplete(self) -> list[Path]:
         """Remove what a killed publisher left (``.partial`` folders, prefix folders without a
-        valid marker); returns the removed paths. Only while no trial publishes (a study's start)."""
+        valid marker, then key folders left empty); returns the removed prefix and ``.partial``
+        folders. Only while no trial publishes (a study's start)."""
         removed = []
         if not self.root.is_dir():
             return removed
@@ -146,4 +147,6 @@ class PrefixCache:
                 if stale:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
+            if not any(key_folder.iterdir()):
+                key_folder.rmdir()
         return removed
