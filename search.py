@@ -36,6 +36,9 @@ def _print_front(outcome) -> None:
     print(f"hypervolume {outcome.hypervolume:.6g} (reference point: {reference}); {_normalized(outcome)}")
     if outcome.dense is not None:
         print(outcome.dense.describe())
+    if study.shared_prefixes:
+        print(f"shared prefixes: {outcome.trial_epochs_shared} trial-epochs restored from "
+              f"{study.layout.prefixes} instead of trained")
 
 
 def _normalized(outcome) -> str:

@@ -10,6 +10,11 @@ The working folder (``workdir``) is written through :class:`~p3b_search.trial_fo
 ``resume_from`` is such a ``checkpoint`` folder (or a copy of it): the trial continues after
 the epoch it holds, in the stage it names, and ends exactly as an uninterrupted run would.
 
+``prefixes`` is the study's cache of shared prefixes (``shared_prefixes: true``; see
+:mod:`objectives.shared_prefix`): a fresh trial starts from the longest prefix of its prune
+stage another trial published, reports those epochs' metrics from it (``prefix_shared`` = 1),
+and publishes its own prefix; it ends exactly as it would have without the cache.
+
 Under ``torch.distributed`` (a ``workers_per_trial > 1`` trial) every rank trains its shard of
 the data (see :mod:`p3b_search.distributed`) and takes the same mask decisions; only rank 0
 writes to ``workdir``.
@@ -24,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from objectives.shared_prefix import PrefixPlan, plan_prefix
 from p3b_search.config import TrialConfig
 from p3b_search.cost import kept_cost, model_cost
 from p3b_search.data import build_loaders, resolve_input_config
@@ -99,10 +105,12 @@ def finetune_epoch_cost(pruned: PrunedModel, dense_params: int) -> dict[str, flo
 
 
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
-              resume_from: Path | None = None, measure_latency: bool = False) -> dict[str, float]:
+              resume_from: Path | None = None, measure_latency: bool = False,
+              prefixes: Path | None = None) -> dict[str, float]:
     """Run one trial (both stages) and return its objectives: ``top1``, ``top5`` (percent),
     ``params``, ``kept_fraction``, ``macs`` and ``flops`` (per image), ``nonzero_macs``, and ``latency_ms``
-    when asked."""
+    when asked. ``prefixes``: the folder of shared prefixes (None: none are used or published);
+    every epoch's metrics then carry ``prefix_shared`` (1: restored from a prefix, not trained)."""
     folder = TrialFolder(Path(workdir))
     checkpoint = folder.checkpoint
     checkpoint_dir = checkpoint.root
@@ -124,10 +132,18 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     method: PruningMethod = method_cls(method_config, num_classes=num_classes, epochs=training.prune.epochs,
                                        steps_per_epoch=len(train_loader))
 
+    plan: PrefixPlan | None = None
+    if prefixes is not None and stage == "prune":
+        plan = plan_prefix(Path(prefixes), config, method, len(train_loader), fresh=resume_from is None)
+
     def on_epoch_end(stage_index: int, cost: dict[str, float] | None = None):
         def report(epoch: int, metrics: dict[str, float], folder: Path | None) -> None:
+            if plan is not None and lead and folder is not None and stage_index == 0:
+                plan.publish_after(epoch, folder, source=str(folder))
             reporter.report_allocations(method.pop_allocation_rows())
-            reporter.report_epoch({**metrics, **(cost or {}), "stage": float(stage_index)}, folder)
+            shared = {} if prefixes is None else {
+                "prefix_shared": float(plan is not None and stage_index == 0 and plan.is_restored(epoch))}
+            reporter.report_epoch({**metrics, **(cost or {}), "stage": float(stage_index), **shared}, folder)
         return report
 
     if stage == "prune":
@@ -137,8 +153,11 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if lead:
             _write_json(checkpoint.stage_file, {"stage": "prune"})
+        start = plan.start if plan is not None else None
         train_stage(model, train_loader, val_loader, training.prune, training, method,
-                    on_epoch_end=on_epoch_end(0), checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+                    on_epoch_end=on_epoch_end(0), checkpoint_dir=checkpoint_dir,
+                    resume_from=start.checkpoint if start is not None else resume_from,
+                    report_resumed=start is not None)
         pruned = method.finalize(model)
         reporter.report_allocations(method.pop_allocation_rows())
         if lead:

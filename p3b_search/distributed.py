@@ -9,7 +9,9 @@ A ``workers_per_trial > 1`` trial runs the same objective in every rank of a pro
   does — but after the methods' ``after_backward`` hooks, which keep reading their own
   rank's gradients, and with the model's modules, hooks and ``state_dict`` keys untouched;
 * :func:`average_across_ranks` / :func:`sum_across_ranks`: the methods' statistics (benefit
-  sums, Taylor scores, SViTE gradients), so every rank takes the same mask decision.
+  sums, Taylor scores, SViTE gradients), so every rank takes the same mask decision;
+* :func:`broadcast_object`: rank 0's decisions that are no tensors (which shared prefix to
+  start from).
 
 Without an initialised process group (or with one rank) every function is a no-op, so the
 single-process path pays nothing.
@@ -50,6 +52,15 @@ def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     if not _parallel():
         return tensor
     return sum_across_ranks(tensor.detach().clone()).div_(rank_and_world()[1])
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself with one rank."""
+    if not _parallel():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _buckets(tensors: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:

@@ -6,7 +6,8 @@ class (which keeps everything in memory) is enough.
 
 Per-epoch ``metrics`` keys (floats): ``epoch`` (0-based, counted over both stages),
 ``stage`` (0 = prune, 1 = fine-tune), ``loss``, ``top1``, ``top5`` (percent), ``lr``,
-``kept_params``, ``macs`` (per image), ``keep_ratio`` (kept / dense parameters).
+``kept_params``, ``macs`` (per image), ``keep_ratio`` (kept / dense parameters); with shared
+prefixes also ``prefix_shared`` (1: the epoch was restored from a prefix another trial trained).
 Allocation rows: one per sub-block per mask update (see ``p3b_search.methods``).
 """
 from __future__ import annotations

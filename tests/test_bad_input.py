@@ -124,6 +124,10 @@ STUDY_CASES = [
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: search_space.method_config.prune_finalize_epoch.high: must be <= training.prune.epochs "
                  "(2) (got 4): lower it or train the prune stage longer", id="study-searched-finalize-after-prune-stage"),
+    pytest.param({"s.yaml": HEAD + "shared_prefixes: true\nmethod: {name: dimap}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: shared_prefixes: nothing to share: dimap prunes from step 0: let trials start pruning "
+                 "later (prune_start_epoch >= 1; above 1 for uniform-magnitude) or remove shared_prefixes",
+                 id="study-shared-prefixes-nothing-to-share"),
     # data folders
     pytest.param({"s.yaml": HEAD + "data: {kind: imagefolder}\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: data: data.root is required for data.kind='imagefolder': set it to the data set "

@@ -35,7 +35,7 @@ BAD_STUDIES = [
     pytest.param("name: s\nn_trial: 3\n",
                  lambda: "n_trial: unknown key: did you mean n_trials? remove it or use one of compare, concurrency, data, "
                          "dense_reference, early_stopping, enqueue_reference, max_failures, method, model, n_trials, name, objectives, "
-                         "output_dir, resources_per_trial, sampler, scheduler, search_space, storage, tracking, "
+                         "output_dir, resources_per_trial, sampler, scheduler, search_space, shared_prefixes, storage, tracking, "
                          "training, workers_per_trial", id="unknown-key"),
     pytest.param("name: s\nsearch_space:\n  method_config.prune_ratio: {type: float, low: 0.3, high: 1.5}\n",
                  lambda: "search_space.method_config.prune_ratio.high: must be < 1 (got 1.5)", id="ratio-above-1"),

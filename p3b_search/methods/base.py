@@ -8,6 +8,7 @@ update they append allocation rows that the search layer drains with ``pop_alloc
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,6 +49,21 @@ class PrunedModel:
     weight_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The start of a method's prune stage that trials may share (``shared_prefixes``).
+
+    ``epochs``: whole prune-stage epochs that train alike (model, optimizer, method state, RNG)
+    whatever the method's knobs outside ``knobs`` are: nothing the method does in them depends
+    on those knobs, so their checkpoint serves every such trial. 0: nothing to share (the method
+    acts from its first micro-batch). ``knobs``: what the method's training of those epochs
+    depends on besides the trial's model, data, training configuration and the method's name
+    (JSON values; they belong in the key of the shared checkpoint)."""
+
+    epochs: int
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+
+
 class PruningMethod(TrainingHooks):
     """Base class: subclasses set ``name`` and ``config_cls`` and register with :func:`register_method`."""
 
@@ -72,6 +88,11 @@ class PruningMethod(TrainingHooks):
     def finetune_hooks(self, pruned: PrunedModel) -> TrainingHooks:
         """Hooks for the fine-tune stage of ``pruned`` (default: plain fine-tuning)."""
         return TrainingHooks()
+
+    def shared_prefix(self) -> SharedPrefix:
+        """What of this trial's prune stage other trials may share (see :class:`SharedPrefix`).
+        Default: nothing, as for a method that prunes (or draws masks) before its first step."""
+        return SharedPrefix(0)
 
     def pop_allocation_rows(self) -> list[dict[str, Any]]:
         """Per-sub-block allocation rows recorded since the last call (one per mask update)."""

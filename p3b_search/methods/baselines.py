@@ -65,6 +65,14 @@ class UniformMagnitude(GatedPruning):
         """kappa shared by every sub-block: the block target over the dense block parameters."""
         return self.block_target / float(self.dense_params.sum())
 
+    def first_acting_step(self) -> int:
+        """The micro-batch after whose backward the one-shot pruning happens (before its
+        optimizer step): the one before the start step, or the finalize step's last one; 0 when
+        it prunes before training."""
+        if self.config.prune_at == "start":
+            return max(0, self.schedule.start_step - 1)
+        return self.schedule.final_step - 1
+
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().on_train_start(model, optimizer)
         if self.config.prune_at == "start" and self.schedule.start_step == 0 and not self.pruned:

@@ -20,7 +20,7 @@ from torch import nn
 
 from p3b_search.cost import SubBlockCost, dense_sub_block_params, model_cost, sub_block_cost
 from p3b_search.methods.allocation import allocation_row
-from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
+from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, SharedPrefix
 from p3b_search.methods.target import block_params_target
 from p3b_search.methods.ramp import KeepRatioRamp
 from p3b_search.methods.schedule import PruneSchedule
@@ -153,6 +153,23 @@ class GatedPruning(PruningMethod):
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Move the gates (not model tensors) to where the model now lives."""
         self.gates.to(next(model.parameters()).device)
+
+    # -- what trials share ------------------------------------------------------------------
+    def first_acting_step(self) -> int:
+        """The first micro-batch whose hooks depend on the method's knobs (outside
+        :meth:`prefix_knobs`): from its ``after_backward`` on the Taylor methods score and update
+        the gates. Before it the gates are all ones, the windows empty, no row recorded."""
+        return self.schedule.start_step
+
+    def prefix_knobs(self) -> dict[str, Any]:
+        """What the training before :meth:`first_acting_step` depends on besides the method's
+        name (gated methods: nothing; P3B's auxiliary heads add theirs)."""
+        return {}
+
+    def shared_prefix(self) -> SharedPrefix:
+        """The whole epochs before :meth:`first_acting_step` (``floor(start)`` for a start epoch
+        that falls on a step boundary), keyed by :meth:`prefix_knobs`."""
+        return SharedPrefix(self.first_acting_step() // self.steps_per_epoch, self.prefix_knobs())
 
     # -- masks and costs -----------------------------------------------------------------
     def hard_masks(self) -> BlockMasks:

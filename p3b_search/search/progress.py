@@ -17,7 +17,7 @@ from ray.tune import Callback
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
-from p3b_search.search.trainable import MLFLOW_RUN_ID, RAY_NODE_ID, TRIAL_NUMBER
+from p3b_search.search.trainable import MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, study_pareto
 from p3b_search.study.front_report import write_front
 from p3b_search.study.results import front, merge_allocations, trials_frame, write_trials
@@ -185,6 +185,8 @@ class StudyProgress(Callback):
         notes = {}
         if isinstance(result.get("epoch"), (int, float)) and math.isfinite(result["epoch"]):
             notes["epochs_done"] = int(result["epoch"]) + 1
+            if result.get(PREFIX_SHARED) == 1:  # restored from a shared prefix: the first epochs
+                notes["epochs_shared"] = int(result["epoch"]) + 1
         notes.update({key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)})
         self._note(trials, trial, **notes).refresh(force=False)
 

@@ -5,6 +5,7 @@ Driver-side flow of :func:`run_study`::
     preflight checks (paths, resources, objective importable,
                       the cluster's address answers)          -> search.preflight, StudyError before any compute
     Ray (local, or --address to join a cluster)                -> StudyError if the cluster refuses us
+    shared_prefixes: incomplete prefixes a killed trial left removed -> training.prefixes
     Optuna study in its storage (reference trial enqueued)     -> searcher.open_optuna_study
     the study tracker, when one is given (MLflow parent run)   -> study.tracking.StudyTracking
     Tuner(FrontSafeOptunaSearch behind a ConcurrencyLimiter, per-trial resources,
@@ -54,6 +55,7 @@ from p3b_search.study.sections import StudyConfig
 from p3b_search.study.summary import StudyOutcome
 from p3b_search.study.tracking import StudyTracking, TrialRunFactory
 from p3b_search.study.trials import trial_budget
+from p3b_search.training.prefixes import PrefixCache
 
 
 def _init_ray(study: StudyConfig, address: str | None, num_cpus: int | None, verbose: bool) -> bool:
@@ -229,6 +231,11 @@ def run_study(
         driver.write(with_ray_session=local_session)
         if address:  # after the study file exists: it stands for the study folder
             check_shared_paths(study)
+        if study.shared_prefixes:  # before any trial runs: what a killed publisher left goes
+            removed = PrefixCache(layout.prefixes).clean_incomplete()
+            if removed:
+                printer(f"removed {len(removed)} incomplete shared prefix(es) a stopped trial left in "
+                        f"{layout.prefixes}")
         optuna_study = open_optuna_study(study)
         cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None

@@ -7,6 +7,8 @@ the objective keys ``objective_<name> = NaN``; only the last result, sent after 
 returned, carries ``trial_finished = True`` and the real objective values. The searcher tells
 Optuna COMPLETE only for that result (see :mod:`p3b_search.search.searcher`). The NaN
 placeholders exist because Ray Tune checks that every result carries the searcher's metrics.
+With ``shared_prefixes`` the objective is handed the study's ``prefixes/`` folder (``prefixes=``);
+an epoch restored from a shared prefix carries ``prefix_shared = 1``.
 
 ``workers_per_trial > 1``: the Tune trial launches a Ray Train ``TorchTrainer`` whose workers
 (gloo on CPU, NCCL on GPU) all run the objective under ``torch.distributed``; rank 0 forwards
@@ -32,6 +34,7 @@ FINISHED = "trial_finished"
 OBJECTIVE_PREFIX = "objective_"
 MLFLOW_RUN_ID = "mlflow_run_id"
 RAY_NODE_ID = "ray_node_id"  # the Ray node a trial (attempt) runs on
+PREFIX_SHARED = "prefix_shared"  # an epoch's metric: 1 when restored from a shared prefix, not trained
 DEFAULT_OBJECTIVE = "objectives.prune_finetune:run_trial"
 
 ReportFn = Callable[..., None]
@@ -160,7 +163,9 @@ def run_objective(
     trial = trial_config(study, params)
     workdir = study.layout.trial_dir(number)
     workdir.mkdir(parents=True, exist_ok=True)
-    kwargs = {"measure_latency": True} if "latency_ms" in study.metric_names else {}
+    kwargs: dict[str, Any] = {"measure_latency": True} if "latency_ms" in study.metric_names else {}
+    if study.shared_prefixes:
+        kwargs["prefixes"] = study.layout.prefixes
     node_id = _ray_node_id()
     with ExitStack() as stack:
         downstream = None

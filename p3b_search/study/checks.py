@@ -86,6 +86,8 @@ def _check_study(study: StudyConfig) -> None:
     for key, dim in study.search_space.items():
         _check_bounds(study, key, dim, fixed)
     _check_scheduler(study)
+    if study.shared_prefixes:
+        _check_something_shared(study)
 
 
 def _fixed_trial_error(study: StudyConfig) -> StudyError | None:
@@ -230,8 +232,7 @@ def _check_bounds(study: StudyConfig, key: str, dim: Any, fixed: StudyError | No
                 knobs = method_knobs(str(params["method"]))
                 if key.startswith("method_config.") and key.removeprefix("method_config.") not in knobs:
                     continue
-                params = {k: v for k, v in params.items()
-                          if not k.startswith("method_config.") or k.removeprefix("method_config.") in knobs}
+                params = _method_params(params)
             try:
                 trial_config(study, params)
                 first_error = None
@@ -246,6 +247,61 @@ def _check_bounds(study: StudyConfig, key: str, dim: Any, fixed: StudyError | No
             if first_error.field != key:
                 reason = f"gives no valid trial: {first_error.field}: {reason}"
             raise FieldError(f"search_space.{key}.{sub}", reason)
+
+
+def _method_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the ``method_config.*`` knobs its sampled ``method`` lacks."""
+    if "method" not in params:
+        return params
+    knobs = method_knobs(str(params["method"]))
+    return {k: v for k, v in params.items()
+            if not k.startswith("method_config.") or k.removeprefix("method_config.") in knobs}
+
+
+#: Micro-batches per epoch assumed where the data is not read yet: the most a start epoch can
+#: share (a real epoch has fewer steps; a uniform-magnitude start of 1.5 then shares 1 epoch).
+_MANY_STEPS = 10**6
+
+
+def _shared_epochs(trial: TrialConfig) -> int:
+    """Whole prune-stage epochs ``trial`` could share with others (0 when its method acts in
+    its first epoch, or the configuration is one the method refuses)."""
+    cls = get_method(trial.method)
+    try:
+        method = cls(cls.config_cls(**trial.method_config), num_classes=2, epochs=trial.training.prune.epochs,
+                     steps_per_epoch=_MANY_STEPS)
+    except (ValueError, ValidationError):
+        return 0
+    return method.shared_prefix().epochs
+
+
+def _check_something_shared(study: StudyConfig) -> None:
+    """``shared_prefixes`` needs some trial that trains a whole epoch before its method acts:
+    tried on every corner of the search space (low/high, every choice; the extremes of the
+    prune epochs). A space with more corners than are tried is not refused."""
+    keys = list(study.search_space)
+    bounds = [[v for _, v in _bound_values(study.search_space[k])] for k in keys]
+    corners = list(itertools.islice(itertools.product(*bounds), _MAX_CROSS_CHECKS + 1))
+    if len(corners) > _MAX_CROSS_CHECKS:
+        return
+    for corner in corners:
+        try:
+            trial = trial_config(study, _method_params(dict(zip(keys, corner))))
+        except StudyError:
+            continue
+        if _shared_epochs(trial) > 0:
+            return
+    reasons = []
+    for method in study.candidate_methods():
+        if "prune_start_epoch" in get_method(method).config_cls.model_fields:
+            reasons.append(f"{method} starts pruning in its first epoch (method_config.prune_start_epoch)")
+        elif method == DENSE_METHOD:
+            reasons.append(f"{method} trials differ only by seed")
+        else:
+            reasons.append(f"{method} prunes from step 0")
+    raise FieldError("shared_prefixes", f"nothing to share: {'; '.join(reasons)}: let trials start pruning "
+                                         "later (prune_start_epoch >= 1; above 1 for uniform-magnitude) or "
+                                         "remove shared_prefixes")
 
 
 def _check_objectives(study: StudyConfig) -> None:

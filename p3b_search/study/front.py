@@ -25,6 +25,7 @@ from p3b_search.study.sections import MAXIMIZED, StudyConfig
 #: Values of ``state`` that count as a finished point (Optuna's name and the tracker's).
 FINISHED_STATES = {"finished", "complete"}
 STATE_COLUMN = "state"
+SHARED_COLUMN = "epochs_shared"
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class ParetoSummary:
     % x MACs); ``hypervolume_normalized``: divided by the box from the reference point to the
     dense reference's ideal point (NaN when that is unknown); ``dense``: that reference;
     ``history``: the hypervolume after each ended trial against the trial-epochs spent
-    (:func:`~p3b_search.study.history.hypervolume_history`)."""
+    (:func:`~p3b_search.study.history.hypervolume_history`); ``trial_epochs_shared``: trial-epochs
+    restored from shared prefixes instead of trained, over every trial of the table (its
+    ``epochs_shared`` summed)."""
 
     directions: Mapping[str, str]
     reference: Sequence[float]
@@ -49,6 +52,7 @@ class ParetoSummary:
     hypervolume_normalized: float
     dense: DenseReference | None = None
     history: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+    trial_epochs_shared: int = 0
 
     @property
     def front(self) -> pd.DataFrame:
@@ -91,9 +95,10 @@ def pareto_summary(trials: pd.DataFrame, directions: Mapping[str, str] | Sequenc
     values = finished[names].to_numpy(dtype=float).reshape(len(finished), len(names))
     ideal = dense.ideal(names) if dense is not None else None
     normalized = normalized_hypervolume(values, dirs, reference, ideal) if ideal is not None else math.nan
+    shared = int(trials[SHARED_COLUMN].fillna(0).sum()) if SHARED_COLUMN in trials.columns else 0
     return ParetoSummary(directions, list(reference), finished, pareto_mask(values, dirs),
                          knee_index(values, dirs) if len(values) else None, hypervolume(values, dirs, reference),
-                         normalized, dense, hypervolume_history(trials, names, dirs, reference, ideal))
+                         normalized, dense, hypervolume_history(trials, names, dirs, reference, ideal), shared)
 
 
 def reference_point(study: StudyConfig, cost: Mapping[str, float] | None = None) -> list[float]:

@@ -59,12 +59,13 @@ def _plain(value: Any) -> str:
 def summary_table(state: ParetoSummary) -> pd.DataFrame:
     """One row: ``trials_finished``, ``front_size``, ``hypervolume`` (objective units, e.g.
     % x MACs per image), ``hypervolume_normalized`` (1.0 = dense accuracy at zero cost),
-    ``knee_trial``, ``reference.<objective>``, ``dense.<objective>`` and ``dense_source``."""
+    ``knee_trial``, ``trial_epochs_shared`` (trial-epochs restored from shared prefixes, not
+    trained), ``reference.<objective>``, ``dense.<objective>`` and ``dense_source``."""
     knee = state.finished[NUMBER_COLUMN].iloc[state.knee] if (
         state.knee is not None and NUMBER_COLUMN in state.finished.columns) else math.nan
     row: dict[str, Any] = {"trials_finished": len(state.finished), "front_size": int(state.on_front.sum()),
                            "hypervolume": state.hypervolume, "hypervolume_normalized": state.hypervolume_normalized,
-                           "knee_trial": float(knee)}
+                           "knee_trial": float(knee), "trial_epochs_shared": state.trial_epochs_shared}
     row.update({f"reference.{name}": float(value) for name, value in zip(state.directions, state.reference)})
     dense = state.dense
     if dense is not None:

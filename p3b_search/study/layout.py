@@ -13,6 +13,8 @@
                          (hypervolume, normalised hypervolume, dense reference)
     trials/<number>/     a trial's working folder: its final model in ``model/``
     ray/                 Ray Tune's storage_path (experiment state, trial checkpoints)
+    prefixes/<key>/epoch-<k>/   with ``shared_prefixes``: the state after the first k prune-stage
+                         epochs that trials of one key share (see :mod:`p3b_search.training.prefixes`)
     driver.json          the running driver's process and its local Ray session's processes
 
 Multi-node runs need this folder on storage every node sees (NFS, a shared volume).
@@ -78,6 +80,11 @@ class StudyLayout:
     def ray_experiment(self) -> Path:
         """Ray Tune's experiment folder (what ``Tuner.restore`` reads)."""
         return self.ray_storage / RAY_EXPERIMENT
+
+    @property
+    def prefixes(self) -> Path:
+        """``prefixes/``: the shared prefixes of the trials' prune stages (``shared_prefixes``)."""
+        return self.root / "prefixes"
 
     @property
     def driver_record(self) -> Path:

@@ -17,7 +17,8 @@ skipped as a repeat of an earlier trial's configuration is no row)::
     start, end, duration_s   Optuna's timestamps (the driver's local time) and seconds
     epochs_done   epochs reported so far; epochs_saved: epochs covered by the trial's latest
                   checkpoint that Ray has registered (where a resume or a retry continues from);
-                  retries: restarts from a checkpoint after a failure
+                  retries: restarts from a checkpoint after a failure; epochs_shared: prune-stage
+                  epochs restored from a prefix another trial trained (``shared_prefixes``), not trained
     fail_reason   one line for FAIL (PRUNED: why it was stopped)
     mlflow_run_id, ray_trial_id
     ray_node_id   the Ray node the trial's latest attempt ran on
@@ -51,8 +52,8 @@ FINAL_METRICS = ("top1", "top5", "macs", "flops", "params", "latency_ms", "kept_
 #: The method whose trials measure the dense reference (never points of the front).
 DENSE_METHOD = "dense"
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-ANNOTATIONS = ("epochs_done", "epochs_saved", "retries", "fail_reason", "mlflow_run_id", "ray_trial_id",
-               "ray_node_id")
+ANNOTATIONS = ("epochs_done", "epochs_saved", "epochs_shared", "retries", "fail_reason", "mlflow_run_id",
+               "ray_trial_id", "ray_node_id")
 FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
 DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the trial it repeats
 #: Columns every trials table has (what a reader of the table may rely on).
@@ -111,7 +112,7 @@ def trials_frame(
     frame["start"] = pd.to_datetime(frame["start"])
     frame["end"] = pd.to_datetime(frame["end"])
     frame["duration_s"] = (frame["end"] - frame["start"]).dt.total_seconds()
-    for count in ("epochs_done", "epochs_saved", "retries"):
+    for count in ("epochs_done", "epochs_saved", "epochs_shared", "retries"):
         frame[count] = frame[count].fillna(0).astype("int64")
     frame["pareto"] = front_mask(frame, metric_names, directions)
     return frame.sort_values("number", ignore_index=True)

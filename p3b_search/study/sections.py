@@ -227,6 +227,10 @@ class StudyConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     early_stopping: EarlyStopping = EarlyStopping()
     scheduler: SuccessiveHalving | None = Field(None, description="Stop trials at rungs: successive halving.")
+    shared_prefixes: bool = Field(
+        False, description="Trials whose prune stage trains alike up to an epoch (same model, weights, data, "
+        "training and seed, same method and knobs that act before pruning starts) start from one cached "
+        "checkpoint of it in <study>/prefixes/ instead of training it again; their results are unchanged.")
     compare: CompareSection = CompareSection()
     enqueue_reference: bool = Field(True, description="Run the methods' default knobs as the first trial "
                                                       "(not with sampler grid: every trial is a grid point).")

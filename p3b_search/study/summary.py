@@ -53,6 +53,11 @@ class StudyOutcome:
     def dense(self) -> DenseReference | None:
         return self.pareto.dense
 
+    @property
+    def trial_epochs_shared(self) -> int:
+        """Trial-epochs restored from shared prefixes instead of trained (``shared_prefixes``)."""
+        return self.pareto.trial_epochs_shared
+
 
 def study_summary(study: StudyConfig) -> StudyOutcome:
     """The study's current trials and front, read from its folder (works while it runs)."""

@@ -19,7 +19,7 @@ from p3b_search.units import COUNTS, column_title, prefix_for
 PARAM_PREFIX, KNOB_PREFIX = "param.", "method_config."
 #: Cost columns always shown (after the objectives), when the table has them.
 COST_COLUMNS = ("macs", "params", "kept_fraction")
-TRAILING = ("epochs_done", "duration_s", "fail_reason")
+TRAILING = ("epochs_done", "epochs_shared", "duration_s", "fail_reason")
 DENSE_LABEL = "dense"
 
 
@@ -76,10 +76,19 @@ def display_table(frame: pd.DataFrame, metric_names: Sequence[str], dense: Dense
         decimals = _decimals(rows[name].astype(float), scale)
         out[title] = [_format(name, v, scale, decimals) for v in rows[name].astype(float)]
     for column in TRAILING:
-        if column in rows.columns and rows[column].notna().any() and not (column == "fail_reason"
-                                                                         and not rows[column].fillna("").any()):
+        if column in rows.columns and _worth_showing(rows[column], column):
             out["duration (s)" if column == "duration_s" else column] = [_plain(v) for v in rows[column]]
     return out
+
+
+def _worth_showing(values: pd.Series, column: str) -> bool:
+    """Whether a trailing column says something: a value in some row (a non-empty
+    ``fail_reason``; a trial that restored epochs from a shared prefix)."""
+    if column == "fail_reason":
+        return bool(values.fillna("").astype(bool).any())
+    if column == "epochs_shared":
+        return bool(values.fillna(0).astype(bool).any())
+    return bool(values.notna().any())
 
 
 def _plain(value: object) -> str:

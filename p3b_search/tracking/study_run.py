@@ -227,7 +227,8 @@ class StudyTracker:
         :meth:`child_run_args`) and/or ``mlflow_run_id`` column. Logs
         ``pareto/front.parquet|.html|.png`` and ``pareto/summary.parquet``, the metrics
         ``hypervolume``, ``hypervolume_normalized`` (when the dense accuracy is known),
-        ``front_size`` and ``trials_finished`` at step = trials finished, and moves the
+        ``front_size``, ``trials_finished`` and ``trial_epochs_shared`` (trial-epochs restored
+        from shared prefixes) at step = trials finished, and moves the
         ``pareto`` tags; ``save_to``: also write the files there. Store errors only warn: the
         study goes on.
         """
@@ -294,7 +295,8 @@ class StudyTracker:
         timestamp = now_ms()
         metrics = [Metric("hypervolume", state.hypervolume, timestamp, n),
                    Metric("front_size", float(state.on_front.sum()), timestamp, n),
-                   Metric("trials_finished", float(n), timestamp, n)]
+                   Metric("trials_finished", float(n), timestamp, n),
+                   Metric("trial_epochs_shared", float(state.trial_epochs_shared), timestamp, n)]
         if np.isfinite(state.hypervolume_normalized):
             metrics.append(Metric("hypervolume_normalized", state.hypervolume_normalized, timestamp, n))
         metrics += self._history_metrics(state.history, timestamp)

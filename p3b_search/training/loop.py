@@ -229,6 +229,7 @@ def train_stage(
     resume_from: Path | None = None,
     epoch_offset: int = 0,
     progress: bool | None = None,
+    report_resumed: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place for ``stage.epochs`` epochs; returns one metrics dict per epoch.
 
@@ -237,7 +238,9 @@ def train_stage(
     ``loss``, the hooks' ``on_epoch_end`` metrics, and ``epoch_seconds``. With ``checkpoint_dir``
     a full-state checkpoint is written there after every epoch, before ``on_epoch_end(epoch,
     metrics, checkpoint_dir)`` is called. ``resume_from`` (such a folder) continues after the
-    epoch it holds; the returned list then includes the earlier epochs' metrics.
+    epoch it holds; the returned list then includes the earlier epochs' metrics, and with
+    ``report_resumed`` they are passed to ``on_epoch_end`` first (with no folder: they are not
+    this run's checkpoints), e.g. for a prefix another trial trained.
     ``progress``: tqdm bars (default: only when stderr is a terminal).
     """
     hooks = hooks or TrainingHooks()
@@ -264,6 +267,9 @@ def train_stage(
         history, start_epoch, rng_to_restore = list(state["history"]), state["epoch"] + 1, state["rng"]
     hooks.on_train_start(model, optimizer)
     broadcast_state([model], _optimized(optimizer))  # data-parallel ranks start as rank 0
+    if report_resumed and on_epoch_end is not None:
+        for metrics in history:
+            on_epoch_end(int(metrics["epoch"]), metrics, None)
     if rng_to_restore is not None:  # last, so nothing above shifts the random streams
         set_rng_state(rng_to_restore)
 

@@ -125,6 +125,17 @@ class P3B(TaylorGatedPruning):
     def windows(self) -> list[WindowedSum]:
         return super().windows() + ([self.benefit_window] if self.benefit is not None else [])
 
+    def prefix_knobs(self) -> dict[str, Any]:
+        """The auxiliary heads train from the first micro-batch on (every ``aux_every``-th,
+        counted from the start step): their learning rate, batch share, period and phase shape
+        the epochs before the start; without heads (hand-set ``keep_ratios``) nothing does."""
+        if self.config.keep_ratios is not None:
+            return {"auxiliary_heads": False}
+        period = self.config.aux_period
+        return {"auxiliary_heads": True, "aux_head_lr": self.config.aux_head_lr,
+                "aux_batch_fraction": self.config.aux_batch_fraction, "aux_every": period,
+                "aux_phase": self.schedule.start_step % period}
+
     def param_groups(self) -> list[dict[str, Any]]:
         """The auxiliary heads at ``aux_head_lr`` (no weight decay on norms and biases).
 
