@@ -205,14 +205,19 @@ def _positive_float(text: str) -> float:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from p3b_search.credentials import MissingVariable, redact_secrets
     from p3b_search.study.loading import study_folder, study_from_folder
+    from p3b_search.study.messages import StudyError
     from p3b_search.tracking.ui import experiment_route, serve_ui
 
     study = study_from_folder(study_folder(args.study, args.output_dir))
     uri = study.tracking_uri
-    route = experiment_route(uri, study.name)
+    try:
+        route = experiment_route(uri, study.name)
+    except MissingVariable as error:
+        raise StudyError(f"{study.source}: {error}") from None
     if uri.startswith(("http://", "https://")):
-        print(f"study {study.name} logs to the tracking server: {uri.rstrip('/')}/{route}")
+        print(f"study {study.name} logs to the tracking server: {redact_secrets(uri).rstrip('/')}/{route}")
         return 0
     print(f"MLflow UI for {study.name}: http://127.0.0.1:{args.port}/{route}\n"
           "(Ctrl-C to stop; list the front with the filter tags.pareto = \"true\")")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from p3b_search.credentials import redact_secrets
 from p3b_search.errors import first_line
 from p3b_search.files import file_lock
 
@@ -60,7 +61,7 @@ def open_shared_store(open_store: Callable[[], T], url: str, what: str) -> T:
                 if not _creation_race(error):
                     raise
                 logger.info("%s is being created by another process (%s); retrying", what,
-                            first_line(error))
+                            redact_secrets(first_line(error)))
                 time.sleep(delay * (1 + random.random()))
                 delay *= 2
         return open_store()

@@ -167,6 +167,27 @@ STUDY_CASES = [
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: model.weights: weights file {tmp}/deit.npz has an unsupported suffix '.npz': use "
                  ".pth, .pt or .safetensors", id="weights-unsupported-suffix"),
+    # store URLs: a password by reference (${NAME}), never written into a tracking server's URL
+    pytest.param({"s.yaml": HEAD + "storage: postgresql://p3b:${P3B_TEST_UNSET_PASSWORD}@127.0.0.1:1/optuna\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: storage: environment variable P3B_TEST_UNSET_PASSWORD is not set: export it (the URL's "
+                 "${P3B_TEST_UNSET_PASSWORD} stands for its value)", id="storage-variable-unset"),
+    pytest.param({"s.yaml": HEAD + "tracking: {uri: 'postgresql://p3b:${P3B_TEST_UNSET_PASSWORD}@127.0.0.1:1/mlflow'}"
+                                   "\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: tracking.uri: environment variable P3B_TEST_UNSET_PASSWORD is not set: export it (the "
+                 "URL's ${P3B_TEST_UNSET_PASSWORD} stands for its value)", id="tracking-variable-unset"),
+    pytest.param({"s.yaml": HEAD + "storage: postgresql://p3b:${P3B-PASSWORD}@127.0.0.1:1/optuna\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: storage: refers to an environment variable as ${NAME} (letters, digits and _, not "
+                 "starting with a digit): fix the reference", id="storage-malformed-reference"),
+    pytest.param({"s.yaml": HEAD + "tracking: {uri: 'http://p3b:${P3B_TEST_UNSET_PASSWORD}@127.0.0.1:1'}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: tracking.uri: a tracking server takes its user and password from MLflow's "
+                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD variables: remove user:password@ from the "
+                 "URL and export those", id="tracking-server-password-in-url"),
+    pytest.param({"s.yaml": HEAD + "storage: p3b:hunter2@db/optuna\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: storage: must be a URL such as sqlite:///path/db.sqlite or postgresql://host/db "
+                 "(got '...@db/optuna')", id="storage-not-a-url-password-not-echoed"),
     # objective
     pytest.param({"s.yaml": HEAD}, ["run", "{tmp}/s.yaml", "--objective", "objectives.prune_finetuen:run_trial"],
                  "--objective objectives.prune_finetuen:run_trial: cannot import 'objectives.prune_finetuen' (No "

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from p3b_search.cost import model_cost
+from p3b_search.credentials import redact_secrets
 from p3b_search.errors import RegistryError, first_line
 from p3b_search.export.bench import BenchReport, bench, dense_parent
 from p3b_search.export.card import CardFacts, model_card
@@ -259,7 +260,8 @@ def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pic
         model_name=spec.model_name, model_kwargs=spec.model_kwargs, method=chosen.method,
         structured=chosen.structured, objectives=chosen.result["objectives"],
         trial_config=chosen.result.get("config", {}), preprocessing=spec.extra["preprocessing"],
-        classes=spec.extra.get("classes"), mlflow_run_id=chosen.run_id, tracking_uri=study.tracking_uri,
+        classes=spec.extra.get("classes"), mlflow_run_id=chosen.run_id,
+        tracking_uri=redact_secrets(study.tracking_uri) if study.tracking_uri else None,
         files=files, notes=notes, front_figure=FRONT_FILE, front_marked=marked,
     )
     (folder / CARD_FILE).write_text(model_card(facts, report))

@@ -54,6 +54,7 @@ from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from p3b_search.credentials import redact_secrets
 from p3b_search.errors import first_line
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class RetryingStorage(BaseStorage):
                 if outage_since is None:
                     outage_since = time.monotonic()
                     logger.warning("Optuna storage unreachable (%s); retrying for up to %.0f s",
-                                   first_line(reason), self.patience_s)
+                                   redact_secrets(first_line(reason)), self.patience_s)
                 time.sleep(wait)
                 wait = min(2 * wait, self.max_wait_s)
                 continue

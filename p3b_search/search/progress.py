@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 from ray.tune import Callback
 
+from p3b_search.credentials import redact_secrets
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
@@ -118,7 +119,7 @@ def _error_line(trial: Any) -> str:
     except OSError:
         text = ""
     lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "the trial raised an error (see the Ray trial logs)"
+    return redact_secrets(lines[-1])[:500] if lines else "the trial raised an error (see the Ray trial logs)"
 
 
 def _trial_number(trial: Any) -> int | None:

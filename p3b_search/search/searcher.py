@@ -39,6 +39,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from p3b_search.credentials import redact_secrets, resolve_url
 from p3b_search.search.optuna_storage import open_storage
 from p3b_search.search.samplers import create_sampler
 from p3b_search.search.space import reference_params, suggest_params
@@ -58,10 +59,13 @@ RAY_TRIAL_ATTR = "ray_trial_id"
 
 
 def optuna_storage(study: StudyConfig) -> BaseStorage:
-    """The study's Optuna storage (the study folder is created for the default SQLite file)."""
+    """The study's Optuna storage (the study folder is created for the default SQLite file),
+    its URL's ``${NAME}`` references resolved now (the config keeps them unresolved: Ray
+    pickles it with this searcher)."""
     if study.storage is None:
         study.layout.root.mkdir(parents=True, exist_ok=True)
-    return open_shared_store(lambda: open_storage(study.storage_url), study.storage_url, "Optuna storage")
+    url = resolve_url(study.storage_url, "storage")
+    return open_shared_store(lambda: open_storage(url), url, "Optuna storage")
 
 
 def open_optuna_study(study: StudyConfig, create: bool = True, sampler: optuna.samplers.BaseSampler | None = None,
@@ -76,7 +80,7 @@ def open_optuna_study(study: StudyConfig, create: bool = True, sampler: optuna.s
         existing = optuna.load_study(study_name=study.name, storage=storage, sampler=sampler)
     except KeyError:
         if not create:
-            raise StudyError(f"no Optuna study named {study.name!r} in {study.storage_url}") from None
+            raise StudyError(f"no Optuna study named {study.name!r} in {redact_secrets(study.storage_url)}") from None
         existing = None
     if existing is not None:
         recorded = [d.name.lower() for d in existing.directions]

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from p3b_search.config import TrialConfig
+from p3b_search.credentials import REFERENCE
 from p3b_search.methods import available_methods, get_method
 from p3b_search.study.dimensions import MAX_GRID_POINTS, grid_point_count, method_knobs
 from p3b_search.study.messages import FieldError, StudyError, did_you_mean, first_model, got, join_path, message_of
@@ -77,9 +78,8 @@ def _check_study(study: StudyConfig) -> None:
     _check_resources(study)
     _check_compare(study)
     for field, url in (("storage", study.storage), ("tracking.uri", study.tracking.uri)):
-        if url is not None and "://" not in url and not url.startswith("file:"):
-            raise FieldError(field, f"must be a URL such as sqlite:///path/db.sqlite or "
-                                      f"postgresql://host/db (got {url!r})")
+        if url is not None:
+            _check_url(field, url)
     fixed = _fixed_trial_error(study)
     if fixed is not None and not study.search_space:
         raise _at_fixed_field(fixed)
@@ -88,6 +88,22 @@ def _check_study(study: StudyConfig) -> None:
     _check_scheduler(study)
     if study.shared_prefixes:
         _check_something_shared(study)
+
+
+def _check_url(field: str, url: str) -> None:
+    """A store URL: ``scheme://...`` (or ``file:``), each ``${`` a reference ``${NAME}``, and no
+    password in a tracking server's URL (MLflow takes it from its own variables)."""
+    if "://" not in url and not url.startswith("file:"):
+        shown = f"...@{url.rpartition('@')[2]}" if "@" in url else url  # never echo what may be a password
+        raise FieldError(field, f"must be a URL such as sqlite:///path/db.sqlite or "
+                                  f"postgresql://host/db (got {shown!r})")
+    if "${" in REFERENCE.sub("", url):
+        raise FieldError(field, "refers to an environment variable as ${NAME} (letters, digits and _, "
+                                "not starting with a digit): fix the reference")
+    if url.startswith(("http://", "https://")) and "@" in url.partition("://")[2].partition("/")[0]:
+        raise FieldError(field, "a tracking server takes its user and password from MLflow's "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD variables: remove "
+                                "user:password@ from the URL and export those")
 
 
 def _fixed_trial_error(study: StudyConfig) -> StudyError | None:

@@ -18,18 +18,41 @@ ignores a searched ``prune_ratio``).
 
 The models here check single fields; the checks across fields and sections run in
 :mod:`p3b_search.study.checks`, and :func:`p3b_search.study.loading.load_study` runs both.
+
+``storage`` and ``tracking.uri`` never hold a password: a URL gives it by reference
+(``postgresql://p3b:${P3B_DB_PASSWORD}@db:5432/optuna``, resolved only where a connection
+opens), and a password written into the URL is lifted out when the study is read: it moves to
+this process's environment under the name :data:`LIFTED_PASSWORDS` gives, and the URL refers to
+that (see :mod:`p3b_search.credentials`). So the config, the study folder's copy and whatever Ray
+pickles hold no password.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, field_validator
 
 from p3b_search.config import DataConfig, ModelConfig, StrictModel, TrainingConfig
+from p3b_search.credentials import lift_password
 from p3b_search.study.layout import StudyLayout
 
 MAXIMIZED = ("top1", "top5")
+#: Setting -> the environment variable that holds a password written into its URL.
+LIFTED_PASSWORDS = {"storage": "P3B_STORAGE_PASSWORD", "tracking.uri": "P3B_TRACKING_PASSWORD"}
+
+
+def _lifted(url: str | None, setting: str) -> str | None:
+    """``url`` with a written password replaced by ``${NAME}`` (NAME: ``LIFTED_PASSWORDS[setting]``),
+    which then holds it in this process's environment (local Ray's workers inherit it)."""
+    if url is None:
+        return None
+    name = LIFTED_PASSWORDS[setting]
+    url, password = lift_password(url, name)
+    if password is not None:
+        os.environ[name] = password
+    return url
 
 
 class FloatRange(StrictModel):
@@ -120,6 +143,11 @@ class TrackingConfig(StrictModel):
 
     enabled: bool = True
     uri: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _no_written_password(cls, value: str | None) -> str | None:
+        return _lifted(value, "tracking.uri")
 
 
 class EarlyStopping(StrictModel):
@@ -237,6 +265,11 @@ class StudyConfig(StrictModel):
 
     _source: str = PrivateAttr("study.yaml")
 
+    @field_validator("storage")
+    @classmethod
+    def _no_written_password(cls, value: str | None) -> str | None:
+        return _lifted(value, "storage")
+
     @field_validator("objectives", mode="before")
     @classmethod
     def _objective_shorthand(cls, value: Any) -> Any:
@@ -256,10 +289,13 @@ class StudyConfig(StrictModel):
 
     @property
     def storage_url(self) -> str:
+        """Optuna's storage URL as written (a password as ``${NAME}``: resolve it with
+        :func:`p3b_search.credentials.resolve_url` where a connection opens)."""
         return self.storage or self.layout.default_storage_url()
 
     @property
     def tracking_uri(self) -> str:
+        """MLflow's tracking URI as written (a password as ``${NAME}``, as :attr:`storage_url`)."""
         return self.tracking.uri or self.layout.default_tracking_uri()
 
     @property

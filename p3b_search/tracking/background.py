@@ -16,6 +16,9 @@ from collections.abc import Callable
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from p3b_search.credentials import redact_secrets
+from p3b_search.tracking.client import open_client
+
 logger = logging.getLogger(__name__)
 
 MlflowCall = Callable[[MlflowClient], None]
@@ -77,7 +80,7 @@ class BackgroundSender:
             logger.warning(
                 "MLflow store %s: %d logging calls of %s could not be sent within %.0f s and are lost "
                 "(the trial itself is unaffected; its results are also in the study's Parquet files)",
-                self.tracking_uri, left, self.label, timeout_s,
+                redact_secrets(self.tracking_uri), left, self.label, timeout_s,
             )
         return left
 
@@ -91,12 +94,12 @@ class BackgroundSender:
             delay, outage_since = self.retry_s, None
             while True:
                 try:
-                    client = client or MlflowClient(self.tracking_uri)
+                    client = client or open_client(self.tracking_uri)
                     call(client)
                     if outage_since is not None:
                         logger.warning(
                             "MLflow store %s reachable again after %.0f s; %s resumes logging",
-                            self.tracking_uri, time.monotonic() - outage_since, self.label,
+                            redact_secrets(self.tracking_uri), time.monotonic() - outage_since, self.label,
                         )
                     break
                 except Exception as error:  # noqa: BLE001  (a logging thread must never die)
@@ -108,7 +111,7 @@ class BackgroundSender:
                         logger.warning(
                             "MLflow store %s unreachable (%s); %s keeps running, its logging calls are "
                             "buffered and retried",
-                            self.tracking_uri, _one_line(error), self.label,
+                            redact_secrets(self.tracking_uri), _one_line(error), self.label,
                         )
                     if self._closing.wait(delay):
                         return
@@ -120,4 +123,4 @@ class BackgroundSender:
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+    return redact_secrets(f"{type(error).__name__}: {text[0] if text else ''}")[:300]

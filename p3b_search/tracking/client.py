@@ -23,6 +23,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from p3b_search.credentials import redact_secrets, resolve_url
 from p3b_search.study.front_figures import save_files
 
 STUDY_TAG = "p3b.study"
@@ -48,19 +49,27 @@ def ui_url(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"{base}{route}?workflowType=machine_learning"
 
 
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client of the store at ``tracking_uri`` as the study file writes it: its
+    ``${NAME}`` references are resolved from this process's environment now, and only the
+    client holds the result (see :mod:`p3b_search.credentials`)."""
+    return MlflowClient(resolve_url(tracking_uri, "tracking.uri"))
+
+
 def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """One-line error at once when a tracking server URL does not answer (MLflow's own client
     would retry for minutes first). Any HTTP answer, even 401/404, counts as reachable."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+        urllib.request.urlopen(f"{resolve_url(tracking_uri, 'tracking.uri').rstrip('/')}/health",
+                               timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return
     except OSError as error:
         raise RuntimeError(
-            f"MLflow tracking server {tracking_uri} does not answer ({getattr(error, 'reason', error)}): "
-            "start it, or fix tracking.uri in the study file"
+            f"MLflow tracking server {redact_secrets(tracking_uri)} does not answer "
+            f"({redact_secrets(str(getattr(error, 'reason', error)))}): start it, or fix tracking.uri in the study file"
         ) from None
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from p3b_search.credentials import MissingVariable, redact_secrets, resolve_url
 from p3b_search.errors import RegistryError, first_line
 
 BEST_ALIAS = "best"
@@ -22,14 +23,18 @@ def register_model(model: nn.Module, input_example: np.ndarray, tracking_uri: st
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)
+    try:
+        resolved = resolve_url(tracking_uri, "tracking.uri")
+    except MissingVariable as error:
+        raise RegistryError(f"--register: {error}") from None
+    client = MlflowClient(resolved)
     try:
         status = client.get_run(run_id).info.status
     except MlflowException as error:
-        raise RegistryError(f"--register: MLflow run {run_id} not found in {tracking_uri} "
-                            f"({first_line(error)})") from None
+        raise RegistryError(f"--register: MLflow run {run_id} not found in {redact_secrets(tracking_uri)} "
+                            f"({redact_secrets(first_line(error))})") from None
     previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(resolved)
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
@@ -40,8 +45,8 @@ def register_model(model: nn.Module, input_example: np.ndarray, tracking_uri: st
         version = int(info.registered_model_version)
         client.set_registered_model_alias(model_name, BEST_ALIAS, version)
     except MlflowException as error:
-        raise RegistryError(f"--register {model_name}: MLflow refused ({first_line(error)}); the exported "
-                            "folder is complete, only the registration failed") from None
+        raise RegistryError(f"--register {model_name}: MLflow refused ({redact_secrets(first_line(error))}); the "
+                            "exported folder is complete, only the registration failed") from None
     finally:
         mlflow.set_tracking_uri(previous_uri)
     return version

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from p3b_search.credentials import redact_secrets
 from p3b_search.errors import first_line
 from p3b_search.stores import open_shared_store
 from p3b_search.study.front import ParetoSummary
@@ -41,6 +41,7 @@ from p3b_search.tracking.client import (
     STUDY_TAG,
     TRIAL_TAG,
     check_server,
+    open_client,
     json_default,
     log_batch,
     now_ms,
@@ -67,8 +68,9 @@ class StudyTracker:
     """Driver side: the study's parent run, the Pareto summary published on it, and clean-up of stuck runs.
 
     ``tracking_uri``: ``sqlite:///<study>/mlflow.db`` (embedded default) or a tracking server
-    URL. ``artifact_location`` is used when the experiment is created (embedded default:
-    ``<study>/mlartifacts``); an existing experiment keeps its own.
+    URL, as the study file writes it (its ``${NAME}`` references are resolved only by the clients
+    that connect, here and in the trials). ``artifact_location`` is used when the experiment is
+    created (embedded default: ``<study>/mlartifacts``); an existing experiment keeps its own.
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, study_name: str,
@@ -78,7 +80,7 @@ class StudyTracker:
         self.study_name = study_name
         self.artifact_location = artifact_location
         # an SQL store creates its tables here; another study may be creating them too
-        self.client = open_shared_store(lambda: MlflowClient(tracking_uri), tracking_uri, "MLflow tracking store")
+        self.client = open_shared_store(lambda: open_client(tracking_uri), tracking_uri, "MLflow tracking store")
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._closed = False
@@ -100,7 +102,8 @@ class StudyTracker:
             existing = search_all(self.client, self.experiment_id, f"tags.`{STUDY_TAG}` = '{quote(self.study_name)}'")
         except MlflowException as error:
             raise RuntimeError(
-                f"cannot use MLflow tracking store {self.tracking_uri!r}: {first_line(error)} "
+                f"cannot use MLflow tracking store {redact_secrets(self.tracking_uri)!r}: "
+                f"{redact_secrets(first_line(error))} "
                 "(check tracking.uri in the study file, or that the server is running)"
             ) from None
         if existing and not resume:

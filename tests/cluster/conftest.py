@@ -6,7 +6,8 @@ database of it as backend store and a local artifact folder, and a two-node Ray 
   ``initdb`` in a temp folder, its own free port, password (scram-sha-256) authentication for
   TCP, run as an unprivileged user when the tests run as root (Postgres refuses root). Each
   study gets a database of its own (:meth:`Postgres.create_database`).
-- MLflow: ``mlflow server --backend-store-uri postgresql://... --artifacts-destination <folder>``.
+- MLflow: ``mlflow server --artifacts-destination <folder>`` with its backend store
+  ``postgresql://...`` in ``MLFLOW_BACKEND_STORE_URI`` (off the command line every user can list).
 - Ray: ``ray start --head`` and ``ray start --address`` (the second node), each with one CPU,
   so two trials at a time must run on both nodes; each node carries a custom resource naming it
   (``p3b_head`` / ``p3b_second``) so :class:`RayCluster` can tell their node ids apart.
@@ -165,8 +166,9 @@ class MlflowServer:
     def start(self) -> None:
         with self.log.open("a") as out:
             self.process = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_url, "--artifacts-destination",
-                 str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                [str(BIN / "mlflow"), "server", "--artifacts-destination", str(self.folder / "artifacts"),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                env={**os.environ, "MLFLOW_BACKEND_STORE_URI": self.backend_url},
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _wait(self._answers, "the MLflow tracking server", self.log, self.process)
 

@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from p3b_search.credentials import resolve_url
 from p3b_search.study.loading import load_study
 from p3b_search.study.sections import StudyConfig
 from p3b_search.search.trainable import RAY_NODE_ID
@@ -84,9 +85,9 @@ class Recorded:
 
 def recorded(study: StudyConfig) -> Recorded:
     """Optuna, Parquet and MLflow records of ``study``; each trial number once in each."""
-    optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
+    optuna_study = optuna.load_study(study_name=study.name, storage=resolve_url(study.storage_url, "storage"))
     table = pd.read_parquet(study.layout.trials_table)
-    parent, children = _children(study.tracking_uri, study.name)
+    parent, children = _children(resolve_url(study.tracking_uri, "tracking.uri"), study.name)
     numbers = [int(run.data.tags[TRIAL_TAG]) for run in children]
     assert len(numbers) == len(set(numbers)), f"an MLflow run per trial expected, got trials {sorted(numbers)}"
     return Recorded(optuna_study.trials, {t.number for t in optuna_study.best_trials}, table, {int(run.data.tags[TRIAL_TAG]): run for run in children}, parent)
