@@ -218,7 +218,7 @@ class ModelAdapter:
         """:meth:`outside_slices` of the embeddings, merging layers and heads (norms aside)."""
         raise NotImplementedError
 
-    def _outside_matmuls(self) -> list[tuple[str, int]]:
+    def outside_matmuls(self) -> list[tuple[str, int]]:
         """(weight name, uses per image) of the matrix products outside the sub-blocks: each
         weight is multiplied ``uses`` times per image (output positions or rows)."""
         raise NotImplementedError
@@ -245,7 +245,7 @@ class ModelAdapter:
     def stem_and_head_macs(self, widths: dict[int, int] | None = None) -> int:
         """MACs per image outside the sub-blocks (patch embedding, merging, classifier heads),
         with the streams at ``widths`` (by stage; None: as the model is)."""
-        return sum(uses * self.numel_at(name, widths) for name, uses in self._outside_matmuls())
+        return sum(uses * self.numel_at(name, widths) for name, uses in self.outside_matmuls())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__}, {len(self.sub_blocks)} sub-blocks)"
@@ -309,7 +309,7 @@ class VisionTransformerAdapter(ModelAdapter):
                    if isinstance(getattr(model, name, None), nn.Parameter)]
         return slices + [StreamSlice(f"{head}.weight", 1, 0) for head in self._heads()]
 
-    def _outside_matmuls(self) -> list[tuple[str, int]]:
+    def outside_matmuls(self) -> list[tuple[str, int]]:
         grid = self.model.patch_embed.grid_size
         return [("patch_embed.proj.weight", grid[0] * grid[1])] + [(f"{head}.weight", 1) for head in self._heads()]
 
@@ -376,7 +376,7 @@ class SwinTransformerAdapter(ModelAdapter):
             slices.append(StreamSlice("head.fc.weight", 1, self._last_stage()))
         return slices
 
-    def _outside_matmuls(self) -> list[tuple[str, int]]:
+    def outside_matmuls(self) -> list[tuple[str, int]]:
         grid = self.model.patch_embed.grid_size
         matmuls = [("patch_embed.proj.weight", grid[0] * grid[1])]
         for s in self._merging_stages():
