@@ -432,7 +432,8 @@ class TaylorGatedPruning(GatedPruning):
 def per_gate_ranks(layout: UnitLayout, scores: torch.Tensor, unit_scales: torch.Tensor,
                    by_gate_type: bool = False) -> torch.Tensor:
     """Normalised ranks within each gate (or each gate type across sub-blocks), times s_g; the
-    best channel of each shared residual stream ranks above every unit (a stream keeps a channel)."""
+    best channel of each shared residual stream ranks ``inf``, which no walk removes (a stream
+    keeps a channel)."""
     ranks = normalised_ranks(scores, layout.segment_ids(by_gate_type=by_gate_type), unit_scales)
     for s in layout.residual_segments:
         ranks[s.start + int(torch.argmax(ranks[s.span]))] = math.inf

@@ -307,8 +307,10 @@ class Selection:
 def walk_threshold(layout: UnitLayout, ranks: torch.Tensor, target_params: float,
                    max_rounds: int = MAX_WALK_ROUNDS) -> Selection:
     """Remove the ``k`` lowest-ranked units of ``layout`` so that the kept parameters of its
-    sub-blocks come closest to ``target_params`` (see module docstring)."""
+    sub-blocks come closest to ``target_params`` (see module docstring). Units ranked ``inf``
+    are never removed."""
     order = torch.sort(ranks, stable=True).indices
+    removable = layout.size - int(torch.isinf(ranks).sum())
 
     def evaluate(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kept = torch.ones(layout.size, dtype=torch.bool)
@@ -326,7 +328,7 @@ def walk_threshold(layout: UnitLayout, ranks: torch.Tensor, target_params: float
         deficit = float(params.sum()) - target_params
         cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), costs.cumsum(0)])
         relative = cumulative - cumulative[k]
-        k_next = min(int(torch.searchsorted(relative, torch.tensor([deficit], dtype=torch.float64))), layout.size)
+        k_next = min(int(torch.searchsorted(relative, torch.tensor([deficit], dtype=torch.float64))), removable)
         if k_next == k:
             break
         k = k_next
@@ -339,7 +341,7 @@ def walk_threshold(layout: UnitLayout, ranks: torch.Tensor, target_params: float
     while moved and rounds < max_rounds:  # the walk stops past the target: try the neighbours
         moved = False
         for k in (best.removed - 1, best.removed + 1):
-            if 0 <= k <= layout.size and rounds < max_rounds:
+            if 0 <= k <= removable and rounds < max_rounds:
                 rounds += 1
                 kept, params, _ = evaluate(k)
                 gap = abs(float(params.sum()) - target_params)
