@@ -370,8 +370,10 @@ class SwinTransformerAdapter(ModelAdapter):
         model = self.model
         slices = [StreamSlice(f"patch_embed.proj.{name}", 0, 0) for name, _ in model.patch_embed.proj.named_parameters()]
         for s in self._merging_stages():
-            slices += [StreamSlice(f"layers.{s}.downsample.reduction.weight", 0, s),
-                       StreamSlice(f"layers.{s}.downsample.reduction.weight", 1, s - 1, repeats=4)]
+            reduction = f"layers.{s}.downsample.reduction"
+            slices += [StreamSlice(f"{reduction}.weight", 0, s), StreamSlice(f"{reduction}.weight", 1, s - 1, repeats=4)]
+            if model.layers[s].downsample.reduction.bias is not None:
+                slices.append(StreamSlice(f"{reduction}.bias", 0, s))
         if isinstance(getattr(model.head, "fc", None), nn.Linear):
             slices.append(StreamSlice("head.fc.weight", 1, self._last_stage()))
         return slices
@@ -390,7 +392,7 @@ class SwinTransformerAdapter(ModelAdapter):
         model, name = self.model, type(self.model).__name__
         for s in self._merging_stages():
             merging = model.layers[s].downsample
-            if not isinstance(merging.norm, nn.LayerNorm) or merging.reduction.bias is not None:
+            if not isinstance(merging.norm, nn.LayerNorm):
                 raise NotImplementedError(f"{name}: a shared residual cannot narrow layers.{s}.downsample "
                                           "(only timm's PatchMerging with a LayerNorm is supported)")
         if not isinstance(model.norm, nn.LayerNorm):

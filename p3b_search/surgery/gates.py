@@ -73,12 +73,12 @@ def masked_layer_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor 
     are ``gate``-weighted averages, the affine output is multiplied by ``gate``. With a 0/1 gate
     this is ``LayerNorm(kept)`` on the kept channels and 0 on the others. Computed in float32
     with autocast off (as ``F.layer_norm`` is under autocast), returned in ``x``'s dtype."""
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):  # sums, not matmuls: no TF32 on the statistics
         xf, g = x.float(), gate.float()
         total = g.sum()
-        mean = (xf @ g / total).unsqueeze(-1)
+        mean = (xf * g).sum(-1, keepdim=True) / total
         centred = xf - mean
-        var = (centred.square() @ g / total).unsqueeze(-1)
+        var = (centred.square() * g).sum(-1, keepdim=True) / total
         y = centred * torch.rsqrt(var + eps)
         if weight is not None:
             y = y * weight.float()
