@@ -272,7 +272,7 @@ class GateSet:
         :func:`canonical_masks` fills in; they have no gates and are skipped."""
         for index, groups in masks.items():
             for group, mask in groups.items():
-                if group in self.values[index]:
+                if not (self.shared and group in RESIDUAL_GROUPS):
                     self.values[index][group].copy_(mask.to(torch.float32))
         for stage, mask in (residual or {}).items():
             self.residual[stage].copy_(mask.to(torch.float32))
