@@ -5,7 +5,9 @@ MACs are multiply-accumulates per image of matrix products (linear layers, atten
 norms, softmax, biases, GELU and the Swin position bias are not counted. This is what
 :func:`torch_macs` counts with ``torch.utils.flop_counter`` (FLOPs / 2), which the tests
 check against. A sub-block's parameters are its norm, branch (qkv + proj, or fc1 + fc2,
-plus Swin's relative position table) and layer scale; everything else is *never pruned*.
+plus Swin's relative position table) and layer scale; everything else is *never pruned*, except
+with a shared residual, whose width also cuts the embeddings, merging layers, final norm and
+heads (:meth:`~p3b_search.surgery.adapters.ModelAdapter.outside_params`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from p3b_search.surgery.adapters import BranchSizes, ModelAdapter, SubBlock, get_adapter
-from p3b_search.surgery.gates import BlockMasks, canonical_masks, masked_sizes
+from p3b_search.surgery.gates import BlockMasks, ResidualMasks, canonical_masks, masked_sizes
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def _has_bias(linear: nn.Linear) -> int:
 
 def sub_block_cost(adapter: ModelAdapter, sb: SubBlock, sizes: BranchSizes) -> SubBlockCost:
     """Analytic cost of ``sb`` at widths ``sizes``; biases, norm and layer-scale layout are
-    read from the model's (dense or shrunk) modules."""
+    read from the model's (dense or shrunk) modules (``sizes.norm``: the dense norm narrowed)."""
     if sizes.skipped:
         return SubBlockCost(sb.index, sb.layer, sb.kind, 0, 0, sizes)
     block = adapter.block(sb)
@@ -75,7 +77,8 @@ def sub_block_cost(adapter: ModelAdapter, sb: SubBlock, sizes: BranchSizes) -> S
     first, second = adapter.linears(sb)
     c_in, c_out, T = sizes.c_in, sizes.c_out, sb.tokens
     layer_scale = c_out if hasattr(getattr(block, ls_attr, None), "gamma") else 0  # sliced by shrink
-    params = _numel(getattr(block, norm_attr)) + layer_scale
+    norm = _numel(getattr(block, norm_attr))
+    params = (norm if sizes.norm is None else norm // sb.dim * sizes.norm) + layer_scale
     if sb.kind == "attn":
         width = sizes.heads * sizes.head_dim
         table = getattr(adapter.branch(sb), "relative_position_bias_table", None)
@@ -91,19 +94,28 @@ def sub_block_cost(adapter: ModelAdapter, sb: SubBlock, sizes: BranchSizes) -> S
     return SubBlockCost(sb.index, sb.layer, sb.kind, params, macs, sizes)
 
 
-def model_cost(model: nn.Module, masks: BlockMasks | None = None) -> CostReport:
-    """Costs of ``model`` as it is (dense or shrunk) or, with ``masks``, of the model that
-    ``shrink_model(model, masks)`` would produce."""
+def model_cost(model: nn.Module, masks: BlockMasks | None = None, residual: ResidualMasks | None = None) -> CostReport:
+    """Costs of ``model`` as it is (dense or shrunk) or, with ``masks`` (and a shared
+    ``residual``), of the model that ``shrink_model(model, masks, residual)`` would produce."""
     adapter = get_adapter(model)
+    if residual is not None and masks is None:
+        masks = {}
     if masks is not None:
-        masks = canonical_masks(adapter, masks)
+        masks = canonical_masks(adapter, masks, residual)
     costs, actual_block_params = [], 0
     for sb in adapter.sub_blocks:
-        sizes = masked_sizes(sb, masks[sb.index]) if masks is not None else adapter.current_sizes(sb)
+        if masks is not None:
+            sizes = masked_sizes(sb, masks[sb.index], shared=residual is not None)
+        else:
+            sizes = adapter.current_sizes(sb)
         costs.append(sub_block_cost(adapter, sb, sizes))
         actual_block_params += sum(p.numel() for _, p in adapter.branch_parameters(sb))
-    total = sum(p.numel() for p in model.parameters())
-    return CostReport(costs, total - actual_block_params, adapter.stem_and_head_macs())
+    other = sum(p.numel() for p in model.parameters()) - actual_block_params
+    if residual is None:
+        return CostReport(costs, other, adapter.stem_and_head_macs())
+    widths = {stage: int(mask.sum()) for stage, mask in residual.items()}
+    other -= adapter.outside_params() - adapter.outside_params(widths)
+    return CostReport(costs, other, adapter.stem_and_head_macs(widths))
 
 
 def dense_sub_block_params(adapter: ModelAdapter) -> dict[int, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import search
-from p3b_search.methods import available_methods
+from p3b_search.methods import available_methods, get_method
 from p3b_search.study.sections import StudyConfig
 from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
@@ -62,6 +62,20 @@ STUDY_CASES = [
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: method.config: aux_every=3 exceeds prune_steps_update_mask=2: a window would measure "
                  "no benefit; lower aux_every or update the masks less often", id="p3b-aux-every-beyond-update"),
+    pytest.param({"s.yaml": HEAD + "method: {name: p3b, config: {residual: both}}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: method.config.residual: must be one of 'per-block' or 'shared' (got 'both')",
+                 id="residual-unknown-mode"),
+    pytest.param({"s.yaml": HEAD + "method: {name: dimap, config: {residual: shared}}\n"}, ["run", "{tmp}/s.yaml"],
+                 "{tmp}/s.yaml: method.config.residual: not a knob of method 'dimap' (it belongs to global-taylor, "
+                 "p3b, uniform-magnitude): remove it or use one of mlp_prune_ratio, prj_prune_ratio, prune_ratio, "
+                 "qkv_prune_ratio", id="residual-on-a-method-without-gates"),
+    pytest.param({"s.yaml": HEAD + "method: {name: svite}\nsearch_space:\n"
+                            "  method_config.residual: {type: categorical, choices: [per-block, shared]}\n"},
+                 ["run", "{tmp}/s.yaml"],
+                 lambda: "{tmp}/s.yaml: search_space.method_config.residual: not a knob of method 'svite' (it belongs "
+                         "to global-taylor, p3b, uniform-magnitude): remove it or use one of "
+                         + ", ".join(sorted(get_method("svite").config_cls.model_fields)),
+                 id="residual-searched-for-a-method-without-gates"),
     pytest.param({"s.yaml": HEAD + "n_trials: [\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml:4:1: invalid YAML: expected the node content, but found '<stream end>'",
                  id="study-invalid-yaml"),

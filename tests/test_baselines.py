@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from p3b_search.methods import get_method
 from p3b_search.methods.baselines import (
@@ -14,9 +15,10 @@ from p3b_search.methods.baselines import (
     UniformMagnitudeConfig,
 )
 from p3b_search.methods.allocation import ALLOCATION_KEYS
-from p3b_search.methods.unit_weights import unit_weight_norms
+from p3b_search.methods.unit_weights import residual_weight_norms, unit_weight_norms
+from p3b_search.surgery import get_adapter, shrink_model
 from p3b_search.training.loop import train_stage
-from tests.method_support import NUM_CLASSES, loader, single_thread, stage, tiny_vit, training  # noqa: F401
+from tests.method_support import NUM_CLASSES, loader, single_thread, stage, tiny_swin, tiny_vit, training  # noqa: F401
 
 EPOCHS, STEPS = 4, 4
 
@@ -126,3 +128,42 @@ def test_global_taylor_lets_blocks_differ_and_has_no_per_block_target(global_tay
     assert all(math.isnan(r["keep_ratio_target"]) for r in global_taylor["rows"])
     steps = sorted({r["step"] for r in global_taylor["rows"]})
     assert steps == [5, 7, 9, 11, 13, 15]
+
+
+@pytest.mark.parametrize("model_fn", [tiny_vit, tiny_swin])
+def test_residual_channel_norms_cover_every_weight_the_channel_owns(model_fn):
+    """A shared residual channel's L1 norm is what cutting it removes from the matrix products'
+    weights (sub-block linears, patch embedding, merging, head)."""
+    model = model_fn()
+    adapter = get_adapter(model)
+    norms = residual_weight_norms(adapter, "l1")
+
+    def matmul_weight_l1(net) -> float:
+        return sum(float(m.weight.detach().double().abs().sum()) for m in net.modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+    dense = matmul_weight_l1(model)
+    for stage, width in adapter.stream_widths().items():
+        for channel in (0, width - 1):
+            residual = {s: torch.ones(w, dtype=torch.bool) for s, w in adapter.stream_widths().items()}
+            residual[stage][channel] = False
+            removed = dense - matmul_weight_l1(shrink_model(model, {}, residual))
+            assert float(norms[stage][channel]) == pytest.approx(removed, rel=1e-4), (stage, channel)
+
+
+def test_uniform_magnitude_with_a_shared_residual_cuts_the_smallest_norm_channels_and_one_ratio():
+    model = tiny_vit(seed=2)
+    method = UniformMagnitude(UniformMagnitudeConfig(prune_ratio=0.5, prune_at="finalize", residual="shared"),
+                              num_classes=NUM_CLASSES, epochs=EPOCHS, steps_per_epoch=STEPS)
+    method.prepare(model)
+    norms = residual_weight_norms(method.adapter, "l2")[0]
+    pruned = method.finalize(model)
+    kept = method.hard_residual()[0]
+    assert 0 < int(kept.sum()) < 64 == pruned.model.blocks[0].dense_geometry["dim"]
+    assert float(norms[~kept].max()) <= float(norms[kept].min())  # the smallest norms go
+    rows = method.pop_allocation_rows()
+    widths = {0: int(kept.sum())}
+    at_width = method.layout.block_params(widths)
+    targets = torch.tensor([r["keep_ratio_target"] for r in rows], dtype=torch.float64) * method.dense_params
+    torch.testing.assert_close(targets / at_width, torch.full_like(at_width, method.keep_ratio))
+    assert pruned.model.embed_dim == widths[0]

@@ -38,6 +38,7 @@ from p3b_search.methods import PrunedModel
 from p3b_search.models import DIGITS_VIT, create_timm_model
 from p3b_search.study.layout import StudyLayout
 from p3b_search.surgery import get_adapter, random_masks, shrink_model
+from p3b_search.surgery.gates import random_residual
 from p3b_search.tracking.registry import register_model
 from p3b_search.training.loop import evaluate
 from p3b_search.trial_folder import TrialFolder
@@ -85,14 +86,20 @@ def _unstructured(model: torch.nn.Module, seed: int, keep: float) -> dict[str, t
 def _make_trial(layout: StudyLayout, number: int, kind: str, keep: float, loaders, train_steps: int) -> dict:
     """Trial ``number``: a pruned, briefly trained model saved by the objective's writer."""
     train_loader, val_loader, num_classes = loaders
-    method = "p3b" if kind == "structured" else "dimap"
+    method = "dimap" if kind == "unstructured" else "p3b"
+    knobs = {"prune_ratio": round(1 - keep, 3)} | ({"residual": "shared"} if kind == "shared" else {})
     config = TrialConfig(model=DIGITS_VIT.model_copy(update={"weights": None}), data=DataConfig(kind="digits"),
-                         method=method, method_config={"prune_ratio": round(1 - keep, 3)})
+                         method=method, method_config=knobs)
     torch.manual_seed(number)
     dense = create_timm_model(config.model, num_classes).eval()
     dense_params = model_cost(dense).params
     if kind == "structured":
         model = shrink_model(dense, random_masks(get_adapter(dense), seed=number, keep=keep, dead_prob=0.1))
+        pruned = PrunedModel(model, structured=True)
+    elif kind == "shared":
+        adapter = get_adapter(dense)
+        model = shrink_model(dense, random_masks(adapter, seed=number, keep=keep, dead_prob=0.1, shared=True),
+                             random_residual(adapter, keep=keep, seed=number))
         pruned = PrunedModel(model, structured=True)
     else:
         pruned = PrunedModel(dense, structured=False, weight_masks=_unstructured(dense, number, keep))
@@ -306,8 +313,40 @@ def test_card_states_source_figures_and_latency(exported, study):
     assert f"{int(recorded['params']):,}" in card and f"{int(recorded['macs']):,}" in card
     assert "| cpu | 1 |" in card and "latency ratio" in card
     assert "prune_ratio" in card and "`p3b`" in card
+    assert "- residual width: per block (each sub-block keeps its own residual input and output channels)" in card
     assert "Unstructured sparsity" not in card
     assert result.bench.counts.macs < result.bench.counts.dense_macs
+
+
+def test_a_shared_residual_trial_exports_narrow_says_so_and_rounds(tmp_path_factory):
+    """A trial cut with one shared residual width: arch.json and the card say so, load_pruned
+    rebuilds it, and --round-to keeps that width (rounding it would change its norms)."""
+    layout = StudyLayout(tmp_path_factory.mktemp("shared_runs") / STUDY)
+    layout.root.mkdir()
+    layout.study_file.write_text(yaml.safe_dump({
+        "name": STUDY, "output_dir": str(layout.root.parent), "data": {"kind": "digits"},
+        "model": {"name": DIGITS_VIT.name, "overrides": DIGITS_VIT.overrides},
+        "method": {"name": "p3b", "config": {"residual": "shared"}}, "objectives": ["top1", "macs"]}))
+    probe = create_timm_model(DIGITS_VIT, 5)
+    loaders = build_loaders(DataConfig(kind="digits", max_train_samples=128), probe, batch_size=64, seed=0)
+    objectives = _make_trial(layout, 0, "shared", 0.6, loaders, train_steps=2)
+    write_trials_table(layout, [_row(0, "COMPLETE", objectives)])
+    out = tmp_path_factory.mktemp("shared_export")
+    result = export_trial(layout.root, Pick.parse("trial 0"), out / "cut", onnx=False, bench_repeats=1)
+    arch = json.loads((result.folder / "arch.json").read_text())
+    assert arch["residual"]["mode"] == "shared"
+    width, dense_width = len(arch["residual"]["kept"][0]), DIGITS_VIT.overrides["embed_dim"]
+    card = (result.folder / "README.md").read_text()
+    assert (f"- residual width: shared: one width for the embedding, every sub-block and the head "
+            f"({width} of {dense_width} channels)") in card
+    model = load_pruned(result.folder)
+    assert model.embed_dim == width and not any(type(m).__name__ == "SlicedLinear" for m in model.modules())
+    rounded = export_trial(layout.root, Pick.parse("trial 0"), out / "rounded", onnx=False, bench_repeats=1,
+                           round_to=8)
+    x = torch.randn(2, *get_adapter(model).input_size())
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(rounded.folder)(x), model(x), rtol=1e-4, atol=1e-5)
+    assert load_pruned(rounded.folder).embed_dim == width
 
 
 def test_card_shows_the_front_with_the_exported_trial_ringed(exported):

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import p3b_search
 from p3b_search.export.load import ExportError, load_pruned
 from p3b_search.surgery import ArchSpec, get_adapter, random_masks, shrink_model
+from p3b_search.surgery.gates import random_residual
 
 REPO = Path(__file__).resolve().parents[1]
 #: The digits task's tiny ViT (0.3M parameters): building it costs milliseconds.
@@ -26,11 +27,14 @@ PREPROCESSING = {"input_size": [3, 16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.5
                  "interpolation": "bicubic", "crop_pct": 0.9}
 
 
-def write_folder(folder: Path, seed: int) -> torch.nn.Module:
-    """A shrunk model saved as export writes it; returns the model."""
+def write_folder(folder: Path, seed: int, shared: bool = False) -> torch.nn.Module:
+    """A shrunk model (per block, or with a ``shared`` residual) saved as export writes it; returns the model."""
     torch.manual_seed(seed)
     model = timm.create_model(MODEL_NAME, pretrained=False, **MODEL_KWARGS).eval()
-    shrunk = shrink_model(model, random_masks(get_adapter(model), seed=seed, keep=0.6, dead_prob=0.1)).eval()
+    adapter = get_adapter(model)
+    masks = random_masks(adapter, seed=seed, keep=0.6, dead_prob=0.1, shared=shared)
+    residual = random_residual(adapter, keep=0.5, seed=seed) if shared else None
+    shrunk = shrink_model(model, masks, residual).eval()
     folder.mkdir(parents=True)
     ArchSpec.from_model(shrunk, MODEL_NAME, MODEL_KWARGS,
                         extra={"preprocessing": PREPROCESSING, "structured": True}).save(folder / "arch.json")
@@ -62,6 +66,23 @@ def test_rebuilds_the_same_model_with_its_preprocessing(pristine):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in shrunk.parameters())
     config = resolve_model_data_config(model)
     assert config["input_size"] == (3, 16, 16) and config["interpolation"] == "bicubic"
+
+
+def test_rebuilds_a_shared_residual_model(tmp_path):
+    shrunk = write_folder(tmp_path / "shared", seed=5, shared=True)
+    model = load_pruned(tmp_path / "shared")
+    assert json.loads((tmp_path / "shared" / "arch.json").read_text())["residual"]["mode"] == "shared"
+    assert model.embed_dim == shrunk.embed_dim < MODEL_KWARGS["embed_dim"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), shrunk(x), rtol=0, atol=0)
+
+
+def test_weights_of_the_other_residual_mode_are_refused(folder, tmp_path):
+    write_folder(tmp_path / "shared", seed=3, shared=True)
+    (folder / "model.safetensors").write_bytes((tmp_path / "shared" / "model.safetensors").read_bytes())
+    with pytest.raises(ExportError, match=r"model.safetensors does not match .*arch.json"):
+        load_pruned(folder)
 
 
 def test_import_is_light_and_loading_needs_no_search_stack(folder):

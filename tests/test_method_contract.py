@@ -10,6 +10,8 @@ model): on a tiny ViT driven through a short prune stage by the training loop's 
 * it meets its budget: it keeps ``1 - prune_ratio`` of all the parameters, within
   :data:`~p3b_search.methods.target.TOLERANCE`.
 
+Methods with gates are checked per block and with a shared residual (``<name>+shared``).
+
 Method-specific behaviour stays in each method's own test file.
 """
 from __future__ import annotations
@@ -29,6 +31,16 @@ from tests.method_support import batch, drive, make, single_thread, tiny_vit  # 
 
 EPOCHS, STEPS_PER_EPOCH = 2, 4
 PRUNE_RATIO = 0.5
+SHARED = "+shared"
+
+
+def has_gates(name: str) -> bool:
+    """Whether method ``name`` has P3B's gates (and so the ``residual`` knob)."""
+    return "residual" in get_method(name).config_cls.model_fields
+
+
+#: every registered method, and the gated ones again with a shared residual
+CASES = available_methods() + [name + SHARED for name in available_methods() if has_gates(name)]
 
 
 class EpochMetrics:
@@ -46,13 +58,17 @@ class EpochMetrics:
         method.on_epoch_end = on_epoch_end
 
 
-def new_method(name: str) -> PruningMethod:
-    """Method ``name`` for an 8-step prune stage (prune-and-grow methods update every 2 steps)."""
+def new_method(case: str) -> PruningMethod:
+    """Method of ``case`` (a name, ``+shared`` for a shared residual) for an 8-step prune stage
+    (prune-and-grow methods update every 2 steps)."""
+    name = case.removesuffix(SHARED)
     method_cls = get_method(name)
     fields = method_cls.config_cls.model_fields
     config: dict[str, Any] = {"prune_ratio": 0.0 if name == "dense" else PRUNE_RATIO}
     if "update_interval" in fields:
         config["update_interval"] = 2
+    if case.endswith(SHARED):
+        config["residual"] = "shared"
     return make(method_cls, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, **config)
 
 
@@ -87,7 +103,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-@pytest.fixture(scope="module", params=available_methods())
+@pytest.fixture(scope="module", params=CASES)
 def driven(request) -> dict[str, Any]:
     """Method ``request.param`` after its prune stage on a tiny ViT, with what the checks compare."""
     threads = torch.get_num_threads()

@@ -200,3 +200,25 @@ def test_stacked_sides_compute_what_separate_head_calls_compute(model_fn):
         for (name, a), b in zip(optimised.named_buffers(), plain.buffers()):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     assert int(optimised.patch_heads[0].convs[1].num_batches_tracked) == 4  # once per side per pass
+
+
+@pytest.mark.parametrize("model_fn", [tiny_vit, tiny_swin], ids=["vit", "swin"])
+def test_heads_read_the_stream_through_a_shared_residual_gate(model_fn):
+    """With a stream gate the heads see pruned channels as zeros: their first layers get no
+    gradient there (without it they do)."""
+    model = model_fn().train()
+    adapter = get_adapter(model)
+    widths = adapter.stream_widths()
+    gates = {stage: torch.arange(width) % 3 != 0 for stage, width in widths.items()}
+    grads = {}
+    for gated in (False, True):
+        benefit = BlockBenefit(adapter, NUM_CLASSES, (lambda stage: gates[stage].float()) if gated else None)
+        benefit.attach(model)
+        model(torch.randn(2, 3, *model.patch_embed.img_size))
+        benefit.step(torch.tensor([0, 1])).loss.backward()
+        benefit.remove_hooks()
+        grads[gated] = [(sb.stage, head.weight.grad) for sb, head in zip(adapter.sub_blocks, benefit.cls_heads)]
+    for (stage, plain), (_, gated) in zip(grads[False], grads[True]):
+        pruned = ~gates[stage]
+        assert plain[:, pruned].abs().sum() > 0 and not gated[:, pruned].any()
+        assert gated[:, ~pruned].abs().sum() > 0

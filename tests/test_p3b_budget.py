@@ -73,7 +73,8 @@ def test_allocation_meets_the_parameter_target(n, seed, prune_ratio, saturating,
     kept[:saturating] = 10.0
     never_pruned = 0.0 if block_params_only else float(dense.sum()) * 0.1
     assume(block_params_target(dense, never_pruned, prune_ratio) > 0)
-    alloc = allocate_budget(benefit_cls, benefit_patch, kept, dense, never_pruned, prune_ratio)
+    alloc = allocate_budget(benefit_cls, benefit_patch, kept, dense,
+                            block_params_target(dense, never_pruned, prune_ratio))
     kappa = alloc.keep_ratios
     assert bool(((kappa >= 0) & (kappa <= 1)).all())
     total = float((kappa * dense).sum()) + never_pruned
@@ -84,13 +85,13 @@ def test_allocation_meets_the_parameter_target(n, seed, prune_ratio, saturating,
 def test_ema_runs_separately_for_cls_and_patch_and_alpha_mixes_them():
     dense = torch.full((3,), 1000.0, dtype=torch.float64)
     kept = dense.clone()
-    first = allocate_budget(torch.tensor([1.0, 0.2, 0.1]), torch.tensor([0.1, 0.2, 1.0]), kept, dense, 0.0, 0.5,
+    first = allocate_budget(torch.tensor([1.0, 0.2, 0.1]), torch.tensor([0.1, 0.2, 1.0]), kept, dense, 500.0 * 3,
                             alpha=0.25, gamma=0.2)
     assert isinstance(first, BudgetAllocation)
     torch.testing.assert_close(first.importance, 0.25 * first.importance_cls + 0.75 * first.importance_patch)
     new_cls = block_importance(torch.tensor([0.1, 1.0, 0.1]), kept, 10.0)
     new_patch = block_importance(torch.tensor([1.0, 0.1, 0.1]), kept, 10.0)
-    second = allocate_budget(torch.tensor([0.1, 1.0, 0.1]), torch.tensor([1.0, 0.1, 0.1]), kept, dense, 0.0, 0.5,
+    second = allocate_budget(torch.tensor([0.1, 1.0, 0.1]), torch.tensor([1.0, 0.1, 0.1]), kept, dense, 500.0 * 3,
                              alpha=0.25, gamma=0.2, previous=first)
     torch.testing.assert_close(second.importance_cls, 0.2 * new_cls + 0.8 * first.importance_cls)
     torch.testing.assert_close(second.importance_patch, 0.2 * new_patch + 0.8 * first.importance_patch)
@@ -99,7 +100,7 @@ def test_ema_runs_separately_for_cls_and_patch_and_alpha_mixes_them():
 def test_more_beneficial_blocks_keep_more():
     dense = torch.full((4,), 1000.0, dtype=torch.float64)
     alloc = allocate_budget(torch.tensor([0.1, 0.4, 0.8, 1.0]), torch.tensor([0.1, 0.4, 0.8, 1.0]),
-                            dense, dense, 0.0, 0.5)
+                            dense, dense, 0.5 * 4000.0)
     assert alloc.keep_ratios.tolist() == sorted(alloc.keep_ratios.tolist())
 
 

@@ -237,19 +237,27 @@ def test_distributed_all_reduce_path_decides_like_a_single_process(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
 
 
-def test_p3b_prunes_a_swin_model_end_to_end():
+@pytest.mark.parametrize("residual", ["per-block", "shared"])
+def test_p3b_prunes_a_swin_model_end_to_end(residual):
+    """Shared: one residual width per stage (patch merging maps one stage's into the next)."""
     torch.manual_seed(0)
     x = torch.randn(32, 3, 32, 32)
     y = torch.arange(32) % NUM_CLASSES
     data = DataLoader(TensorDataset(x, y), batch_size=8)
     model = tiny_swin()
-    method = P3B(P3BConfig(**CONFIG), num_classes=NUM_CLASSES, epochs=EPOCHS, steps_per_epoch=len(data))
+    method = P3B(P3BConfig(**CONFIG, residual=residual), num_classes=NUM_CLASSES, epochs=EPOCHS,
+                 steps_per_epoch=len(data))
     method.prepare(model)
-    train_stage(model, data, data, stage(EPOCHS), training(batch_size=8), method)
+    history = train_stage(model, data, data, stage(EPOCHS), training(batch_size=8), method)
     logits = hard_masked_logits(model, x[:4])
     pruned = method.finalize(model)
     torch.testing.assert_close(hard_masked_logits(pruned.model, x[:4]), logits, rtol=1e-4, atol=1e-5)
     assert model_cost(pruned.model).params == pytest.approx(0.5 * method.dense_total_params, rel=0.02)
+    if residual == "shared":
+        widths = [layer.blocks[0].norm1.normalized_shape[0] for layer in pruned.model.layers]
+        assert widths == [int(m.sum()) for m in method.hard_residual().values()] and widths != [16, 32]
+        assert pruned.model.layers[1].downsample.reduction.in_features == 4 * widths[0]
+        assert 0 < history[-1]["residual_keep"] < 1
 
 
 FULL_ROWS = Path(__file__).parent / "data" / "p3b_allocation_rows_full.json"  # recorded on an Intel CPU

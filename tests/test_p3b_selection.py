@@ -1,12 +1,15 @@
-"""Within-block selection (docs/methods.md, sections 1.3 and 1.4): Taylor terms, ranks, unit costs, walk, soft masks, tau."""
+"""Within-block selection (docs/methods.md, sections 1.3, 1.4 and 1.6): Taylor terms, ranks, unit costs, walk,
+soft masks, tau; the shared residual's units."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from p3b_search.cost import model_cost
+from p3b_search.methods.gated import per_gate_ranks
 from p3b_search.methods.selection import (
     P3B_GROUPS,
+    RESIDUAL,
     TauSchedule,
     UnitLayout,
     normalised_ranks,
@@ -127,3 +130,62 @@ def test_tau_schedule_values_at_chosen_steps():
     assert tau(15) == pytest.approx(0.05)
     assert tau(20) == 0.0 and tau(40) == 0.0
     assert TauSchedule(10, 10, 0.1, 0.02)(10) == pytest.approx(0.02)
+
+
+# -- shared residual (docs/methods.md, section 1.6) -----------------------------------------------
+
+def test_shared_layout_lays_out_the_residual_then_the_inner_gates(vit_adapter):
+    layout = UnitLayout(vit_adapter, vit_adapter.sub_blocks, residual="shared")
+    assert [(s.gate_key, s.size) for s in layout][:4] == [
+        ((RESIDUAL, 0), 64), ((0, "head_dim"), 16), ((1, "hidden"), 256), ((2, "head_dim"), 16)]
+    assert layout.size == 64 + 3 * (16 + 256) and layout.block_span(1) == slice(80, 336)
+    flat = torch.arange(layout.size, dtype=torch.float64)
+    torch.testing.assert_close(layout.gather(layout.split(flat), layout.split_residual(flat)), flat)
+    inner = UnitLayout(vit_adapter, vit_adapter.sub_blocks[1:2], residual="shared", residual_units=False)
+    with pytest.raises(ValueError, match="call fix_widths first"):
+        inner.kept_params_and_costs(torch.ones(inner.size, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("model_fn", [tiny_vit, tiny_swin])
+def test_shared_unit_costs_are_the_parameters_shrink_removes(model_fn):
+    """With a shared residual, the layout's parameters plus the never-pruned rest are the model's
+    count, and one unit less (a residual channel: in every sub-block and outside them) changes
+    it by exactly the unit's cost."""
+    model = model_fn()
+    adapter = get_adapter(model)
+    layout = UnitLayout(adapter, adapter.sub_blocks, residual="shared")
+    never_pruned = model_cost(model).other_params - adapter.outside_params()
+    gen = torch.Generator().manual_seed(3)
+    kept = torch.rand(layout.size, generator=gen) < 0.7
+    params, costs = layout.kept_params_and_costs(kept)
+
+    def counted(mask: torch.Tensor) -> int:
+        return model_cost(model, layout.split(mask), layout.split_residual(mask)).params
+
+    assert float(params.sum()) + never_pruned == counted(kept)
+    widths = layout.kept_widths(kept)
+    fixed = [UnitLayout(adapter, [sb], residual="shared", residual_units=False).fix_widths(widths)
+             for sb in adapter.sub_blocks]
+    assert [float(f.kept_params_and_costs(kept[layout.block_span(sb.index)])[0][0]) for f, sb in
+            zip(fixed, adapter.sub_blocks)] == params[:-1].tolist()
+    for s in layout:
+        if int(kept[s.span].sum()) < 2:
+            continue
+        unit = s.start + int(kept[s.span].nonzero()[0])
+        fewer = kept.clone()
+        fewer[unit] = False
+        assert counted(kept) - counted(fewer) == costs[unit], s.gate_key
+
+
+def test_shared_ranks_keep_a_channel_of_every_stream():
+    """Whatever the target, the walk leaves each stage's best residual channel."""
+    adapter = get_adapter(tiny_swin())
+    layout = UnitLayout(adapter, adapter.sub_blocks, residual="shared")
+    scores = torch.rand(layout.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ranks = per_gate_ranks(layout, scores, torch.ones(layout.size, dtype=torch.float64), by_gate_type=True)
+    empty = walk_threshold(layout, ranks, 0.0)
+    kept = layout.split_residual(empty.kept)
+    assert {stage: int(mask.sum()) for stage, mask in kept.items()} == {0: 1, 1: 1}
+    for stage, mask in kept.items():
+        segment = next(s for s in layout.residual_segments if s.stage == stage)
+        assert int(mask.nonzero()) == int(scores[segment.span].argmax())

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from p3b_search.cost import model_cost, torch_macs
 from p3b_search.surgery import ArchSpec, canonical_masks, get_adapter, random_masks, shrink_model
+from p3b_search.surgery.gates import random_residual
 from p3b_search.surgery.rounding import ROUNDED_GROUPS, round_widths, rounded_masks
 from tests.conftest import MODEL_CONFIGS, make_model
 
@@ -48,6 +49,33 @@ def test_rounded_model_keeps_the_logits_and_its_analytic_macs_equal_torchs(key):
             assert torch.equal(rebuilt(x), rounded(x))
 
     check()
+
+
+@pytest.mark.parametrize("key", ["deit3_small", "swin_tiny"])
+def test_rounding_a_shared_residual_model_rounds_inner_widths_only(key):
+    """The shared residual width stays (its norms normalise over the kept channels); head dims and
+    hidden units round up; logits, torch's MAC count and the arch spec's rebuild agree."""
+    dense = make_model(key)
+    name, kwargs = MODEL_CONFIGS[key]
+    adapter = get_adapter(dense)
+    x = torch.randn(2, *adapter.input_size())
+    residual = random_residual(adapter, keep=0.45, seed=8)
+    shrunk = shrink_model(dense, random_masks(adapter, keep=0.55, seed=9, dead_prob=0.1, shared=True), residual)
+    spec = ArchSpec.from_model(shrunk, name, {**kwargs, "num_classes": 10})
+    rounded, rounded_spec = round_widths(shrunk, spec, 8)
+    with torch.no_grad():
+        assert (rounded(x) - shrunk(x)).abs().max().item() <= 1e-4
+    assert rounded_spec.residual == spec.residual
+    cost = model_cost(rounded)
+    assert cost.macs == torch_macs(rounded) > model_cost(shrunk).macs
+    for before, after in zip(model_cost(shrunk).sub_blocks, cost.sub_blocks):
+        assert (after.sizes.c_in, after.sizes.c_out) == (before.sizes.c_in, before.sizes.c_out)
+        inner = ("head_dim",) if after.kind == "attn" else ("hidden",)
+        for group in inner:
+            kept = getattr(after.sizes, group)
+            assert after.sizes.skipped or kept % 8 == 0 or kept == dense_width(adapter, after.index, group)
+    with torch.no_grad():
+        assert torch.equal(rounded_spec.build(rounded.state_dict()).eval()(x), rounded(x))
 
 
 def dense_width(adapter, index: int, group: str) -> int:

@@ -112,3 +112,26 @@ def test_seeded_sampler_repeats_its_samples(tmp_path):
         return values
 
     assert samples() == samples()
+
+
+def test_residual_mode_is_a_searched_dimension_of_the_gated_methods(tmp_path):
+    """``method_config.residual`` is sampled for the methods with gates only, and reaches the trial."""
+    study = study_from(tmp_path, (
+        "name: s\nmethod: {name: p3b}\nobjectives: [top1, macs]\nsearch_space:\n"
+        "  method: {type: categorical, choices: [p3b, global-taylor, dimap]}\n"
+        "  method_config.residual: {type: categorical, choices: [per-block, shared]}\n"))
+    assert distributions(study)["method_config.residual"] == CategoricalDistribution(("per-block", "shared"))
+    optuna_study = optuna.create_study(directions=["maximize", "minimize"],
+                                       sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = optuna_study.ask()
+        params = suggest_params(trial, study)
+        config = trial_config(study, params)
+        if params["method"] == "dimap":
+            assert "method_config.residual" not in params and "residual" not in config.method_config
+        else:
+            assert config.method_config["residual"] == params["method_config.residual"]
+            seen.add((params["method"], params["method_config.residual"]))
+        optuna_study.tell(trial, [50.0, 1e6])
+    assert seen == {(m, r) for m in ("p3b", "global-taylor") for r in ("per-block", "shared")}

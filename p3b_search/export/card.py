@@ -37,6 +37,18 @@ class CardFacts:
     notes: list[str]
     front_figure: str | None = None
     front_marked: bool = False
+    #: how the residual width was cut (:func:`residual_text`), for structured results
+    residual: str | None = None
+
+
+def residual_text(kept: list[int] | None, dense: list[int]) -> str:
+    """The card's line on the residual width: ``kept`` channels of each stage's shared stream
+    (None: cut per block), ``dense`` the dense widths."""
+    if kept is None:
+        return "per block (each sub-block keeps its own residual input and output channels)"
+    widths = ", ".join(f"{k} of {d}" for k, d in zip(kept, dense))
+    return (f"shared: one width for the embedding, every sub-block and the head ({widths} channels"
+            f"{' per stage' if len(dense) > 1 else ''})")
 
 
 def _count(value: float) -> str:
@@ -118,6 +130,8 @@ def model_card(facts: CardFacts, bench: BenchReport) -> str:
         "## Method and hyperparameters", "",
         f"- method: `{facts.method}` ({'structured' if facts.structured else 'unstructured'})",
     ]
+    if facts.residual is not None:
+        lines.append(f"- residual width: {facts.residual}")
     lines += [f"- `{key}`: `{json.dumps(value)}`" for key, value in sorted(method_config.items())]
     lines += ["", "<details><summary>Full trial configuration</summary>", "", "```json",
               json.dumps(facts.trial_config, indent=1, sort_keys=True, default=str), "```", "", "</details>", ""]

@@ -36,7 +36,7 @@ from p3b_search.cost import model_cost
 from p3b_search.credentials import redact_secrets
 from p3b_search.errors import RegistryError, first_line
 from p3b_search.export.bench import BenchReport, bench, dense_parent
-from p3b_search.export.card import CardFacts, model_card
+from p3b_search.export.card import CardFacts, model_card, residual_text
 from p3b_search.export.counts import count_model, read_weight_masks
 from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.load import ExportError, load_pruned, read_arch_spec
@@ -263,9 +263,19 @@ def _write_folder(folder: Path, study: StudyInfo, chosen: ChosenTrial, pick: Pic
         classes=spec.extra.get("classes"), mlflow_run_id=chosen.run_id,
         tracking_uri=redact_secrets(study.tracking_uri) if study.tracking_uri else None,
         files=files, notes=notes, front_figure=FRONT_FILE, front_marked=marked,
+        residual=_residual(chosen) if chosen.structured else None,
     )
     (folder / CARD_FILE).write_text(model_card(facts, report))
     return files, report, notes
+
+
+def _residual(chosen: ChosenTrial) -> str:
+    """The card's line on how the residual width was cut (arch.json's ``residual``)."""
+    dense = list(get_adapter(chosen.model).stream_widths().values())
+    if chosen.spec.residual is None:
+        return residual_text(None, dense)
+    kept = [d if k is None else len(k) for k, d in zip(chosen.spec.residual, dense)]
+    return residual_text(kept, dense)
 
 
 def _rounded(chosen: ChosenTrial, round_to: int) -> ChosenTrial:

@@ -5,7 +5,9 @@ accounting, the same schedule fields.
 * ``uniform-magnitude``: every sub-block keeps the same fraction kappa of its parameters,
   solved for the global target ``(1-p)(sum W + W_nb) - W_nb``; inside a sub-block units are
   ranked by the norm of the weights they own (``norm``: L1 or L2), rank-normalised per gate
-  with P3B's gate scales. Each sub-block's walk rounds to whole units; sub-blocks of the same
+  with P3B's gate scales. With a shared residual its channels are ranked by the norm of every
+  weight they own across the model, the walk over all units fixes its width, and kappa is the
+  same fraction of each sub-block's W_j at that width. Each sub-block's walk rounds to whole units; sub-blocks of the same
   shape round alike, so each aims at ``kappa W_j`` plus what the sub-blocks before it missed,
   and the roundings do not add up over the model. One-shot and hard: at the prune start (``prune_at="start"``, after
   the backward of the micro-batch before it, or before training when it is step 0; the rest
@@ -15,7 +17,8 @@ accounting, the same schedule fields.
   no block benefit and no per-block budget: the rank-normalised scores of each gate *type*
   (e.g. every MLP hidden unit of the model) are ranked together, scaled by the gate scales,
   and one global cost-aware threshold walk keeps ``target(t)`` parameters over all sub-blocks,
-  with ``target(t)`` ramped from dense to the global target like P3B's keep ratios.
+  with ``target(t)`` ramped from dense to the global target like P3B's keep ratios. With a
+  shared residual its channels are one more gate type in that same walk.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from p3b_search.methods.gated import (
     per_gate_ranks,
 )
 from p3b_search.methods.selection import soft_mask, walk_threshold
-from p3b_search.methods.unit_weights import unit_weight_norms
+from p3b_search.methods.unit_weights import residual_weight_norms, unit_weight_norms
 from p3b_search.methods.hooks import StepInfo
 
 
@@ -59,11 +62,8 @@ class UniformMagnitude(GatedPruning):
     def __init__(self, config: UniformMagnitudeConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self.pruned = False
-
-    @property
-    def keep_ratio(self) -> float:
-        """kappa shared by every sub-block: the block target over the dense block parameters."""
-        return self.block_target / float(self.dense_params.sum())
+        #: kappa shared by every sub-block: the blocks' target over their W_j (None until it prunes)
+        self.keep_ratio: float | None = None
 
     def first_acting_step(self) -> int:
         """The micro-batch after whose backward the one-shot pruning happens (before its
@@ -89,11 +89,14 @@ class UniformMagnitude(GatedPruning):
 
     def _prune(self, info: StepInfo) -> None:
         norms = {sb.index: unit_weight_norms(self.adapter, sb, self.config.norm) for sb in self.adapter.sub_blocks}
-        ranks = per_gate_ranks(self.layout, self.layout.gather(norms), self.unit_scales)
+        residual = residual_weight_norms(self.adapter, self.config.norm) if self.shared else None
+        ranks = per_gate_ranks(self.layout, self.layout.gather(norms, residual), self.unit_scales)
+        budget = self._block_budget(ranks, progress=1.0, tau=0.0)
+        self.keep_ratio = min(1.0, max(0.0, budget.target / float(budget.dense.sum())))
         keep = torch.full((len(self.adapter.sub_blocks),), self.keep_ratio, dtype=torch.float64)
-        self._set_gate_values(self._select_per_block(ranks, keep, tau=0.0, carry=True))
+        self._set_gate_values(self._select_per_block(ranks, keep, budget, tau=0.0, carry=True))
         self.pruned = True
-        self._record(info, keep_ratio_target=keep)
+        self._record(info, keep_ratio_target=self._dense_relative(keep, budget))
 
     def update_masks(self, info: StepInfo, final: bool = False) -> None:
         """The one-shot pruning if it has not happened yet; at ``final`` the masks are frozen."""
@@ -123,9 +126,10 @@ class GlobalTaylor(TaylorGatedPruning):
     config: GlobalTaylorConfig
 
     def decide(self, info: StepInfo, scores: torch.Tensor, *, tau: float, progress: float, final: bool) -> None:
+        """One walk over every unit (the shared residual's channels too) to the ramped target."""
         ranks = per_gate_ranks(self.layout, scores, self.unit_scales, by_gate_type=True)
-        dense = float(self.dense_params.sum())
-        keep = ramp_keep_ratios(torch.tensor(self.block_target / dense, dtype=torch.float64), progress)
+        dense = self.prunable_params
+        keep = ramp_keep_ratios(torch.tensor(self.prunable_target / dense, dtype=torch.float64), progress)
         selection = walk_threshold(self.layout, ranks, float(keep) * dense)
         self._set_gate_values(soft_mask(selection, tau))
         self._record(info)

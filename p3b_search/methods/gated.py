@@ -9,10 +9,21 @@ and returns ``shrink_model`` of the hard masks (sub-blocks with nothing left are
 Allocation rows (one per sub-block per mask update) have every key of
 :data:`~p3b_search.methods.allocation.ALLOCATION_KEYS` (benefits, importance and the target
 keep ratio NaN when not used), the kept sizes being those of the hard masks.
+
+``residual: shared`` (docs/methods.md, section 1.6) gives the model one residual gate per
+stage instead of each sub-block's input and output gates. Its channels are ranked like any
+gate's units; at every decision one cost-aware walk over *all* units (the residual's channels,
+each paying every parameter it holds across the model, and the sub-blocks' inner units) to
+the model's current target fixes the residual width (:meth:`GatedPruning._block_budget`);
+what that width leaves of the target is the sub-blocks' budget, which each method spends as
+it does per block (P3B by block benefit, uniform-magnitude evenly, global Taylor in that
+same walk).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -25,6 +36,7 @@ from p3b_search.methods.target import block_params_target
 from p3b_search.methods.ramp import KeepRatioRamp
 from p3b_search.methods.schedule import PruneSchedule
 from p3b_search.methods.selection import (
+    RESIDUAL,
     TauSchedule,
     UnitLayout,
     normalised_ranks,
@@ -34,7 +46,7 @@ from p3b_search.methods.selection import (
 )
 from p3b_search.methods.window import WindowedSum
 from p3b_search.surgery import BlockMasks, GateSet, ModelAdapter, attach_gates, get_adapter, shrink_model
-from p3b_search.surgery.gates import masked_sizes
+from p3b_search.surgery.gates import ResidualMasks, masked_sizes
 from p3b_search.methods.hooks import StepInfo
 
 NAN = float("nan")
@@ -50,14 +62,22 @@ class GatedPruningConfig(MethodConfig):
         None, gt=0, description="[--prune-finalize-epoch] Epoch at which masks become hard; "
         "None: the end of the prune stage. Must not exceed the prune stage's epochs.")
     block_params_only: bool = Field(
-        False, description="[--prune-rate-by-block-param-only] prune_ratio counts only sub-block parameters; "
-        "False: the never-pruned ones (stem, position embedding, head) count too.")
+        False, description="[--prune-rate-by-block-param-only] prune_ratio counts only sub-block parameters "
+        "(and, with a shared residual, those its width cuts outside them); False: the never-pruned ones (stem, "
+        "position embedding, head) count too.")
+    residual: Literal["per-block", "shared"] = Field(
+        "per-block", description="per-block: every sub-block chooses its own residual input and output channels "
+        "(the export gathers and index_adds them); shared: one residual width per stage for the patch embedding, "
+        "every sub-block's input and output, the final norm and the head (the export is a plain narrower "
+        "model). docs/methods.md, section 1.6.")
     gate_scale_attn_in: float = Field(1.0, gt=0, description="Rank scale s_g of attention input channels.")
     gate_scale_attn_head_dim: float = Field(1.0, gt=0, description="Rank scale s_g of the qkv head dims.")
     gate_scale_attn_out: float = Field(1.5, gt=0, description="Rank scale s_g of attention output channels.")
     gate_scale_mlp_in: float = Field(1.0, gt=0, description="Rank scale s_g of MLP input channels.")
     gate_scale_mlp_hidden: float = Field(0.75, gt=0, description="Rank scale s_g of MLP hidden units.")
     gate_scale_mlp_out: float = Field(1.5, gt=0, description="Rank scale s_g of MLP output channels.")
+    gate_scale_residual: float = Field(
+        1.5, gt=0, description="Rank scale s_g of the shared residual's channels (residual: shared).")
 
     @model_validator(mode="after")
     def _start_before_finalize(self) -> "GatedPruningConfig":
@@ -70,10 +90,10 @@ class GatedPruningConfig(MethodConfig):
         return self
 
     def gate_scales(self) -> dict[str, float]:
-        """``{"attn.in": s, ..., "mlp.out": s}`` (the keys of ``Segment.gate_type``)."""
-        return {f"{kind}.{group}": getattr(self, f"gate_scale_{kind}_{group}")
-                for kind, groups in (("attn", ("in", "head_dim", "out")), ("mlp", ("in", "hidden", "out")))
-                for group in groups}
+        """``{"attn.in": s, ..., "mlp.out": s, "residual": s}`` (the keys of ``Segment.gate_type``)."""
+        return {**{f"{kind}.{group}": getattr(self, f"gate_scale_{kind}_{group}")
+                   for kind, groups in (("attn", ("in", "head_dim", "out")), ("mlp", ("in", "hidden", "out")))
+                   for group in groups}, RESIDUAL: self.gate_scale_residual}
 
 
 class IterativePruningConfig(GatedPruningConfig):
@@ -102,6 +122,21 @@ class IterativePruningConfig(GatedPruningConfig):
         return self
 
 
+@dataclass(frozen=True)
+class BlockBudget:
+    """What the sub-blocks share at one decision: ``dense`` W_j (2L,) float64, each sub-block's
+    parameters with its units kept (at the shared residual's ``widths``), the parameters
+    ``target`` they keep together at the end of the ramp and ``progress`` in [0, 1] along it.
+    ``values`` (N,): gate values of every unit of the method's layout, the shared residual's
+    set by the walk that fixed its ``widths`` (per block: ``widths`` None, values to be set)."""
+
+    dense: torch.Tensor
+    target: float
+    progress: float
+    widths: dict[int, int] | None
+    values: torch.Tensor
+
+
 class GatedPruning(PruningMethod):
     """Base of the gated structured methods (not registered itself)."""
 
@@ -127,28 +162,37 @@ class GatedPruning(PruningMethod):
 
     # -- setup ---------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
-        """Measure the dense model (W_j, W_nb), check the target is reachable, attach gates."""
+        """Measure the dense model (W_j, W_nb; shared: also what the residual width holds outside
+        the sub-blocks), check the target is reachable, attach gates."""
         adapter = get_adapter(model)
         self.adapter = adapter
+        self.shared = self.config.residual == "shared"
         self.dense_params = torch.tensor(
             [float(w) for w in dense_sub_block_params(adapter).values()], dtype=torch.float64)
         dense = model_cost(model)
         self.other_params, self.other_macs = dense.other_params, dense.other_macs
         self.dense_total_params = dense.params
-        self.counted_other_params = 0 if self.config.block_params_only else dense.other_params
-        self.block_target = block_params_target(self.dense_params, self.counted_other_params, self.config.prune_ratio)
-        if self.block_target < 0:
-            total = float(self.dense_params.sum()) + self.counted_other_params
+        #: parameters outside the sub-blocks that a shared residual's width cuts (0 per block)
+        self.dense_outside = float(adapter.outside_params()) if self.shared else 0.0
+        never_pruned = dense.other_params - self.dense_outside
+        self.counted_other_params = 0 if self.config.block_params_only else never_pruned
+        prunable = torch.cat([self.dense_params, torch.tensor([self.dense_outside], dtype=torch.float64)])
+        #: D and T: the parameters the method can prune (sub-blocks; shared: and outside them), dense and kept
+        self.prunable_params = float(prunable.sum())
+        self.prunable_target = block_params_target(prunable, self.counted_other_params, self.config.prune_ratio)
+        if self.prunable_target < 0:
+            total = self.prunable_params + self.counted_other_params
             raise ValueError(
                 f"prune_ratio={self.config.prune_ratio:g} asks to remove more than the sub-blocks hold "
-                f"(at most {float(self.dense_params.sum()) / total:.3f} with the never-pruned parameters counted): "
+                f"(at most {self.prunable_params / total:.3f} with the never-pruned parameters counted): "
                 "lower prune_ratio or set block_params_only=true"
             )
-        self.layout = UnitLayout(adapter, adapter.sub_blocks)
-        self.block_layouts = [UnitLayout(adapter, [sb]) for sb in adapter.sub_blocks]
+        self.gates = attach_gates(model, adapter, requires_grad=self.gate_gradients, residual=self.config.residual)
+        self.layout = UnitLayout(adapter, adapter.sub_blocks, residual=self.config.residual)
+        self.block_layouts = [UnitLayout(adapter, [sb], residual=self.config.residual, residual_units=False)
+                              for sb in adapter.sub_blocks]
         self.block_spans = [self.layout.block_span(sb.index) for sb in adapter.sub_blocks]
         self.unit_scales = self.layout.per_unit(self.config.gate_scales())
-        self.gates = attach_gates(model, adapter, requires_grad=self.gate_gradients)
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Move the gates (not model tensors) to where the model now lives."""
@@ -173,8 +217,13 @@ class GatedPruning(PruningMethod):
 
     # -- masks and costs -----------------------------------------------------------------
     def hard_masks(self) -> BlockMasks:
-        """The current gates thresholded at 0.5 (canonical: emptied sub-blocks fully off)."""
+        """The current gates thresholded at 0.5 (canonical: emptied sub-blocks fully off; shared:
+        every live sub-block's ``in``/``out`` are the residual's)."""
         return self.gates.hard_masks()
+
+    def hard_residual(self) -> ResidualMasks | None:
+        """The shared residual's gates thresholded at 0.5, by stage (None per block)."""
+        return self.gates.hard_residual()
 
     def kept_params(self, masks: BlockMasks | None = None) -> torch.Tensor:
         """Parameters each sub-block keeps under ``masks`` (default: the current hard masks) (2L,)."""
@@ -182,26 +231,65 @@ class GatedPruning(PruningMethod):
         return torch.tensor([float(c.params) for c in self._kept_costs(masks)], dtype=torch.float64)
 
     def _kept_costs(self, masks: BlockMasks) -> list[SubBlockCost]:
-        return [sub_block_cost(self.adapter, sb, masked_sizes(sb, masks[sb.index])) for sb in self.adapter.sub_blocks]
+        return [sub_block_cost(self.adapter, sb, masked_sizes(sb, masks[sb.index], shared=self.shared))
+                for sb in self.adapter.sub_blocks]
+
+    def _outside_costs(self, residual: ResidualMasks | None) -> tuple[float, float]:
+        """(parameters, MACs per image) outside the sub-blocks of the model that a shared
+        ``residual`` (hard masks; None per block) shrinks to."""
+        if residual is None:
+            return float(self.other_params), float(self.other_macs)
+        widths = {stage: int(mask.sum()) for stage, mask in residual.items()}
+        return (self.other_params - self.dense_outside + self.adapter.outside_params(widths),
+                float(self.adapter.stem_and_head_macs(widths)))
 
     def _set_gate_values(self, values: torch.Tensor) -> None:
         for s in self.layout:
-            self.gates.set(s.sub_block.index, s.group, values[s.span])
+            if s.sub_block is None:
+                self.gates.set_residual(s.stage, values[s.span])
+            else:
+                self.gates.set(s.sub_block.index, s.group, values[s.span])
 
-    def _select_per_block(self, ranks: torch.Tensor, keep_ratios: torch.Tensor, tau: float,
+    def _block_budget(self, ranks: torch.Tensor, progress: float, tau: float) -> BlockBudget:
+        """The sub-blocks' budget at ``progress`` along the ramp (docs/methods.md, section 1.6).
+
+        Per block: W_j, the final target T and ``progress`` as given. Shared: one cost-aware
+        walk over every unit (``ranks``) to the current target ``T(t) = D - progress (D - T)``
+        fixes the residual's widths c and gate values (soft with ``tau``); the sub-blocks then
+        hold W_j(c) and keep ``T - R(c)`` at the end (R: the parameters outside them at widths
+        c), and are as far along their ramp as makes the whole model meet ``T(t)`` now."""
+        if not self.shared:
+            return BlockBudget(self.dense_params, self.prunable_target, progress, None,
+                               torch.ones(self.layout.size, dtype=torch.float32))
+        now = self.prunable_params - progress * (self.prunable_params - self.prunable_target)
+        selection = walk_threshold(self.layout, ranks, now)
+        widths = self.layout.kept_widths(selection.kept)
+        dense, outside = self.layout.block_params(widths), self.layout.outside_params(widths)
+        full = float(dense.sum()) + outside
+        along = 1.0 if full <= self.prunable_target else min(1.0, max(0.0, (full - now) / (full - self.prunable_target)))
+        return BlockBudget(dense, self.prunable_target - outside, along, widths, soft_mask(selection, tau))
+
+    def _select_per_block(self, ranks: torch.Tensor, keep_ratios: torch.Tensor, budget: BlockBudget, tau: float,
                           carry: bool = False) -> torch.Tensor:
-        """Per sub-block threshold walk to ``keep_ratios[j] * W_j``; returns all gate values (N,).
-        ``carry``: each walk also takes up the parameters the walks before it kept too few (or,
-        negative, too many), so the whole model meets the summed target despite unit rounding."""
-        values = torch.empty(self.layout.size, dtype=torch.float32)
+        """Per sub-block threshold walk to ``keep_ratios[j] * budget.dense[j]`` (at the shared
+        residual's widths); returns all gate values (N,): ``budget.values`` with each sub-block's
+        units set. ``carry``: each walk also takes up the parameters the walks before it kept too
+        few (or, negative, too many), so the whole model meets the summed target despite unit rounding."""
+        values = budget.values.clone()
         missed = 0.0
         for j, (layout, span) in enumerate(zip(self.block_layouts, self.block_spans)):
-            target = float(keep_ratios[j]) * float(self.dense_params[j]) + missed
+            if budget.widths is not None:
+                layout.fix_widths(budget.widths)
+            target = float(keep_ratios[j]) * float(budget.dense[j]) + missed
             selection = walk_threshold(layout, ranks[span], target)
             if carry:
                 missed = target - float(selection.kept_params.sum())
             values[span] = soft_mask(selection, tau)
         return values
+
+    def _dense_relative(self, keep_ratios: torch.Tensor, budget: BlockBudget) -> torch.Tensor:
+        """Keep ratios of ``budget.dense`` as fractions of the dense W_j (the allocation rows' unit)."""
+        return keep_ratios * budget.dense / self.dense_params
 
     def _record(self, info: StepInfo, *, keep_ratio_target: torch.Tensor | None = None,
                 importance: torch.Tensor | None = None, benefit: torch.Tensor | None = None) -> None:
@@ -223,7 +311,7 @@ class GatedPruning(PruningMethod):
         """Masks are final: stop gate gradients."""
         self.finalized = True
         self.gates.zero_grad()
-        for _, _, tensor in self.gates.items():
+        for tensor in self.gates.tensors():
             tensor.requires_grad_(False)
 
     def _final_info(self) -> StepInfo:
@@ -237,34 +325,51 @@ class GatedPruning(PruningMethod):
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         """``kept_params``, ``macs`` (per image) and ``keep_ratio`` of the model the current hard
-        masks would shrink to."""
+        masks would shrink to; shared: ``residual_keep``, its kept fraction of the residual channels."""
         costs = self._kept_costs(self.hard_masks())
-        kept = sum(c.params for c in costs) + self.other_params
-        return {"kept_params": float(kept), "macs": float(sum(c.macs for c in costs) + self.other_macs),
-                "keep_ratio": kept / self.dense_total_params}
+        residual = self.hard_residual()
+        other_params, other_macs = self._outside_costs(residual)
+        kept = sum(c.params for c in costs) + other_params
+        metrics = {"kept_params": float(kept), "macs": float(sum(c.macs for c in costs) + other_macs),
+                   "keep_ratio": kept / self.dense_total_params}
+        if residual is not None:
+            metrics["residual_keep"] = (sum(int(m.sum()) for m in residual.values())
+                                        / sum(m.numel() for m in residual.values()))
+        return metrics
 
     def finalize(self, model: nn.Module) -> PrunedModel:
         """Hard masks (made now if the finalize step was not reached), gates and auxiliary
         modules removed, then ``shrink_model`` (a copy; ``model`` is left dense and clean)."""
         if not self.finalized:
             self.update_masks(self._final_info(), final=True)
-        masks = self.hard_masks()
+        masks, residual = self.hard_masks(), self.hard_residual()
         self.gates.remove()
         self._remove_auxiliary(model)
-        return PrunedModel(shrink_model(model, masks), structured=True)
+        return PrunedModel(shrink_model(model, masks, residual), structured=True)
 
     def _remove_auxiliary(self, model: nn.Module) -> None:
         """Take off anything besides the gates that the method put on ``model``."""
 
+    def _named_gates(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """Checkpoint key -> (what to call it in an error, gate tensor), the shared residual's too."""
+        gates = {f"{sb.index}/{group}": (f"{sb.name}.{group}", tensor) for sb, group, tensor in self.gates.items()}
+        gates.update({f"{RESIDUAL}/{stage}": (f"{RESIDUAL} of stage {stage}", tensor)
+                      for stage, tensor in self.gates.residual.items()})
+        return gates
+
     def state_dict(self) -> dict[str, Any]:
-        gates = {f"{sb.index}/{group}": tensor.detach().cpu().clone() for sb, group, tensor in self.gates.items()}
+        gates = {key: tensor.detach().cpu().clone() for key, (_, tensor) in self._named_gates().items()}
         return {"gates": gates, "finalized": self.finalized}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for sb, group, tensor in self.gates.items():
-            saved = state["gates"][f"{sb.index}/{group}"]
+        gates = self._named_gates()
+        if set(state["gates"]) != set(gates):
+            raise ValueError(f"method state: its gates are not this method's (residual={self.config.residual}): "
+                             "resume with the configuration the checkpoint was written with")
+        for key, (name, tensor) in gates.items():
+            saved = state["gates"][key]
             if saved.shape != tensor.shape:
-                raise ValueError(f"method state: gate {sb.name}.{group} has shape {tuple(saved.shape)}, "
+                raise ValueError(f"method state: gate {name} has shape {tuple(saved.shape)}, "
                                  f"this model's has {tuple(tensor.shape)}: resume with the same model")
             with torch.no_grad():
                 tensor.copy_(saved)
@@ -343,5 +448,10 @@ class TaylorGatedPruning(GatedPruning):
 
 def per_gate_ranks(layout: UnitLayout, scores: torch.Tensor, unit_scales: torch.Tensor,
                    by_gate_type: bool = False) -> torch.Tensor:
-    """Normalised ranks within each gate (or each gate type across sub-blocks), times s_g."""
-    return normalised_ranks(scores, layout.segment_ids(by_gate_type=by_gate_type), unit_scales)
+    """Normalised ranks within each gate (or each gate type across sub-blocks), times s_g; the
+    best channel of each shared residual stream ranks ``inf``, which no walk removes (a stream
+    keeps a channel)."""
+    ranks = normalised_ranks(scores, layout.segment_ids(by_gate_type=by_gate_type), unit_scales)
+    for s in layout.residual_segments:
+        ranks[s.start + int(torch.argmax(ranks[s.span]))] = math.inf
+    return ranks

@@ -4,14 +4,16 @@ from p3b_search.surgery.arch_spec import ArchSpec
 from p3b_search.surgery.gates import (
     BlockMasks,
     GateSet,
+    ResidualMasks,
     attach_gates,
     canonical_masks,
     full_masks,
     random_masks,
+    random_residual,
 )
 from p3b_search.surgery.shrink import SlicedLinear, shrink_model
 
 __all__ = [
-    "ArchSpec", "BlockMasks", "BranchSizes", "GateSet", "ModelAdapter", "SlicedLinear", "SubBlock",
-    "attach_gates", "canonical_masks", "full_masks", "get_adapter", "random_masks", "shrink_model",
+    "ArchSpec", "BlockMasks", "BranchSizes", "GateSet", "ModelAdapter", "ResidualMasks", "SlicedLinear", "SubBlock",
+    "attach_gates", "canonical_masks", "full_masks", "get_adapter", "random_masks", "random_residual", "shrink_model",
 ]

@@ -17,6 +17,14 @@ mlp        ``out``: output channel of ``fc2`` (into the residual)      C
 =========  ==========================================================  =========
 
 Adapters are chosen by the model's class (:func:`get_adapter`); timm's code is never changed.
+
+**Residual streams.** The channels the sub-blocks read and write form one residual stream per
+*stage* (ViT: one stage; Swin: one per stage, patch merging maps one into the next). A
+*shared* residual (see :mod:`p3b_search.surgery.gates`) narrows a stage's stream everywhere at
+once: the adapter names every LayerNorm that normalises over a stream's channels
+(:meth:`ModelAdapter.stream_norms`) and every parameter outside the sub-blocks that the
+stream's width cuts (:meth:`ModelAdapter.outside_slices`: patch embedding, class and position
+tokens, patch merging, final norm, classifier heads).
 """
 from __future__ import annotations
 
@@ -47,6 +55,9 @@ class BranchSizes:
     head_dim: int = 0
     hidden: int = 0
     skipped: bool = False
+    #: width of the branch's LayerNorm when a shared residual narrows it (counted on the dense
+    #: model's norm); None: the norm as the module is (full width in per-block mode)
+    norm: int | None = None
 
     def group_size(self, group: str) -> int:
         """Kept units in ``group`` (``in``, ``out``, ``heads``, ``head_dim``, ``hidden``)."""
@@ -92,6 +103,27 @@ class SubBlock:
         if self.kind == "attn":
             return BranchSizes(self.dim, self.dim, heads=self.num_heads, head_dim=self.head_dim)
         return BranchSizes(self.dim, self.dim, hidden=self.hidden)
+
+
+@dataclass(frozen=True)
+class StreamNorm:
+    """A LayerNorm (``path`` in the model) whose statistics run over residual stream ``stage``'s
+    channels, ``repeats`` copies side by side (Swin's patch merging norms 2x2 tokens' channels)."""
+
+    path: str
+    stage: int
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class StreamSlice:
+    """Parameter ``name`` (outside the sub-blocks) is cut along ``dim`` to stream ``stage``'s
+    kept channels, ``repeats`` copies side by side (channel ``k * C + c`` for copy ``k``)."""
+
+    name: str
+    dim: int
+    stage: int
+    repeats: int = 1
 
 
 class ModelAdapter:
@@ -156,15 +188,64 @@ class ModelAdapter:
         pe = self.model.patch_embed
         return (pe.proj.in_channels, *pe.img_size)
 
-    def patch_embed_macs(self) -> int:
-        """MACs per image of the patch-embedding convolution."""
-        pe = self.model.patch_embed
-        conv = pe.proj
-        return pe.grid_size[0] * pe.grid_size[1] * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size)
+    # -- residual streams ---------------------------------------------------------------------
+    def stream_widths(self) -> dict[int, int]:
+        """Dense width C of each stage's residual stream, by stage."""
+        return {sb.stage: sb.dim for sb in self.sub_blocks}
 
-    def stem_and_head_macs(self) -> int:
-        """MACs per image outside the sub-blocks (patch embedding, merging, classifier heads)."""
+    def stream_norms(self) -> list[StreamNorm]:
+        """Every LayerNorm that normalises over a residual stream's channels (present modules only)."""
+        norms = self._outside_norms()
+        for sb in self.sub_blocks:
+            attr = self.branch_attrs[sb.kind][0]
+            if isinstance(getattr(self.block(sb), attr, None), nn.LayerNorm):
+                norms.append(StreamNorm(f"{sb.block_path}.{attr}", sb.stage))
+        return norms
+
+    def _outside_norms(self) -> list[StreamNorm]:
+        """The stream norms outside the sub-blocks."""
         raise NotImplementedError
+
+    def outside_slices(self) -> list[StreamSlice]:
+        """How each parameter outside the sub-blocks that a stream's width cuts is cut."""
+        slices = []
+        for norm in self._outside_norms():
+            for name, param in self.model.get_submodule(norm.path).named_parameters():
+                slices.append(StreamSlice(f"{norm.path}.{name}", param.ndim - 1, norm.stage, norm.repeats))
+        return slices + self._outside_weight_slices()
+
+    def _outside_weight_slices(self) -> list[StreamSlice]:
+        """:meth:`outside_slices` of the embeddings, merging layers and heads (norms aside)."""
+        raise NotImplementedError
+
+    def outside_matmuls(self) -> list[tuple[str, int]]:
+        """(weight name, uses per image) of the matrix products outside the sub-blocks: each
+        weight is multiplied ``uses`` times per image (output positions or rows)."""
+        raise NotImplementedError
+
+    def check_shared_residual(self) -> None:
+        """Raise ``NotImplementedError`` (one line, naming the model's part) when a shared
+        residual cannot narrow this model exactly: every reader of a stream must be a LayerNorm."""
+        raise NotImplementedError
+
+    def numel_at(self, name: str, widths: dict[int, int] | None = None) -> int:
+        """Elements of parameter ``name`` when the streams have ``widths`` (by stage; None: as it is)."""
+        shape = list(self.model.get_parameter(name).shape)
+        if widths is not None:
+            for cut in self.outside_slices():
+                if cut.name == name:
+                    shape[cut.dim] = widths[cut.stage] * cut.repeats
+        return math.prod(shape)
+
+    def outside_params(self, widths: dict[int, int] | None = None) -> int:
+        """Parameters outside the sub-blocks that the streams' widths cut, at ``widths`` (by
+        stage; None: as the model is)."""
+        return sum(self.numel_at(name, widths) for name in dict.fromkeys(c.name for c in self.outside_slices()))
+
+    def stem_and_head_macs(self, widths: dict[int, int] | None = None) -> int:
+        """MACs per image outside the sub-blocks (patch embedding, merging, classifier heads),
+        with the streams at ``widths`` (by stage; None: as the model is)."""
+        return sum(uses * self.numel_at(name, widths) for name, uses in self.outside_matmuls())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__}, {len(self.sub_blocks)} sub-blocks)"
@@ -214,14 +295,40 @@ class VisionTransformerAdapter(ModelAdapter):
             yield SubBlock(2 * layer + 1, layer, "mlp", path, 0, geo["dim"], tokens, tokens,
                            hidden=geo["hidden"])
 
-    def stem_and_head_macs(self) -> int:
+    def _heads(self) -> list[str]:
+        return [name for name in ("head", "head_dist") if isinstance(getattr(self.model, name, None), nn.Linear)]
+
+    def _outside_norms(self) -> list[StreamNorm]:
+        return [StreamNorm(name, 0) for name in ("norm_pre", "norm", "fc_norm")
+                if isinstance(getattr(self.model, name, None), nn.LayerNorm)]
+
+    def _outside_weight_slices(self) -> list[StreamSlice]:
         model = self.model
-        macs = self.patch_embed_macs()
-        for head_name in ("head", "head_dist"):
-            head = getattr(model, head_name, None)
-            if isinstance(head, nn.Linear):
-                macs += head.in_features * head.out_features
-        return macs
+        slices = [StreamSlice(f"patch_embed.proj.{name}", 0, 0) for name, _ in model.patch_embed.proj.named_parameters()]
+        slices += [StreamSlice(name, 2, 0) for name in ("cls_token", "reg_token", "dist_token", "pos_embed")
+                   if isinstance(getattr(model, name, None), nn.Parameter)]
+        return slices + [StreamSlice(f"{head}.weight", 1, 0) for head in self._heads()]
+
+    def outside_matmuls(self) -> list[tuple[str, int]]:
+        grid = self.model.patch_embed.grid_size
+        return [("patch_embed.proj.weight", grid[0] * grid[1])] + [(f"{head}.weight", 1) for head in self._heads()]
+
+    def check_shared_residual(self) -> None:
+        model, name = self.model, type(self.model).__name__
+        if not isinstance(model.patch_embed.norm, nn.Identity):
+            raise NotImplementedError(f"{name}: a shared residual cannot narrow patch_embed.norm (only models "
+                                      "without a patch-embedding norm, e.g. ViT and DeiT, are supported)")
+        if getattr(model, "attn_pool", None) is not None:
+            raise NotImplementedError(f"{name}: a shared residual cannot narrow the attention-pooling head "
+                                      "(global_pool='map'): use global_pool 'token' or 'avg'")
+        final = [n for n in ("norm", "fc_norm") if isinstance(getattr(model, n, None), nn.LayerNorm)]
+        if not final:
+            raise NotImplementedError(f"{name}: a shared residual needs a final LayerNorm (norm or fc_norm) "
+                                      "before the head")
+        if not isinstance(model.norm_pre, (nn.Identity, nn.LayerNorm)):
+            raise NotImplementedError(f"{name}: a shared residual cannot narrow norm_pre "
+                                      f"({type(model.norm_pre).__name__}): only LayerNorm is supported")
+        _check_block_norms(self, name)
 
 
 class SwinTransformerAdapter(ModelAdapter):
@@ -243,18 +350,66 @@ class SwinTransformerAdapter(ModelAdapter):
                                hidden=geo["hidden"])
                 layer += 1
 
-    def stem_and_head_macs(self) -> int:
+    def _merging_stages(self) -> list[int]:
+        """Stages that start with a patch merging (it maps stage s - 1's stream into stage s's)."""
+        return [s for s, stage in enumerate(self.model.layers) if hasattr(stage.downsample, "reduction")]
+
+    def _last_stage(self) -> int:
+        return len(self.model.layers) - 1
+
+    def _outside_norms(self) -> list[StreamNorm]:
         model = self.model
-        macs = self.patch_embed_macs()
-        for stage in model.layers:
-            reduction = getattr(stage.downsample, "reduction", None)
-            if reduction is not None:
-                h, w = stage.blocks[0].input_resolution
-                macs += h * w * reduction.in_features * reduction.out_features
-        fc = getattr(model.head, "fc", None)
-        if isinstance(fc, nn.Linear):
-            macs += fc.in_features * fc.out_features
-        return macs
+        norms = [StreamNorm("patch_embed.norm", 0)] if isinstance(model.patch_embed.norm, nn.LayerNorm) else []
+        norms += [StreamNorm(f"layers.{s}.downsample.norm", s - 1, repeats=4) for s in self._merging_stages()
+                  if isinstance(model.layers[s].downsample.norm, nn.LayerNorm)]
+        if isinstance(model.norm, nn.LayerNorm):
+            norms.append(StreamNorm("norm", self._last_stage()))
+        return norms
+
+    def _outside_weight_slices(self) -> list[StreamSlice]:
+        model = self.model
+        slices = [StreamSlice(f"patch_embed.proj.{name}", 0, 0) for name, _ in model.patch_embed.proj.named_parameters()]
+        for s in self._merging_stages():
+            reduction = f"layers.{s}.downsample.reduction"
+            slices += [StreamSlice(f"{reduction}.weight", 0, s), StreamSlice(f"{reduction}.weight", 1, s - 1, repeats=4)]
+            if model.layers[s].downsample.reduction.bias is not None:
+                slices.append(StreamSlice(f"{reduction}.bias", 0, s))
+        if isinstance(getattr(model.head, "fc", None), nn.Linear):
+            slices.append(StreamSlice("head.fc.weight", 1, self._last_stage()))
+        return slices
+
+    def outside_matmuls(self) -> list[tuple[str, int]]:
+        grid = self.model.patch_embed.grid_size
+        matmuls = [("patch_embed.proj.weight", grid[0] * grid[1])]
+        for s in self._merging_stages():
+            h, w = self.model.layers[s].blocks[0].input_resolution
+            matmuls.append((f"layers.{s}.downsample.reduction.weight", h * w))
+        if isinstance(getattr(self.model.head, "fc", None), nn.Linear):
+            matmuls.append(("head.fc.weight", 1))
+        return matmuls
+
+    def check_shared_residual(self) -> None:
+        model, name = self.model, type(self.model).__name__
+        for s in self._merging_stages():
+            merging = model.layers[s].downsample
+            if not isinstance(merging.norm, nn.LayerNorm):
+                raise NotImplementedError(f"{name}: a shared residual cannot narrow layers.{s}.downsample "
+                                          "(only timm's PatchMerging with a LayerNorm is supported)")
+        if not isinstance(model.norm, nn.LayerNorm):
+            raise NotImplementedError(f"{name}: a shared residual needs a final LayerNorm before the head")
+        if not isinstance(model.patch_embed.norm, (nn.Identity, nn.LayerNorm)):
+            raise NotImplementedError(f"{name}: a shared residual cannot narrow patch_embed.norm "
+                                      f"({type(model.patch_embed.norm).__name__}): only LayerNorm is supported")
+        _check_block_norms(self, name)
+
+
+def _check_block_norms(adapter: ModelAdapter, model_name: str) -> None:
+    for sb in adapter.sub_blocks:
+        attr = adapter.branch_attrs[sb.kind][0]
+        norm = getattr(adapter.block(sb), attr)
+        if norm is not None and not isinstance(norm, nn.LayerNorm):
+            raise NotImplementedError(f"{model_name}: a shared residual cannot narrow {sb.block_path}.{attr} "
+                                      f"({type(norm).__name__}): only LayerNorm is supported")
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

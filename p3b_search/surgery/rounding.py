@@ -8,6 +8,9 @@ whole heads are never added), the smallest multiple of ``multiple`` at or above 
 are set to zero, so the rounded model computes the same logits (a zero hidden unit gives
 GELU(0) = 0, a zero head dim adds nothing to q.k nor to v, a zero output channel adds 0 to the
 residual) with slightly more MACs, which :func:`p3b_search.cost.model_cost` counts exactly.
+
+A shared residual width is never rounded: its LayerNorms normalise over the kept channels, and
+a zero channel more would change their mean and variance. Its head dims and hidden units are.
 """
 from __future__ import annotations
 
@@ -16,17 +19,17 @@ import math
 import torch
 from torch import nn
 
-from p3b_search.surgery.adapters import SubBlock, get_adapter
+from p3b_search.surgery.adapters import ModelAdapter, SubBlock, get_adapter
 from p3b_search.surgery.arch_spec import ArchSpec
-from p3b_search.surgery.gates import BlockMasks, canonical_masks
+from p3b_search.surgery.gates import RESIDUAL_GROUPS, BlockMasks, ResidualMasks, canonical_masks
 from p3b_search.surgery.shrink import attention_indices, query_scale, shrink_model
 
 ROUNDED_GROUPS = ("in", "out", "head_dim", "hidden")
 
 
-def rounded_masks(masks: BlockMasks, multiple: int) -> BlockMasks:
-    """``masks`` with each partly kept group of :data:`ROUNDED_GROUPS` grown to a multiple of
-    ``multiple`` kept units (at most the group's size) by adding its lowest pruned indices."""
+def rounded_masks(masks: BlockMasks, multiple: int, rounded: tuple[str, ...] = ROUNDED_GROUPS) -> BlockMasks:
+    """``masks`` with each partly kept group of ``rounded`` grown to a multiple of ``multiple``
+    kept units (at most the group's size) by adding its lowest pruned indices."""
     if multiple < 1:
         raise ValueError(f"round_to must be >= 1 (got {multiple})")
     out: BlockMasks = {}
@@ -35,7 +38,7 @@ def rounded_masks(masks: BlockMasks, multiple: int) -> BlockMasks:
         for group, mask in groups.items():
             kept, size = int(mask.sum()), mask.numel()
             grown = mask.clone()
-            if group in ROUNDED_GROUPS and 0 < kept < size:
+            if group in rounded and 0 < kept < size:
                 missing = min(size, math.ceil(kept / multiple) * multiple) - kept
                 grown[(~mask).nonzero().flatten()[:missing]] = True
             out[index][group] = grown
@@ -86,6 +89,30 @@ def _place_mlp(dense_mlp: nn.Module, shrunk_mlp: nn.Module, groups: dict[str, to
 
 
 @torch.no_grad()
+def _place_stream(dense: nn.Module, shrunk: nn.Module, adapter: ModelAdapter, residual: ResidualMasks) -> None:
+    """Put ``shrunk``'s narrowed stream parameters (outside the sub-blocks, and the sub-blocks'
+    norms) at their kept channels of ``dense`` (zeros elsewhere)."""
+    widths, cuts = adapter.stream_widths(), adapter.outside_slices()
+    kept = {stage: _all(mask) for stage, mask in residual.items()}
+    shrunk_params = dict(shrunk.named_parameters())
+    for name in dict.fromkeys(cut.name for cut in cuts):
+        value = shrunk_params[name].detach().cpu()
+        for cut in reversed([c for c in cuts if c.name == name]):  # undo the cuts in reverse order
+            shape = list(value.shape)
+            shape[cut.dim] = widths[cut.stage] * cut.repeats
+            index = (torch.arange(cut.repeats)[:, None] * widths[cut.stage] + kept[cut.stage][None, :]).flatten()
+            value = value.new_zeros(shape).index_copy_(cut.dim, index, value)
+        dense.get_parameter(name).copy_(value)
+    for sb in adapter.sub_blocks:
+        norm_name = f"{sb.block_path}.{adapter.branch_attrs[sb.kind][0]}"
+        for name, param in adapter.model.get_submodule(norm_name).named_parameters():
+            narrow = shrunk_params.get(f"{norm_name}.{name}")
+            if narrow is not None:  # None: the sub-block was skipped
+                param.zero_()
+                param[kept[sb.stage]] = narrow.detach().cpu()
+
+
+@torch.no_grad()
 def expand_to_dense(shrunk: nn.Module, spec: ArchSpec) -> nn.Module:
     """A dense timm model (CPU) holding ``shrunk``'s weights at their dense positions and zeros
     at every pruned unit; ``shrink_model`` of it with ``spec``'s masks gives ``shrunk`` back."""
@@ -93,11 +120,14 @@ def expand_to_dense(shrunk: nn.Module, spec: ArchSpec) -> nn.Module:
 
     dense = timm.create_model(spec.model_name, pretrained=False, **spec.model_kwargs).eval()
     adapter = get_adapter(dense)
-    masks = canonical_masks(adapter, spec.masks(adapter))
+    residual = spec.residual_masks(adapter)
+    masks = canonical_masks(adapter, spec.masks(adapter), residual)
     own = {name: value for name, value in shrunk.state_dict().items()}
     for name, value in dense.state_dict().items():
         if name in own and own[name].shape == value.shape:
             value.copy_(own[name])
+    if residual is not None:
+        _place_stream(dense, shrunk, adapter, residual)
     shrunk_adapter = get_adapter(shrunk)
     for sb, shrunk_sb in zip(adapter.sub_blocks, shrunk_adapter.sub_blocks):
         groups = masks[sb.index]
@@ -123,7 +153,9 @@ def round_widths(shrunk: nn.Module, spec: ArchSpec, multiple: int) -> tuple[nn.M
     its :class:`ArchSpec` (``extra`` kept, plus ``round_to``)."""
     dense = expand_to_dense(shrunk, spec)
     adapter = get_adapter(dense)
-    masks = rounded_masks(canonical_masks(adapter, spec.masks(adapter)), multiple)
-    model = shrink_model(dense, masks, inplace=True).eval()
+    residual = spec.residual_masks(adapter)
+    rounded = ROUNDED_GROUPS if residual is None else tuple(g for g in ROUNDED_GROUPS if g not in RESIDUAL_GROUPS)
+    masks = rounded_masks(canonical_masks(adapter, spec.masks(adapter), residual), multiple, rounded)
+    model = shrink_model(dense, masks, residual, inplace=True).eval()
     rounded = ArchSpec.from_model(model, spec.model_name, spec.model_kwargs, extra={**spec.extra, "round_to": multiple})
     return model, rounded

@@ -13,11 +13,18 @@ rounding), with fewer parameters and MACs:
   multiplied by ``sqrt(d'/d)`` once, here. (This works for timm's fused and unfused paths.)
 * Norms stay full-width with statistics over all C channels, exactly as in the masked model
   that was trained; only a skipped sub-block loses its norm.
+* With a *shared residual* (``residual``: one mask per stage's stream) the stream itself is
+  narrow: the patch embedding, class/position tokens, every norm (``LayerNorm(kept)``), every
+  sub-block's input and output, patch merging, the final norm and the heads keep only the kept
+  channels, so branches read and write the stream directly: no gather, no scatter, no
+  ``index_add`` (plain ``nn.Linear`` everywhere). The masked model it matches normalises over
+  the kept channels (:func:`~p3b_search.surgery.gates.masked_layer_norm`).
 * A sub-block whose output is gone (or that can only emit a constant, see
   :func:`~p3b_search.surgery.gates.canonical_masks`) is removed from compute: its block's
   class becomes a subclass of timm's whose ``forward`` skips the missing branch.
 
-The kept indices are remembered on each block (``block.kept_units``) so that
+The kept indices are remembered on each block (``block.kept_units``) and, with a shared
+residual, on the model (``model.kept_residual``: stage -> kept indices, None = all) so that
 :class:`~p3b_search.surgery.arch_spec.ArchSpec` can describe the result as plain JSON.
 """
 from __future__ import annotations
@@ -32,7 +39,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from p3b_search.surgery.adapters import ModelAdapter, SubBlock, get_adapter
-from p3b_search.surgery.gates import BlockMasks, canonical_masks
+from p3b_search.surgery.gates import BlockMasks, ResidualMasks, canonical_masks, check_residual
 
 
 class SlicedLinear(nn.Linear):
@@ -69,6 +76,20 @@ class SlicedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, full_out={self.full_out}"
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, in_index: torch.Tensor | None = None,
+            out_index: torch.Tensor | None = None, full_out: int | None = None) -> nn.Linear:
+    """A :class:`SlicedLinear` when it must gather or scatter, else a plain ``nn.Linear``."""
+    if in_index is not None or out_index is not None:
+        return SlicedLinear(weight, bias, in_index=in_index, out_index=out_index, full_out=full_out)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 class ShrunkViTBlock(Block):
@@ -142,7 +163,10 @@ def query_scale(sb: SubBlock, groups: dict[str, torch.Tensor]) -> float:
     return math.sqrt(int(groups["head_dim"].sum()) / sb.head_dim)
 
 
-def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor], scatter: bool) -> None:
+def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Tensor], *, gather: bool,
+                      scatter: bool) -> None:
+    """Cut ``attn`` to ``groups``; ``gather``: qkv picks its kept inputs from the full-width stream
+    (else the stream is already the kept channels), ``scatter``: proj writes full width."""
     qkv, proj = attn.qkv, attn.proj
     device = qkv.weight.device
     heads, rows, cols = attention_indices(sb, groups, device)
@@ -158,14 +182,14 @@ def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Ten
         weight[:q_rows] *= keep_scale
         if bias is not None:
             bias[:q_rows] *= keep_scale
-        attn.qkv = SlicedLinear(weight, bias, in_index=_on(c_in, weight))
+        attn.qkv = _linear(weight, bias, in_index=_on(c_in, weight) if gather else None)
         proj_weight = proj.weight[:, cols]
         proj_bias = proj.bias
         if c_out is not None:
             proj_weight, proj_bias = proj_weight[c_out.to(device)], (
                 proj_bias[c_out.to(device)] if proj_bias is not None else None)
-        attn.proj = SlicedLinear(proj_weight, proj_bias, out_index=_on(c_out, proj_weight) if scatter else None,
-                                 full_out=proj.out_features)
+        attn.proj = _linear(proj_weight, proj_bias, out_index=_on(c_out, proj_weight) if scatter else None,
+                            full_out=proj.out_features)
         table = getattr(attn, "relative_position_bias_table", None)
         if table is not None:
             attn.relative_position_bias_table = nn.Parameter(table[:, heads].clone())
@@ -176,7 +200,8 @@ def _shrink_attention(attn: nn.Module, sb: SubBlock, groups: dict[str, torch.Ten
     attn.scale = len(dims) ** -0.5
 
 
-def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor], scatter: bool) -> None:
+def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor], *, gather: bool, scatter: bool) -> None:
+    """Cut ``mlp`` to ``groups`` (``gather``/``scatter`` as in :func:`_shrink_attention`)."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     device = fc1.weight.device
     hidden = _indices(groups["hidden"]).to(device)
@@ -185,26 +210,82 @@ def _shrink_mlp(mlp: nn.Module, groups: dict[str, torch.Tensor], scatter: bool) 
         weight = fc1.weight[hidden]
         if c_in is not None:
             weight = weight[:, c_in.to(device)]
-        mlp.fc1 = SlicedLinear(weight, fc1.bias[hidden] if fc1.bias is not None else None,
-                               in_index=_on(c_in, weight))
+        mlp.fc1 = _linear(weight, fc1.bias[hidden] if fc1.bias is not None else None,
+                          in_index=_on(c_in, weight) if gather else None)
         weight2, bias2 = fc2.weight[:, hidden], fc2.bias
         if c_out is not None:
             weight2 = weight2[c_out.to(device)]
             bias2 = bias2[c_out.to(device)] if bias2 is not None else None
-        mlp.fc2 = SlicedLinear(weight2, bias2, out_index=_on(c_out, weight2) if scatter else None,
-                               full_out=fc2.out_features)
+        mlp.fc2 = _linear(weight2, bias2, out_index=_on(c_out, weight2) if scatter else None,
+                          full_out=fc2.out_features)
 
 
-def _compact_residual(block: nn.Module, adapter: ModelAdapter, kind: str, out_mask: torch.Tensor) -> None:
-    """Register ``{kind}_out_index`` and slice the layer scale to the kept output channels."""
+def _compact_residual(block: nn.Module, adapter: ModelAdapter, kind: str, out_mask: torch.Tensor,
+                      add_at: bool) -> None:
+    """Slice the layer scale to the kept output channels; a ViT block registers ``{kind}_out_index``
+    for the ``index_add`` into the full-width stream when ``add_at`` (else None: the stream is
+    the kept channels)."""
     _, _, ls_attr, _ = adapter.branch_attrs[kind]
     out = _subset(out_mask)
-    ls = getattr(block, ls_attr)
+    ls = getattr(block, ls_attr, None)
     device = next(block.parameters()).device
-    block.register_buffer(f"{kind}_out_index", None if out is None else out.to(device), persistent=False)
+    if isinstance(block, ShrunkViTBlock):
+        index = out.to(device) if out is not None and add_at else None
+        block.register_buffer(f"{kind}_out_index", index, persistent=False)
     if out is not None and hasattr(ls, "gamma"):
         with torch.no_grad():
             ls.gamma = nn.Parameter(ls.gamma[out.to(device)].clone())
+
+
+def _stream_index(kept: torch.Tensor, width: int, repeats: int) -> torch.Tensor:
+    """Indices of ``kept`` channels in each of ``repeats`` side-by-side copies of a ``width`` stream."""
+    return (torch.arange(repeats, device=kept.device)[:, None] * width + kept[None, :]).flatten()
+
+
+@torch.no_grad()
+def _cut_parameter(model: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+    """Replace parameter ``name`` of ``model`` by its entries ``index`` along ``dim``."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    param = getattr(module, attr)
+    setattr(module, attr, nn.Parameter(param.index_select(dim, index.to(param.device)).clone(),
+                                       requires_grad=param.requires_grad))
+
+
+def _refresh_shape(module: nn.Module) -> None:
+    """Make a cut module's size attributes agree with its weight."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.Conv2d):
+        module.out_channels = weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+
+
+def _narrow_outside(model: nn.Module, adapter: ModelAdapter, kept: dict[int, torch.Tensor]) -> None:
+    """Cut every parameter outside the sub-blocks that the streams' widths cut, and the size
+    attributes that describe them, to the kept channels ``kept[stage]``."""
+    widths, cuts = adapter.stream_widths(), adapter.outside_slices()
+    for cut in cuts:
+        _cut_parameter(model, cut.name, cut.dim, _stream_index(kept[cut.stage], widths[cut.stage], cut.repeats))
+    for module in {cut.name.rpartition(".")[0] for cut in cuts}:
+        if module:
+            _refresh_shape(model.get_submodule(module))
+    last = len(kept[max(kept)])
+    for attr in ("num_features", "head_hidden_size"):
+        if isinstance(getattr(model, attr, None), int):
+            setattr(model, attr, last)
+    if isinstance(getattr(model, "embed_dim", None), int) and len(kept) == 1:
+        model.embed_dim = last
+
+
+@torch.no_grad()
+def _narrow_norm(norm: nn.Module, kept: torch.Tensor) -> None:
+    """Cut a sub-block's LayerNorm to the kept channels of its stream."""
+    for name, param in list(norm.named_parameters()):
+        setattr(norm, name, nn.Parameter(param[kept.to(param.device)].clone(), requires_grad=param.requires_grad))
+    _refresh_shape(norm)
 
 
 def _shrunk_block_class(block: nn.Module) -> type:
@@ -221,42 +302,57 @@ def _skip_branch(block: nn.Module, adapter: ModelAdapter, kind: str) -> None:
         setattr(block, attr, None)
 
 
-def shrink_model(model: nn.Module, masks: BlockMasks, inplace: bool = False) -> nn.Module:
+def shrink_model(model: nn.Module, masks: BlockMasks, residual: ResidualMasks | None = None,
+                 inplace: bool = False) -> nn.Module:
     """A physically smaller copy of ``model`` (a dense timm ViT/DeiT/Swin, no gates attached)
     keeping the units where ``masks[j][group]`` is True; missing groups are kept whole.
+    ``residual`` (stage -> bool mask): a shared residual, whose kept channels every stream
+    keeps (the sub-blocks' ``in``/``out`` masks are then the residual's).
 
-    The result's logits equal those of ``model`` with hard gates set to ``masks`` (after
-    :func:`~p3b_search.surgery.gates.canonical_masks`).
+    The result's logits equal those of ``model`` with hard gates set to ``masks`` (and
+    ``residual``) (after :func:`~p3b_search.surgery.gates.canonical_masks`).
     """
     adapter = get_adapter(model)
     if any(hasattr(adapter.block(sb), "dense_geometry") for sb in adapter.sub_blocks):
         raise ValueError("shrink_model expects a dense model: this one was already shrunk")
+    shared = residual is not None
+    if shared:
+        adapter.check_shared_residual()
+        residual = check_residual(adapter, residual)
+    masks = canonical_masks(adapter, masks, residual)
     target = model if inplace else copy.deepcopy(model)
     adapter = get_adapter(target)
-    masks = canonical_masks(adapter, masks)
     for attn_sb, mlp_sb in zip(adapter.sub_blocks[0::2], adapter.sub_blocks[1::2]):
         block = adapter.block(attn_sb)
         block.__class__ = _shrunk_block_class(block)
         block.dense_geometry = {"dim": attn_sb.dim, "num_heads": attn_sb.num_heads,
                                 "head_dim": attn_sb.head_dim, "hidden": mlp_sb.hidden}
         block.kept_units = {}
+        vit = isinstance(block, ShrunkViTBlock)
         for sb in (attn_sb, mlp_sb):
             groups = masks[sb.index]
             if not bool(groups["out"].any()):
                 _skip_branch(block, adapter, sb.kind)
                 block.kept_units[sb.kind] = None
-                if isinstance(block, ShrunkViTBlock):
+                if vit:
                     block.register_buffer(f"{sb.kind}_out_index", None, persistent=False)
                 continue
-            # ViT blocks add compact branch outputs into the residual; Swin's window
-            # attention needs full-width outputs, so its linears scatter them.
-            scatter = not isinstance(block, ShrunkViTBlock)
+            # per block, ViT blocks add compact branch outputs into the full-width residual;
+            # Swin's window attention needs full-width outputs, so its linears scatter them.
+            # A shared residual is narrow itself: branches read and write it as it is.
+            scatter = not (vit or shared)
             if sb.kind == "attn":
-                _shrink_attention(block.attn, sb, groups, scatter)
+                _shrink_attention(block.attn, sb, groups, gather=not shared, scatter=scatter)
             else:
-                _shrink_mlp(block.mlp, groups, scatter)
+                _shrink_mlp(block.mlp, groups, gather=not shared, scatter=scatter)
             if not scatter:
-                _compact_residual(block, adapter, sb.kind, groups["out"])
+                _compact_residual(block, adapter, sb.kind, groups["out"], add_at=not shared)
+            if shared:
+                _narrow_norm(getattr(block, adapter.branch_attrs[sb.kind][0]), _indices(residual[sb.stage]))
             block.kept_units[sb.kind] = {g: None if bool(m.all()) else _indices(m).tolist()
-                                         for g, m in groups.items()}
+                                         for g, m in groups.items() if not (shared and g in ("in", "out"))}
+    if shared:
+        _narrow_outside(target, adapter, {stage: _indices(mask) for stage, mask in residual.items()})
+        target.kept_residual = {stage: None if bool(mask.all()) else _indices(mask).tolist()
+                                for stage, mask in residual.items()}
     return target

@@ -23,12 +23,17 @@ when the model has none. Swin has no class token: its features are ``(B, H, W, C
 (``(B, H*W, C)`` at the MLP input) and the cls head reads the average-pooled token, i.e. the
 same vector Swin's own classifier pools.
 
+With a shared residual (``stream_gate``) the heads read the stream as the model's norms do:
+multiplied by the residual gate of its stage, so pruned channels (which the model no longer
+reads) are zero.
+
 Losses use cross-entropy against the loop's targets: class indices (no label smoothing), or
 soft targets as given (mixup/cutmix already smooth them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +161,15 @@ class BlockBenefit(nn.Module):
 
     ``cls_heads[j]``/``patch_heads[j]`` serve sub-block ``j`` (width ``C_j``, K classes).
     Call :meth:`attach` to start capturing features and :meth:`step` after each training
-    forward; :meth:`remove_hooks` takes the hooks off again.
+    forward; :meth:`remove_hooks` takes the hooks off again. ``stream_gate(stage)``: the shared
+    residual gate (C_stage,) the features are multiplied by (None: read as they are).
     """
 
-    def __init__(self, adapter: ModelAdapter, num_classes: int):
+    def __init__(self, adapter: ModelAdapter, num_classes: int,
+                 stream_gate: Callable[[int], torch.Tensor] | None = None):
         super().__init__()
+        self._stream_gate = stream_gate
+        self._stages = [sb.stage for sb in adapter.sub_blocks]
         self.layout = TokenLayout.of(adapter)
         self.cls_heads = nn.ModuleList(nn.Linear(sb.dim, num_classes) for sb in adapter.sub_blocks)
         self.patch_heads = nn.ModuleList(PatchHead(sb.dim, num_classes) for sb in adapter.sub_blocks)
@@ -205,6 +214,9 @@ class BlockBenefit(nn.Module):
         for j, (cls_head, patch_head) in enumerate(zip(self.cls_heads, self.patch_heads)):
             (x_in, x_out), map_hw = self._stream(j)
             x_in, x_out = x_in[:images], x_out[:images]
+            if self._stream_gate is not None:
+                gate = self._stream_gate(self._stages[j])
+                x_in, x_out = x_in * gate.to(x_in.dtype), x_out * gate.to(x_out.dtype)
             dtype = cls_head.weight.dtype
             # both sides as one batch [x_j; x_{j+1}] (each head is called once; see PatchHead.forward)
             (cls_in, grid_in), (cls_out, grid_out) = (self.layout.split(x.to(dtype), map_hw) for x in (x_in, x_out))

@@ -10,13 +10,15 @@ Steps, for each of the cls and patch benefits ``D`` (one value per sub-block, sh
 4. EMA over windows, separately for cls and patch: ``I = gamma I_new + (1 - gamma) I_prev``
    (the first window has no ``I_prev`` and is used as is).
 5. ``I = alpha Ic + (1 - alpha) Ip``.
-6. ``kappa = s I`` with ``s`` solved so that ``sum(kappa W) = (1-p)(sum(W) + W_nb) - W_nb``;
-   kappa is clamped to [0, 1]: sub-blocks that reach 1 (or 0) are fixed there and ``s`` is
-   re-solved for the others (:func:`solve_keep_ratios`).
+6. ``kappa = s I`` with ``s`` solved so that ``sum(kappa W)`` is the sub-blocks' target,
+   ``(1-p)(sum(W) + W_nb) - W_nb`` per block (with a shared residual: what its width leaves,
+   see :class:`p3b_search.methods.gated.BlockBudget`); kappa is clamped to [0, 1]: sub-blocks
+   that reach 1 (or 0) are fixed there and ``s`` is re-solved for the others
+   (:func:`solve_keep_ratios`).
 
 Step 7, the ramp from dense to the target, is :class:`p3b_search.methods.ramp.KeepRatioRamp`
 (shared by every gated method); the target of step 6 is
-:func:`p3b_search.methods.target.block_params_target`. Everything here is
+:func:`p3b_search.methods.target.block_params_target` per block. Everything here is
 float64 and works on any device.
 """
 from __future__ import annotations
@@ -25,8 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from p3b_search.methods.target import block_params_target
 
 SOFT_CLAMP_SLOPE = 1.4
 KEPT_PARAMS_EPS = 1e-6
@@ -94,8 +94,7 @@ def allocate_budget(
     benefit_patch: torch.Tensor,
     kept_params: torch.Tensor,
     dense_params: torch.Tensor,
-    never_pruned_params: float,
-    prune_ratio: float,
+    target_params: float,
     *,
     alpha: float = 0.5,
     gamma: float = 0.2,
@@ -105,7 +104,8 @@ def allocate_budget(
     """The six numbered steps of the budget solve (this module's docstring) for one mask update.
 
     ``benefit_*``: window-mean Delta-Psi per sub-block (2L,); ``kept_params`` R (2L,);
-    ``dense_params`` W (2L,); ``never_pruned_params`` W_nb (0: block parameters only);
+    ``dense_params`` W (2L,); ``target_params``: what the sub-blocks keep together
+    (:func:`~p3b_search.methods.target.block_params_target` per block);
     ``previous``: the allocation of the previous update (its EMA'd importances), or None.
     """
     cls_now = block_importance(benefit_cls, kept_params, scale)
@@ -114,5 +114,4 @@ def allocate_budget(
         cls_now = gamma * cls_now + (1 - gamma) * previous.importance_cls.to(cls_now)
         patch_now = gamma * patch_now + (1 - gamma) * previous.importance_patch.to(patch_now)
     importance = alpha * cls_now + (1 - alpha) * patch_now
-    target = block_params_target(dense_params, never_pruned_params, prune_ratio)
-    return BudgetAllocation(solve_keep_ratios(importance, dense_params, target), importance, cls_now, patch_now)
+    return BudgetAllocation(solve_keep_ratios(importance, dense_params, target_params), importance, cls_now, patch_now)

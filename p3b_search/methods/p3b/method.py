@@ -13,6 +13,11 @@ During the prune stage, on the dense model:
   when a block's budget grows;
 * at the finalize epoch the last two windows are combined, the masks made hard and frozen.
 
+With ``residual: shared`` the residual width is fixed first at each update (one walk over all
+units, :meth:`~p3b_search.methods.gated.GatedPruning._block_budget`) and the block-benefit
+budget distributes what it leaves over the sub-blocks' inner units (head dims, hidden units);
+the auxiliary heads then read the stream as the model does, pruned channels zeroed.
+
 ``finalize`` removes gates and heads and returns the physically shrunk model. The auxiliary
 heads live on the model as ``model.p3b_aux_heads`` during the prune stage (so they move with
 it, are saved in its checkpoints and sit in their own optimizer group, lr ``aux_head_lr``
@@ -117,7 +122,8 @@ class P3B(TaylorGatedPruning):
                 )
             return
         device = next(model.parameters()).device
-        self.benefit = BlockBenefit(self.adapter, self.num_classes).to(device)
+        stream_gate = (lambda stage: self.gates.residual[stage].detach()) if self.shared else None
+        self.benefit = BlockBenefit(self.adapter, self.num_classes, stream_gate).to(device)
         model.add_module(AUX_HEADS_ATTR, self.benefit)
         self.benefit.attach(model)
         self.benefit_window = WindowedSum((2, num_sub_blocks), device)
@@ -165,22 +171,25 @@ class P3B(TaylorGatedPruning):
         return step.loss
 
     def decide(self, info: StepInfo, scores: torch.Tensor, *, tau: float, progress: float, final: bool) -> None:
-        """Budget (block benefit, or the hand-set ratios), ramp, then per-sub-block selection."""
+        """(Shared: the residual width,) budget (block benefit, or the hand-set ratios), ramp,
+        then per-sub-block selection."""
         benefit = importance = None
+        ranks = per_gate_ranks(self.layout, scores, self.unit_scales)
+        budget = self._block_budget(ranks, progress, tau)
         if self.benefit is None:
             keep_ratios = torch.tensor(self.config.keep_ratios, dtype=torch.float64)
         else:
             benefit = self.benefit_window.mean(with_previous=final).cpu()
             self.allocation = allocate_budget(
-                benefit[0], benefit[1], self.kept_params(), self.dense_params, self.counted_other_params,
-                self.config.prune_ratio, alpha=self.config.alpha, gamma=self.config.gamma,
+                benefit[0], benefit[1], self.kept_params(), budget.dense, budget.target,
+                alpha=self.config.alpha, gamma=self.config.gamma,
                 scale=self.config.block_importance_scale, previous=self.allocation,
             )
             keep_ratios, importance = self.allocation.keep_ratios, self.allocation.importance
-        target = ramp_keep_ratios(keep_ratios, progress)
-        ranks = per_gate_ranks(self.layout, scores, self.unit_scales)
-        self._set_gate_values(self._select_per_block(ranks, target, tau))
-        self._record(info, keep_ratio_target=target, importance=importance, benefit=benefit)
+        target = ramp_keep_ratios(keep_ratios, budget.progress)
+        self._set_gate_values(self._select_per_block(ranks, target, budget, tau))
+        self._record(info, keep_ratio_target=self._dense_relative(target, budget), importance=importance,
+                     benefit=benefit)
         if final and self.benefit is not None:
             self.benefit.capturing = False
 
