@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import hypothesis
+from hypothesis import HealthCheck, example, given
+from hypothesis import strategies as st
 
 from p3b_search.search.replay import (
     EARLY_STOPPING,
@@ -125,18 +128,28 @@ def test_a_trial_without_its_whole_curve_and_a_file_without_metadata_are_one_lin
 
 # ----------------------------------------------------------------------------- the replay
 
-def test_two_workers_run_trials_back_to_back_on_the_recorded_epoch_times(bench):
-    rows = replay(bench, Arm("random"), seed=3, settings=ReplaySettings(trials=10))
-    assert len(rows) == 10 and (rows["state"] == "COMPLETE").all()
-    seconds = {c.trial: c.epoch_seconds.sum() for c in bench.all_curves()}
-    assert np.allclose(rows["wall_s"] - rows["start_s"], rows["table_trial"].map(seconds))
+@given(seed=st.integers(0, 1000), trials=st.integers(1, 24), concurrency=st.integers(1, 3),
+       scheduler=st.sampled_from(SCHEDULERS))
+@example(seed=3, trials=10, concurrency=2, scheduler="none")
+@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_workers_run_trials_back_to_back_on_the_recorded_epoch_times(bench, seed, trials, concurrency, scheduler):
+    settings = ReplaySettings(trials=trials, concurrency=concurrency, rungs=(1, 2), margin=1.0)
+    rows = replay(bench, Arm("random", scheduler), seed=seed, settings=settings)
+    assert len(rows) == trials and rows["trial"].nunique() == trials
+    curves = {c.trial: c for c in bench.all_curves()}
+    # a trial ends after its recorded epoch times; a complete one after all of them
+    ran = [curves[t].epoch_seconds[:n].sum() for t, n in zip(rows["table_trial"], rows["epochs"])]
+    assert np.allclose(rows["wall_s"] - rows["start_s"], ran)
+    assert (rows.loc[rows["state"] == "COMPLETE", "epochs"] == 3).all()
     assert (np.diff(rows["wall_s"]) >= 0).all()  # rows are trial ends in clock order
-    # two trials start at 0; every later one starts when an earlier one ends, on the freed worker
-    starts = sorted(rows["start_s"])
-    assert starts[:2] == [0.0, 0.0] and np.allclose(starts[2:], sorted(rows["wall_s"])[:8])
+    # the first trials start at 0, every later one when an earlier one ends (its freed worker)
+    starts, ends = sorted(rows["start_s"]), sorted(rows["wall_s"])
+    first = min(concurrency, trials)
+    assert starts[:first] == [0.0] * first and np.allclose(starts[first:], ends[: trials - first])
     for time in np.unique(np.concatenate([rows["start_s"], rows["wall_s"]])):
-        assert ((rows["start_s"] <= time) & (rows["wall_s"] > time)).sum() <= 2
-    assert rows["trial_epochs"].iloc[-1] == rows["epochs"].sum() == 30
+        assert ((rows["start_s"] <= time) & (rows["wall_s"] > time)).sum() <= concurrency
+    assert rows["trial_epochs"].iloc[-1] == rows["epochs"].sum()
+    assert (np.diff(rows["hypervolume"]) >= 0).all()
 
 
 def test_successive_halving_counts_a_stopped_trials_epochs_and_keeps_it_off_the_front(bench):
