@@ -66,14 +66,15 @@ def export(args: argparse.Namespace) -> None:
     bench = read_table(args.out)
     states = read_trials(StudyLayout(Path(args.folder).expanduser().resolve()))["state"].value_counts()
     trials = table.drop_duplicates("trial")
-    seeds = trials.groupby(["method", *[c for c in trials.columns if c.startswith("param.")]], dropna=False).size()
+    seeds = pd.Series([len(bench.curves(config)) for config in bench.configs])
     epoch_seconds = table.groupby("trial")["epoch_seconds"].sum()
     outside = (trials.set_index("trial")["duration_s"] - epoch_seconds).clip(lower=0)
     dense = metadata["dense"]
     print(f"{args.out}: {len(trials)} COMPLETE trials ({len(table)} epoch rows) of "
           f"{int(states.sum())} in trials.parquet ({', '.join(f'{n} {s}' for s, n in states.items())})")
-    print(f"configurations: {len(bench.configs)} ({int((seeds == 2).sum())} with 2 seeds, "
-          f"{int((seeds == 1).sum())} with 1)")
+    print(f"configurations: {len(bench.configs)} (" + ", ".join(
+        f"{count} with {n} seed{'s' if n > 1 else ''}" for n, count in seeds.value_counts().sort_index(
+            ascending=False).items()) + ")")
     print(f"dense reference: {dense['macs'] / 1e6:.3f}M MACs per image, top-1 {dense['top1']:.2f} % "
           f"({metadata['dense_source']})")
     print(f"seconds outside the epochs (start-up, shrink, measurement; not replayed): "
@@ -119,8 +120,7 @@ def arm_summary(trajectories: pd.DataFrame, best: float, timings: dict[str, floa
                      "trial_epochs": float(last["trial_epochs"].mean()),
                      "stopped": float((runs["state"] == "PRUNED").sum() / len(last)),
                      "wall_h": float(last["wall_s"].mean() / 3600), "missing": float(last["missing"].mean()),
-                     "seconds_per_run": timings[f"{sampler}/{scheduler}"],
-                     "final_hv_mean": float(last["hypervolume"].mean())})
+                     "seconds_per_run": timings[f"{sampler}/{scheduler}"]})
     frame = pd.DataFrame(rows)
     frame.attrs["common"] = common
     return frame
@@ -260,9 +260,16 @@ def _kendall(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _bootstrap(statistic, x: np.ndarray, y: np.ndarray, seed: int, resamples: int) -> tuple[float, float]:
-    result = stats.bootstrap((x, y), statistic, paired=True, vectorized=False, n_resamples=resamples,
-                             method="percentile", random_state=np.random.default_rng(seed))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    """95 % percentile interval of ``statistic(x, y)`` over paired bootstrap resamples; resamples
+    where it is undefined (all ranks tied) are left out (NaN when none is left)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(x), size=(resamples, len(x)))
+    values = np.array([statistic(x[i], y[i]) for i in picks])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    return float(low), float(high)
 
 
 def rung_fidelity(bench, eta: int = RUNG_ETA, resamples: int = BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
@@ -299,7 +306,8 @@ def rungs_markdown(fidelity: pd.DataFrame, eta: int, command: str, table: Path) 
     lines = ["# Tabular benchmark: what each candidate rung predicts", "", "    " + command, "",
              f"Table `{table}`. Per training seed, over its trials: the non-dominated rank on (top-1, MACs) after "
              "the rung's epoch against the rank on the final objectives (0 = the front), Spearman's rho and "
-             f"Kendall's tau-b with 95 % paired-bootstrap percentile intervals ({BOOTSTRAP_RESAMPLES} resamples); "
+             f"Kendall's tau-b with 95 % paired-bootstrap percentile intervals ({BOOTSTRAP_RESAMPLES} resamples, "
+             "those with every rank tied left out); "
              f"and of the final front's trials, how many successive halving with eta = {eta} would keep at the "
              f"rung (the top 1/{eta} by rank then crowding distance, as `SuccessiveHalvingRule` orders them; "
              f"95 % Clopper-Pearson interval). A rung keeping trials at random would keep about 1/{eta}.",
@@ -312,7 +320,7 @@ def rungs_markdown(fidelity: pd.DataFrame, eta: int, command: str, table: Path) 
                      f"{r.front_kept}/{r.front} = {r.front_kept / r.front:.2f} [{r.front_kept_ci[0]:.2f}, "
                      f"{r.front_kept_ci[1]:.2f}] |")
     means = fidelity.groupby("rung")[["spearman", "kendall"]].mean()
-    lines += ["", "Mean over seeds: " + "; ".join(
+    lines += ["", "Mean over the seeds where it is defined: " + "; ".join(
         f"rung {rung}: rho {m.spearman:.3f}, tau {m.kendall:.3f}" for rung, m in means.iterrows()) + "."]
     return "\n".join(lines) + "\n"
 

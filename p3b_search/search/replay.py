@@ -66,7 +66,7 @@ PAPER_RECIPE: dict[str, Any] = {"method": "p3b", "method_config.alpha": 0.5, "me
                                 "method_config.prune_start_epoch": 1.0}
 LADDER = (0.5, 0.625, 0.75, 0.875)
 #: Samples of configurations missing from the table tolerated per trial with ``allow_missing``.
-MISSING_PER_TRIAL = 200
+MISSING_PER_TRIAL = 50
 
 
 @dataclass(frozen=True)
