@@ -189,14 +189,15 @@ def simulate_figure(trajectories: pd.DataFrame, best: float, path: Path) -> None
     for ax, scheduler in zip(axes, schedulers):
         arms = [(s, searched[(searched["sampler"] == s) & (searched["scheduler"] == scheduler)])
                 for s in searched["sampler"].unique()] + [(REFERENCE, reference)]
-        for sampler, runs in arms:
+        for order, (sampler, runs) in enumerate(arms):
             if runs.empty:
                 continue
             budgets, mean, half = mean_band(runs)
             lowest = min(lowest, float(mean[min(after_four_trials, len(mean) - 1)]))
             colour, line = styles.get(sampler, ("tab:purple", "-"))
             ax.plot(budgets, mean, label=f"{sampler} ({runs['seed'].nunique()} seeds)", color=colour, linestyle=line,
-                    linewidth=1.0 if sampler == REFERENCE else 1.8)
+                    linewidth=1.0 if sampler == REFERENCE else 1.8, zorder=3 + len(arms) - order)  # equal curves
+            # (e.g. random and NSGA-II before its first generation) stay visible: the first drawn on top
             ax.fill_between(budgets, mean - half, mean + half, alpha=0.12, color=colour, linewidth=0)
         ax.axhline(best, color="black", linewidth=0.8, linestyle=":")
         ax.axhline(TARGET * best, color="black", linewidth=0.8, linestyle="-.")
