@@ -10,6 +10,7 @@ Modules (import what you need):
   and a user's ``module:Class``
 * :mod:`.trainable` -- what runs in a Ray worker; :mod:`.early_stopping` -- hopeless trials;
   :mod:`.successive_halving` -- the multi-objective successive-halving scheduler
+* :mod:`.replay` -- the tabular benchmark's replay simulator: samplers and schedulers over a table
 
 It never imports ``p3b_search.tracking``: a tracker reaches the runner as a
 ``p3b_search.study.tracking.StudyTracking`` (see ``p3b_search.launch``).

@@ -14,18 +14,20 @@ Single-metric schedulers (ASHA, HyperBand) cannot express this, and stopping by 
 would kill the cheap trials that the front needs.
 
 A stopped trial's last result carries ``trial_finished = False``, so the searcher records it as
-PRUNED (:class:`~p3b_search.search.searcher.FrontSafeOptunaSearch`), never as a point.
+PRUNED (:class:`~p3b_search.search.searcher.FrontSafeOptunaSearch`), never as a point. The
+decision itself is :class:`~p3b_search.study.stopping.DominationRule`'s (shared with the replay
+simulator of the tabular benchmark).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from ray.tune.stopper import Stopper
 
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER
 from p3b_search.study.sections import EarlyStopping
+from p3b_search.study.stopping import DominationRule, Standing
 
 STAGES = {0.0: "prune", 1.0: "finetune"}
 STAGE_WORDS = {"prune": "prune-stage", "finetune": "fine-tune"}
@@ -33,20 +35,6 @@ STAGE_WORDS = {"prune": "prune-stage", "finetune": "fine-tune"}
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class Standing:
-    """A trial at one epoch of a stage: its top-1 and the costs it is compared on (None: unknown)."""
-
-    number: Any
-    top1: float
-    costs: tuple[float | None, ...]
-
-    def dominates(self, other: "Standing", margin: float) -> bool:
-        """At least ``margin`` points more accurate at no larger cost (unknown costs on either side are skipped)."""
-        return self.top1 >= other.top1 + margin and all(
-            mine <= theirs for mine, theirs in zip(self.costs, other.costs) if mine is not None and theirs is not None)
 
 
 class DominatedTrialStopper(Stopper):
@@ -64,7 +52,7 @@ class DominatedTrialStopper(Stopper):
         self._first_epoch: dict[tuple[str, str], int] = {}
         self._last_macs: dict[str, float] = {}
         self._budgets: dict[str, float | None] = {}
-        self._peers: dict[tuple[str, int], dict[str, Standing]] = {}
+        self._rule = DominationRule(config.grace_epochs, config.margin)
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if not self.config.enabled or result.get(FINISHED):
@@ -81,19 +69,15 @@ class DominatedTrialStopper(Stopper):
         index = int(epoch) - self._first_epoch.setdefault((trial_id, stage), int(epoch))
         config = result.get("config") or {}
         standing = Standing(config.get(TRIAL_NUMBER, trial_id), float(top1), costs)
-        peers = self._peers.setdefault((stage, index), {})
-        peers[trial_id] = standing
-        if index < self.config.grace_epochs:
+        other = self._rule.dominator(trial_id, stage, index, standing)
+        if other is None:
             return False
-        for other_id, other in peers.items():
-            if other_id != trial_id and other.dominates(standing, self.config.margin):
-                self.reasons[trial_id] = (
-                    f"stopped at {STAGE_WORDS[stage]} epoch {index}: trial {other.number} had top-1 {other.top1:.2f}% "
-                    f"with {_describe(stage, other.costs)} there (this trial: {standing.top1:.2f}%, "
-                    f"{_describe(stage, standing.costs)})"
-                )
-                return True
-        return False
+        self.reasons[trial_id] = (
+            f"stopped at {STAGE_WORDS[stage]} epoch {index}: trial {other.number} had top-1 {other.top1:.2f}% "
+            f"with {_describe(stage, other.costs)} there (this trial: {standing.top1:.2f}%, "
+            f"{_describe(stage, standing.costs)})"
+        )
+        return True
 
     def _costs(self, trial_id: str, stage: str, result: dict[str, Any]) -> tuple[float | None, ...] | None:
         """Fine-tune: (MACs,); prune: (budget, kept fraction now). None when nothing is known."""

@@ -17,4 +17,7 @@ No Ray, MLflow or Optuna here: the search (``p3b_search.search``), the tracking
 * :mod:`.summary` -- ``StudyOutcome``, ``study_summary``, ``study_finished``
 * :mod:`.tracking` -- the protocol a study tracker implements (dependency inversion)
 * :mod:`.compare`, :mod:`.tables` -- method comparison and console tables (pandas)
+* :mod:`.stopping` -- the early-stopping rule (``DominationRule``), shared by the live stopper and the replay
+* :mod:`.rungs` -- rung ranking of multi-objective successive halving (``SuccessiveHalvingRule``)
+* :mod:`.tabular` -- the tabular benchmark's table: trials with their learning curves (``read_table``)
 """

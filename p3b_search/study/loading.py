@@ -29,6 +29,12 @@ def load_study(path: str | Path) -> StudyConfig:
         text = Path(path).read_text()
     except OSError as error:
         raise StudyError(f"{source}: cannot read the study file ({error.strerror})") from None
+    return parse_study(text, source)
+
+
+def parse_study(text: str, source: str) -> StudyConfig:
+    """A study from the YAML text of a study file (``source`` names it in messages), checked as
+    :func:`load_study` checks a file (e.g. the study stored in a table's metadata)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

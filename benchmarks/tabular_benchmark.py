@@ -1,0 +1,409 @@
+"""The tabular benchmark: export a grid study's trials with their learning curves, replay samplers
+and schedulers over them, and measure how well an early epoch ranks the trials.
+
+    python benchmarks/tabular_benchmark.py export RUNS/tabular_glyphs --dense-top1 90.44
+    python benchmarks/tabular_benchmark.py simulate --seeds 30 --trials 40
+    python benchmarks/tabular_benchmark.py rungs
+
+``export`` writes the table (:mod:`p3b_search.study.tabular`: one row per COMPLETE trial per
+epoch, the dense reference and the study in its metadata). ``simulate`` runs every arm (each
+sampler x each scheduler, and the reference recipe) for each replay seed with
+:func:`p3b_search.search.replay.replay` and writes ``PREFIX.parquet`` (the trajectories: one row
+per trial end), ``PREFIX.md`` (per arm: the final normalised hypervolume, the hypervolume at the
+trial-epochs every run spent, the trial-epochs to reach 95 % of the table's best hypervolume)
+and ``PREFIX.png`` (hypervolume against trial-epochs, mean and 95 % band per arm). ``rungs``
+measures, at every epoch before the last, how well a trial's non-dominated rank there predicts
+its final rank, and how many final-front trials successive halving would keep there.
+
+Intervals are Student t intervals over replay seeds (95 %) unless said otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from p3b_search.stats import CONFIDENCE, t_interval
+
+RESULTS = Path(__file__).parent / "results"
+TABLE = RESULTS / "tabular_glyphs.parquet"
+SAMPLERS = ("random", "tpe", "nsga2", "gp")
+TARGET = 0.95  # of the table's best hypervolume
+RUNG_ETA = 3
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _command() -> str:
+    return "python benchmarks/tabular_benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _interval(values: Sequence[float], digits: int = 3) -> str:
+    ci = t_interval(values)
+    if ci.n == 0:
+        return "n/a"
+    if ci.n < 2:
+        return f"{ci.mean:.{digits}f}"
+    return f"{ci.mean:.{digits}f} [{ci.low:.{digits}f}, {ci.high:.{digits}f}]"
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(args: argparse.Namespace) -> None:
+    from p3b_search.study.layout import StudyLayout
+    from p3b_search.study.results import read_trials
+    from p3b_search.study.tabular import read_table, table_from_folder, write_table
+
+    table, metadata = table_from_folder(args.folder, args.dense_top1)
+    write_table(table, metadata, args.out)
+    bench = read_table(args.out)
+    states = read_trials(StudyLayout(Path(args.folder).expanduser().resolve()))["state"].value_counts()
+    trials = table.drop_duplicates("trial")
+    seeds = pd.Series([len(bench.curves(config)) for config in bench.configs])
+    epoch_seconds = table.groupby("trial")["epoch_seconds"].sum()
+    outside = (trials.set_index("trial")["duration_s"] - epoch_seconds).clip(lower=0)
+    dense = metadata["dense"]
+    print(f"{args.out}: {len(trials)} COMPLETE trials ({len(table)} epoch rows) of "
+          f"{int(states.sum())} in trials.parquet ({', '.join(f'{n} {s}' for s, n in states.items())})")
+    print(f"configurations: {len(bench.configs)} (" + ", ".join(
+        f"{count} with {n} seed{'s' if n > 1 else ''}" for n, count in seeds.value_counts().sort_index(
+            ascending=False).items()) + ")")
+    print(f"dense reference: {dense['macs'] / 1e6:.3f}M MACs per image, top-1 {dense['top1']:.2f} % "
+          f"({metadata['dense_source']})")
+    print(f"seconds outside the epochs (start-up, shrink, measurement; not replayed): "
+          f"{outside.sum() / trials['duration_s'].sum():.1%} of the trials' wall time, median "
+          f"{outside.median():.1f} s per trial")
+    print(f"best normalised hypervolume (every trial of the table): {bench.best_hypervolume():.4f}")
+
+
+# ----------------------------------------------------------------------------- simulate
+
+def hypervolume_at(runs: pd.DataFrame, budgets: np.ndarray) -> np.ndarray:
+    """``(runs, budgets)``: each run's hypervolume once it has spent each budget of trial-epochs
+    (its value after the last trial end at or before the budget; 0 before the first). ``runs``:
+    the trajectories of one arm, grouped by ``seed``."""
+    out = []
+    for _, run in runs.groupby("seed", sort=True):
+        spent = run["trial_epochs"].to_numpy()
+        hv = np.concatenate([[0.0], run["hypervolume"].to_numpy()])
+        out.append(hv[np.searchsorted(spent, budgets, side="right")])
+    return np.array(out)
+
+
+def epochs_to_reach(run: pd.DataFrame, target: float) -> float:
+    """Trial-epochs spent when the run's hypervolume first reached ``target`` (NaN: never)."""
+    reached = run.loc[run["hypervolume"] >= target, "trial_epochs"]
+    return float(reached.iloc[0]) if len(reached) else float("nan")
+
+
+def arm_summary(trajectories: pd.DataFrame, best: float, timings: dict[str, float]) -> pd.DataFrame:
+    """One row per arm: final hypervolume, hypervolume at the common budget, epochs to reach
+    ``TARGET`` x ``best``, spend, and the replay's own seconds per run."""
+    ends = trajectories.groupby(["sampler", "scheduler", "seed"], sort=False).tail(1)
+    common = int(ends["trial_epochs"].min())
+    rows = []
+    for (sampler, scheduler), runs in trajectories.groupby(["sampler", "scheduler"], sort=False):
+        last = runs.groupby("seed").tail(1)
+        reach = [epochs_to_reach(run, TARGET * best) for _, run in runs.groupby("seed")]
+        reached = [r for r in reach if np.isfinite(r)]
+        rows.append({"sampler": sampler, "scheduler": scheduler, "seeds": len(last),
+                     "final_hv": _interval(last["hypervolume"].to_numpy()),
+                     "hv_at_common": _interval(hypervolume_at(runs, np.array([common]))[:, 0]),
+                     "epochs_to_target": _interval(reached, 1), "reached": f"{len(reached)}/{len(reach)}",
+                     "trial_epochs": float(last["trial_epochs"].mean()),
+                     "stopped": float((runs["state"] == "PRUNED").sum() / len(last)),
+                     "wall_h": float(last["wall_s"].mean() / 3600), "missing": float(last["missing"].mean()),
+                     "seconds_per_run": timings[f"{sampler}/{scheduler}"]})
+    frame = pd.DataFrame(rows)
+    frame.attrs["common"] = common
+    return frame
+
+
+def simulate_markdown(summary: pd.DataFrame, bench, settings, seeds: int, command: str, table: Path) -> str:
+    best = bench.best_hypervolume()
+    trials = len(bench.all_curves())
+    lines = [
+        "# Tabular benchmark: samplers and schedulers replayed", "", "    " + command, "",
+        f"Table `{table}`: {trials} trials, {len(bench.configs)} configurations; dense reference "
+        f"{bench.dense.get('macs') / 1e6:.3f}M MACs, top-1 {bench.dense.get('top1'):.2f} % "
+        f"({bench.dense.source}). Best normalised hypervolume (the whole table's front, both seeds): "
+        f"**{best:.4f}**; target {TARGET:.0%} of it: {TARGET * best:.4f}.",
+        f"Each arm: {seeds} replay seeds x {settings.trials} trials, concurrency {settings.concurrency} on the "
+        f"recorded epoch times; early stopping: prune stage, margin {settings.margin:g} top-1 points, grace "
+        f"{settings.grace_epochs} epoch(s); successive halving: rungs {list(settings.rungs)} (epochs done), "
+        f"eta {settings.eta}. Sampler options: "
+        f"{json.dumps(dict(settings.sampler_options)) if settings.sampler_options else 'the registry defaults'}.",
+        f"Hypervolume at {summary.attrs['common']} trial-epochs: the least any run of any arm spent, so every "
+        "run is compared at the same compute.",
+        "", "| arm | seeds | final normalised HV, mean [95 % CI] | HV at "
+        f"{summary.attrs['common']} trial-epochs | trial-epochs to {TARGET:.0%} of best, mean [95 % CI] "
+        "(seeds that reach it) | reached | trial-epochs spent | stopped trials | emulated hours | "
+        "replay CPU s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        name = r.sampler if r.sampler == "reference" else f"{r.sampler} / {r.scheduler}"
+        lines.append(f"| {name} | {r.seeds} | {r.final_hv} | {r.hv_at_common} | {r.epochs_to_target} | {r.reached} | "
+                     f"{r.trial_epochs:.1f} | {r.stopped:.1f} | {r.wall_h:.2f} | {r.seconds_per_run:.2f} |")
+    if summary["missing"].max() > 0:
+        lines += ["", f"**Table incomplete**: samples missing from the table were skipped "
+                      f"(mean per run up to {summary['missing'].max():.1f}); not a result."]
+    return "\n".join(lines) + "\n"
+
+
+def mean_band(runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trial-epoch budgets up to the least any run of ``runs`` (one arm) spent, and the mean
+    hypervolume over its seeds there with the half-width of its 95 % t interval (0 for one seed)."""
+    budgets = np.arange(0, int(runs.groupby("seed")["trial_epochs"].max().min()) + 1)
+    values = hypervolume_at(runs, budgets)
+    n = len(values)
+    half = (stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * values.std(axis=0, ddof=1) / np.sqrt(n) if n > 1
+            else np.zeros(len(budgets)))
+    return budgets, values.mean(axis=0), half
+
+
+def simulate_figure(trajectories: pd.DataFrame, best: float, path: Path) -> None:
+    """Normalised hypervolume vs trial-epochs: a panel per scheduler, a line and 95 % band per
+    sampler (the reference recipe in every panel); each arm's curve ends at the least any of its
+    runs spent. The y axis starts below the lowest mean after four whole trials' epochs (the
+    first trials' jumps from 0 are cut off)."""
+    from matplotlib.figure import Figure
+
+    from p3b_search.search.replay import NO_SCHEDULER, REFERENCE, SCHEDULERS
+
+    searched = trajectories[trajectories["sampler"] != REFERENCE]
+    schedulers = [s for s in SCHEDULERS if (searched["scheduler"] == s).any()] or [NO_SCHEDULER]
+    reference = trajectories[trajectories["sampler"] == REFERENCE]
+    styles = {"random": ("tab:blue", ":"), "tpe": ("tab:orange", "-"), "nsga2": ("tab:green", "-."),
+              "gp": ("tab:red", "--"), REFERENCE: ("black", "-")}
+    after_four_trials = 4 * int(trajectories["epochs"].max())
+    fig = Figure(figsize=(5.2 * len(schedulers), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(schedulers), sharey=True, squeeze=False)[0]
+    lowest = best
+    for ax, scheduler in zip(axes, schedulers):
+        arms = [(s, searched[(searched["sampler"] == s) & (searched["scheduler"] == scheduler)])
+                for s in searched["sampler"].unique()] + [(REFERENCE, reference)]
+        for order, (sampler, runs) in enumerate(arms):
+            if runs.empty:
+                continue
+            budgets, mean, half = mean_band(runs)
+            lowest = min(lowest, float(mean[min(after_four_trials, len(mean) - 1)]))
+            colour, line = styles.get(sampler, ("tab:purple", "-"))
+            ax.plot(budgets, mean, label=f"{sampler} ({runs['seed'].nunique()} seeds)", color=colour, linestyle=line,
+                    linewidth=1.0 if sampler == REFERENCE else 1.8, zorder=3 + len(arms) - order)  # equal curves
+            # (e.g. random and NSGA-II before its first generation) stay visible: the first drawn on top
+            ax.fill_between(budgets, mean - half, mean + half, alpha=0.12, color=colour, linewidth=0)
+        ax.axhline(best, color="black", linewidth=0.8, linestyle=":")
+        ax.axhline(TARGET * best, color="black", linewidth=0.8, linestyle="-.")
+        ax.set_title(f"scheduler: {scheduler}")
+        ax.set_xlabel("cumulative trial-epochs")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("normalised hypervolume of the COMPLETE trials")
+    axes[0].annotate(f"table's best {best:.3f}", (0, best), xytext=(2, 3), textcoords="offset points", fontsize=8)
+    axes[0].annotate(f"{TARGET:.0%} of it", (0, TARGET * best), xytext=(2, -10), textcoords="offset points",
+                     fontsize=8)
+    axes[0].set_ylim(max(0.0, lowest - 0.05 * best), best * 1.02)
+    fig.suptitle("Replay over the tabular benchmark: mean and 95 % t band over replay seeds")
+    fig.savefig(path, dpi=130)
+
+
+def simulate(args: argparse.Namespace) -> None:
+    from p3b_search.search.replay import REFERENCE, Arm, ReplaySettings, check_arms, replay
+    from p3b_search.study.tabular import read_table
+
+    import optuna
+    import torch
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. GP's fallback on the conditional space, every trial
+    torch.set_num_threads(1)  # GP's small tensors: one thread is fastest (and the replay runs on one core)
+    bench = read_table(args.table)
+    settings = ReplaySettings(trials=args.trials, concurrency=args.concurrency, grace_epochs=args.grace_epochs,
+                              margin=args.margin, rungs=tuple(args.rungs), eta=args.eta,
+                              allow_missing=args.allow_missing, sampler_options=args.sampler_options)
+    arms = [Arm(s, scheduler) for s in args.samplers for scheduler in args.schedulers]
+    if not args.no_reference:
+        arms.append(Arm(REFERENCE))
+    check_arms(bench, arms, settings)
+    trajectories, timings = [], {}
+    for arm in arms:
+        started = time.process_time()
+        for seed in range(args.seeds):
+            trajectories.append(replay(bench, arm, seed, settings))
+        timings[f"{arm.sampler}/{arm.scheduler}"] = (time.process_time() - started) / args.seeds
+        print(f"{arm.name}: {args.seeds} seeds in {timings[f'{arm.sampler}/{arm.scheduler}'] * args.seeds:.1f} CPU s",
+              flush=True)
+    frame = pd.concat(trajectories, ignore_index=True)
+    best = bench.best_hypervolume()
+    summary = arm_summary(frame, best, timings)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(args.out.with_suffix(".parquet"), index=False)
+    text = simulate_markdown(summary, bench, settings, args.seeds, _command(), args.table)
+    args.out.with_suffix(".md").write_text(text)
+    simulate_figure(frame, best, args.out.with_suffix(".png"))
+    print(text)
+
+
+# ----------------------------------------------------------------------------- rungs
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def _kendall(x: np.ndarray, y: np.ndarray) -> float:
+    return float(stats.kendalltau(x, y).statistic)
+
+
+def _bootstrap(statistic, x: np.ndarray, y: np.ndarray, seed: int, resamples: int) -> tuple[float, float]:
+    """95 % percentile interval of ``statistic(x, y)`` over paired bootstrap resamples; resamples
+    where it is undefined (all ranks tied) are left out (NaN when none is left)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(x), size=(resamples, len(x)))
+    values = np.array([statistic(x[i], y[i]) for i in picks])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    return float(low), float(high)
+
+
+def rung_fidelity(bench, eta: int = RUNG_ETA, resamples: int = BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
+    """Per training seed and rung (epochs done 1 .. last - 1): over the table's trials of that
+    seed, Spearman's and Kendall's rank correlation between the non-dominated rank on (top-1,
+    MACs) at the rung and on the final objectives (95 % paired-bootstrap percentile intervals),
+    and the fraction of the final front that synchronous successive halving with ``eta`` would
+    keep at the rung (95 % Clopper-Pearson interval). ``resamples``: of the bootstrap."""
+    from p3b_search.study.rungs import nondominated_ranks, promotion_quota, rung_order
+
+    rows = []
+    curves = bench.all_curves()
+    for seed in sorted({c.seed for c in curves}):
+        group = [c for c in curves if c.seed == seed]
+        final = nondominated_ranks(np.array([c.final for c in group]), bench.directions)
+        front = np.flatnonzero(final == 0)
+        for rung in range(1, group[0].epochs):
+            at_rung = np.array([(c.top1[rung - 1], c.macs[rung - 1]) for c in group])
+            ranks = nondominated_ranks(at_rung, bench.directions)
+            kept = set(rung_order(at_rung, bench.directions)[:promotion_quota(len(group), eta)].tolist())
+            survivors = sum(int(i in kept) for i in front)
+            proportion = stats.binomtest(survivors, len(front)).proportion_ci(method="exact")
+            rows.append({"seed": seed, "rung": rung, "trials": len(group), "stage": int(group[0].stage[rung - 1]),
+                         "spearman": _spearman(ranks, final),
+                         "spearman_ci": _bootstrap(_spearman, ranks, final, rung, resamples),
+                         "kendall": _kendall(ranks, final),
+                         "kendall_ci": _bootstrap(_kendall, ranks, final, rung, resamples),
+                         "front": len(front), "front_kept": survivors,
+                         "front_kept_ci": (proportion.low, proportion.high)})
+    return pd.DataFrame(rows)
+
+
+def rungs_markdown(fidelity: pd.DataFrame, eta: int, command: str, table: Path) -> str:
+    lines = ["# Tabular benchmark: what each candidate rung predicts", "", "    " + command, "",
+             f"Table `{table}`. Per training seed, over its trials: the non-dominated rank on (top-1, MACs) after "
+             "the rung's epoch against the rank on the final objectives (0 = the front), Spearman's rho and "
+             f"Kendall's tau-b with 95 % paired-bootstrap percentile intervals ({BOOTSTRAP_RESAMPLES} resamples, "
+             "those with every rank tied left out); "
+             f"and of the final front's trials, how many successive halving with eta = {eta} would keep at the "
+             f"rung (the top 1/{eta} by rank then crowding distance, as `SuccessiveHalvingRule` orders them; "
+             f"95 % Clopper-Pearson interval). A rung keeping trials at random would keep about 1/{eta}.",
+             "", "| seed | rung (epochs done) | stage | trials | Spearman rho [95 % CI] | Kendall tau [95 % CI] | "
+             "final-front trials kept [95 % CI] |", "|---|---|---|---|---|---|---|"]
+    for r in fidelity.itertuples():
+        stage = "prune" if r.stage == 0 else "fine-tune"
+        lines.append(f"| {r.seed} | {r.rung} | {stage} | {r.trials} | {r.spearman:.3f} [{r.spearman_ci[0]:.3f}, "
+                     f"{r.spearman_ci[1]:.3f}] | {r.kendall:.3f} [{r.kendall_ci[0]:.3f}, {r.kendall_ci[1]:.3f}] | "
+                     f"{r.front_kept}/{r.front} = {r.front_kept / r.front:.2f} [{r.front_kept_ci[0]:.2f}, "
+                     f"{r.front_kept_ci[1]:.2f}] |")
+    means = fidelity.groupby("rung")[["spearman", "kendall"]].mean()
+    lines += ["", "Mean over the seeds where it is defined: " + "; ".join(
+        f"rung {rung}: rho {m.spearman:.3f}, tau {m.kendall:.3f}" for rung, m in means.iterrows()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def rungs(args: argparse.Namespace) -> None:
+    from p3b_search.study.tabular import read_table
+
+    bench = read_table(args.table)
+    text = rungs_markdown(rung_fidelity(bench, args.eta), args.eta, _command(), args.table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def _options(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError('give {"sampler": {"option": value}}')
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    from p3b_search.search.replay import SCHEDULERS, ReplaySettings
+    from p3b_search.search.samplers import available_samplers
+
+    defaults = ReplaySettings()
+    main = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = main.add_subparsers(dest="command", required=True)
+    ex = commands.add_parser("export", help="write the table of a finished grid study")
+    ex.add_argument("folder", type=Path, help="the study folder (<output_dir>/<name>)")
+    ex.add_argument("--dense-top1", type=float, default=None,
+                    help="the dense model's top-1 %% (default: the study's dense reference)")
+    ex.add_argument("--out", type=Path, default=TABLE)
+    sim = commands.add_parser("simulate", help="replay samplers x schedulers over the table")
+    sim.add_argument("--table", type=Path, default=TABLE)
+    sim.add_argument("--samplers", nargs="+", default=list(SAMPLERS),
+                     choices=[s for s in available_samplers() if s != "grid"])
+    sim.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
+    sim.add_argument("--no-reference", action="store_true", help="leave out the reference recipe arm")
+    sim.add_argument("--seeds", type=_positive, default=30, help="replay seeds per arm: 0 .. N-1")
+    sim.add_argument("--trials", type=int, default=defaults.trials, help="trials per replay")
+    sim.add_argument("--concurrency", type=int, default=defaults.concurrency)
+    sim.add_argument("--margin", type=float, default=defaults.margin, help="early stopping: top-1 points")
+    sim.add_argument("--grace-epochs", type=int, default=defaults.grace_epochs)
+    sim.add_argument("--rungs", type=int, nargs="+", default=list(defaults.rungs),
+                     help="successive halving: epochs done (1-based, both stages)")
+    sim.add_argument("--eta", type=int, default=defaults.eta)
+    sim.add_argument("--sampler-options", type=_options, default={},
+                     help='JSON keyword arguments by sampler, e.g. \'{"nsga2": {"population_size": 10}}\' '
+                          "(default: the registry's, as a live study)")
+    sim.add_argument("--allow-missing", action="store_true",
+                     help="skip sampled configurations the table lacks (a table still being built; not a result)")
+    sim.add_argument("--out", type=Path, default=RESULTS / "tabular_glyphs_replay",
+                     help="PREFIX of PREFIX.parquet, .md and .png")
+    ru = commands.add_parser("rungs", help="how well each epoch ranks the trials")
+    ru.add_argument("--table", type=Path, default=TABLE)
+    ru.add_argument("--eta", type=int, default=RUNG_ETA)
+    ru.add_argument("--out", type=Path, default=RESULTS / "tabular_glyphs_rungs.md")
+    return main
+
+
+def main() -> None:
+    from p3b_search.study.messages import StudyError
+
+    args = parser().parse_args()
+    try:
+        {"export": export, "simulate": simulate, "rungs": rungs}[args.command](args)
+    except (StudyError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
