@@ -6,6 +6,7 @@
     optuna.db            Optuna storage (SQLite) unless ``storage`` names another database
     mlflow.db, mlartifacts/   embedded MLflow store unless ``tracking.uri`` names a server
     trials.parquet       one row per trial (see :mod:`p3b_search.study.results`)
+    trial_updates/       rows changed since trials.parquet was last rewritten (read_trials merges them)
     allocations.parquet  one row per sub-block per mask update, merged from allocations/
     allocations/         per-trial parts written by the trials themselves
     epochs/              per-trial parts: one row of metrics per epoch (the learning curves)
@@ -54,6 +55,12 @@ class StudyLayout:
     @property
     def trials_table(self) -> Path:
         return self.root / "trials.parquet"
+
+    @property
+    def trial_updates(self) -> Path:
+        """``trial_updates/part-<seq>.parquet``: the rows of ``trials.parquet`` changed since the
+        driver last rewrote it (see :func:`~p3b_search.study.results.read_trials`)."""
+        return self.root / "trial_updates"
 
     @property
     def allocations_table(self) -> Path:
