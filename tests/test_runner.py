@@ -26,6 +26,7 @@ from p3b_search.study.layout import StudyLayout
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import pareto_mask
+from p3b_search.study.results import read_trials
 from p3b_search.study.sections import EarlyStopping
 from p3b_search.study.trials import trial_budget
 
@@ -330,12 +331,13 @@ def _cli(*args: str) -> list[str]:
 
 
 def _wait_for(layout: StudyLayout, condition, timeout_s: float) -> pd.DataFrame:
+    """The trials table once ``condition`` holds, read as ``status`` reads it while the study
+    runs (``trials.parquet`` itself is rewritten only every few seconds)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if layout.trials_table.exists():
-            frame = pd.read_parquet(layout.trials_table)
-            if condition(frame):
-                return frame
+        frame = read_trials(layout)
+        if len(frame) and condition(frame):
+            return frame
         time.sleep(0.3)
     raise AssertionError("the study did not reach the expected state in time")
 
@@ -375,7 +377,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     for number, saved in interrupted.itertuples(index=False):
         epochs = [int(e) for e in (layout.trial_dir(number) / "epochs.log").read_text().split()]
         assert set(epochs) == set(range(4)) and epochs[-1] == 3
-        if saved >= 1:  # Ray had its checkpoint: continued from it, not from scratch
+        if saved >= 1:  # a checkpoint was saved: continued from it, not from scratch
             assert epochs.count(0) == 1, epochs
         ratio = "param.method_config.prune_ratio"
         assert after.loc[after["number"] == number, ratio].item() == before.loc[before["number"] == number, ratio].item()
@@ -433,3 +435,25 @@ def test_trial_reporter_forwards_epochs_and_writes_allocation_and_curve_parts_on
     assert curve["epoch"].tolist() == [0, 1, 2, 3] and curve["trial"].tolist() == [7] * 4
     assert curve["top1"].tolist() == [50.0, 51.0, 52.0, 53.0]
     assert len(downstream.epochs) == 5 and downstream.allocations[-1]["step"] == 99
+
+
+def test_a_trial_keeps_the_newest_checkpoint_the_driver_accepted(tmp_path):
+    """Each epoch's checkpoint folder is saved once its report returned; a copy cut short is
+    never taken for one; a retry starts from the newest and saves on from there."""
+    from p3b_search.search.saved_checkpoints import SavedCheckpoints
+
+    saved = SavedCheckpoints(tmp_path / "saved")
+    assert saved.latest() is None
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for epoch in range(3):
+        (checkpoint / "state.pt").write_text(f"epoch {epoch}")
+        saved.save(checkpoint, epoch)
+    epoch, folder = saved.latest()
+    assert epoch == 2 and (folder / "state.pt").read_text() == "epoch 2"
+    assert [p.name for p in (tmp_path / "saved").iterdir()] == ["epoch-00002"]  # one copy per trial
+    (tmp_path / "saved" / ".partial-00003").mkdir()  # a worker killed while copying epoch 3
+    assert saved.latest()[0] == 2
+    (checkpoint / "state.pt").write_text("epoch 3, retried")
+    saved.save(checkpoint, 3)
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["epoch-00003"]
