@@ -12,7 +12,8 @@
     epochs/              per-trial parts: one row of metrics per epoch (the learning curves)
     pareto/              the front: front.png, front.html, front.parquet, summary.parquet
                          (hypervolume, normalised hypervolume, dense reference)
-    trials/<number>/     a trial's working folder: its final model in ``model/``
+    trials/<number>/     a trial's working folder: its final model in ``model/``, the checkpoint the
+                         driver last accepted in ``saved/`` (where a retried or resumed trial starts)
     ray/                 Ray Tune's storage_path (experiment state, trial checkpoints)
     prefixes/<key>/epoch-<k>/   with ``shared_prefixes``: the state after the first k prune-stage
                          epochs that trials of one key share (see :mod:`p3b_search.training.prefixes`)
