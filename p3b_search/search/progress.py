@@ -123,6 +123,8 @@ class StudySession:
         table changed since its last time and its cadence (:data:`TABLES_REFRESH_S`,
         :data:`FRONT_REFRESH_S`) passed; with ``final``, both now."""
         study = self.study
+        if self._last_update == -math.inf:
+            return  # no rows read yet: nothing to rewrite the files of an earlier run with
         if self._due(self._tables_at, TABLES_REFRESH_S, final):
             self._tables_at = time.monotonic(), self.table.version
             try:  # a full disk must not end the study

@@ -253,6 +253,7 @@ def run_study(
         session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer,
                                driver=driver if local_session else None)
         open_session(session)
+        session.refresh()  # the rows of the trials an earlier run left (resume)
         if address:
             for line in cluster_lines(study, address):
                 session.say(line)
