@@ -160,6 +160,27 @@ def test_a_trial_ray_never_recorded_runs_again_with_its_parameters(tmp_path, ray
     assert rerun.params["method_config.prune_ratio"] == lost["method_config.prune_ratio"]
 
 
+def test_a_tuner_restored_from_an_older_save_gets_no_more_than_n_trials(tmp_path):
+    """Ray saves its experiment state every few seconds: restored from a save older than the
+    last trials, a Tuner asks for trials that started (they run again as lost ones) or even
+    ended after it; once ``n_trials`` trials were handed out to Ray the searcher says FINISHED."""
+    from ray.tune.search import Searcher
+
+    study = load_study(write_study(tmp_path, RATIO))
+    first = FrontSafeOptunaSearch(study)
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save: before any trial
+    for trial_id in ("a", "b", "c"):  # three trials end after it ...
+        _run_to_end(first, trial_id)
+    running = first.suggest("d")  # ... and the fourth is running when the driver dies
+
+    resumed = pickle.loads(pickle.dumps(first))
+    resumed.restore(str(tmp_path / "searcher.pkl"))  # Ray asks for all 4 trials again
+    assert resumed.suggest("e") == running  # the one that never ended runs again ...
+    assert [resumed.suggest(tid) for tid in ("f", "g", "h")] == [Searcher.FINISHED] * 3  # ... no new one
+    records = optuna.load_study(study_name="lost", storage=study.storage_url).trials
+    assert len(records) == 4 and records[running[TRIAL_NUMBER]].user_attrs["ray_trial_id"] == "e"
+
+
 def test_a_trial_lost_while_sampled_is_sampled_to_the_end_and_run(tmp_path):
     """A trial asked but not fully sampled (the driver stopped in between) keeps what was
     sampled, gets the rest, and runs under its own number: no new trial replaces it."""
