@@ -74,10 +74,12 @@ def _frame_matches(frame: str, functions: list[tuple[str, str]]) -> bool:
                for suffix, function in functions)
 
 
-def part_costs(path: Path, trials: int, rate: int) -> dict[str, float]:
-    """CPU seconds per trial of each part of :data:`PARTS` in py-spy's raw output at ``path``
-    (``rate`` samples per second), with the driver's total (``total``) and what no part holds
-    (``rest``: Ray Tune's loop and everything else)."""
+def part_costs(path: Path, cpu_per_trial: float) -> dict[str, float]:
+    """CPU seconds per trial of each part of :data:`PARTS`: its share of the samples in py-spy's
+    raw output at ``path`` times the driver's CPU seconds per trial over the same trials
+    (py-spy counts a thread that waits for a core as busy, so on a loaded machine its samples
+    overstate the time; their shares do not), with ``total`` and what no part holds (``rest``:
+    Ray Tune's loop and everything else)."""
     costs = dict.fromkeys([part for part, _ in PARTS], 0.0)
     total = 0
     for line in path.read_text().splitlines():
@@ -100,7 +102,7 @@ def part_costs(path: Path, trials: int, rate: int) -> dict[str, float]:
                 costs[part] += samples
     costs["rest"] = total - sum(v for k, v in costs.items() if not k.startswith(" "))
     costs["total"] = total
-    return {part: samples / rate / trials for part, samples in costs.items()}
+    return {part: cpu_per_trial * samples / max(total, 1) for part, samples in costs.items()}
 
 
 class WindowProfiler:
@@ -109,8 +111,9 @@ class WindowProfiler:
 
     def __init__(self, pid: int, windows: list[tuple[int, int]], folder: Path, attempts: Path, rate: int):
         self.pid, self.windows, self.folder, self.attempts, self.rate = pid, windows, folder, attempts, rate
-        self.running: tuple[subprocess.Popen, tuple[int, int], int] | None = None
-        self.done: dict[tuple[int, int], tuple[Path, int]] = {}  # window -> (raw output, trials ended in it)
+        self.running: tuple[subprocess.Popen, tuple[int, int], int, datetime] | None = None
+        #: window -> (raw output, trials ended in it, when it began and ended)
+        self.done: dict[tuple[int, int], tuple[Path, int, datetime, datetime]] = {}
 
     def ended(self) -> int:
         try:
@@ -121,11 +124,12 @@ class WindowProfiler:
     def poll(self) -> None:
         ended = self.ended()
         if self.running is not None:
-            spy, window, first = self.running
+            spy, window, first, began = self.running
             if ended >= window[1]:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
-                self.done[window] = (self.folder / f"window-{window[0]}-{window[1]}.txt", ended - first)
+                self.done[window] = (self.folder / f"window-{window[0]}-{window[1]}.txt", ended - first, began,
+                                     datetime.now())
                 self.running = None
             return
         for window in self.windows:
@@ -134,7 +138,7 @@ class WindowProfiler:
                 spy = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid), "--rate", str(self.rate),
                                         "--format", "raw", "--nonblocking", "--output", str(output)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                self.running = (spy, window, ended)
+                self.running = (spy, window, ended, datetime.now())
                 return
 
     def stop(self) -> None:
@@ -286,11 +290,13 @@ def main() -> None:
         result["wall_ratio_last_to_100_200"] = rows[-1]["wall_s_per_trial"] / rows[1]["wall_s_per_trial"]
         print(f"wall time per trial, trials {rows[-1]['trials']} / trials {rows[1]['trials']}: "
               f"{result['wall_ratio_last_to_100_200']:.2f}")
-    for (start, stop), (raw, ended) in (profiler.done.items() if profiler is not None else []):
-        result["profiles"][f"{start}-{stop}"] = part_costs(raw, ended, args.rate)
+    for (start, stop), (raw, ended, began, finished) in (profiler.done.items() if profiler is not None else []):
+        cpu = (sampler.cpu_at(finished) - sampler.cpu_at(began)) / max(ended, 1)
+        result["profiles"][f"{start}-{stop}"] = part_costs(raw, cpu)
     if result["profiles"]:
         labels = list(result["profiles"])
-        print(f"\ndriver CPU ms per trial (py-spy, {args.rate} Hz), trials {' / '.join(labels)}:")
+        print(f"\ndriver CPU ms per trial by part (shares of py-spy's samples at {args.rate} Hz), "
+              f"trials {' / '.join(labels)}:")
         for part in [*dict(PARTS), "rest", "total"]:
             print(f"  {part:<52}" + "".join(f"{1000 * result['profiles'][k][part]:>10.1f}" for k in labels))
     print(f"{load_line()}; study folder {folder}")
