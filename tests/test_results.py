@@ -142,3 +142,19 @@ def test_no_allocations_yet(tmp_path):
     layout = StudyLayout(tmp_path)
     assert read_allocations(layout).empty and merge_allocations(layout) == 0
     assert not layout.allocations_table.exists()
+
+
+def test_a_merge_reads_again_only_the_parts_of_trials_still_running(tmp_path):
+    from p3b_search.study.results import PartsMerger
+
+    layout = StudyLayout(tmp_path)
+    merger = PartsMerger(layout.allocation_parts, layout.allocations_table)
+    TrialPartWriter(layout.allocation_parts, 0).write(rows(0), 0)
+    TrialPartWriter(layout.allocation_parts, 1).write(rows(0), 0)
+    assert merger.merge(final_trials={0}) == 6
+    for part in (layout.allocation_parts / "00000").iterdir():
+        part.unlink()  # trial 0 ended: its parts are not read again
+    TrialPartWriter(layout.allocation_parts, 1).write(rows(1), 1)  # trial 1 runs on
+    assert merger.merge(final_trials={0}) == 9
+    merged = pq.read_table(layout.allocations_table).to_pandas()
+    assert merged.groupby("trial").size().to_dict() == {0: 3, 1: 6}

@@ -26,6 +26,7 @@ from p3b_search.study.layout import StudyLayout
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import pareto_mask
+from p3b_search.study.results import read_trials
 from p3b_search.study.sections import EarlyStopping
 from p3b_search.study.trials import trial_budget
 
@@ -157,6 +158,27 @@ def test_a_trial_ray_never_recorded_runs_again_with_its_parameters(tmp_path, ray
     rerun = records[lost[TRIAL_NUMBER]]
     assert rerun.user_attrs["ray_trial_id"] == "c"
     assert rerun.params["method_config.prune_ratio"] == lost["method_config.prune_ratio"]
+
+
+def test_a_tuner_restored_from_an_older_save_gets_no_more_than_n_trials(tmp_path):
+    """Ray saves its experiment state every few seconds: restored from a save older than the
+    last trials, a Tuner asks for trials that started (they run again as lost ones) or even
+    ended after it; once ``n_trials`` trials were handed out to Ray the searcher says FINISHED."""
+    from ray.tune.search import Searcher
+
+    study = load_study(write_study(tmp_path, RATIO))
+    first = FrontSafeOptunaSearch(study)
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save: before any trial
+    for trial_id in ("a", "b", "c"):  # three trials end after it ...
+        _run_to_end(first, trial_id)
+    running = first.suggest("d")  # ... and the fourth is running when the driver dies
+
+    resumed = pickle.loads(pickle.dumps(first))
+    resumed.restore(str(tmp_path / "searcher.pkl"))  # Ray asks for all 4 trials again
+    assert resumed.suggest("e") == running  # the one that never ended runs again ...
+    assert [resumed.suggest(tid) for tid in ("f", "g", "h")] == [Searcher.FINISHED] * 3  # ... no new one
+    records = optuna.load_study(study_name="lost", storage=study.storage_url).trials
+    assert len(records) == 4 and records[running[TRIAL_NUMBER]].user_attrs["ray_trial_id"] == "e"
 
 
 def test_a_trial_lost_while_sampled_is_sampled_to_the_end_and_run(tmp_path):
@@ -330,12 +352,13 @@ def _cli(*args: str) -> list[str]:
 
 
 def _wait_for(layout: StudyLayout, condition, timeout_s: float) -> pd.DataFrame:
+    """The trials table once ``condition`` holds, read as ``status`` reads it while the study
+    runs (``trials.parquet`` itself is rewritten only every few seconds)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if layout.trials_table.exists():
-            frame = pd.read_parquet(layout.trials_table)
-            if condition(frame):
-                return frame
+        frame = read_trials(layout)
+        if len(frame) and condition(frame):
+            return frame
         time.sleep(0.3)
     raise AssertionError("the study did not reach the expected state in time")
 
@@ -375,7 +398,7 @@ def test_interrupted_study_resumes_without_losing_or_repeating_trials(tmp_path):
     for number, saved in interrupted.itertuples(index=False):
         epochs = [int(e) for e in (layout.trial_dir(number) / "epochs.log").read_text().split()]
         assert set(epochs) == set(range(4)) and epochs[-1] == 3
-        if saved >= 1:  # Ray had its checkpoint: continued from it, not from scratch
+        if saved >= 1:  # a checkpoint was saved: continued from it, not from scratch
             assert epochs.count(0) == 1, epochs
         ratio = "param.method_config.prune_ratio"
         assert after.loc[after["number"] == number, ratio].item() == before.loc[before["number"] == number, ratio].item()
@@ -433,3 +456,25 @@ def test_trial_reporter_forwards_epochs_and_writes_allocation_and_curve_parts_on
     assert curve["epoch"].tolist() == [0, 1, 2, 3] and curve["trial"].tolist() == [7] * 4
     assert curve["top1"].tolist() == [50.0, 51.0, 52.0, 53.0]
     assert len(downstream.epochs) == 5 and downstream.allocations[-1]["step"] == 99
+
+
+def test_a_trial_keeps_the_newest_checkpoint_the_driver_accepted(tmp_path):
+    """Each epoch's checkpoint folder is saved once its report returned; a copy cut short is
+    never taken for one; a retry starts from the newest and saves on from there."""
+    from p3b_search.search.saved_checkpoints import SavedCheckpoints
+
+    saved = SavedCheckpoints(tmp_path / "saved")
+    assert saved.latest() is None
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for epoch in range(3):
+        (checkpoint / "state.pt").write_text(f"epoch {epoch}")
+        saved.save(checkpoint, epoch)
+    epoch, folder = saved.latest()
+    assert epoch == 2 and (folder / "state.pt").read_text() == "epoch 2"
+    assert [p.name for p in (tmp_path / "saved").iterdir()] == ["epoch-00002"]  # one copy per trial
+    (tmp_path / "saved" / ".partial-00003").mkdir()  # a worker killed while copying epoch 3
+    assert saved.latest()[0] == 2
+    (checkpoint / "state.pt").write_text("epoch 3, retried")
+    saved.save(checkpoint, 3)
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["epoch-00003"]

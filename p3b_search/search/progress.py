@@ -1,5 +1,13 @@
 """The driver's view of a running study: the live session, and the Ray Tune callback that keeps
 the Parquet tables, the Pareto summary (study folder and tracker) and the console current.
+
+What the driver does per trial does not grow with the number of trials: each event updates
+only the rows that changed (written as update parts, see :mod:`p3b_search.study.live_table`)
+and the front as the trial ends. What is built from every trial is rewritten at a cadence
+instead, while trials keep ending: ``trials.parquet`` whole and ``allocations.parquet`` at most
+every :data:`TABLES_REFRESH_S` seconds, the ``pareto/`` files, figures and the tracker's front
+(metrics, ``pareto`` tags) at most every :data:`FRONT_REFRESH_S` seconds; and everything once
+more when the study ends or is interrupted (:meth:`StudySession.flush`).
 """
 from __future__ import annotations
 
@@ -18,17 +26,25 @@ from p3b_search.credentials import redact_secrets
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
-from p3b_search.search.trainable import MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
-from p3b_search.study.front import ParetoSummary, study_pareto
+from p3b_search.search.trainable import EPOCHS_SAVED, MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
+from p3b_search.study.front import ParetoSummary, reference_point, study_pareto
 from p3b_search.study.front_report import write_front
-from p3b_search.study.results import front, merge_allocations, trials_frame, write_trials
+from p3b_search.study.live_table import LiveTrialsTable
+from p3b_search.study.results import PartsMerger
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.tracking import StudyTracking
 from p3b_search.units import value_text
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the rows of running trials may lag behind their reports in
+#: :func:`~p3b_search.study.results.read_trials` (an ended trial's row never lags).
 TABLE_REFRESH_S = 2.0
+#: Seconds ``trials.parquet`` (read whole, e.g. with pandas) and ``allocations.parquet`` may lag.
+TABLES_REFRESH_S = 10.0
+#: Seconds ``pareto/`` (files and figures) and the tracker's front (files, metrics, ``pareto``
+#: tags) may lag: drawing the figures costs the more the more trials there are.
+FRONT_REFRESH_S = 30.0
 HEARTBEAT_S = 60.0
 #: The live sessions of this driver process, by study folder. Ray forces this registry: it
 #: pickles :class:`StudyProgress` with the run config into the experiment state, and on resume
@@ -50,64 +66,97 @@ class StudySession:
     #: the driver's record, rewritten as Ray spawns processes (None: no local Ray session)
     driver: DriverRecord | None = None
     started: float = field(default_factory=time.monotonic)
-    #: trials Ray runs now (None before Ray's first event); Optuna's RUNNING also counts trials
-    #: asked by a stopped driver that wait to run again
-    running: int | None = None
-    frame: pd.DataFrame | None = None
-    pareto: ParetoSummary | None = None
     last_said: float = field(default_factory=time.monotonic)
-    _last_write: float = 0.0
+    table: LiveTrialsTable = field(init=False)
+    allocations: PartsMerger = field(init=False)
+    _noted: set[int] = field(default_factory=set)
+    _last_update: float = -math.inf
+    _tables_at: tuple[float, int] = (-math.inf, -1)  # when trials.parquet was rewritten, the table's version
+    _front_at: tuple[float, int] = (-math.inf, -1)  # when the front was published, the table's version
+    _pareto: tuple[int, ParetoSummary] | None = None
+
+    def __post_init__(self) -> None:
+        study = self.study
+        self.table = LiveTrialsTable(study.layout, study.metric_names, study.directions,
+                                     reference_point(study, self.cost), study.method.name)
+        self.allocations = PartsMerger(study.layout.allocation_parts, study.layout.allocations_table)
 
     def say(self, line: str) -> None:
         self.printer(line)
         self.last_said = time.monotonic()
 
-    def refresh(self, force: bool = True) -> pd.DataFrame:
-        """Rebuild and write ``trials.parquet`` (throttled unless ``force``)."""
+    def note(self, number: int, **notes: Any) -> None:
+        """Record the driver's ``notes`` on trial ``number`` (epoch counts, retries, reasons, run ids)."""
+        self.annotations.setdefault(number, {}).update(notes)
+        self._noted.add(number)
+
+    def refresh(self, force: bool = True) -> None:
+        """Bring the trials table's rows up to date (throttled to :data:`TABLE_REFRESH_S` unless
+        ``force``): only the rows that changed are written."""
         now = time.monotonic()
-        if not force and self.frame is not None and now - self._last_write < TABLE_REFRESH_S:
-            return self.frame
-        study = self.study
-        self.frame = trials_frame(self.optuna_study.get_trials(deepcopy=False), study.metric_names,
-                                  study.directions, self.annotations, default_method=study.method.name)
-        write_trials(self.frame, study.layout)
-        self.pareto = None  # computed once per new table, when first asked for
-        self._last_write = now
-        return self.frame
+        if not force and now - self._last_update < TABLE_REFRESH_S:
+            return
+        noted, self._noted = self._noted, set()
+        self.table.update(self.optuna_study.get_trials(deepcopy=False), self.annotations, noted)
+        self._last_update = now
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The whole trials table as of the last :meth:`refresh`."""
+        return self.table.frame()
 
     def summary(self) -> ParetoSummary:
-        """The Pareto summary of the current trials table (computed once per refresh)."""
-        if self.pareto is None:
-            frame = self.frame if self.frame is not None else self.refresh()
-            self.pareto = study_pareto(self.study, frame, self.cost)
-        return self.pareto
+        """The Pareto summary of the trials table (computed once per change of the table)."""
+        version = self.table.version
+        if self._pareto is None or self._pareto[0] != version:
+            self._pareto = version, study_pareto(self.study, self.frame, self.cost, front=self.table.front)
+        return self._pareto[1]
 
-    def publish_front(self) -> None:
-        """Merge the allocation parts; write ``pareto/`` in the study folder and, when tracked,
-        log the same files and metrics on the parent run."""
+    def _due(self, last: tuple[float, int], every_s: float, final: bool) -> bool:
+        """Whether the table changed since ``last`` (time, version) and ``every_s`` passed (or ``final``)."""
+        at, version = last
+        return self.table.version != version and (final or time.monotonic() - at >= every_s)
+
+    def publish(self, final: bool = False) -> None:
+        """Rewrite ``trials.parquet`` whole and merge the allocation parts, and publish the front
+        (``pareto/`` in the study folder and, when tracked, on the parent run), each when the
+        table changed since its last time and its cadence (:data:`TABLES_REFRESH_S`,
+        :data:`FRONT_REFRESH_S`) passed; with ``final``, both now."""
         study = self.study
-        merge_allocations(study.layout)
-        if self.frame is None:
-            return
-        try:
-            if self.tracker is not None:
-                self.tracker.publish_front(self.summary(), save_to=study.layout.pareto_dir)
-            else:
-                write_front(study.layout.pareto_dir, self.summary(), study.name)
-        except OSError as error:  # a full disk must not end the study
-            logger.warning("could not write the front to %s: %s", study.layout.pareto_dir, error)
+        if self._last_update == -math.inf:
+            return  # no rows read yet: nothing to rewrite the files of an earlier run with
+        if self._due(self._tables_at, TABLES_REFRESH_S, final):
+            self._tables_at = time.monotonic(), self.table.version
+            try:  # a full disk must not end the study
+                self.table.rewrite()
+                self.allocations.merge(final_trials=self.table.ended)
+            except OSError as error:
+                logger.warning("could not rewrite the tables of %s: %s", study.layout.root, error)
+        if self._due(self._front_at, FRONT_REFRESH_S, final):
+            self._front_at = time.monotonic(), self.table.version
+            try:
+                if self.tracker is not None:
+                    self.tracker.publish_front(self.summary(), save_to=study.layout.pareto_dir)
+                else:
+                    write_front(study.layout.pareto_dir, self.summary(), study.name)
+            except OSError as error:
+                logger.warning("could not write the front to %s: %s", study.layout.pareto_dir, error)
 
-    def progress_line(self) -> str:
-        frame = self.frame if self.frame is not None else pd.DataFrame(columns=["state", "pareto"])
-        counts = frame["state"].value_counts() if len(frame) else {}
-        names = self.study.metric_names
-        points = front(frame, names) if len(frame) else frame
-        shown = " ".join("/".join(value_text(n, row[n]) for n in names) for _, row in points.head(5).iterrows())
+    def flush(self) -> None:
+        """Everything up to date now: the rows, then the tables and the front (the end of a run)."""
+        self.refresh()
+        self._tables_at, self._front_at = (-math.inf, -1), (-math.inf, -1)
+        self.publish(final=True)
+
+    def progress_line(self, running: int | None = None) -> str:
+        """``[mm:ss] name: 5/8 done, 2 running, ... | front 3 (top1/macs): ...``; ``running``:
+        Ray's count of running trials (None: the table's RUNNING rows)."""
+        counts, names = self.table.counts, self.study.metric_names
+        shown = " ".join("/".join(value_text(n, row[n]) for n in names) for row in self.table.front_rows()[:5])
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
-        return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts.get('COMPLETE', 0)}/{self.study.n_trials} "
-                f"done, {self.running if self.running is not None else counts.get('RUNNING', 0)} running, "
-                f"{counts.get('PRUNED', 0)} stopped, "
-                f"{counts.get('FAIL', 0)} failed | front {int(frame['pareto'].sum()) if len(frame) else 0}"
+        return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts['COMPLETE']}/{self.study.n_trials} "
+                f"done, {running if running is not None else counts['RUNNING']} running, "
+                f"{counts['PRUNED']} stopped, {counts['FAIL']} failed | front {len(self.table.front.numbers)}"
                 + (f" ({'/'.join(names)}): {shown}" if shown else ""))
 
 
@@ -157,24 +206,19 @@ class StudyProgress(Callback):
                 return reason
         return None
 
-    def _session(self, trials: list[Any], starting: Any = None, ending: Any = None) -> StudySession:
-        """The live session, with Ray's count of running trials brought up to date (Ray calls
-        back before it marks a ``starting`` trial RUNNING and before an ``ending`` one stops)."""
-        session = _SESSIONS[self.root]
-        running = {t.trial_id for t in trials if t.status == "RUNNING" and t is not ending}
-        session.running = len(running | ({starting.trial_id} if starting is not None else set()))
-        return session
+    @property
+    def session(self) -> StudySession:
+        return _SESSIONS[self.root]
 
-    def _note(self, trials: list[Any], trial: Any, starting: bool = False, ending: bool = False,
-              **notes: Any) -> StudySession:
-        session = self._session(trials, trial if starting else None, trial if ending else None)
+    def _note(self, trial: Any, **notes: Any) -> StudySession:
+        session = self.session
         number = _trial_number(trial)
         if number is not None:
-            session.annotations.setdefault(number, {}).update(notes)
+            session.note(number, **notes)
         return session
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        session = self._note(trials, trial, starting=True, ray_trial_id=trial.trial_id)
+        session = self._note(trial, ray_trial_id=trial.trial_id)
         if session.driver is not None:  # Ray may have spawned a worker for it
             try:
                 session.driver.write(with_ray_session=True)
@@ -188,46 +232,54 @@ class StudyProgress(Callback):
             notes["epochs_done"] = int(result["epoch"]) + 1
             if result.get(PREFIX_SHARED) == 1:  # restored from a shared prefix: the first epochs
                 notes["epochs_shared"] = int(result["epoch"]) + 1
+        if isinstance(result.get(EPOCHS_SAVED), (int, float)):  # a single-process trial's own checkpoints
+            notes["epochs_saved"] = int(result[EPOCHS_SAVED])
         notes.update({key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)})
-        self._note(trials, trial, **notes).refresh(force=False)
+        self._note(trial, **notes).refresh(force=False)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        # Ray registers a reported checkpoint after the result's on_trial_result; the trial's
-        # last result is still the one the checkpoint was reported with.
+        # A data-parallel trial's checkpoints are Ray Train's, registered with Ray Tune: Ray
+        # registers one after the result's on_trial_result; the trial's last result is still
+        # the one the checkpoint was reported with.
         epoch = (trial.last_result or {}).get("epoch")
         if isinstance(epoch, (int, float)) and math.isfinite(epoch):
-            self._note(trials, trial, epochs_saved=int(epoch) + 1).refresh(force=False)
+            self._note(trial, epochs_saved=int(epoch) + 1).refresh(force=False)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        session = self._session(trials)
+        session = self.session
         number = _trial_number(trial)
-        notes = session.annotations.setdefault(number, {}) if number is not None else {}
-        notes["retries"] = int(notes.get("retries") or 0) + 1
-        notes["fail_reason"] = f"retried after: {_error_line(trial)}"
+        if number is not None:
+            retries = int(session.annotations.get(number, {}).get("retries") or 0) + 1
+            session.note(number, retries=retries, fail_reason=f"retried after: {_error_line(trial)}")
         session.say(f"trial {number}: restarting from its last checkpoint after: {_error_line(trial)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         reason = self._stop_reason(trial)
-        session = self._note(trials, trial, ending=True, **({"fail_reason": reason} if reason else {}))
+        session = self._note(trial, **({"fail_reason": reason} if reason else {}))
         number = _trial_number(trial)
         if reason and session.tracker is not None and number is not None:
             try:
                 session.tracker.end_trial(number, "stopped", reason)
             except Exception as error:  # noqa: BLE001  (a tracking store error must not end the study)
                 logger.warning("tracker: could not mark trial %s stopped: %s", number, error)
-        self._ended(session)
+        self._ended(session, trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(self._note(trials, trial, ending=True, fail_reason=_error_line(trial)))
+        self._ended(self._note(trial, fail_reason=_error_line(trial)), trials, trial)
 
     def on_step_end(self, iteration, trials, **info):
-        session = self._session(trials)
+        session = self.session
+        session.publish()  # what a burst of trial ends left to rewrite, once the cadence allows
         if time.monotonic() - session.last_said > HEARTBEAT_S:
             session.refresh(force=False)
-            session.say(session.progress_line())
+            session.say(session.progress_line(_running(trials)))
 
-    def _ended(self, session: StudySession) -> None:
+    def _ended(self, session: StudySession, trials: list[Any], trial: Any) -> None:
         session.refresh()
-        session.publish_front()
-        session.say(session.progress_line())
+        session.publish()
+        session.say(session.progress_line(_running(trials, ending=trial)))
 
+
+def _running(trials: list[Any], ending: Any = None) -> int:
+    """Ray's count of running trials (Ray calls back before an ``ending`` trial stops)."""
+    return sum(1 for t in trials if t.status == "RUNNING" and t is not ending)

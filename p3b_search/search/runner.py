@@ -14,6 +14,7 @@ Driver-side flow of :func:`run_study`::
       or Tuner.restore(...) to resume an interrupted study
     StudyProgress callback: trials.parquet / allocations.parquet, the Pareto summary in pareto/
                             and on the tracker, one progress line per event  -> search.progress
+    the end (finished, Ctrl-C, or an error): every table and the front written once more
 
 Resume: ``Tuner.restore`` brings back Ray's trials and the searcher's Ray -> Optuna mapping,
 so in-flight trials continue from their last checkpoint under their own Optuna numbers (no
@@ -56,6 +57,8 @@ from p3b_search.study.summary import StudyOutcome
 from p3b_search.study.tracking import StudyTracking, TrialRunFactory
 from p3b_search.study.trials import trial_budget
 from p3b_search.training.prefixes import PrefixCache
+
+logger = logging.getLogger(__name__)
 
 
 def _init_ray(study: StudyConfig, address: str | None, num_cpus: int | None, verbose: bool) -> bool:
@@ -139,9 +142,16 @@ def _fail_orphans(session: StudySession) -> None:
     """Optuna trials still RUNNING once the study has ended: asked, never run (the searcher re-runs
     a trial lost before Ray recorded it, so normally there are none)."""
     for trial in session.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        session.annotations.setdefault(trial.number, {})["fail_reason"] = (
-            "lost: the driver stopped before Ray recorded this trial")
+        session.note(trial.number, fail_reason="lost: the driver stopped before Ray recorded this trial")
         session.optuna_study.tell(trial.number, state=TrialState.FAIL)
+
+
+def _flush_quietly(session: StudySession) -> None:
+    """:meth:`StudySession.flush` while another error ends the run (which it must not hide)."""
+    try:
+        session.flush()
+    except Exception as error:  # noqa: BLE001
+        logger.warning("could not write the study's tables at its end: %s", error)
 
 
 def _trials_ended(optuna_study: optuna.Study) -> int:
@@ -222,7 +232,7 @@ def run_study(
                     + ", ".join(p.describe() for p in ended))
     preflight(study, objective, address, num_cpus)
     quiet = _quiet_libraries(verbose)
-    started_ray, interrupted, session, started_tracker = False, True, None, None
+    started_ray, interrupted, session, started_tracker, flushed = False, True, None, None, False
     try:
         # Ray first: a cluster that refuses us is an error before the study leaves any trace
         started_ray = _init_ray(study, address, num_cpus, verbose)
@@ -243,6 +253,7 @@ def run_study(
         session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer,
                                driver=driver if local_session else None)
         open_session(session)
+        session.refresh()  # the rows of the trials an earlier run left (resume)
         if address:
             for line in cluster_lines(study, address):
                 session.say(line)
@@ -253,9 +264,11 @@ def run_study(
         interrupted = _trials_ended(optuna_study) < study.n_trials
         if not interrupted:
             _fail_orphans(session)
-        frame = session.refresh()
-        session.publish_front()
+        session.flush()
+        flushed = True
     finally:
+        if session is not None and len(session.table) and not flushed:  # an error, a second Ctrl-C
+            _flush_quietly(session)
         if started_tracker is not None:
             started_tracker.close("KILLED" if interrupted else "FINISHED")
         if session is not None:
@@ -267,7 +280,7 @@ def run_study(
         if layout.root.exists():
             driver.remove()
         quiet()
-    return StudyOutcome(study, frame, session.summary(), interrupted, time.monotonic() - session.started)
+    return StudyOutcome(study, session.frame, session.summary(), interrupted, time.monotonic() - session.started)
 
 
 __all__ = ["run_study"]

@@ -23,7 +23,10 @@ sampler; ``Tuner.restore`` thus continues in-flight trials under their own numbe
 trial RUNNING in the storage that no Ray trial holds was asked by a driver that stopped before
 Ray recorded it: the next ``suggest`` hands that trial out again, same number, same parameters
 (those it lacks, when the driver stopped half-way through sampling it, are sampled then),
-instead of sampling a new one.
+instead of sampling a new one. Ray saves its experiment state every few seconds, not at every
+event, so a restored Tuner may miss trials that started, or even ended, after its last save:
+the former run again as lost trials (from the checkpoint they saved), and once ``n_trials``
+trials have been handed out to Ray the searcher says ``FINISHED`` instead of sampling more.
 """
 from __future__ import annotations
 
@@ -111,6 +114,10 @@ class FrontSafeOptunaSearch(Searcher):
         self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number, for trials in flight
         self._storage: BaseStorage | None = None
         self._optuna: optuna.Study | None = None
+        self._lost: list[int] | None = None  # trials a stopped driver asked, not handed out yet
+        #: trials ever handed out to Ray (they carry a Ray trial id), and by configuration key
+        self._handed: set[int] | None = None
+        self._configs: dict[Any, set[int]] = {}
 
     # ------------------------------------------------------------------ state (Ray saves it)
 
@@ -120,7 +127,7 @@ class FrontSafeOptunaSearch(Searcher):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._numbers, self._sampler = dict(state["numbers"]), state["sampler"]
-        self._optuna = None  # opened again with the restored sampler
+        self._optuna = self._lost = self._handed = None  # opened and read again
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as file:
@@ -131,8 +138,9 @@ class FrontSafeOptunaSearch(Searcher):
             self.set_state(pickle.load(file))
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (Ray keeps the searcher in its experiment folder) without storage connections."""
-        return {**self.__dict__, "_storage": None, "_optuna": None}
+        """Pickled (Ray keeps the searcher in its experiment folder) without storage connections
+        or what was read from the storage."""
+        return {**self.__dict__, "_storage": None, "_optuna": None, "_lost": None, "_handed": None, "_configs": {}}
 
     @property
     def optuna_study(self) -> optuna.Study:
@@ -162,19 +170,40 @@ class FrontSafeOptunaSearch(Searcher):
     def _hand_out(self, trial_id: str, number: int, params: dict[str, Any]) -> dict[str, Any]:
         self._set_attr(number, RAY_TRIAL_ATTR, trial_id)
         self._numbers[trial_id] = number
+        self._record_handed_out(number, params)
         return {**params, TRIAL_NUMBER: number}
+
+    def _handed_out(self) -> set[int]:
+        """Numbers of the trials ever handed out to Ray (they carry a Ray trial id): read from
+        the storage once, then kept up to date by :meth:`_hand_out` (with ``_configs``)."""
+        if self._handed is None:
+            trials = self.optuna_study.get_trials(deepcopy=False)
+            self._handed, self._configs = set(), {}
+            for other in trials:
+                if RAY_TRIAL_ATTR in other.user_attrs:
+                    self._handed.add(other.number)
+                    self._configs.setdefault(config_key(other.params), set()).add(other.number)
+        return self._handed
+
+    def _record_handed_out(self, number: int, params: dict[str, Any]) -> None:
+        self._handed_out().add(number)
+        self._configs.setdefault(config_key(params), set()).add(number)
 
     # ------------------------------------------------------------------ ask
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """The configuration of Ray trial ``trial_id``: a trial lost by a stopped driver first,
-        else a new valid sample (with its Optuna number under ``trial_number``)."""
+        else a new valid sample (with its Optuna number under ``trial_number``); ``FINISHED``
+        once ``n_trials`` trials have been handed out to Ray (a study resumed from experiment
+        state that Ray saved before some trials started or ended)."""
         grid = self._study_config.sampler.name == "grid"
         lost = self._lost_trial(grid)
         if lost is not None:
             number, params = lost
             logger.warning("trial %d: asked before the driver stopped and never run: running it now", number)
             return self._hand_out(trial_id, number, params)
+        if len(self._handed_out()) >= self._study_config.n_trials:
+            return Searcher.FINISHED
         # on the grid every point comes once before any repeats: it runs out only when exhausted
         for _ in range(grid_point_count(self._study_config) if grid else MAX_INVALID_SAMPLES):
             trial = self.optuna_study.ask()
@@ -195,22 +224,26 @@ class FrontSafeOptunaSearch(Searcher):
         """The first Optuna trial RUNNING in the storage that no Ray trial holds, with its
         parameters, when it can run; lost trials that cannot (invalid) are told FAIL on the way.
 
-        A trial lost half-way through its sampling is sampled to the end: Optuna returns the
-        recorded value of a parameter already suggested and samples only the missing ones."""
-        held = set(self._numbers.values())
+        Only a driver that stopped leaves such trials, so the storage is read for them once, at
+        the first call (every trial asked after that is this searcher's own). A trial lost
+        half-way through its sampling is sampled to the end: Optuna returns the recorded value
+        of a parameter already suggested and samples only the missing ones."""
         study = self.optuna_study
-        for record in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if record.number in held:
-                continue
+        if self._lost is None:
+            held = set(self._numbers.values())
+            self._lost = [record.number for record in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                          if record.number not in held]
+        while self._lost:
+            number = self._lost.pop(0)
             try:  # Optuna's own Trial of the stored record: define-by-run sampling continues it
-                params = suggest_params(optuna.Trial(study, self._trial_id(record.number)), self._study_config)
+                params = suggest_params(optuna.Trial(study, self._trial_id(number)), self._study_config)
             except ValueError as error:  # a recorded value outside today's search space
-                self._fail(record.number, "fail_reason", f"lost, and its parameters no longer fit: {error}")
+                self._fail(number, "fail_reason", f"lost, and its parameters no longer fit: {error}")
                 continue
-            rejection = self._rejection(record.number, params, grid)
+            rejection = self._rejection(number, params, grid)
             if rejection is None:
-                return record.number, params
-            self._fail(record.number, *rejection)
+                return number, params
+            self._fail(number, *rejection)
         return None
 
     def _rejection(self, number: int, params: dict[str, Any], grid: bool) -> tuple[str, Any] | None:
@@ -218,11 +251,11 @@ class FrontSafeOptunaSearch(Searcher):
         run it): on the grid, the configuration of another trial; always, an invalid trial
         configuration."""
         if grid:
-            key = config_key(params)
-            for other in self.optuna_study.get_trials(deepcopy=False):
-                if other.number != number and RAY_TRIAL_ATTR in other.user_attrs and config_key(other.params) == key:
-                    logger.info("trial %d: skipped, the configuration of trial %d", number, other.number)
-                    return DUPLICATE_ATTR, other.number
+            self._handed_out()
+            others = sorted(self._configs.get(config_key(params), set()) - {number})
+            if others:
+                logger.info("trial %d: skipped, the configuration of trial %d", number, others[0])
+                return DUPLICATE_ATTR, others[0]
         try:
             trial_config(self._study_config, params)
         except StudyError as error:

@@ -10,6 +10,10 @@ placeholders exist because Ray Tune checks that every result carries the searche
 With ``shared_prefixes`` the objective is handed the study's ``prefixes/`` folder (``prefixes=``);
 an epoch restored from a shared prefix carries ``prefix_shared = 1``.
 
+A single-process trial reports its epochs to Ray Tune without checkpoints and keeps the ones the
+driver accepted in its own folder (:mod:`p3b_search.search.saved_checkpoints`): a retried or
+resumed trial starts from the newest; each result carries ``epochs_saved``, the epochs it covers.
+
 ``workers_per_trial > 1``: the Tune trial launches a Ray Train ``TorchTrainer`` whose workers
 (gloo on CPU, NCCL on GPU) all run the objective under ``torch.distributed``; rank 0 forwards
 reports, writes allocation parts and logs to the tracker. Reducing pruning statistics across ranks
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from p3b_search.reporting import TrialReporter
+from p3b_search.search.saved_checkpoints import SAVED_DIR, SavedCheckpoints
 from p3b_search.study.results import TrialPartWriter
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.tracking import TrialRunFactory
@@ -35,6 +40,7 @@ OBJECTIVE_PREFIX = "objective_"
 MLFLOW_RUN_ID = "mlflow_run_id"
 RAY_NODE_ID = "ray_node_id"  # the Ray node a trial (attempt) runs on
 PREFIX_SHARED = "prefix_shared"  # an epoch's metric: 1 when restored from a shared prefix, not trained
+EPOCHS_SAVED = "epochs_saved"  # epochs covered by the trial's newest saved checkpoint when it reported
 DEFAULT_OBJECTIVE = "objectives.prune_finetune:run_trial"
 
 ReportFn = Callable[..., None]
@@ -120,11 +126,25 @@ class TuneTrialReporter(TrialReporter):
         self._report({**objectives, FINISHED: True, **values, **self._extras()}, None)
 
 
-def _tune_report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
-    from ray import tune
+class SavingTuneReport:
+    """Ray Tune's report of a single-process trial that keeps its accepted checkpoints in
+    ``saved`` (see :mod:`p3b_search.search.saved_checkpoints`): the result goes to Ray without
+    the checkpoint, and once Ray's report returns (the driver accepted the epoch) the
+    checkpoint folder is saved."""
 
-    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-    tune.report(result, checkpoint=checkpoint)
+    def __init__(self, saved: SavedCheckpoints):
+        self.saved = saved
+        latest = saved.latest()
+        self.epochs_saved = latest[0] + 1 if latest is not None else 0
+
+    def __call__(self, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        tune.report({**result, EPOCHS_SAVED: self.epochs_saved})
+        if checkpoint_dir is not None:
+            epoch = int(result["epoch"])
+            self.saved.save(Path(checkpoint_dir), epoch)
+            self.epochs_saved = epoch + 1
 
 
 def _train_report(result: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -154,8 +174,8 @@ def run_objective(
     """Run the objective for one trial's Ray config and report through ``report``.
 
     ``trial_runs``: opens the trial's run on the study tracker (None: untracked);
-    ``checkpoint``: the Ray checkpoint to resume from (None for a fresh start); ``lead``:
-    this process writes allocation parts and the tracker's run (rank 0).
+    ``checkpoint``: the folder (a ``Path``) or Ray checkpoint to resume from (None for a fresh
+    start); ``lead``: this process writes allocation parts and the tracker's run (rank 0).
     """
     run = load_objective(objective)  # first: importing it may register methods
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER}
@@ -175,19 +195,22 @@ def run_objective(
         writer, epoch_writer = ((TrialPartWriter(study.layout.allocation_parts, number),
                                  TrialPartWriter(study.layout.epoch_parts, number)) if lead else (None, None))
         reporter = TuneTrialReporter(report, study.metric_names, writer, downstream, node_id, epoch_writer)
-        resume_from = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+        resume_from = (checkpoint if isinstance(checkpoint, Path) or checkpoint is None
+                       else Path(stack.enter_context(checkpoint.as_directory())))
         objectives = run(trial, reporter, workdir, resume_from, **kwargs)
         reporter.finish(objectives)
 
 
 def tune_trainable(config: dict[str, Any], study: StudyConfig, trial_runs: TrialRunFactory | None,
                    objective: str) -> None:
-    """The Ray Tune function trainable of a single-process trial."""
+    """The Ray Tune function trainable of a single-process trial: it starts from the trial's
+    newest saved checkpoint (a retried or resumed trial) or from scratch."""
     import torch
-    from ray import tune
 
     torch.set_num_threads(max(1, int(study.resources_per_trial.cpu)))
-    run_objective(config, study, trial_runs, objective, _tune_report, tune.get_checkpoint())
+    saved = SavedCheckpoints(study.layout.trial_dir(int(config[TRIAL_NUMBER])) / SAVED_DIR)
+    latest = saved.latest()
+    run_objective(config, study, trial_runs, objective, SavingTuneReport(saved), latest[1] if latest else None)
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from p3b_search.study.dense import DenseReference, dense_cost, dense_reference
-from p3b_search.study.history import hypervolume_history
-from p3b_search.study.pareto import hypervolume, knee_index, normalized_hypervolume, pareto_mask
+from p3b_search.study.history import FrontHistory, hypervolume_history
+from p3b_search.study.pareto import hypervolume, hypervolume_box, knee_index, pareto_mask
 from p3b_search.study.results import is_dense
 from p3b_search.study.sections import MAXIMIZED, StudyConfig
 
@@ -81,24 +81,38 @@ def finished_rows(trials: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
 
 
 def pareto_summary(trials: pd.DataFrame, directions: Mapping[str, str] | Sequence[tuple[str, str]],
-                   reference: Sequence[float], dense: DenseReference | None = None) -> ParetoSummary:
+                   reference: Sequence[float], dense: DenseReference | None = None,
+                   front: FrontHistory | None = None) -> ParetoSummary:
     """The :class:`ParetoSummary` of ``trials`` (one row per trial, a column per objective of
     ``directions``) for the objectives ``directions`` (name -> maximize/minimize), the
     hypervolume bounded by ``reference``; ``dense`` gives the ideal point of the normalised
-    hypervolume (the dense accuracy at zero cost; None: not normalised)."""
+    hypervolume (the dense accuracy at zero cost; None: not normalised).
+
+    ``front``: a :class:`~p3b_search.study.history.FrontHistory` already fed every ended trial of
+    ``trials`` in end order (the driver keeps one): its front, knee, hypervolume and history are
+    taken instead of replaying the table (the same values)."""
     directions = dict(directions)
     missing = [name for name in directions if name not in trials.columns]
     if missing:
         raise ValueError(f"trials table lacks objective column(s) {missing}; it has {list(trials.columns)}")
     names, dirs = list(directions), list(directions.values())
     finished = finished_rows(trials, names)
-    values = finished[names].to_numpy(dtype=float).reshape(len(finished), len(names))
     ideal = dense.ideal(names) if dense is not None else None
-    normalized = normalized_hypervolume(values, dirs, reference, ideal) if ideal is not None else math.nan
+    box = hypervolume_box(reference, ideal) if ideal is not None else math.nan
+    if front is None:
+        values = finished[names].to_numpy(dtype=float).reshape(len(finished), len(names))
+        on_front, volume = pareto_mask(values, dirs), hypervolume(values, dirs, reference)
+        knee = knee_index(values, dirs) if len(values) else None
+        history = hypervolume_history(trials, names, dirs, reference, ideal)
+    else:
+        numbers = finished["number"].to_numpy()
+        on_front, volume, history = np.isin(numbers, list(front.numbers)), front.hypervolume, front.history(ideal)
+        knee_number = front.knee()
+        knee = int(np.flatnonzero(numbers == knee_number)[0]) if knee_number is not None else None
+    normalized = volume / box if math.isfinite(box) and box > 0 else math.nan
     shared = int(trials[SHARED_COLUMN].fillna(0).sum()) if SHARED_COLUMN in trials.columns else 0
-    return ParetoSummary(directions, list(reference), finished, pareto_mask(values, dirs),
-                         knee_index(values, dirs) if len(values) else None, hypervolume(values, dirs, reference),
-                         normalized, dense, hypervolume_history(trials, names, dirs, reference, ideal), shared)
+    return ParetoSummary(directions, list(reference), finished, on_front, knee, volume, normalized, dense, history,
+                         shared)
 
 
 def reference_point(study: StudyConfig, cost: Mapping[str, float] | None = None) -> list[float]:
@@ -117,9 +131,12 @@ def reference_point(study: StudyConfig, cost: Mapping[str, float] | None = None)
     return point
 
 
-def study_pareto(study: StudyConfig, trials: pd.DataFrame, cost: Mapping[str, float] | None = None) -> ParetoSummary:
+def study_pareto(study: StudyConfig, trials: pd.DataFrame, cost: Mapping[str, float] | None = None,
+                 front: FrontHistory | None = None) -> ParetoSummary:
     """The study's current :class:`ParetoSummary` (dense trials left out, the dense reference
-    from the study file or its dense trials); ``cost``: the dense model's, counted when not given."""
+    from the study file or its dense trials); ``cost``: the dense model's, counted when not
+    given; ``front``: see :func:`pareto_summary`."""
     cost = cost or dense_cost(study)
     dense = dense_reference(study, trials, cost)
-    return pareto_summary(trials, dict(zip(study.metric_names, study.directions)), reference_point(study, cost), dense)
+    return pareto_summary(trials, dict(zip(study.metric_names, study.directions)), reference_point(study, cost), dense,
+                          front)

@@ -1,28 +1,127 @@
 """The study's hypervolume against the compute it spent: how fast the search found its front.
 
-Trials are taken in the order they ended (``end``); each ended trial adds the epochs it trained
-(``epochs_done``, less ``epochs_shared`` when epochs came from a shared prefix) to the study's
-**trial-epochs** (the compute, in units of one epoch of one trial), and a COMPLETE trial that is
-not a ``dense`` reference may move the front. A PRUNED trial (stopped early, e.g. at a rung of
-successive halving) spends epochs and never moves the front; a FAIL spends its epochs too.
+Trials are taken in the order they ended (``end``, then ``number``); each ended trial adds the
+epochs it trained (``epochs_done``, less ``epochs_shared`` when epochs came from a shared
+prefix) to the study's **trial-epochs** (the compute, in units of one epoch of one trial), and a
+COMPLETE trial that is not a ``dense`` reference may move the front. A PRUNED trial (stopped
+early, e.g. at a rung of successive halving) spends epochs and never moves the front; a FAIL
+spends its epochs too.
 
-The front is kept incrementally (a point enters only when nothing on the front dominates it), so
-the whole history costs O(trials x front size), not a hypervolume over all trials per step.
+:class:`FrontHistory` keeps the front as trials end: a point enters when no front point
+dominates it and pushes out the points it dominates, so an ended trial costs O(front size)
+and the hypervolume is recomputed over the front only when the front changed. The driver
+keeps one for the whole study (its trials table's ``pareto`` column, the Pareto summary and
+the history all read it); :func:`hypervolume_history` replays a trials table through one.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from p3b_search.study.pareto import as_minimization, hypervolume, hypervolume_box, pareto_mask
+from p3b_search.study.pareto import as_minimization, hypervolume, hypervolume_box, knee_index
 from p3b_search.study.results import is_dense
 
 #: States of an ended trial (RUNNING trials are not in the history yet).
 ENDED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 HISTORY_COLUMNS = ("number", "state", "end", "epochs", "trial_epochs", "hypervolume", "hypervolume_normalized")
+
+
+@dataclass(frozen=True)
+class FrontChange:
+    """Trial numbers that entered and left the front when one trial ended."""
+
+    entered: frozenset[int] = frozenset()
+    left: frozenset[int] = frozenset()
+
+
+class FrontHistory:
+    """The front of the COMPLETE, non-dense trials ended so far, and the history row of every
+    ended trial, for objectives ``names`` with ``directions`` and the hypervolume bounded by
+    ``reference`` (objective units).
+
+    Feed ended trials with :meth:`end` in the order they ended. The front keeps every point no
+    other point strictly dominates: identical points are all on it, as in
+    :func:`~p3b_search.study.pareto.pareto_mask`; points with a NaN objective never are.
+    """
+
+    def __init__(self, names: Sequence[str], directions: Sequence[str], reference: Sequence[float]):
+        self.names, self.directions, self.reference = list(names), list(directions), list(reference)
+        self._front: dict[int, np.ndarray] = {}  # number -> objective values (minimization form)
+        self._values: dict[int, np.ndarray] = {}  # number -> objective values (as given)
+        self._rows: list[tuple[Any, ...]] = []
+        self._seen: set[int] = set()
+        self.hypervolume = 0.0
+        self.trial_epochs = 0
+        #: ``(end, number)`` of the last ended trial fed (None before the first)
+        self.last: tuple[Any, int] | None = None
+
+    def __contains__(self, number: int) -> bool:
+        """Whether trial ``number`` has been fed."""
+        return number in self._seen
+
+    @property
+    def numbers(self) -> frozenset[int]:
+        """Trial numbers on the front."""
+        return frozenset(self._front)
+
+    def end(self, number: int, state: str, end: Any, epochs: int, values: Sequence[float] | None,
+            counts: bool) -> FrontChange:
+        """Record that trial ``number`` ended in ``state`` at ``end`` after training ``epochs``
+        epochs; ``values``: its objectives (in the order of ``names``); ``counts``: whether it may
+        be a point of the front (COMPLETE and not ``dense``). Returns how the front changed."""
+        self._seen.add(number)
+        self.last = (end, number)
+        change = FrontChange()
+        point = np.asarray(values if values is not None else [math.nan] * len(self.names), dtype=np.float64)
+        if counts and np.isfinite(point).all():
+            change = self._add(number, point)
+        self.trial_epochs += int(epochs)
+        self._rows.append((int(number), state, end, int(epochs), self.trial_epochs, self.hypervolume))
+        return change
+
+    def _add(self, number: int, point: np.ndarray) -> FrontChange:
+        mine = as_minimization(point[None, :], self.directions)[0]
+        if self._front:
+            numbers = list(self._front)
+            theirs = np.stack([self._front[n] for n in numbers])
+            if ((theirs <= mine).all(axis=1) & (theirs < mine).any(axis=1)).any():
+                return FrontChange()
+            beaten = (mine <= theirs).all(axis=1) & (mine < theirs).any(axis=1)
+            left = frozenset(n for n, out in zip(numbers, beaten) if out)
+        else:
+            left = frozenset()
+        for gone in left:
+            del self._front[gone], self._values[gone]
+        self._front[number], self._values[number] = mine, point
+        self.hypervolume = hypervolume(np.stack(list(self._values.values())), self.directions, self.reference)
+        return FrontChange(frozenset({number}), left)
+
+    def front_values(self) -> tuple[list[int], np.ndarray]:
+        """The front's trial numbers, ascending, and their objective values ``(k, objectives)``."""
+        numbers = sorted(self._front)
+        values = np.stack([self._values[n] for n in numbers]) if numbers else np.empty((0, len(self.names)))
+        return numbers, values
+
+    def knee(self) -> int | None:
+        """Trial number of the knee (:func:`~p3b_search.study.pareto.knee_index` over the front,
+        ties to the lowest number); None while the front is empty."""
+        numbers, values = self.front_values()
+        return numbers[knee_index(values, self.directions)] if numbers else None
+
+    def history(self, ideal: Sequence[float] | None = None) -> pd.DataFrame:
+        """One row per ended trial, in the order fed: ``number``, ``state``, ``end``, ``epochs``
+        (trained by that trial), ``trial_epochs`` (cumulative), and the ``hypervolume`` (objective
+        units) and ``hypervolume_normalized`` (by the box up to ``ideal``; NaN without it) of the
+        front of the COMPLETE trials ended so far."""
+        frame = pd.DataFrame(self._rows, columns=HISTORY_COLUMNS[:-1])
+        box = hypervolume_box(self.reference, ideal) if ideal is not None else math.nan
+        frame["hypervolume_normalized"] = frame["hypervolume"] / box if math.isfinite(box) and box > 0 else math.nan
+        return frame
 
 
 def trial_epochs_spent(trials: pd.DataFrame) -> pd.Series:
@@ -32,40 +131,30 @@ def trial_epochs_spent(trials: pd.DataFrame) -> pd.Series:
     return (done - shared).clip(lower=0).astype("int64")
 
 
-def hypervolume_history(trials: pd.DataFrame, names: Sequence[str], directions: Sequence[str],
-                        reference: Sequence[float], ideal: Sequence[float] | None = None) -> pd.DataFrame:
-    """One row per ended trial, in the order they ended: ``number``, ``state``, ``end``,
-    ``epochs`` (trained by that trial), ``trial_epochs`` (cumulative), and the ``hypervolume``
-    (objective units, against ``reference``) and ``hypervolume_normalized`` (by the box up to
-    ``ideal``; NaN without it) of the front of the COMPLETE trials ended so far."""
-    if trials.empty or not {"state", "number"} <= set(trials.columns):
-        return pd.DataFrame(columns=HISTORY_COLUMNS)
+def ended_in_order(trials: pd.DataFrame) -> pd.DataFrame:
+    """The ended trials (COMPLETE, PRUNED, FAIL) of a trials table, in the order they ended."""
     ended = trials[trials["state"].isin(ENDED_STATES)]
-    order = ended.sort_values(["end", "number"], kind="stable") if "end" in ended.columns else ended.sort_values("number")
-    epochs = trial_epochs_spent(order)
-    box = hypervolume_box(reference, ideal) if ideal is not None else math.nan
+    return ended.sort_values(["end", "number"], kind="stable") if "end" in ended.columns else ended.sort_values("number")
+
+
+def replay(trials: pd.DataFrame, names: Sequence[str], directions: Sequence[str],
+           reference: Sequence[float]) -> FrontHistory:
+    """A :class:`FrontHistory` fed every ended trial of ``trials`` (a trials table) in end order."""
+    front = FrontHistory(names, directions, reference)
+    if trials.empty or not {"state", "number"} <= set(trials.columns):
+        return front
+    order = ended_in_order(trials)
     counts = (~is_dense(order) & (order["state"] == "COMPLETE")).tolist()
     values = order[list(names)].to_numpy(dtype=np.float64)
     ends = order["end"].tolist() if "end" in order.columns else [None] * len(order)
-    front = np.empty((0, len(names)))
-    volume, spent, rows = 0.0, 0, []
     for i, (number, state, trained) in enumerate(zip(order["number"].tolist(), order["state"].tolist(),
-                                                     epochs.tolist())):
-        point = values[i]
-        if counts[i] and np.isfinite(point).all() and not _dominated(point, front, directions):
-            front = np.vstack([front, point])
-            front = front[pareto_mask(front, directions)]
-            volume = hypervolume(front, directions, reference)
-        spent += int(trained)
-        rows.append((int(number), state, ends[i], int(trained), spent, volume,
-                     volume / box if math.isfinite(box) and box > 0 else math.nan))
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+                                                     trial_epochs_spent(order).tolist())):
+        front.end(int(number), state, ends[i], trained, values[i], counts[i])
+    return front
 
 
-def _dominated(point: np.ndarray, front: np.ndarray, directions: Sequence[str]) -> bool:
-    """Whether some row of ``front`` is at least as good as ``point`` in every objective."""
-    if not len(front):
-        return False
-    mine = as_minimization(point[None, :], directions)[0]
-    theirs = as_minimization(front, directions)
-    return bool((theirs <= mine).all(axis=1).any())
+def hypervolume_history(trials: pd.DataFrame, names: Sequence[str], directions: Sequence[str],
+                        reference: Sequence[float], ideal: Sequence[float] | None = None) -> pd.DataFrame:
+    """:meth:`FrontHistory.history` of the trials table ``trials`` replayed in end order: one row
+    per ended trial (see :class:`FrontHistory`)."""
+    return replay(trials, names, directions, reference).history(ideal)

@@ -6,12 +6,14 @@
     optuna.db            Optuna storage (SQLite) unless ``storage`` names another database
     mlflow.db, mlartifacts/   embedded MLflow store unless ``tracking.uri`` names a server
     trials.parquet       one row per trial (see :mod:`p3b_search.study.results`)
+    trial_updates/       rows changed since trials.parquet was last rewritten (read_trials merges them)
     allocations.parquet  one row per sub-block per mask update, merged from allocations/
     allocations/         per-trial parts written by the trials themselves
     epochs/              per-trial parts: one row of metrics per epoch (the learning curves)
     pareto/              the front: front.png, front.html, front.parquet, summary.parquet
                          (hypervolume, normalised hypervolume, dense reference)
-    trials/<number>/     a trial's working folder: its final model in ``model/``
+    trials/<number>/     a trial's working folder: its final model in ``model/``, the checkpoint the
+                         driver last accepted in ``saved/`` (where a retried or resumed trial starts)
     ray/                 Ray Tune's storage_path (experiment state, trial checkpoints)
     prefixes/<key>/epoch-<k>/   with ``shared_prefixes``: the state after the first k prune-stage
                          epochs that trials of one key share (see :mod:`p3b_search.training.prefixes`)
@@ -54,6 +56,12 @@ class StudyLayout:
     @property
     def trials_table(self) -> Path:
         return self.root / "trials.parquet"
+
+    @property
+    def trial_updates(self) -> Path:
+        """``trial_updates/part-<seq>.parquet``: the rows of ``trials.parquet`` changed since the
+        driver last rewrote it (see :func:`~p3b_search.study.results.read_trials`)."""
+        return self.root / "trial_updates"
 
     @property
     def allocations_table(self) -> Path:

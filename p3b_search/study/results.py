@@ -16,12 +16,20 @@ skipped as a repeat of an earlier trial's configuration is no row)::
                   ``dense`` trials are the reference point, never on the front
     start, end, duration_s   Optuna's timestamps (the driver's local time) and seconds
     epochs_done   epochs reported so far; epochs_saved: epochs covered by the trial's latest
-                  checkpoint that Ray has registered (where a resume or a retry continues from);
+                  checkpoint the driver accepted (where a resume or a retry continues from; known
+                  to the driver with the trial's next report);
                   retries: restarts from a checkpoint after a failure; epochs_shared: prune-stage
                   epochs restored from a prefix another trial trained (``shared_prefixes``), not trained
     fail_reason   one line for FAIL (PRUNED: why it was stopped)
     mlflow_run_id, ray_trial_id
     ray_node_id   the Ray node the trial's latest attempt ran on
+
+The driver writes the rows that changed (a trial started, reported, ended, or entered or left
+the front) as numbered parts ``trial_updates/part-<seq>.parquet`` as it goes, and rewrites
+``trials.parquet`` whole only now and then (:func:`write_trials`, which records in the file the
+last part it holds and deletes the parts up to it). :func:`read_trials` reads the file and the
+parts written after it, so it sees every update; ``trials.parquet`` alone may lag behind by the
+driver's cadence (``TABLES_REFRESH_S`` in :mod:`p3b_search.search.progress`).
 
 ``allocations.parquet``: one row per sub-block per mask update, the method's allocation rows
 plus ``trial``; trials write their own parts under ``allocations/<number>/`` and
@@ -31,7 +39,7 @@ then rename), so a reader never sees a half-written file.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,9 @@ FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
 DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the trial it repeats
 #: Columns every trials table has (what a reader of the table may rely on).
 REQUIRED_COLUMNS = ("number", "state", "top1")
+#: Key of ``trials.parquet``'s schema metadata: the last update part the file holds.
+UPDATES_KEY = b"p3b.trial_updates"
+READ_ATTEMPTS = 5
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -77,6 +88,47 @@ def _uniform(values: list[Any]) -> bool:
 
 # ----------------------------------------------------------------------------- trials
 
+def trial_row(trial: Any, metric_names: Sequence[str], notes: dict[str, Any] | None = None,
+              default_method: str = "") -> dict[str, Any] | None:
+    """The trials-table row of one Optuna trial (``optuna.trial.FrozenTrial``) with the driver's
+    ``notes`` on it (epoch counts, retries, fail_reason, run ids), without ``pareto`` and
+    ``duration_s``; None for a trial that is no row (WAITING: enqueued, not started yet; a
+    skipped grid point: never started)."""
+    state = trial.state.name
+    if state not in STATES or DUPLICATE_ATTR in trial.user_attrs:
+        return None
+    row: dict[str, Any] = {"number": trial.number, "state": state,
+                           "method": trial.params.get("method", default_method)}
+    row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.params.items()})
+    final = {k.removeprefix(FINAL_ATTR): v for k, v in trial.user_attrs.items() if k.startswith(FINAL_ATTR)}
+    if trial.values is not None:
+        final.update(zip(metric_names, trial.values))
+    if final.get("flops") is None and final.get("macs") is not None:
+        final["flops"] = FLOPS_PER_MAC * float(final["macs"])
+    row.update({m: float(final[m]) if final.get(m) is not None else math.nan for m in FINAL_METRICS})
+    row["start"] = trial.datetime_start
+    row["end"] = trial.datetime_complete
+    notes = notes or {}
+    row.update({k: notes.get(k) for k in ANNOTATIONS})
+    if row["fail_reason"] is None:
+        row["fail_reason"] = trial.user_attrs.get("fail_reason")
+    return row
+
+
+def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of :func:`trial_row` (with or without ``pareto``) as a trials table, in the order
+    given: the columns in their order, timestamps, ``duration_s``, counts as integers."""
+    frame = pd.DataFrame(list(rows), columns=_trial_columns(rows))
+    frame["start"] = pd.to_datetime(frame["start"])
+    frame["end"] = pd.to_datetime(frame["end"])
+    frame["duration_s"] = (frame["end"] - frame["start"]).dt.total_seconds()
+    for count in ("epochs_done", "epochs_saved", "epochs_shared", "retries"):
+        frame[count] = frame[count].fillna(0).astype("int64")
+    if "pareto" in frame.columns:
+        frame["pareto"] = frame["pareto"].fillna(False).astype(bool)
+    return _in_table_order(frame)
+
+
 def trials_frame(
     trials: Iterable[Any],
     metric_names: Sequence[str],
@@ -87,40 +139,25 @@ def trials_frame(
     """One row per started Optuna trial (``optuna.trial.FrozenTrial``), with the driver's
     ``annotations`` (by trial number: epoch counts, retries, fail_reason, run ids) merged in."""
     annotations = annotations or {}
-    rows = []
-    for trial in trials:
-        state = trial.state.name
-        if state not in STATES or DUPLICATE_ATTR in trial.user_attrs:
-            continue  # WAITING: enqueued, not started yet; a skipped grid point: never started
-        row: dict[str, Any] = {"number": trial.number, "state": state,
-                               "method": trial.params.get("method", default_method)}
-        row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.params.items()})
-        final = {k.removeprefix(FINAL_ATTR): v for k, v in trial.user_attrs.items() if k.startswith(FINAL_ATTR)}
-        if trial.values is not None:
-            final.update(zip(metric_names, trial.values))
-        if final.get("flops") is None and final.get("macs") is not None:
-            final["flops"] = FLOPS_PER_MAC * float(final["macs"])
-        row.update({m: float(final[m]) if final.get(m) is not None else math.nan for m in FINAL_METRICS})
-        row["start"] = trial.datetime_start
-        row["end"] = trial.datetime_complete
-        notes = annotations.get(trial.number, {})
-        row.update({k: notes.get(k) for k in ANNOTATIONS})
-        if row["fail_reason"] is None:
-            row["fail_reason"] = trial.user_attrs.get("fail_reason")
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=_trial_columns(rows))
-    frame["start"] = pd.to_datetime(frame["start"])
-    frame["end"] = pd.to_datetime(frame["end"])
-    frame["duration_s"] = (frame["end"] - frame["start"]).dt.total_seconds()
-    for count in ("epochs_done", "epochs_saved", "epochs_shared", "retries"):
-        frame[count] = frame[count].fillna(0).astype("int64")
+    rows = [row for trial in trials
+            if (row := trial_row(trial, metric_names, annotations.get(trial.number), default_method)) is not None]
+    frame = rows_frame(rows)
     frame["pareto"] = front_mask(frame, metric_names, directions)
     return frame.sort_values("number", ignore_index=True)
 
 
-def _trial_columns(rows: list[dict[str, Any]]) -> list[str]:
+def _trial_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     params = sorted({k for row in rows for k in row if k.startswith(PARAM_PREFIX)})
-    return ["number", "state", "method", *params, *FINAL_METRICS, "start", "end", *ANNOTATIONS]
+    extra = ["pareto"] if any("pareto" in row for row in rows) else []
+    return ["number", "state", "method", *params, *FINAL_METRICS, "start", "end", *ANNOTATIONS, *extra]
+
+
+def _in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame``'s columns in the trials table's order (parameters sorted, ``duration_s`` after
+    the annotations, ``pareto`` last)."""
+    params = sorted(c for c in frame.columns if c.startswith(PARAM_PREFIX))
+    order = ["number", "state", "method", *params, *FINAL_METRICS, "start", "end", *ANNOTATIONS, "duration_s", "pareto"]
+    return frame[[c for c in order if c in frame.columns] + [c for c in frame.columns if c not in order]]
 
 
 def front_mask(frame: pd.DataFrame, metric_names: Sequence[str], directions: Sequence[str]) -> np.ndarray:
@@ -147,32 +184,90 @@ def front(frame: pd.DataFrame, metric_names: Sequence[str]) -> pd.DataFrame:
     return rows.sort_values(list(metric_names), ascending=False, ignore_index=True)
 
 
-def write_trials(frame: pd.DataFrame, layout: StudyLayout) -> None:
-    """Replace ``trials.parquet`` with ``frame`` (atomically)."""
+def _arrow_table(frame: pd.DataFrame) -> pa.Table:
+    """``frame`` for Parquet: object columns Arrow cannot store as one type become text."""
     frame = frame.copy()
     for name in frame.columns:
         if frame[name].dtype == object and not _uniform(frame[name].tolist()):
             frame[name] = [None if v is None else str(v) for v in frame[name]]
-    write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), layout.trials_table)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def update_parts(layout: StudyLayout) -> list[tuple[int, Path]]:
+    """``(seq, path)`` of every part under ``trial_updates/``, in the order written."""
+    parts = []
+    for path in layout.trial_updates.glob("part-*.parquet"):
+        try:
+            parts.append((int(path.stem.removeprefix("part-")), path))
+        except ValueError:
+            continue  # not one of ours
+    return sorted(parts)
+
+
+def table_seq(layout: StudyLayout) -> int:
+    """The last update part that ``trials.parquet`` holds (0: none, or no table)."""
+    try:
+        metadata = pq.read_schema(layout.trials_table).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return 0
+    return int(metadata.get(UPDATES_KEY, b"0"))
+
+
+def write_trial_updates(rows: pd.DataFrame, layout: StudyLayout, seq: int) -> None:
+    """Write ``rows`` (whole rows of the trials whose row changed, see :func:`rows_frame`) as
+    update part ``seq`` (atomically; ``seq`` greater than every earlier part's)."""
+    write_parquet_atomic(_arrow_table(rows), layout.trial_updates / f"part-{seq:09d}.parquet")
+
+
+def write_trials(frame: pd.DataFrame, layout: StudyLayout, seq: int | None = None) -> None:
+    """Replace ``trials.parquet`` with ``frame``, the whole table (atomically), as holding every
+    update part up to ``seq`` (default: the last one written), and delete those parts."""
+    parts = update_parts(layout)
+    seq = seq if seq is not None else max([0, *(s for s, _ in parts)])
+    table = _arrow_table(frame)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), UPDATES_KEY: str(seq).encode()})
+    write_parquet_atomic(table, layout.trials_table)
+    for part_seq, path in parts:
+        if part_seq <= seq:
+            path.unlink(missing_ok=True)
 
 
 def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
-    """``trials.parquet``: an empty frame when no trial has started yet, or with ``must_exist``
-    a one-line :class:`StudyError` when the table is missing, unreadable or lacks the
-    ``number``, ``state`` or ``top1`` column."""
+    """The trials table: ``trials.parquet`` with the update parts written after it (one row per
+    trial, the latest), sorted by ``number``. An empty frame when no trial has started yet, or
+    with ``must_exist`` a one-line :class:`StudyError` when the table is missing, unreadable or
+    lacks the ``number``, ``state`` or ``top1`` column."""
     path = layout.trials_table
+    for _ in range(READ_ATTEMPTS):
+        parts = update_parts(layout)  # before the table: a rewrite in between deletes only parts it holds
+        if not path.is_file() and not parts:
+            if must_exist:
+                raise StudyError(f"{path}: no trials table: is {layout.root} a study folder (runs/<study name>)?")
+            return pd.DataFrame(columns=["number", "state", *FINAL_METRICS, "pareto"])
+        try:
+            frame, seq = _read_table(path)
+            updates = [pq.read_table(part).to_pandas() for part_seq, part in parts if part_seq > seq]
+        except FileNotFoundError:
+            continue  # the driver rewrote the table and deleted parts while we read: read again
+        except Exception as error:  # noqa: BLE001  (pyarrow raises several types for corrupt files)
+            raise StudyError(f"{path}: cannot read the trials table ({first_line(error)})") from None
+        if updates:
+            frame = pd.concat([f for f in [frame, *updates] if len(f)] or [frame], ignore_index=True)
+            frame = frame.drop_duplicates("number", keep="last").sort_values("number", ignore_index=True)
+            frame = _in_table_order(frame)
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise StudyError(f"{path}: lacks column(s) {missing} (has {list(frame.columns)})")
+        return frame
+    raise StudyError(f"{path}: the trials table kept changing while it was read: try again")
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
+    """``trials.parquet`` and the last update part it holds (an empty table when missing)."""
     if not path.is_file():
-        if must_exist:
-            raise StudyError(f"{path}: no trials table: is {layout.root} a study folder (runs/<study name>)?")
-        return pd.DataFrame(columns=["number", "state", *FINAL_METRICS, "pareto"])
-    try:
-        frame = pq.read_table(path).to_pandas()
-    except Exception as error:  # noqa: BLE001  (pyarrow raises several types for corrupt files)
-        raise StudyError(f"{path}: cannot read the trials table ({first_line(error)})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise StudyError(f"{path}: lacks column(s) {missing} (has {list(frame.columns)})")
-    return frame
+        return pd.DataFrame(columns=["number"]), 0
+    table = pq.read_table(path)
+    return table.to_pandas(), int((table.schema.metadata or {}).get(UPDATES_KEY, b"0"))
 
 
 def annotations_of(frame: pd.DataFrame) -> dict[int, dict[str, Any]]:
@@ -242,8 +337,45 @@ def read_epochs(layout: StudyLayout) -> pd.DataFrame:
 
 def merge_allocations(layout: StudyLayout) -> int:
     """Replace ``allocations.parquet`` with all parts joined; returns the number of rows."""
-    frame = read_allocations(layout)
-    if frame.empty:
-        return 0
-    write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), layout.allocations_table)
-    return len(frame)
+    return PartsMerger(layout.allocation_parts, layout.allocations_table).merge()
+
+
+class PartsMerger:
+    """Joins the per-trial parts under ``parts`` (``<number>/part-<index>.parquet``, see
+    :class:`TrialPartWriter`) into the one Parquet file ``table``, again and again as trials
+    write theirs: the parts of a trial named final (it ended) are read once and kept, so a
+    merge reads only the parts of trials that may still change."""
+
+    def __init__(self, parts: Path, table: Path):
+        self.parts, self.table = parts, table
+        self._final: dict[int, pa.Table | None] = {}  # trial number -> its rows (None: it wrote none)
+
+    def _trial(self, folder: Path) -> pa.Table | None:
+        tables = []
+        for path in sorted(folder.glob("part-*.parquet")):
+            try:
+                tables.append(pq.read_table(path))
+            except (OSError, pa.ArrowInvalid):
+                continue  # replaced between glob and read
+        return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+    def merge(self, final_trials: Container[int] = ()) -> int:
+        """Replace ``table`` with every part joined, in trial and part order (nothing written
+        while there are none); ``final_trials``: numbers of trials whose parts no longer
+        change. Returns the number of rows."""
+        tables = []
+        folders = sorted(self.parts.iterdir()) if self.parts.is_dir() else []
+        for folder in folders:
+            if not folder.name.isdigit():
+                continue
+            number = int(folder.name)
+            table = self._final[number] if number in self._final else self._trial(folder)
+            if number in final_trials:
+                self._final[number] = table
+            if table is not None:
+                tables.append(table)
+        if not tables:
+            return 0
+        merged = pa.concat_tables(tables, promote_options="permissive")
+        write_parquet_atomic(merged, self.table)
+        return merged.num_rows

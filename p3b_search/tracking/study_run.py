@@ -13,8 +13,10 @@ given published on it, trials' runs ended when their workers could not, stuck ru
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,6 @@ from p3b_search.tracking.client import (
     search_all,
     tag,
     ui_url,
-    upload_files,
 )
 from p3b_search.tracking.trial_run import ChildRunFactory
 
@@ -85,6 +86,8 @@ class StudyTracker:
         self.parent_run_id: str | None = None
         self._closed = False
         self._history_logged: int | None = None  # trial-epochs up to which the history is on the run
+        self._child_runs: dict[int, str] = {}  # trial number -> child run id, as far as found
+        self._tagged: set[str] | None = None  # child runs tagged pareto=true (read from the store once)
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self, study_file: Path, space: Mapping[str, Any], sampler: str,
@@ -232,22 +235,25 @@ class StudyTracker:
         ``hypervolume``, ``hypervolume_normalized`` (when the dense accuracy is known),
         ``front_size``, ``trials_finished`` and ``trial_epochs_shared`` (trial-epochs restored
         from shared prefixes) at step = trials finished, and moves the
-        ``pareto`` tags; ``save_to``: also write the files there. Store errors only warn: the
-        study goes on.
+        ``pareto`` tags (only those of runs that entered or left the front); ``save_to``: write
+        the files there (else into a temporary folder) and upload that folder. Store errors only
+        warn: the study goes on.
         """
         finished = summary.finished
         if NUMBER_COLUMN not in finished.columns and RUN_ID_COLUMN not in finished.columns:
             raise ValueError(f"trials table needs a {NUMBER_COLUMN!r} or {RUN_ID_COLUMN!r} column to find the child runs")
-        try:
-            summary = summary.with_columns(**{RUN_ID_COLUMN: self._run_ids(finished)})
-            self._move_pareto_tags(set(summary.front[RUN_ID_COLUMN].dropna()))
-            files = front_files(summary, self.study_name, self.run_link)
-            self._publish_front(files, summary)
-        except (MlflowException, OSError) as error:
-            logger.warning("MLflow: could not publish the Pareto front of study %r: %s", self.study_name, error)
-            files = front_files(summary, self.study_name)
-        if save_to is not None:
-            save_files(files, save_to)
+        with contextlib.ExitStack() as stack:
+            folder = save_to if save_to is not None else stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="p3b-mlflow-"))
+            try:
+                summary = summary.with_columns(**{RUN_ID_COLUMN: self._run_ids(finished)})
+                self._move_pareto_tags(set(summary.front[RUN_ID_COLUMN].dropna()))
+                save_files(front_files(summary, self.study_name, self.run_link), folder)
+                self._publish_front(folder, summary)
+            except (MlflowException, OSError) as error:
+                logger.warning("MLflow: could not publish the Pareto front of study %r: %s", self.study_name, error)
+                if save_to is not None:
+                    save_files(front_files(summary, self.study_name), save_to)
         return summary
 
     def child_run_ids(self) -> dict[int, str]:
@@ -257,23 +263,29 @@ class StudyTracker:
         return {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
 
     def _run_ids(self, trials: pd.DataFrame) -> list[str | None]:
-        """The child run of each row: its ``mlflow_run_id`` when given, else found by trial number."""
-        by_number = self.child_run_ids()
+        """The child run of each row: its ``mlflow_run_id`` when given, else found by trial number
+        (the store is searched only when a row's run is not known yet)."""
         given = trials[RUN_ID_COLUMN] if RUN_ID_COLUMN in trials.columns else pd.Series([None] * len(trials))
         numbers = trials[NUMBER_COLUMN] if NUMBER_COLUMN in trials.columns else pd.Series([None] * len(trials))
-        return [
-            run_id if isinstance(run_id, str) and run_id else by_number.get(None if pd.isna(n) else int(n))
-            for run_id, n in zip(given, numbers)
-        ]
+        numbers = [None if pd.isna(n) else int(n) for n in numbers]
+        known = [isinstance(run_id, str) and bool(run_id) for run_id in given]
+        if any(not k and n is not None and n not in self._child_runs for k, n in zip(known, numbers)):
+            self._child_runs = self.child_run_ids()
+        return [run_id if k else self._child_runs.get(n) for run_id, k, n in zip(given, known, numbers)]
 
     def _move_pareto_tags(self, front_run_ids: set[str]) -> None:
-        """``pareto=true`` on the front's child runs, ``pareto=false`` on those pushed off it."""
-        tagged = {run.info.run_id for run in search_all(
-            self.client, self.experiment_id, f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.{PARETO_TAG} = 'true'")}
-        for run_id in tagged - front_run_ids:
+        """``pareto=true`` on the front's child runs, ``pareto=false`` on those pushed off it (the
+        tagged runs are read from the store once, then kept here)."""
+        if self._tagged is None:
+            self._tagged = {run.info.run_id for run in search_all(
+                self.client, self.experiment_id,
+                f"tags.{PARENT_TAG} = '{self.parent_run_id}' and tags.{PARETO_TAG} = 'true'")}
+        for run_id in self._tagged - front_run_ids:
             self.client.set_tag(run_id, PARETO_TAG, "false")
-        for run_id in front_run_ids - tagged:
+            self._tagged.discard(run_id)
+        for run_id in front_run_ids - self._tagged:
             self.client.set_tag(run_id, PARETO_TAG, "true")
+            self._tagged.add(run_id)
 
     def _history_metrics(self, history: pd.DataFrame, timestamp: int) -> list[Metric]:
         """The hypervolume history's new points as metrics at step = trial-epochs spent
@@ -292,9 +304,9 @@ class StudyTracker:
             self._history_logged = int(new["trial_epochs"].max())
         return metrics
 
-    def _publish_front(self, files: Mapping[str, Any], state: ParetoSummary) -> None:
+    def _publish_front(self, folder: str | Path, state: ParetoSummary) -> None:
         n = len(state.finished)
-        upload_files(self.client, self.parent_run_id, files, ARTIFACT_DIR_PARETO)
+        self.client.log_artifacts(self.parent_run_id, str(folder), ARTIFACT_DIR_PARETO)
         timestamp = now_ms()
         metrics = [Metric("hypervolume", state.hypervolume, timestamp, n),
                    Metric("front_size", float(state.on_front.sum()), timestamp, n),
