@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from p3b_search.credentials import resolve_url
 from p3b_search.study.loading import load_study
+from p3b_search.study.results import read_trials
 from p3b_search.study.sections import StudyConfig
 from p3b_search.search.trainable import RAY_NODE_ID
 from p3b_search.tracking.client import PARETO_TAG, TRIAL_TAG
@@ -59,12 +60,14 @@ def start_driver(folder: Path, address: str, *arguments: str, command: str = "ru
 
 def wait_for_rows(study: StudyConfig, condition, driver: subprocess.Popen,
                   timeout_s: float = STUDY_TIMEOUT_S) -> pd.DataFrame:
-    """The trials table once ``condition(frame)`` holds (fails if the driver ends first)."""
+    """The trials table once ``condition(frame)`` holds (fails if the driver ends first). Read as
+    ``status`` reads it (:func:`~p3b_search.study.results.read_trials`: ``trials.parquet`` and the
+    row updates written since), so a running trial's row is at most seconds old."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the driver ended early:\n" + driver.stdout.read()
         if study.layout.trials_table.exists():
-            frame = pd.read_parquet(study.layout.trials_table)
+            frame = read_trials(study.layout)
             if condition(frame):
                 return frame
         time.sleep(0.2)
