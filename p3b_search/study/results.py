@@ -68,7 +68,10 @@ DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the
 REQUIRED_COLUMNS = ("number", "state", "top1")
 #: Key of ``trials.parquet``'s schema metadata: the last update part the file holds.
 UPDATES_KEY = b"p3b.trial_updates"
-READ_ATTEMPTS = 5
+#: Reads of the trials table tried again when the driver rewrote it mid-read (each retry follows a
+#: rewrite, which the driver does at most every few seconds; a loaded machine can stretch a read
+#: across several).
+READ_ATTEMPTS = 20
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
