@@ -187,11 +187,14 @@ def replayed_reasons(study: StudyConfig) -> dict[int, str]:
     return reasons
 
 
-def assert_stopped_at_the_rung(study: StudyConfig) -> None:
+def assert_stopped_at_the_rung(study: StudyConfig, every_hopeless_stopped: bool = True) -> None:
     """Optuna, the trials table and the trials' folders agree with the replayed rule: stopped
-    trials are PRUNED with their rung in fail_reason, never trained past it, never on the front."""
+    trials are PRUNED with their rung in fail_reason, never trained past it, never on the front.
+    ``every_hopeless_stopped``: also that the rule stopped both hopeless trials, which holds for
+    the order trials reach the rung in one driver (after a restart the rebuilt records are in
+    trial-number order, and which trial a rung stops can change with that order)."""
     reasons = replayed_reasons(study)
-    assert HOPELESS <= reasons.keys() and 0 not in reasons
+    assert 0 not in reasons and (HOPELESS <= reasons.keys() if every_hopeless_stopped else reasons)
     records = optuna.load_study(study_name="halving", storage=study.storage_url).trials
     assert [t.number for t in records] == list(range(N_TRIALS))  # each trial once
     assert len({t.user_attrs["ray_trial_id"] for t in records}) == N_TRIALS
@@ -250,4 +253,4 @@ def test_driver_killed_while_a_trial_waits_at_a_rung_resumes_with_the_rung_rebui
     assert resumed.returncode == 0, output
     assert "finished after" in output
     assert replayed_reasons(study)[1] == "stopped at rung 2 (rank 2 of 2, eta 2)"
-    assert_stopped_at_the_rung(study)
+    assert_stopped_at_the_rung(study, every_hopeless_stopped=False)
