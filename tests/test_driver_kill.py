@@ -97,6 +97,7 @@ def test_driver_killed_at_each_moment_resumes_every_trial_exactly_once(tmp_path,
     assert set(records[KILLED_TRIAL].params) == {"method_config.prune_ratio", "method_config.alpha"}
     trials = pd.read_parquet(layout.trials_table)
     assert trials["number"].tolist() == list(range(N_TRIALS)) and set(trials["state"]) == {"COMPLETE"}
+    assert trials["epochs_done"].tolist() == [EPOCHS] * N_TRIALS  # the driver's notes outlive the kill
 
     # each trial trained every epoch; only an epoch whose checkpoint Ray missed ran twice
     for number in range(N_TRIALS):

@@ -26,7 +26,7 @@ from p3b_search.credentials import redact_secrets
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
-from p3b_search.search.trainable import EPOCHS_SAVED, MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
+from p3b_search.search.trainable import EPOCHS_SAVED, FINISHED, MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, reference_point, study_pareto
 from p3b_search.study.front_report import write_front
 from p3b_search.study.live_table import LiveTrialsTable
@@ -234,8 +234,14 @@ class StudyProgress(Callback):
                 notes["epochs_shared"] = int(result["epoch"]) + 1
         if isinstance(result.get(EPOCHS_SAVED), (int, float)):  # a single-process trial's own checkpoints
             notes["epochs_saved"] = int(result[EPOCHS_SAVED])
-        notes.update({key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)})
-        self._note(trial, **notes).refresh(force=False)
+        identity = {key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)}
+        number = _trial_number(trial)
+        known = self.session.annotations.get(number, {}) if number is not None else {}
+        # Written now, not at the cadence: the finishing result (Optuna hears COMPLETE right after
+        # it, and a resumed driver never reruns a COMPLETE trial to learn its notes again) and a
+        # trial's first run or node id.
+        durable = result.get(FINISHED) is True or any(known.get(k) != v for k, v in identity.items())
+        self._note(trial, **notes, **identity).refresh(force=durable)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         # A data-parallel trial's checkpoints are Ray Train's, registered with Ray Tune: Ray
