@@ -19,9 +19,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from p3b_search.study.front import pareto_summary
+from p3b_search.study.loading import load_study
+from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import hypervolume
 from p3b_search.tracking.background import BackgroundSender
+from p3b_search.tracking.client import TrackingStoreError
 from p3b_search.tracking.study_run import StudyTracker
+from p3b_search.tracking.study_tracking import MlflowStudyTracking
 from p3b_search.tracking.trial_run import MlflowTrialReporter
 
 OBJECTIVES = {"top1": "maximize", "macs": "minimize"}
@@ -225,7 +229,7 @@ def test_bad_input_fails_with_one_line_errors(tmp_path):
     reporter.finish("failed", "bad row")
     with pytest.raises(ValueError, match=r"lacks objective column\(s\) \['macs'\]"):
         pareto_summary(pd.DataFrame({"number": [0], "top1": [1.0]}), OBJECTIVES, REFERENCE)
-    with pytest.raises(ValueError, match="already holds study 'demo'.*resume it"):
+    with pytest.raises(TrackingStoreError, match="already holds study 'demo'.*resume it"):
         start(make_tracker(tmp_path), tmp_path)
     tracker.close()
 
@@ -266,6 +270,48 @@ def test_unreachable_tracking_server_fails_the_study_start_at_once(tmp_path):
     with pytest.raises(RuntimeError, match="does not answer .*fix tracking.uri in the study file"):
         start(tracker, tmp_path)
     assert time.perf_counter() - began < 5
+
+
+def _study(tmp_path: Path, tracking: str = ""):
+    """A study config whose folder exists, tracked in the embedded store or at ``tracking``."""
+    tmp_path.mkdir(parents=True)
+    path = tmp_path / "study.yaml"
+    path.write_text(f"name: demo\noutput_dir: {tmp_path / 'runs'}\n" + (f"tracking: {{uri: '{tracking}'}}\n" if tracking else ""))
+    study = load_study(path)
+    study.layout.root.mkdir(parents=True)
+    study.layout.study_file.write_text(path.read_text())
+    return study
+
+
+def test_only_a_store_the_user_must_fix_is_a_one_line_error(tmp_path, monkeypatch):
+    """A server that does not answer or refuses us: one line naming the fix. Anything else MLflow
+    (or this project) raises comes with its traceback."""
+    with pytest.raises(StudyError, match=r"study.yaml: tracking: MLflow tracking server .* does not answer") as error:
+        MlflowStudyTracking().start(_study(tmp_path / "down", f"http://127.0.0.1:{_closed_port()}"), resume=False)
+    assert "\n" not in str(error.value) and error.value.__suppress_context__
+
+    def refusing(self, *args, **kwargs):
+        raise RestException({"error_code": "PERMISSION_DENIED", "message": "bob may not read experiment 1"})
+
+    monkeypatch.setattr(MlflowClient, "search_runs", refusing)
+    with pytest.raises(StudyError, match="tracking: cannot use MLflow tracking store .*PERMISSION_DENIED: bob may not"):
+        MlflowStudyTracking().start(_study(tmp_path / "refused"), resume=False)
+
+    def failing(self, *args, **kwargs):
+        raise MlflowException("unexpected: lost the connection to run 'x'", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(MlflowClient, "search_runs", failing)
+    with pytest.raises(MlflowException, match="unexpected") as error:
+        MlflowStudyTracking().start(_study(tmp_path / "bug"), resume=False)
+    assert "search_all" in {frame.name for frame in error.traceback}  # raised where it happened
+    monkeypatch.undo()
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("a bug of the tracker")
+
+    monkeypatch.setattr(StudyTracker, "_create_parent", broken)
+    with pytest.raises(ValueError, match="a bug of the tracker"):
+        MlflowStudyTracking().start(_study(tmp_path / "broken"), resume=False)
 
 
 class _FlakyStore:

@@ -181,6 +181,39 @@ def test_a_tuner_restored_from_an_older_save_gets_no_more_than_n_trials(tmp_path
     assert len(records) == 4 and records[running[TRIAL_NUMBER]].user_attrs["ray_trial_id"] == "e"
 
 
+def test_optunas_trial_of_a_stored_running_trial_continues_its_sampling(tmp_path):
+    """Pins the Optuna behaviour the searcher's lost trials rest on. ``optuna.Trial(study,
+    trial_id)`` is public, but Optuna does not recommend building one directly, and no public
+    call hands out a trial that another driver asked: an Optuna release that changes what it does
+    fails here. A Trial of the storage's RUNNING trial, built on another Study object (a new
+    driver, which has read the study's trials, as the searcher does when it looks for lost ones:
+    Optuna's cached storage knows only the trials it read): its own number, the recorded value
+    of a parameter sampled before (a different range is ignored, a different kind is a
+    ValueError), new parameters sampled and stored, no trial created."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = optuna.create_study(study_name="s", storage=url, sampler=optuna.samplers.RandomSampler(seed=0))
+    first.ask()
+    asked = first.ask()
+    x = asked.suggest_float("x", 0.0, 1.0)
+    storage = optuna.storages.RDBStorage(url)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("s"), asked.number)
+    resumed = optuna.load_study(study_name="s", storage=url, sampler=optuna.samplers.RandomSampler(seed=1))
+    assert [t.number for t in resumed.get_trials(deepcopy=False, states=(TrialState.RUNNING,))] == [0, 1]
+    trial = optuna.Trial(resumed, trial_id)
+    assert trial.number == asked.number == 1
+    assert trial.suggest_float("x", 0.0, 1.0) == x
+    with pytest.warns(RuntimeWarning):  # another range: the recorded value all the same
+        assert trial.suggest_float("x", 2.0, 3.0) == x
+    with pytest.raises(ValueError):
+        optuna.Trial(resumed, trial_id).suggest_int("x", 0, 10)
+    y = trial.suggest_int("y", 0, 10)
+    record = resumed.trials[asked.number]
+    assert record.state == TrialState.RUNNING and record.params == {"x": x, "y": y}
+    assert len(resumed.trials) == 2
+    resumed.tell(asked.number, 1.0)
+    assert optuna.load_study(study_name="s", storage=url).trials[asked.number].values == [1.0]
+
+
 def test_a_trial_lost_while_sampled_is_sampled_to_the_end_and_run(tmp_path):
     """A trial asked but not fully sampled (the driver stopped in between) keeps what was
     sampled, gets the rest, and runs under its own number: no new trial replaces it."""
