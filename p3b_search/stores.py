@@ -7,18 +7,18 @@ alembic migrations run one by one) a half-migrated schema. So:
 
 * an SQLite file (one machine) is opened under an exclusive lock on ``<file>.lock``: one
   process creates the schema, the others wait and then open a complete store;
-* a server database is opened again, with a jittered back-off, while the failure reads like
-  such a creation race.
+* a server database is opened again while the failure reads like such a creation race
+  (:func:`p3b_search.connection_errors.creation_race`; the waits: :func:`p3b_search.retry.creation`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from p3b_search import retry
+from p3b_search.connection_errors import creation_race
 from p3b_search.credentials import redact_secrets
 from p3b_search.errors import first_line
 from p3b_search.files import file_lock
@@ -26,11 +26,6 @@ from p3b_search.files import file_lock
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RACE_MARKERS = (
-    "already exists", "unique constraint", "duplicate", "database is locked",  # two creators collide
-    "online migration expected", "out-of-date database schema",  # MLflow: another process is migrating
-)
-ATTEMPTS = 6
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -41,27 +36,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len(prefix):].split("?")[0])
 
 
-def _creation_race(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(marker in text for marker in RACE_MARKERS)
-
-
 def open_shared_store(open_store: Callable[[], T], url: str, what: str) -> T:
-    """``open_store()`` for the store at ``url``: under the SQLite file's lock, and retried with
-    a back-off (0.2 s doubling, 6 attempts) while it fails with a schema-creation race; other
-    errors pass at once. ``what`` names the store in the log."""
+    """``open_store()`` for the store at ``url``: under the SQLite file's lock, and called again
+    (:func:`p3b_search.retry.creation`: up to 6 attempts) while it fails with a schema-creation
+    race; other errors pass at once. ``what`` names the store in the log."""
     database = sqlite_path(url)
     lock = file_lock(database.with_name(database.name + ".lock")) if database else contextlib.nullcontext()
+
+    def on_retry(error: BaseException) -> None:
+        logger.info("%s is being created by another process (%s); retrying", what, redact_secrets(first_line(error)))
+
     with lock:
-        delay = 0.2
-        for _ in range(ATTEMPTS - 1):
-            try:
-                return open_store()
-            except Exception as error:  # noqa: BLE001  (sqlalchemy, alembic and MLflow wrap it differently)
-                if not _creation_race(error):
-                    raise
-                logger.info("%s is being created by another process (%s); retrying", what,
-                            redact_secrets(first_line(error)))
-                time.sleep(delay * (1 + random.random()))
-                delay *= 2
-        return open_store()
+        return retry.creation(creation_race, on_retry)(open_store)

@@ -19,9 +19,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from p3b_search.study.front import pareto_summary
+from p3b_search.study.loading import load_study
+from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import hypervolume
 from p3b_search.tracking.background import BackgroundSender
+from p3b_search.tracking.client import TrackingStoreError
+from p3b_search.tracking.moved_store import follow_moved_folder
 from p3b_search.tracking.study_run import StudyTracker
+from p3b_search.tracking.study_tracking import MlflowStudyTracking
 from p3b_search.tracking.trial_run import MlflowTrialReporter
 
 OBJECTIVES = {"top1": "maximize", "macs": "minimize"}
@@ -225,7 +230,7 @@ def test_bad_input_fails_with_one_line_errors(tmp_path):
     reporter.finish("failed", "bad row")
     with pytest.raises(ValueError, match=r"lacks objective column\(s\) \['macs'\]"):
         pareto_summary(pd.DataFrame({"number": [0], "top1": [1.0]}), OBJECTIVES, REFERENCE)
-    with pytest.raises(ValueError, match="already holds study 'demo'.*resume it"):
+    with pytest.raises(TrackingStoreError, match="already holds study 'demo'.*resume it"):
         start(make_tracker(tmp_path), tmp_path)
     tracker.close()
 
@@ -266,6 +271,102 @@ def test_unreachable_tracking_server_fails_the_study_start_at_once(tmp_path):
     with pytest.raises(RuntimeError, match="does not answer .*fix tracking.uri in the study file"):
         start(tracker, tmp_path)
     assert time.perf_counter() - began < 5
+
+
+def _study(tmp_path: Path, tracking: str = ""):
+    """A study config whose folder exists, tracked in the embedded store or at ``tracking``."""
+    tmp_path.mkdir(parents=True)
+    path = tmp_path / "study.yaml"
+    path.write_text(f"name: demo\noutput_dir: {tmp_path / 'runs'}\n" + (f"tracking: {{uri: '{tracking}'}}\n" if tracking else ""))
+    study = load_study(path)
+    study.layout.root.mkdir(parents=True)
+    study.layout.study_file.write_text(path.read_text())
+    return study
+
+
+def test_only_a_store_the_user_must_fix_is_a_one_line_error(tmp_path, monkeypatch):
+    """A server that does not answer or refuses us: one line naming the fix. Anything else MLflow
+    (or this project) raises comes with its traceback."""
+    with pytest.raises(StudyError, match=r"study.yaml: tracking: MLflow tracking server .* does not answer") as error:
+        MlflowStudyTracking().start(_study(tmp_path / "down", f"http://127.0.0.1:{_closed_port()}"), resume=False)
+    assert "\n" not in str(error.value) and error.value.__suppress_context__
+
+    def refusing(self, *args, **kwargs):
+        raise RestException({"error_code": "PERMISSION_DENIED", "message": "bob may not read experiment 1"})
+
+    monkeypatch.setattr(MlflowClient, "search_runs", refusing)
+    with pytest.raises(StudyError, match="tracking: cannot use MLflow tracking store .*PERMISSION_DENIED: bob may not"):
+        MlflowStudyTracking().start(_study(tmp_path / "refused"), resume=False)
+
+    def failing(self, *args, **kwargs):
+        raise MlflowException("unexpected: lost the connection to run 'x'", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(MlflowClient, "search_runs", failing)
+    with pytest.raises(MlflowException, match="unexpected") as error:
+        MlflowStudyTracking().start(_study(tmp_path / "bug"), resume=False)
+    assert "search_all" in {frame.name for frame in error.traceback}  # raised where it happened
+    monkeypatch.undo()
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("a bug of the tracker")
+
+    monkeypatch.setattr(StudyTracker, "_create_parent", broken)
+    with pytest.raises(ValueError, match="a bug of the tracker"):
+        MlflowStudyTracking().start(_study(tmp_path / "broken"), resume=False)
+
+
+BEFORE_MOVE = """
+import sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from p3b_search.tracking.study_run import StudyTracker
+from tests.test_mlflow_tracker import log_trial, start
+folder = Path({folder!r})
+tracker = StudyTracker(f"sqlite:///{{folder}}/mlflow.db", "demo", "demo",
+                       artifact_location=(folder / "mlartifacts").as_uri())
+start(tracker, folder)
+print(log_trial(tracker, 0, top1=80.0, macs=4.0).run_id)
+tracker.close()
+"""
+
+
+def test_the_embedded_store_follows_its_moved_folder(tmp_path):
+    """After ``mv`` of a study folder its embedded store's artifact locations are rewritten to the
+    new folder: the experiment's, every run's, so the runs read and write their artifacts there
+    and nothing reaches the old folder. Pins the MLflow schema columns that
+    :mod:`p3b_search.tracking.moved_store` writes: an MLflow that keeps the locations elsewhere
+    fails here."""
+    before, after = tmp_path / "before" / "demo", tmp_path / "after" / "demo"
+    before.mkdir(parents=True)
+    # the study before the move runs in another process, as the stopped driver did (MLflow caches
+    # each run's artifact location per process)
+    logged = subprocess.run([sys.executable, "-c", BEFORE_MOVE.format(repo=str(REPO), folder=str(before))],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert logged.returncode == 0, logged.stderr
+    trial_run_id = logged.stdout.split()[-1]
+    assert follow_moved_folder(before / "mlflow.db", "demo", before / "mlartifacts") is None  # not moved
+    (tmp_path / "after").mkdir()
+    before.rename(after)
+
+    assert follow_moved_folder(after / "mlflow.db", "demo", after / "mlartifacts") == (before / "mlartifacts").as_uri()
+    assert follow_moved_folder(after / "mlflow.db", "demo", after / "mlartifacts") is None  # once
+    assert follow_moved_folder(after / "missing.db", "demo", after / "mlartifacts") is None
+    client = MlflowClient(f"sqlite:///{after}/mlflow.db")
+    experiment = client.get_experiment_by_name("demo")
+    assert experiment.artifact_location == (after / "mlartifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and all(r.info.artifact_uri.startswith(f"{experiment.artifact_location}/") for r in runs)
+    table = pd.read_parquet(client.download_artifacts(trial_run_id, "allocations/allocations.parquet", str(tmp_path)))
+    assert len(table) == 18
+
+    resumed = StudyTracker(f"sqlite:///{after}/mlflow.db", "demo", "demo")
+    parent_id = start(resumed, after, resume=True)
+    resumed.publish_front(pareto_summary(trials_table([(0, 80.0, 4.0, "COMPLETE")], {0: trial_run_id}), OBJECTIVES,
+                                         REFERENCE))
+    resumed.close()
+    assert {a.path for a in client.list_artifacts(parent_id, "pareto")} >= {"pareto/front.png", "pareto/front.parquet"}
+    assert (after / "mlartifacts" / parent_id / "artifacts" / "pareto" / "front.png").is_file()
+    assert not before.exists()
 
 
 class _FlakyStore:

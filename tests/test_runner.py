@@ -8,25 +8,36 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
+from ray import cloudpickle
+from ray.tune import Experiment
+from ray.tune.experiment import Trial
+from ray.tune.search import ConcurrencyLimiter
 
-from p3b_search.search.early_stopping import DominatedTrialStopper
+from p3b_search.search.early_stopping import DominatedTrialStopper, StudyBudget
+from p3b_search.search.generator import StudySearchGenerator
+from p3b_search.search.progress import StudyProgress, StudySession
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
+from p3b_search.search.session import close_session, open_session
+from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import pareto_mask
-from p3b_search.study.results import read_trials
+from p3b_search.study.results import TrialPartWriter, read_trials
 from p3b_search.study.sections import EarlyStopping
 from p3b_search.study.trials import trial_budget
 
@@ -38,6 +49,18 @@ def write_study(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(f"output_dir: {tmp_path / 'runs'}\n{text}")
     return path
+
+
+@contextmanager
+def live(study) -> Iterator[StudySession]:
+    """The driver's session of ``study``, open as ``run_study`` holds it while Ray runs (where
+    the searcher, scheduler, stopper and callback Ray restores read their study)."""
+    session = StudySession(study, open_optuna_study(study), {}, printer=lambda line: None)
+    open_session(session)
+    try:
+        yield session
+    finally:
+        close_session(session)
 
 
 # ----------------------------------------------------------------------------- the searcher's tell
@@ -128,9 +151,10 @@ def test_restored_searcher_keeps_in_flight_trials_under_their_numbers(tmp_path):
     first.save(str(tmp_path / "searcher.pkl"))
     resumed = pickle.loads(pickle.dumps(first))  # as Ray keeps it in the experiment folder
     resumed.restore(str(tmp_path / "searcher.pkl"))
-    new = resumed.suggest("c")
+    with live(study):  # the resumed driver's session
+        new = resumed.suggest("c")
+        resumed.on_trial_complete("a", finished([80.0, 2e6], done=True))
     assert new[TRIAL_NUMBER] not in {c[TRIAL_NUMBER] for c in in_flight.values()}
-    resumed.on_trial_complete("a", finished([80.0, 2e6], done=True))
     records = optuna.load_study(study_name="lost", storage=study.storage_url).trials
     assert records[in_flight["a"][TRIAL_NUMBER]].values == [80.0, 2e6]
     assert [t.state for t in records] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING]
@@ -175,10 +199,89 @@ def test_a_tuner_restored_from_an_older_save_gets_no_more_than_n_trials(tmp_path
 
     resumed = pickle.loads(pickle.dumps(first))
     resumed.restore(str(tmp_path / "searcher.pkl"))  # Ray asks for all 4 trials again
-    assert resumed.suggest("e") == running  # the one that never ended runs again ...
-    assert [resumed.suggest(tid) for tid in ("f", "g", "h")] == [Searcher.FINISHED] * 3  # ... no new one
+    with live(study):  # the resumed driver's session
+        assert resumed.suggest("e") == running  # the one that never ended runs again ...
+        assert [resumed.suggest(tid) for tid in ("f", "g", "h")] == [Searcher.FINISHED] * 3  # ... no new one
     records = optuna.load_study(study_name="lost", storage=study.storage_url).trials
     assert len(records) == 4 and records[running[TRIAL_NUMBER]].user_attrs["ray_trial_id"] == "e"
+
+
+def test_optunas_trial_of_a_stored_running_trial_continues_its_sampling(tmp_path):
+    """Pins the Optuna behaviour the searcher's lost trials rest on. ``optuna.Trial(study,
+    trial_id)`` is public, but Optuna does not recommend building one directly, and no public
+    call hands out a trial that another driver asked: an Optuna release that changes what it does
+    fails here. A Trial of the storage's RUNNING trial, built on another Study object (a new
+    driver, which has read the study's trials, as the searcher does when it looks for lost ones:
+    Optuna's cached storage knows only the trials it read): its own number, the recorded value
+    of a parameter sampled before (a different range is ignored, a different kind is a
+    ValueError), new parameters sampled and stored, no trial created."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = optuna.create_study(study_name="s", storage=url, sampler=optuna.samplers.RandomSampler(seed=0))
+    first.ask()
+    asked = first.ask()
+    x = asked.suggest_float("x", 0.0, 1.0)
+    storage = optuna.storages.RDBStorage(url)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("s"), asked.number)
+    resumed = optuna.load_study(study_name="s", storage=url, sampler=optuna.samplers.RandomSampler(seed=1))
+    assert [t.number for t in resumed.get_trials(deepcopy=False, states=(TrialState.RUNNING,))] == [0, 1]
+    trial = optuna.Trial(resumed, trial_id)
+    assert trial.number == asked.number == 1
+    assert trial.suggest_float("x", 0.0, 1.0) == x
+    with pytest.warns(RuntimeWarning):  # another range: the recorded value all the same
+        assert trial.suggest_float("x", 2.0, 3.0) == x
+    with pytest.raises(ValueError):
+        optuna.Trial(resumed, trial_id).suggest_int("x", 0, 10)
+    y = trial.suggest_int("y", 0, 10)
+    record = resumed.trials[asked.number]
+    assert record.state == TrialState.RUNNING and record.params == {"x": x, "y": y}
+    assert len(resumed.trials) == 2
+    resumed.tell(asked.number, 1.0)
+    assert optuna.load_study(study_name="s", storage=url).trials[asked.number].values == [1.0]
+
+
+def _no_trial(config: dict) -> None:
+    """A trainable that is never run (an Experiment needs one)."""
+
+
+def test_what_ray_pickles_holds_no_study_folder_and_reads_the_folder_it_moved_to(tmp_path):
+    """The search algorithm (with the searcher), stopper, scheduler and progress callback,
+    pickled as Ray pickles them into its experiment state, hold no path of the study folder;
+    restored beside the session of the study loaded from the folder it moved to, they read and
+    write there only, and the search algorithm's saved experiment is re-created there."""
+    study = load_study(write_study(tmp_path, RATIO + "training: {prune: {epochs: 2}, finetune: {epochs: 2}}\n"
+                                   "scheduler: {name: successive-halving, rungs: [2], eta: 2}\n"))
+    study.layout.root.mkdir(parents=True)
+    searcher = FrontSafeOptunaSearch(study)
+    in_flight = searcher.suggest("a")
+    stopper = DominatedTrialStopper(study.early_stopping, budget_of=StudyBudget(study))
+    scheduler = SuccessiveHalvingScheduler(study)
+    generator = StudySearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2), study)
+    curve = {"epoch": 1.0, "stage": 0.0, "top1": 80.0, "macs": 1000.0, FINISHED: False}
+    TrialPartWriter(study.layout.epoch_parts, in_flight[TRIAL_NUMBER]).write([curve], 1)
+    pickled = cloudpickle.dumps((generator, stopper, scheduler, StudyProgress(study.name, stopper, scheduler)))
+    assert str(tmp_path).encode() not in pickled and tmp_path.name.encode() not in pickled
+    # Ray's own state of the search algorithm: its experiment, in the folder of the time
+    generator.add_configurations(Experiment(study.layout.ray_experiment.name, _no_trial,
+                                            storage_path=str(study.layout.ray_storage)))
+    generator_state = cloudpickle.dumps(generator.get_state())
+
+    old_root, new_parent = study.layout.root, tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.move(old_root, new_parent / old_root.name)
+    moved = with_overrides(study, output_dir=new_parent)
+    with live(moved):
+        generator, stopper, scheduler, callback = cloudpickle.loads(pickled)
+        generator.set_state(cloudpickle.loads(generator_state))
+        assert generator.get_state()["experiment"].path == str(moved.layout.ray_experiment)
+        searcher = generator.searcher.searcher
+        searcher.on_trial_complete("a", finished([80.0, 2e6], done=True))
+        assert stopper.budget_of({"method_config.prune_ratio": 0.75}) == pytest.approx(0.25)
+        assert scheduler.rule.records == {2: {in_flight[TRIAL_NUMBER]: (80.0, 1000.0)}}
+        trial = Trial("trainable", config={TRIAL_NUMBER: in_flight[TRIAL_NUMBER]}, trial_id="a", stub=True)
+        callback.on_trial_start(0, [trial], trial)
+    assert not old_root.exists()
+    assert read_trials(moved.layout)["state"].tolist() == ["COMPLETE"]
+    records = optuna.load_study(study_name="lost", storage=moved.storage_url).trials
+    assert [(t.number, t.values) for t in records] == [(in_flight[TRIAL_NUMBER], [80.0, 2e6])]
 
 
 def test_a_trial_lost_while_sampled_is_sampled_to_the_end_and_run(tmp_path):

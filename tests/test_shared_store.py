@@ -17,7 +17,7 @@ def _open_both(folder: str, index: int, start: multiprocessing.Barrier) -> None:
 
     start.wait()  # all at once
     optuna_url, mlflow_url = f"sqlite:///{folder}/optuna.db", f"sqlite:///{folder}/mlflow.db"
-    storage = open_shared_store(lambda: optuna.storages.get_storage(optuna_url), optuna_url, "optuna")
+    storage = open_shared_store(lambda: optuna.storages.RDBStorage(optuna_url), optuna_url, "optuna")
     optuna.create_study(study_name=f"study-{index}", storage=storage)
     client = open_shared_store(lambda: MlflowClient(mlflow_url), mlflow_url, "mlflow")
     open_shared_store(lambda: client.get_experiment_by_name("shared") or client.create_experiment("shared"),
@@ -55,7 +55,7 @@ def test_errors_other_than_a_creation_race_are_not_retried():
 
 
 def test_a_server_store_is_opened_again_while_its_schema_is_being_created(monkeypatch):
-    monkeypatch.setattr("p3b_search.stores.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # tenacity's waits
     failures = ["(psycopg.errors.DuplicateTable) relation \"studies\" already exists",
                 "duplicate key value violates unique constraint \"version_info_pkey\""]
 

@@ -31,7 +31,7 @@ from p3b_search.study.rungs import SuccessiveHalvingRule, epoch_values, rung_obj
 from p3b_search.study.sections import StudyConfig
 from tests.driver_kill import killing
 from tests.test_faults import _kill_session
-from tests.test_runner import OBJECTIVE, ROOT, write_study
+from tests.test_runner import OBJECTIVE, ROOT, live, write_study
 from tests.test_runner import _cli as cli
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -120,14 +120,15 @@ def test_a_restored_scheduler_rebuilds_the_rungs_from_the_learning_curves(tmp_pa
     TrialPartWriter(layout.epoch_parts, 2).write([result(1, 50.0, 2000.0)], 1)
 
     after = pickle.loads(pickle.dumps(before))  # what Tuner.restore brings back
-    # bad redoes epoch 1: ranked against the rebuilt records, last of 3
-    assert after.on_trial_result(None, bad, result(1, 50.0, 2000.0)) == STOP
-    assert after.reasons == {"ray2": "stopped at rung 2 (rank 3 of 3, eta 2)"}
-    # good and star resumed from their rung-2 checkpoints: decided again at rung 2 first
-    assert after.on_trial_result(None, good, result(2, 91.0, 2000.0)) == STOP
-    assert after.reasons["ray0"] == "stopped at rung 2 (rank 2 of 3, eta 2)"
-    assert after.on_trial_result(None, star, result(2, 96.0, 1000.0)) == CONTINUE
-    assert after.on_trial_result(None, star, result(3, 97.0, 1000.0)) == CONTINUE
+    with live(study):  # the resumed driver's session
+        # bad redoes epoch 1: ranked against the rebuilt records, last of 3
+        assert after.on_trial_result(None, bad, result(1, 50.0, 2000.0)) == STOP
+        assert after.reasons == {"ray2": "stopped at rung 2 (rank 3 of 3, eta 2)"}
+        # good and star resumed from their rung-2 checkpoints: decided again at rung 2 first
+        assert after.on_trial_result(None, good, result(2, 91.0, 2000.0)) == STOP
+        assert after.reasons["ray0"] == "stopped at rung 2 (rank 2 of 3, eta 2)"
+        assert after.on_trial_result(None, star, result(2, 96.0, 1000.0)) == CONTINUE
+        assert after.on_trial_result(None, star, result(3, 97.0, 1000.0)) == CONTINUE
     assert after.rule.records == {2: {0: (90.0, 2000.0), 1: (95.0, 1000.0), 2: (50.0, 2000.0)},
                                   3: {1: (96.0, 1000.0)}}
 
@@ -146,10 +147,11 @@ def test_a_driver_restart_leaves_every_decision_as_it_would_have_been(rung_value
             study = unit_study(folder)
             scheduler = SuccessiveHalvingScheduler(study)
             decisions[name] = []
-            for number, (top1, macs) in enumerate(rung_values):
-                if name == "restarted" and number == restart:
-                    scheduler = pickle.loads(pickle.dumps(scheduler))
-                decisions[name].append(report(scheduler, ray_trial(number), study.layout, 1, top1, macs))
+            with live(study):
+                for number, (top1, macs) in enumerate(rung_values):
+                    if name == "restarted" and number == restart:
+                        scheduler = pickle.loads(pickle.dumps(scheduler))
+                    decisions[name].append(report(scheduler, ray_trial(number), study.layout, 1, top1, macs))
         assert decisions["restarted"] == decisions["live"]
         assert decisions["live"][0] == CONTINUE
 

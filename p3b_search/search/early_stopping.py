@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 from ray.tune.stopper import Stopper
 
+from p3b_search.search.session import LiveStudy
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER
-from p3b_search.study.sections import EarlyStopping
+from p3b_search.study.sections import EarlyStopping, StudyConfig
 from p3b_search.study.stopping import DominationRule, Standing
+from p3b_search.study.trials import trial_budget
 
 STAGES = {0.0: "prune", 1.0: "finetune"}
 STAGE_WORDS = {"prune": "prune-stage", "finetune": "fine-tune"}
@@ -35,6 +37,18 @@ STAGE_WORDS = {"prune": "prune-stage", "finetune": "fine-tune"}
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class StudyBudget:
+    """``budget_of`` of a study's stopper: a trial's budget (kept fraction) from its sampled
+    parameters, by :func:`~p3b_search.study.trials.trial_budget`. Ray pickles the stopper, so
+    the study is held as a :class:`~p3b_search.search.session.LiveStudy`."""
+
+    def __init__(self, study: StudyConfig):
+        self.study = LiveStudy(study)
+
+    def __call__(self, params: dict[str, Any]) -> float:
+        return trial_budget(self.study.config, params)
 
 
 class DominatedTrialStopper(Stopper):

@@ -3,9 +3,10 @@
 For a server database (``postgresql://``, ``mysql://``) :func:`open_storage` gives Optuna's
 RDB storage with ``pool_pre_ping`` (a pooled connection that the restart cut is discarded and
 replaced, not used) behind :class:`RetryingStorage`, which calls again a storage method that
-failed because the database could not be reached, with a back-off from :data:`FIRST_WAIT_S`
-doubling up to :data:`MAX_WAIT_S`, for up to :data:`PATIENCE_S` in all. SQLite and in-memory
-URLs get Optuna's plain storage.
+failed because the database could not be reached (:func:`p3b_search.connection_errors.unreachable`),
+with a back-off from :data:`FIRST_WAIT_S` doubling up to :data:`MAX_WAIT_S`, for up to
+:data:`PATIENCE_S` in all (:func:`p3b_search.retry.outage`). SQLite and in-memory URLs get
+Optuna's plain ``RDBStorage`` (a study opened on it caches its finished trials itself).
 
 A call that failed mid-way may have committed: the server can commit and the connection drop
 before the answer arrives. The error text tells a failure to connect (nothing sent) from one
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import uuid
 from datetime import datetime
 from typing import Any, Callable, Container, Sequence, TypeVar
@@ -54,6 +54,8 @@ from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from p3b_search import retry
+from p3b_search.connection_errors import unreachable
 from p3b_search.credentials import redact_secrets
 from p3b_search.errors import first_line
 
@@ -64,11 +66,6 @@ T = TypeVar("T")
 FIRST_WAIT_S = 0.5
 MAX_WAIT_S = 8.0
 PATIENCE_S = 120.0
-#: Words of a connection-level failure (psycopg, PyMySQL), as opposed to a rejected statement.
-UNREACHABLE_MARKERS = (
-    "connection", "server closed", "terminating", "shutting down", "starting up", "could not connect",
-    "the database system is", "lost", "timeout", "timed out", "broken pipe",
-)
 #: Trial system attr: a uuid4 hex of the :meth:`RetryingStorage.create_new_trial` call that made it.
 TOKEN_KEY = "p3b:create_token"
 #: Trial system attr of a trial that RDBStorage's own retry created twice: the kept trial's number.
@@ -80,15 +77,9 @@ POSTGRES_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idl
 DEFAULT_STUDY_NAME_PREFIX = "no-name-"  # Optuna's, for a study created without a name
 
 
-def _unreachable(error: BaseException | None) -> BaseException | None:
-    """``error`` or the first of its causes that reads like a database that is down or
-    restarting (None: none does)."""
-    while error is not None:
-        text = str(error).lower()
-        if any(marker in text for marker in UNREACHABLE_MARKERS):
-            return error
-        error = error.__cause__
-    return None
+def _unreachable_database(error: BaseException) -> bool:
+    """Optuna's error for a database that is down or restarting (its other errors pass at once)."""
+    return isinstance(error, StorageInternalError) and unreachable(error) is not None
 
 
 class _Retry:
@@ -124,28 +115,24 @@ class RetryingStorage(BaseStorage):
         self.first_wait_s, self.max_wait_s, self.patience_s = first_wait_s, max_wait_s, patience_s
 
     def _call(self, method: Callable[..., T], *args: Any, settle: Callable[[], T | _Retry] | None = None) -> T:
-        """``method(*args)``, called again while it fails for an unreachable database (other errors
-        pass at once; the last one when the patience is spent). Before each new call, ``settle()``
-        (when given) looks whether the failed one took effect: its result, or :data:`RETRY`."""
-        wait, deadline, outage_since = self.first_wait_s, time.monotonic() + self.patience_s, None
-        while True:
-            try:
-                outcome = settle() if settle is not None and outage_since is not None else RETRY
+        """``method(*args)``, called again while it fails for an unreachable database
+        (:func:`p3b_search.retry.outage`; other errors pass at once, the last one when the
+        patience is spent). Before each new call, ``settle()`` (when given) looks whether the
+        failed one took effect: its result, or :data:`RETRY`."""
+        policy = retry.outage(_unreachable_database, self.first_wait_s, self.max_wait_s, self.patience_s,
+                              on_outage=self._warn_outage)
+        for attempt in policy:
+            with attempt:
+                failed_before = attempt.retry_state.attempt_number > 1
+                outcome = settle() if settle is not None and failed_before else RETRY
                 result = method(*args) if isinstance(outcome, _Retry) else outcome
-            except StorageInternalError as error:
-                reason = _unreachable(error)
-                if reason is None or time.monotonic() + wait > deadline:
-                    raise
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    logger.warning("Optuna storage unreachable (%s); retrying for up to %.0f s",
-                                   redact_secrets(first_line(reason)), self.patience_s)
-                time.sleep(wait)
-                wait = min(2 * wait, self.max_wait_s)
-                continue
-            if outage_since is not None:
-                logger.warning("Optuna storage reachable again after %.0f s", time.monotonic() - outage_since)
-            return result
+        if failed_before:
+            logger.warning("Optuna storage reachable again after %.0f s", attempt.retry_state.seconds_since_start)
+        return result
+
+    def _warn_outage(self, error: BaseException) -> None:
+        logger.warning("Optuna storage unreachable (%s); retrying for up to %.0f s",
+                       redact_secrets(first_line(unreachable(error) or error)), self.patience_s)
 
     # ------------------------------------------------------------------ studies
 
@@ -301,7 +288,7 @@ class RetryingStorage(BaseStorage):
 def open_storage(url: str) -> BaseStorage:
     """The Optuna storage at ``url``; a server database's rides out a restart (module docstring)."""
     if url.startswith("sqlite") or "://" not in url:
-        return optuna.storages.get_storage(url)
+        return optuna.storages.RDBStorage(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         engine_kwargs["connect_args"] = POSTGRES_CONNECT_ARGS

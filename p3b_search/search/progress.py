@@ -25,6 +25,7 @@ from ray.tune import Callback
 from p3b_search.credentials import redact_secrets
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
+from p3b_search.search.session import live_session
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import EPOCHS_SAVED, FINISHED, MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, reference_point, study_pareto
@@ -46,11 +47,6 @@ TABLES_REFRESH_S = 10.0
 #: tags) may lag: drawing the figures costs the more the more trials there are.
 FRONT_REFRESH_S = 30.0
 HEARTBEAT_S = 60.0
-#: The live sessions of this driver process, by study folder. Ray forces this registry: it
-#: pickles :class:`StudyProgress` with the run config into the experiment state, and on resume
-#: ``Tuner.restore`` brings the callback back from that state (it has no public way to pass a
-#: new one), so the restored callback can only find the new process's session by its folder.
-_SESSIONS: dict[str, "StudySession"] = {}
 
 
 @dataclass
@@ -176,25 +172,17 @@ def _trial_number(trial: Any) -> int | None:
     return None if number is None else int(number)
 
 
-def open_session(session: "StudySession") -> None:
-    """Make ``session`` the one :class:`StudyProgress` callbacks of its study folder report to."""
-    _SESSIONS[str(session.study.layout.root)] = session
-
-
-def close_session(session: "StudySession") -> None:
-    _SESSIONS.pop(str(session.study.layout.root), None)
-
-
 class StudyProgress(Callback):
     """Ray Tune callback of the driver: keeps the Parquet tables and the tracker's front current and
     prints a progress line when a trial ends (and every ``HEARTBEAT_S`` otherwise). Ray pickles
-    it with the run config, so it holds only the study folder, the stopper and the scheduler
+    it with the run config, so it holds only the study's name, the stopper and the scheduler
     (whose ``reasons`` say why a trial was stopped); the live objects are in the driver's
-    :class:`StudySession`."""
+    :class:`StudySession` of that name, opened with :func:`~p3b_search.search.session.open_session`
+    (a restored callback finds it there, wherever the study folder is now)."""
 
-    def __init__(self, root: str, stopper: DominatedTrialStopper | None = None,
+    def __init__(self, study_name: str, stopper: DominatedTrialStopper | None = None,
                  scheduler: SuccessiveHalvingScheduler | None = None):
-        self.root = root
+        self.study_name = study_name
         self.stopper = stopper
         self.scheduler = scheduler
 
@@ -208,7 +196,7 @@ class StudyProgress(Callback):
 
     @property
     def session(self) -> StudySession:
-        return _SESSIONS[self.root]
+        return live_session(self.study_name)
 
     def _note(self, trial: Any, **notes: Any) -> StudySession:
         session = self.session

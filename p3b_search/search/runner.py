@@ -8,7 +8,7 @@ Driver-side flow of :func:`run_study`::
     shared_prefixes: incomplete prefixes a killed trial left removed -> training.prefixes
     Optuna study in its storage (reference trial enqueued)     -> searcher.open_optuna_study
     the study tracker, when one is given (MLflow parent run)   -> study.tracking.StudyTracking
-    Tuner(FrontSafeOptunaSearch behind a ConcurrencyLimiter, per-trial resources,
+    Tuner(FrontSafeOptunaSearch behind a ConcurrencyLimiter and a StudySearchGenerator, per-trial resources,
           FailureConfig retries from the last checkpoint, DominatedTrialStopper,
           SuccessiveHalvingScheduler when the study has a scheduler section)
       or Tuner.restore(...) to resume an interrupted study
@@ -24,13 +24,18 @@ asking Optuna and saving its state) is run again by the searcher with the same n
 parameters; one still RUNNING once the study has ended is marked FAIL. Before anything else,
 ``resume`` ends the processes a killed driver's local Ray session left behind, by the ids in
 its ``driver.json`` (see :mod:`p3b_search.search.driver_record`).
+
+The study folder may have moved since the driver stopped: the restored searcher, scheduler,
+stopper and callback pickle no path of it and read the study from the driver's session, loaded
+from the folder ``resume`` was given (:mod:`p3b_search.search.session`); ``Tuner.restore``
+points Ray's trials and their checkpoints at the experiment folder it is given, and the search
+algorithm creates new trials there too (:mod:`p3b_search.search.generator`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,10 +47,12 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 from p3b_search.search.driver_record import DriverRecord
-from p3b_search.search.early_stopping import DominatedTrialStopper
+from p3b_search.search.early_stopping import DominatedTrialStopper, StudyBudget
+from p3b_search.search.generator import StudySearchGenerator
 from p3b_search.search.preflight import DRIVER_CPU, cluster_lines, preflight
-from p3b_search.search.progress import StudyProgress, StudySession, close_session, open_session
+from p3b_search.search.progress import StudyProgress, StudySession
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
+from p3b_search.search.session import close_session, open_session
 from p3b_search.search.shared_paths import check_shared_paths
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import DEFAULT_OBJECTIVE, data_parallel_trainable, tune_trainable
@@ -55,7 +62,6 @@ from p3b_search.study.results import annotations_of, read_trials
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.summary import StudyOutcome
 from p3b_search.study.tracking import StudyTracking, TrialRunFactory
-from p3b_search.study.trials import trial_budget
 from p3b_search.training.prefixes import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -176,9 +182,10 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
     if resume and tune.Tuner.can_restore(str(layout.ray_experiment)):
         return tune.Tuner.restore(str(layout.ray_experiment), trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
-    stopper = DominatedTrialStopper(study.early_stopping, budget_of=partial(trial_budget, study))
+    stopper = DominatedTrialStopper(study.early_stopping, budget_of=StudyBudget(study))
     scheduler = SuccessiveHalvingScheduler(study) if study.scheduler is not None else None
-    searcher = ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency)
+    searcher = StudySearchGenerator(ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency),
+                                    study)
     # trials asked but never ended (the driver died before Ray saved its state) run again: see the searcher
     remaining = max(0, study.n_trials - _trials_ended(session.optuna_study))
     return tune.Tuner(
@@ -193,7 +200,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
             # data-parallel trials retry inside Ray Train (see trainable.data_parallel_trainable)
             failure_config=tune.FailureConfig(max_failures=study.max_failures if study.workers_per_trial == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[StudyProgress(str(layout.root), stopper, scheduler)],
+            callbacks=[StudyProgress(study.name, stopper, scheduler)],
             stop=stopper,
             verbose=0,
         ),

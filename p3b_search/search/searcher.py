@@ -27,6 +27,9 @@ instead of sampling a new one. Ray saves its experiment state every few seconds,
 event, so a restored Tuner may miss trials that started, or even ended, after its last save:
 the former run again as lost trials (from the checkpoint they saved), and once ``n_trials``
 trials have been handed out to Ray the searcher says ``FINISHED`` instead of sampling more.
+The searcher pickles its study as a :class:`~p3b_search.search.session.LiveStudy` (its name):
+restored, it opens the storage of the study the resumed driver loaded, wherever its folder is
+now.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from ray.tune.search import Searcher
 from p3b_search.credentials import redact_secrets, resolve_url
 from p3b_search.search.optuna_storage import open_storage
 from p3b_search.search.samplers import create_sampler
+from p3b_search.search.session import LiveStudy
 from p3b_search.search.space import reference_params, suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 from p3b_search.stores import open_shared_store
@@ -109,7 +113,7 @@ class FrontSafeOptunaSearch(Searcher):
     def __init__(self, study: StudyConfig):
         super().__init__(metric=[objective_key(m) for m in study.metric_names],
                          mode=["max" if d == "maximize" else "min" for d in study.directions])
-        self._study_config = study
+        self._study = LiveStudy(study)  # pickled as the study's name: see search.session
         self._sampler = create_sampler(study)
         self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number, for trials in flight
         self._storage: BaseStorage | None = None
@@ -141,6 +145,10 @@ class FrontSafeOptunaSearch(Searcher):
         """Pickled (Ray keeps the searcher in its experiment folder) without storage connections
         or what was read from the storage."""
         return {**self.__dict__, "_storage": None, "_optuna": None, "_lost": None, "_handed": None, "_configs": {}}
+
+    @property
+    def _study_config(self) -> StudyConfig:
+        return self._study.config
 
     @property
     def optuna_study(self) -> optuna.Study:
@@ -235,7 +243,10 @@ class FrontSafeOptunaSearch(Searcher):
                           if record.number not in held]
         while self._lost:
             number = self._lost.pop(0)
-            try:  # Optuna's own Trial of the stored record: define-by-run sampling continues it
+            # Optuna's own Trial of the stored record (no public call hands out a trial another
+            # driver asked): define-by-run sampling continues it. tests/test_runner.py pins what
+            # this relies on (test_optunas_trial_of_a_stored_running_trial_continues_its_sampling).
+            try:
                 params = suggest_params(optuna.Trial(study, self._trial_id(number)), self._study_config)
             except ValueError as error:  # a recorded value outside today's search space
                 self._fail(number, "fail_reason", f"lost, and its parameters no longer fit: {error}")

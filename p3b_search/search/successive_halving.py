@@ -12,7 +12,8 @@ never as a point of the front; ``reasons`` says where and why, for the trials ta
 Resume: Ray keeps the scheduler in its experiment state and ``Tuner.restore`` brings back that
 copy, so the rungs' records are never taken from it: the first time the scheduler acts in a
 driver process it rebuilds them from the learning curves in the study folder (``epochs/``,
-written by each trial before Ray hears of the epoch), by Optuna trial number (the
+written by each trial before Ray hears of the epoch; the folder as it is now, see
+:class:`~p3b_search.search.session.LiveStudy`), by Optuna trial number (the
 ``trial_number`` of the Ray config). A trial whose first result in this process comes right
 after a rung resumed from the checkpoint of that rung's epoch (the driver that took, or was
 about to take, its decision stopped): it is decided again at that rung, on its recorded
@@ -26,8 +27,8 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from p3b_search.search.session import LiveStudy
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER
-from p3b_search.study.layout import StudyLayout
 from p3b_search.study.results import read_epochs
 from p3b_search.study.rungs import SuccessiveHalvingRule, epoch_values, rung_objectives
 from p3b_search.study.sections import StudyConfig
@@ -45,7 +46,7 @@ class SuccessiveHalvingScheduler(FIFOScheduler):
         section = study.scheduler
         if section is None:
             raise ValueError(f"study {study.name!r} has no scheduler section")
-        self.root = study.layout.root
+        self.study = LiveStudy(study)  # pickled as the study's name: see search.session
         self.rungs = tuple(sorted(section.rungs))
         self.eta = section.eta
         self.objectives, self.directions = rung_objectives(study.metric_names, study.directions)
@@ -67,7 +68,7 @@ class SuccessiveHalvingScheduler(FIFOScheduler):
         """The rungs' records and decisions (rebuilt from the study's learning curves on first use)."""
         if self._rule is None:
             self._rule = SuccessiveHalvingRule(self.rungs, self.eta, self.directions)
-            self._rule.record_curves(read_epochs(StudyLayout(self.root)), self.objectives)
+            self._rule.record_curves(read_epochs(self.study.config.layout), self.objectives)
         return self._rule
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ which the command line passes in.
 * :mod:`.study_run` -- the study's parent run and the Pareto summary published on it
 * :mod:`.trial_run` -- a trial's child run (worker side) and the factory that opens it
 * :mod:`.study_tracking` -- the two above as the runner's ``StudyTracking``
+* :mod:`.moved_store` -- the embedded store's artifact locations after the study folder moved
 * :mod:`.background` -- the worker's sending thread; :mod:`.figures` -- allocation figures
 * :mod:`.registry` -- the model registry step of an export; :mod:`.ui` -- ``search.py ui``
 """

@@ -2,7 +2,8 @@
 slows or crashes the trial that produces them.
 
 Calls run in submission order. A call that fails for a transient reason (connection refused,
-timeout, 5xx, a locked SQLite file) stays at the head of the queue and is retried with backoff;
+timeout, 5xx, a busy store: :func:`p3b_search.connection_errors.transient`) stays at the head of
+the queue and is retried with backoff (:func:`p3b_search.retry.outage`) until the sender closes;
 a call the store rejects for good (bad value, unknown run) is dropped with a warning.
 """
 from __future__ import annotations
@@ -14,26 +15,15 @@ import time
 from collections.abc import Callable
 
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
+from p3b_search import retry
+from p3b_search.connection_errors import transient
 from p3b_search.credentials import redact_secrets
 from p3b_search.tracking.client import open_client
 
 logger = logging.getLogger(__name__)
 
 MlflowCall = Callable[[MlflowClient], None]
-
-# MlflowException.error_code names (strings) of failures that may pass: server error, busy, timeout
-_TRANSIENT_CODES = frozenset(
-    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """True when retrying ``error`` later may succeed (store unreachable or busy)."""
-    if isinstance(error, MlflowException):
-        return error.error_code in _TRANSIENT_CODES
-    return isinstance(error, OSError)  # includes requests' ConnectionError and Timeout
 
 
 class BackgroundSender:
@@ -91,34 +81,28 @@ class BackgroundSender:
             if item is None:
                 return
             description, call = item
-            delay, outage_since = self.retry_s, None
-            while True:
-                try:
-                    client = client or open_client(self.tracking_uri)
-                    call(client)
-                    if outage_since is not None:
-                        logger.warning(
-                            "MLflow store %s reachable again after %.0f s; %s resumes logging",
-                            redact_secrets(self.tracking_uri), time.monotonic() - outage_since, self.label,
-                        )
-                    break
-                except Exception as error:  # noqa: BLE001  (a logging thread must never die)
-                    if not is_transient(error):
-                        logger.warning("MLflow: dropped %s of %s: %s", description, self.label, _one_line(error))
-                        break
-                    if outage_since is None:
-                        outage_since = time.monotonic()
-                        logger.warning(
-                            "MLflow store %s unreachable (%s); %s keeps running, its logging calls are "
-                            "buffered and retried",
-                            redact_secrets(self.tracking_uri), _one_line(error), self.label,
-                        )
-                    if self._closing.wait(delay):
-                        return
-                    delay = min(2 * delay, self.max_retry_s)
+            policy = retry.outage(transient, self.retry_s, self.max_retry_s, closing=self._closing,
+                                  on_outage=self._warn_outage)
+            try:
+                for attempt in policy:
+                    with attempt:
+                        client = client or open_client(self.tracking_uri)
+                        call(client)
+                if attempt.retry_state.attempt_number > 1:
+                    logger.warning("MLflow store %s reachable again after %.0f s; %s resumes logging",
+                                   redact_secrets(self.tracking_uri), attempt.retry_state.seconds_since_start,
+                                   self.label)
+            except retry.Closed:
+                return
+            except Exception as error:  # noqa: BLE001  (a logging thread must never die)
+                logger.warning("MLflow: dropped %s of %s: %s", description, self.label, _one_line(error))
             with self._idle:
                 self._pending -= 1
                 self._idle.notify_all()
+
+    def _warn_outage(self, error: BaseException) -> None:
+        logger.warning("MLflow store %s unreachable (%s); %s keeps running, its logging calls are buffered "
+                       "and retried", redact_secrets(self.tracking_uri), _one_line(error), self.label)
 
 
 def _one_line(error: BaseException) -> str:

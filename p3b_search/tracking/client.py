@@ -40,6 +40,12 @@ RUN_ID_COLUMN = "mlflow_run_id"
 LOCAL_UI = "http://127.0.0.1:5000"
 
 
+class TrackingStoreError(RuntimeError):
+    """The tracking store cannot be used for a reason the user fixes (it does not answer, it
+    refuses us, MLflow cannot open its URI, the study's name is taken there); the message is one
+    line naming the fix. Any other failure is raised as it is, with its traceback."""
+
+
 def ui_url(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
     """Link to an experiment's runs (or one run) in the MLflow UI at ``base_url`` (e.g.
     ``http://127.0.0.1:5000``; "" for the bare route). MLflow 3 opens on its GenAI views
@@ -67,7 +73,7 @@ def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
     except urllib.error.HTTPError:
         return
     except OSError as error:
-        raise RuntimeError(
+        raise TrackingStoreError(
             f"MLflow tracking server {redact_secrets(tracking_uri)} does not answer "
             f"({redact_secrets(str(getattr(error, 'reason', error)))}): start it, or fix tracking.uri in the study file"
         ) from None

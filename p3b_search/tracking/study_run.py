@@ -26,7 +26,8 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from p3b_search.credentials import redact_secrets
+from p3b_search.connection_errors import refused, unreachable
+from p3b_search.credentials import MissingVariable, redact_secrets
 from p3b_search.errors import first_line
 from p3b_search.stores import open_shared_store
 from p3b_search.study.front import ParetoSummary
@@ -42,6 +43,7 @@ from p3b_search.tracking.client import (
     STATE_TAG,
     STUDY_TAG,
     TRIAL_TAG,
+    TrackingStoreError,
     check_server,
     open_client,
     json_default,
@@ -65,6 +67,18 @@ NUMBER_COLUMN = "number"
 ARTIFACT_DIR_PARETO = "pareto"
 
 
+def _user_fixable(error: BaseException) -> bool:
+    """Whether the store's failure is one the user fixes: it cannot be reached, or it refused us."""
+    return unreachable(error) is not None or refused(error)
+
+
+def _unopenable(error: BaseException) -> bool:
+    """Whether opening a client failed on the URI itself: a variable it names is unset, MLflow
+    has no store for it, or its file's folder is missing."""
+    return (isinstance(error, (MissingVariable, FileNotFoundError))
+            or isinstance(error, MlflowException) and error.error_code == "INVALID_PARAMETER_VALUE")
+
+
 class StudyTracker:
     """Driver side: the study's parent run, the Pareto summary published on it, and clean-up of stuck runs.
 
@@ -81,7 +95,12 @@ class StudyTracker:
         self.study_name = study_name
         self.artifact_location = artifact_location
         # an SQL store creates its tables here; another study may be creating them too
-        self.client = open_shared_store(lambda: open_client(tracking_uri), tracking_uri, "MLflow tracking store")
+        try:
+            self.client = open_shared_store(lambda: open_client(tracking_uri), tracking_uri, "MLflow tracking store")
+        except Exception as error:  # noqa: BLE001  (MLflow, SQLAlchemy and the OS each raise their own)
+            if not (_user_fixable(error) or _unopenable(error)):
+                raise
+            raise self._store_error(error) from None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._closed = False
@@ -103,14 +122,12 @@ class StudyTracker:
         try:
             self.experiment_id = open_shared_store(self._experiment_id, self.tracking_uri, "MLflow experiment")
             existing = search_all(self.client, self.experiment_id, f"tags.`{STUDY_TAG}` = '{quote(self.study_name)}'")
-        except MlflowException as error:
-            raise RuntimeError(
-                f"cannot use MLflow tracking store {redact_secrets(self.tracking_uri)!r}: "
-                f"{redact_secrets(first_line(error))} "
-                "(check tracking.uri in the study file, or that the server is running)"
-            ) from None
+        except Exception as error:  # noqa: BLE001  (MLflow, SQLAlchemy and the OS each raise their own)
+            if not _user_fixable(error):
+                raise
+            raise self._store_error(error) from None
         if existing and not resume:
-            raise ValueError(
+            raise TrackingStoreError(
                 f"experiment {self.experiment_name!r} already holds study {self.study_name!r} "
                 f"(run {existing[0].info.run_id}): resume it, or choose another study name"
             )
@@ -128,12 +145,19 @@ class StudyTracker:
         atexit.register(self._close_at_exit)
         return self.parent_run_id
 
+    def _store_error(self, error: BaseException) -> TrackingStoreError:
+        return TrackingStoreError(
+            f"cannot use MLflow tracking store {redact_secrets(self.tracking_uri)!r}: "
+            f"{redact_secrets(first_line(error))} "
+            "(check tracking.uri in the study file, that the server is running and that it lets this user in)"
+        )
+
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
             return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
         if experiment.lifecycle_stage != "active":
-            raise ValueError(
+            raise TrackingStoreError(
                 f"MLflow experiment {self.experiment_name!r} is deleted: restore it "
                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or set another name"
             )
