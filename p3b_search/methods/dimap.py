@@ -1,33 +1,22 @@
 """DIMAP: data-independent module-aware pruning (one-shot, on the pretrained weights).
 
-Metric (per layer, no data): with the layer's weights sorted by descending magnitude,
-``Imp(w_j) = w_j^2 / sum_{|w_i| >= |w_j|} w_i^2`` (ties share the denominator that includes
-all of them). It bounds the layer's relative Frobenius distortion and keeps each layer's own
-ranking; the largest weight of every layer scores 1, so no layer is emptied.
+The method (metric, modules, one threshold per module, the structured variant) is specified
+in docs/methods.md, section 2. What this module decides beyond it:
 
-Modules: QKV (every ``attn.qkv``), PRJ (every ``attn.proj``), MLP (every ``mlp.fc1`` and
-``mlp.fc2``), across all stages of a Swin. Scores are ranked globally *within* a module, one
-threshold per module. AUX (patch embedding, patch merging, norms, position embeddings, Swin's
-relative position bias, classifier heads) and all biases are never pruned.
-
-Ratios: parameter prune ratios per module, counted over the module's weight matrices
-(biases excluded). ``prune_ratio`` is a fraction of *all* the model's parameters (the
-never-pruned ones stay in the denominator, see :mod:`p3b_search.methods.target`): module
-ratios left unset share one ratio, solved so that the model keeps ``1 - prune_ratio`` of its
-parameters (by default every module gets it); with all three set, ``prune_ratio`` is not used.
-
-* ``dimap`` (unstructured): weights below their module's threshold are zeroed; the masks stay
-  zero through both training stages (see :class:`~p3b_search.methods.sparsity.MaskedWeights`).
-  Parameters are reported as non-zeros, MACs both dense and non-zero; no real speed-up.
-* ``dimap-structured``: the metric is aggregated per unit (attention head, head dim, MLP
-  hidden unit, input/output channel; ``unit_groups``) as the *mean* score of the weights the
-  unit removes, i.e. importance per freed parameter. Units are removed cheapest first, each
-  costing the weights it still removes given the units already gone, until the module's
-  weight target is met (QKV and PRJ together form the attention module, with target
-  ``r_qkv P_qkv + r_prj P_prj``). The last unit of a group is never removed, so no sub-block
-  disappears. Units also take their biases (and Swin position-bias columns) with them, so
-  the shared ratio of unset modules is solved on the parameter count of the masked model.
-  The resulting hard masks act through gates while training and
+* Ties in the metric share the denominator that includes all of them.
+* Module ratios count the module's weight matrices (biases excluded); ``prune_ratio`` counts
+  *all* the model's parameters (see :mod:`p3b_search.methods.target`), and the module ratios
+  left unset share one ratio solved for it; with all three set, ``prune_ratio`` is not used.
+* ``dimap`` keeps its masks at zero through both training stages
+  (:class:`~p3b_search.methods.sparsity.MaskedWeights`); parameters are reported as
+  non-zeros, MACs both dense and non-zero.
+* ``dimap-structured`` scores a unit (``unit_groups``) by the *mean* score of the weights it
+  removes (importance per freed parameter) and removes units cheapest first, each costing the
+  weights it still removes given the units already gone, until its module's weight target is
+  met (QKV and PRJ together are the attention module, target ``r_qkv P_qkv + r_prj P_prj``).
+  The last unit of a group is never removed, so no sub-block disappears. Units take their
+  biases (and Swin position-bias columns) with them, so the shared ratio is solved on the
+  masked model's parameter count. The hard masks act through gates while training and
   :func:`~p3b_search.surgery.shrink_model` makes the model physically smaller at the end.
 """
 from __future__ import annotations

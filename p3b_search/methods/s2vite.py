@@ -1,42 +1,30 @@
 """S²ViTE: structured sparse training, pruning and regrowing whole heads and MLP neurons.
 
-Units are switched off by the hard ``heads`` and ``hidden`` gates of
-:func:`~p3b_search.surgery.attach_gates` (a head: its q, k, v rows and proj columns; a neuron:
-its fc1 row and fc2 column), so the final masks go straight to
-:func:`~p3b_search.surgery.shrink_model` and the result is physically smaller.
+The method (units, prune and grow scores, reference densities) is specified in
+docs/methods.md, section 3.2; the schedule and death rate are SViTE's (:mod:`.svite`). What
+this module decides beyond it:
 
-* Densities: each attention keeps ``round(head_density * H)`` heads and each MLP
-  ``round(mlp_density * hidden)`` neurons (at least one), from the start and through every
-  update (a swap drops and grows the same number). ``prune_ratio`` counts *all* the model's
-  parameters (see :mod:`p3b_search.methods.target`); whole heads are too coarse to meet it
-  alone, so the density left unset is solved for it: ``mlp_density`` (with ``head_density``
-  as set, default ``1 - prune_ratio``), or ``head_density`` when only ``mlp_density`` is set.
-  With both set, ``prune_ratio`` is not used.
-* Initial units (no data at ``prepare``): the largest by weight L1, ``||W_qkv[rows of h]||_1 +
-  ||W_proj[:, cols of h]||_1`` for heads and ``||W_fc1[i,:]||_1 + ||W_fc2[:,i]||_1`` for
-  neurons (``init="magnitude"``), or a seeded random draw as in the reference (``"random"``).
-* Every ΔT micro-batches until ``t_end`` (the schedule and cosine death rate of
-  :mod:`p3b_search.methods.svite`), per layer ``k = ceil(p_t * active)`` units are dropped and
-  ``k`` grown, from the statistics of the optimizer window that closes the update:
-
-  - head prune score ``|sum A_h * dL/dA_h|`` per image (A_h: head output before proj, the
-    sum over the image's tokens, or all its Swin windows, and the head's dims), the absolute
-    value taken per image and then averaged over the window's images, as the reference
-    does (so images whose contributions differ in sign do not cancel); grow score
-    ``||dL/dA_h||_1``, the gradient at the proj input, which a switched-off head still gets;
-  - neuron prune score ``||W_fc1[i,:]||_1 + ||W_fc2[:,i]||_1``; grow score the same on the
-    gradients the neuron's weights would get if it were on (computed from the window's fc1
-    input, pre-activation and fc2 output gradient: the gate blocks the real ones).
-
-  The statistics are collected only in windows that close an update (hooks are armed from
-  the window's first micro-batch; with gradient accumulation an update that falls inside a
-  window waits for the next whole window). With ``torch.distributed`` initialised they are
-  averaged over ranks before the decision.
+* Units are switched off by the hard ``heads`` and ``hidden`` gates of
+  :func:`~p3b_search.surgery.attach_gates`, so the final masks go straight to
+  :func:`~p3b_search.surgery.shrink_model`.
+* Each attention keeps ``round(head_density * H)`` heads and each MLP
+  ``round(mlp_density * hidden)`` neurons (at least one) through every update (a swap drops
+  and grows the same number, ``k = ceil(p_t * active)`` per layer). The density left unset is
+  solved for ``prune_ratio``: ``mlp_density`` (with ``head_density`` as set, default
+  ``1 - prune_ratio``), or ``head_density`` when only ``mlp_density`` is set.
+* Initial units (no data at ``prepare``): the largest by weight L1 (``init="magnitude"``) or a
+  seeded random draw as in the reference (``"random"``).
+* A head's score sums over the image's tokens (or all its Swin windows) and the head's dims.
+  A neuron's grow score is computed from the window's fc1 input, pre-activation and fc2
+  output gradient, since the gate blocks the real ones.
+* Statistics are collected only in windows that close an update (hooks armed from the
+  window's first micro-batch; with gradient accumulation an update that falls inside a window
+  waits for the next whole one), and averaged over ranks when ``torch.distributed`` is
+  initialised.
 * A switched-off unit keeps its weights (frozen: no gradient reaches them, only weight decay)
   and its optimizer state is cleared, so a regrown unit resumes from the weights its grow
-  score was measured with, without stale moments. (Zeroing both its fc1 row and fc2 column
-  instead would leave it no gradient to ever come back.) Under Adam/AdamW a regrown unit's
-  weights count their own steps, so they move as a fresh parameter would
+  score was measured with. (Zeroing its fc1 row and fc2 column instead would leave it no
+  gradient to ever come back.) Under Adam/AdamW a regrown unit counts its own steps
   (:class:`~p3b_search.methods.sparsity.FreshAdamSteps`).
 """
 from __future__ import annotations

@@ -1,28 +1,20 @@
 """SViTE: unstructured sparse training by prune-and-grow (Chen et al., NeurIPS'21).
 
+The method (ERK densities, the drop-and-grow update, the death rate) is specified in
+docs/methods.md, section 3.1. What this module decides beyond it:
+
 * Masked: the weight of every ``nn.Linear`` and ``nn.Conv2d`` (``scope="all"``: patch
   embedding, qkv/proj/fc1/fc2, Swin patch merging, classifier heads) or only the sub-blocks'
-  qkv/proj/fc1/fc2 (``scope="blocks"``). Biases, norms, position embeddings and Swin's
-  relative position tables are never masked.
-* Initial densities: Erdős–Rényi-kernel (:func:`~p3b_search.methods.sparsity.erk_densities`)
-  for the target density over the masked weights: ``density`` if set, else the one that keeps
+  qkv/proj/fc1/fc2 (``scope="blocks"``).
+* Target density over the masked weights: ``density`` if set, else the one that keeps
   ``1 - prune_ratio`` of *all* the model's parameters (the unmasked ones count as kept, see
-  :mod:`p3b_search.methods.target`). The reference trains from scratch and draws the initial masks at random
-  (``init="random"``); starting from pretrained weights the default keeps each layer's
-  largest weights (``init="magnitude"``).
-* Every ``update_interval`` micro-batches (ΔT) while ``t < t_end = end_fraction * T`` (T: the
-  prune stage's micro-batches), at the optimizer step that closes the window: per layer drop
-  the ``k = ceil(p_t * nnz)`` active weights of smallest ``|w|``, then grow the ``k`` inactive
-  positions (the ones just dropped included) of largest ``|dL/dw|``. The gradient is dense:
-  masking is by zeroing weights, so pruned weights still get gradients. Grown weights start
-  at 0 with cleared optimizer state and, under Adam/AdamW, their own step count: they move
-  as a fresh parameter would (:class:`~p3b_search.methods.sparsity.FreshAdamSteps`), not
-  several times ``lr`` as the bias correction of the optimizer's step count would make them.
-  Layers that ERK keeps dense are left alone.
-* Death rate ``p_t = p_end + (p_0 - p_end)(1 + cos(pi t / T)) / 2`` (``p_0 = 0.5``,
-  ``p_end = 0.005``).
-* After every optimizer step the masks are re-applied and the optimizer state of pruned
-  weights is zeroed (:class:`~p3b_search.methods.sparsity.MaskedWeights`).
+  :mod:`p3b_search.methods.target`).
+* An update happens every ``update_interval`` micro-batches while ``t < end_fraction * T``
+  (T: the prune stage's micro-batches), at the optimizer step that closes the window; the
+  dropped weights may be regrown at once. Layers that ERK keeps dense are left alone.
+* Grown weights start at 0 with cleared optimizer state and, under Adam/AdamW, their own step
+  count (:class:`~p3b_search.methods.sparsity.FreshAdamSteps`); after every optimizer step the
+  masks are re-applied (:class:`~p3b_search.methods.sparsity.MaskedWeights`).
 * With ``torch.distributed`` initialised, gradients are averaged over ranks before growth.
 """
 from __future__ import annotations

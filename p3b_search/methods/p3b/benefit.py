@@ -1,34 +1,21 @@
 """Block benefit: how much each sub-block makes the residual stream more discriminative (P3B, step 1).
 
-Every sub-block ``j`` gets two auxiliary classifiers that only *read* the residual stream
-(their inputs are detached, so no gradient reaches the backbone):
+The auxiliary heads and Delta Psi are specified in docs/methods.md, section 1.1. What this
+module decides beyond it:
 
-* cls head ``psi_c``: ``Linear(C -> K)`` on the class token;
-* patch head ``psi_p``: two [``Conv3x3(C -> C, no bias)`` + ``BatchNorm`` + ``ReLU``] on the
-  patch tokens laid out on the patch grid, then global average pooling and ``Linear(C -> K)``.
-
-Each head is applied to the sub-block's input ``x_j`` and output ``x_{j+1}``;
-``Delta Psi_j = CE(psi(x_j), y) - CE(psi(x_{j+1}), y)`` (positive: the block helped). Both
-sides go through a head as one stacked batch, with BatchNorm statistics kept per side, which
-computes exactly what two separate calls compute (in fewer, larger convolution calls).
-
-Where the features come from (forward hooks on the timm blocks, timm untouched): ``x_{2l}``
-is the input of block ``l``, ``x_{2l+1}`` the input of its ``norm2`` (the residual after
-``x + attn(...)``, i.e. the MLP's input), ``x_{2l+2}`` the block's output. Features are
-captured only while the block is in training mode.
-
-Token layouts. ViT/DeiT: prefix tokens (class, distillation, register tokens) are excluded
-from the patch grid; the cls head reads the class token, or the average of the patch tokens
-when the model has none. Swin has no class token: its features are ``(B, H, W, C)`` maps
-(``(B, H*W, C)`` at the MLP input) and the cls head reads the average-pooled token, i.e. the
-same vector Swin's own classifier pools.
-
-With a shared residual (``stream_gate``) the heads read the stream as the model's norms do:
-multiplied by the residual gate of its stage, so pruned channels (which the model no longer
-reads) are zero.
-
-Losses use cross-entropy against the loop's targets: class indices (no label smoothing), or
-soft targets as given (mixup/cutmix already smooth them).
+* Both sides of a head go through it as one stacked batch, with BatchNorm statistics kept per
+  side: exactly what two separate calls compute, in fewer, larger convolution calls.
+* Features come from forward hooks on the timm blocks (timm untouched): ``x_{2l}`` is the input
+  of block ``l``, ``x_{2l+1}`` the input of its ``norm2`` (the residual after
+  ``x + attn(...)``), ``x_{2l+2}`` the block's output; captured only while the block trains.
+* Token layouts. ViT/DeiT: prefix tokens (class, distillation, register) are left out of the
+  patch grid; the cls head reads the class token, or the mean patch token when the model has
+  none. Swin: features are ``(B, H, W, C)`` maps (``(B, H*W, C)`` at the MLP input) and the cls
+  head reads the average-pooled token, the vector Swin's own classifier pools.
+* With a shared residual (``stream_gate``) the heads read the stream as the model's norms do,
+  multiplied by its stage's residual gate, so pruned channels are zero.
+* Cross-entropy against the loop's targets: class indices (no label smoothing), or soft
+  targets as given (mixup/cutmix already smooth them).
 """
 from __future__ import annotations
 

@@ -1,25 +1,18 @@
 """From block benefit to a global parameter budget: keep ratios per sub-block (P3B, step 2).
 
-Steps, for each of the cls and patch benefits ``D`` (one value per sub-block, shape (2L,)):
+The steps (scale, soft clamp, importance per kept parameter, EMA, combination, the solve for
+kappa) are specified in docs/methods.md, section 1.2; :func:`allocate_budget` runs them on the
+cls and patch benefits (shape (2L,) each). What this module decides beyond it:
 
-1. ``u = S * D / max(D)`` with ``S`` the block-importance scale (10). The sources are silent
-   when no block helps (``max(D) <= 0``): we then divide by ``max(|D|)`` so the order of the
-   blocks is kept (all ``u <= 0``), and use ``u = 0`` when every ``D`` is exactly 0.
-2. Soft clamp into (0, S): ``T = softplus(1.4 u) - softplus(1.4 u - S)``.
-3. ``I = T / (R + 1e-6)`` with ``R`` the parameters each sub-block keeps now; ``I /= mean(I)``.
-4. EMA over windows, separately for cls and patch: ``I = gamma I_new + (1 - gamma) I_prev``
-   (the first window has no ``I_prev`` and is used as is).
-5. ``I = alpha Ic + (1 - alpha) Ip``.
-6. ``kappa = s I`` with ``s`` solved so that ``sum(kappa W)`` is the sub-blocks' target,
-   ``(1-p)(sum(W) + W_nb) - W_nb`` per block (with a shared residual: what its width leaves,
-   see :class:`p3b_search.methods.gated.BlockBudget`); kappa is clamped to [0, 1]: sub-blocks
-   that reach 1 (or 0) are fixed there and ``s`` is re-solved for the others
-   (:func:`solve_keep_ratios`).
-
-Step 7, the ramp from dense to the target, is :class:`p3b_search.methods.ramp.KeepRatioRamp`
-(shared by every gated method); the target of step 6 is
-:func:`p3b_search.methods.target.block_params_target` per block. Everything here is
-float64 and works on any device.
+* Silent sources (``max(D) <= 0``): dividing by ``max(|D|)`` keeps the blocks' order (all
+  ``u <= 0``); ``u = 0`` when every ``D`` is exactly 0. The first window has no ``I_prev`` and
+  is used as is.
+* The sub-blocks' target is :func:`p3b_search.methods.target.block_params_target` per block
+  (with a shared residual: what its width leaves, :class:`p3b_search.methods.gated.BlockBudget`);
+  kappa is clamped to [0, 1] by fixing saturated sub-blocks and solving again
+  (:func:`solve_keep_ratios`). The ramp from dense to the target is
+  :class:`p3b_search.methods.ramp.KeepRatioRamp`, shared by every gated method.
+* Everything here is float64 and works on any device.
 """
 from __future__ import annotations
 
