@@ -12,7 +12,7 @@ from p3b_search.search.samplers import RayGridSampler, create_sampler
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
 from p3b_search.search.space import suggest_params
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
-from p3b_search.study.dimensions import config_key, grid_values
+from p3b_search.study.dimensions import config_key
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
 from p3b_search.study.results import DUPLICATE_ATTR, trials_frame
@@ -39,12 +39,12 @@ def study_from(tmp_path: Path, text: str):
 def test_grid_values_of_each_dimension_type(tmp_path):
     study = study_from(tmp_path, GRID + "  \n")
     space = study.search_space
-    assert grid_values(space["method_config.alpha"]) == [0.0, 0.5, 1.0]
-    assert grid_values(space["training.seed"]) == [0, 2, 4]
-    assert grid_values(space["method_config.prune_ratio"]) == [0.5, 0.75]
+    assert space["method_config.alpha"].grid_values() == [0.0, 0.5, 1.0]
+    assert space["training.seed"].grid_values() == [0, 2, 4]
+    assert space["method_config.prune_ratio"].grid_values() == [0.5, 0.75]
     fine = study_from(tmp_path, "name: s\nsampler: {name: grid}\nsearch_space:\n"
                                 "  method_config.prune_ratio: {type: float, low: 0.1, high: 0.7, step: 0.1}\n")
-    assert grid_values(fine.search_space["method_config.prune_ratio"]) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert fine.search_space["method_config.prune_ratio"].grid_values() == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 
 def test_grid_holds_each_effective_configuration_once(tmp_path):

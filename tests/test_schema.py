@@ -7,9 +7,9 @@ import pytest
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import available_methods, get_method
+from p3b_search.study.dimensions import Choice, FloatRange
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
-from p3b_search.study.sections import Choice, FloatRange
 from p3b_search.study.trials import trial_config
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))

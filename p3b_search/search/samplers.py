@@ -24,7 +24,6 @@ import optuna
 
 from p3b_search.errors import first_line
 from p3b_search.search.space import METHOD
-from p3b_search.study.dimensions import grid_values
 from p3b_search.study.messages import StudyError, did_you_mean
 from p3b_search.study.sections import StudyConfig
 
@@ -100,7 +99,7 @@ def _grid(study: StudyConfig, kwargs: dict[str, Any]) -> optuna.samplers.BaseSam
     """Each grid point once, also to trials asked while others run: Optuna gives trial number
     ``k`` the ``k``-th point of its shuffled grid, and any later trial a point no running or
     ended trial has."""
-    return RayGridSampler({key: grid_values(dim) for key, dim in study.search_space.items()}, **kwargs)
+    return RayGridSampler({key: dim.grid_values() for key, dim in study.search_space.items()}, **kwargs)
 
 
 def _user_sampler(source: str, name: str) -> Callable[..., optuna.samplers.BaseSampler]:

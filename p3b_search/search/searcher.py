@@ -213,7 +213,7 @@ class FrontSafeOptunaSearch(Searcher):
         if len(self._handed_out()) >= self._study_config.n_trials:
             return Searcher.FINISHED
         # on the grid every point comes once before any repeats: it runs out only when exhausted
-        for _ in range(grid_point_count(self._study_config) if grid else MAX_INVALID_SAMPLES):
+        for _ in range(grid_point_count(self._study_config.search_space) if grid else MAX_INVALID_SAMPLES):
             trial = self.optuna_study.ask()
             params = suggest_params(trial, self._study_config)
             rejection = self._rejection(trial.number, params, grid)

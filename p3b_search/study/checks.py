@@ -9,7 +9,6 @@ tried here on the fixed configuration and on every bound of the search space.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from typing import Any, Literal
 
@@ -18,11 +17,13 @@ from pydantic import ValidationError
 from p3b_search.config import TrialConfig
 from p3b_search.credentials import REFERENCE
 from p3b_search.methods import available_methods, get_method
-from p3b_search.study.dimensions import MAX_GRID_POINTS, grid_point_count, method_knobs
-from p3b_search.study.messages import FieldError, StudyError, did_you_mean, first_model, got, join_path, message_of
+from p3b_search.study.dimensions import MAX_GRID_POINTS, Dimension, grid_point_count
+from p3b_search.study.field_error import FieldError, got
+from p3b_search.study.knobs import method_knobs
+from p3b_search.study.messages import StudyError, did_you_mean, first_model, join_path, message_of
 from p3b_search.study.results import DENSE_METHOD
 from p3b_search.study.rungs import EPOCH_COSTS
-from p3b_search.study.sections import MAXIMIZED, Choice, FloatRange, IntRange, StudyConfig
+from p3b_search.study.sections import MAXIMIZED, StudyConfig
 from p3b_search.study.trials import grid_configs, trial_config
 
 _MAX_CROSS_CHECKS = 256
@@ -127,11 +128,12 @@ def _at_fixed_field(error: StudyError) -> FieldError:
 def _check_method_section(study: StudyConfig) -> None:
     method_dim = study.search_space.get("method")
     if method_dim is not None:
-        if not isinstance(method_dim, Choice):
+        listed = method_dim.listed()
+        if listed is None:
             raise FieldError("search_space.method", "must be {type: categorical, choices: [method names]}")
-        for i, choice in enumerate(method_dim.choices):
+        for i, choice in enumerate(listed):
             _method_class(str(choice), f"search_space.method.choices[{i}]")
-        if study.method.name not in [str(c) for c in method_dim.choices]:
+        if study.method.name not in [str(c) for c in listed]:
             raise FieldError("method.name", f"{study.method.name!r} (the reference method) must be one of "
                                              f"search_space.method.choices: add it there or change method.name")
     cls = _method_class(study.method.name, "method.name")
@@ -178,22 +180,9 @@ def _annotation_kinds(annotation: Any) -> set[type]:
     return {annotation} if isinstance(annotation, type) else {object}
 
 
-def _check_dimension(study: StudyConfig, key: str, dim: Any) -> None:
+def _check_dimension(study: StudyConfig, key: str, dim: Dimension) -> None:
     path = f"search_space.{key}"
-    if isinstance(dim, (FloatRange, IntRange)):
-        if dim.low > dim.high:
-            raise FieldError(f"{path}.low", f"must be <= high ({got(dim.high)}) (got {got(dim.low)}): swap them")
-        if dim.log and dim.low <= 0:
-            raise FieldError(f"{path}.low", f"must be > 0 with log: true (got {got(dim.low)})")
-        if dim.log and dim.step not in (None, 1):
-            raise FieldError(f"{path}.step", "cannot be combined with log: true: remove one of them")
-        if dim.step is not None:
-            steps = (dim.high - dim.low) / dim.step
-            if not math.isclose(steps, round(steps), abs_tol=1e-9):
-                raise FieldError(f"{path}.high", f"high - low must be a multiple of step ({got(dim.step)}) "
-                                                  f"(got {got(dim.high)})")
-    if isinstance(dim, Choice) and len(set(map(repr, dim.choices))) != len(dim.choices):
-        raise FieldError(f"{path}.choices", f"has duplicates: list each choice once (got {dim.choices})")
+    dim.check(path)
     if key == "method":
         return
     if key == "method_config":
@@ -211,23 +200,10 @@ def _check_dimension(study: StudyConfig, key: str, dim: Any) -> None:
         info = _field_at(key)
         fields = [] if info is None else [info]
     for info in fields:
-        kinds = _annotation_kinds(info.annotation)
-        if isinstance(dim, FloatRange) and float not in kinds and object not in kinds:
-            if int in kinds:
-                raise FieldError(f"{path}.type", f"{key} is an integer: use type: int")
-            raise FieldError(f"{path}.type", f"{key} is not a number: use type: categorical")
-        if isinstance(dim, IntRange) and not kinds & {int, float, object}:
-            raise FieldError(f"{path}.type", f"{key} is not a number: use type: categorical")
+        dim.check_fits(path, key, _annotation_kinds(info.annotation))
 
 
-def _bound_values(dim: Any) -> list[tuple[str, Any]]:
-    """(sub-path, value) of a dimension's extremes: low and high, or every choice."""
-    if isinstance(dim, Choice):
-        return [(f"choices[{i}]", c) for i, c in enumerate(dim.choices)]
-    return [("low", dim.low), ("high", dim.high)]
-
-
-def _check_bounds(study: StudyConfig, key: str, dim: Any, fixed: StudyError | None) -> None:
+def _check_bounds(study: StudyConfig, key: str, dim: Dimension, fixed: StudyError | None) -> None:
     """Every bound must give a valid trial configuration for some corner of the other dimensions.
 
     Field constraints (``prune_ratio < 1``) fail for every corner; a cross-field rule of a
@@ -237,9 +213,9 @@ def _check_bounds(study: StudyConfig, key: str, dim: Any, fixed: StudyError | No
     configuration's fault: the error names that field.
     """
     others = [(k, d) for k, d in study.search_space.items() if k != key]
-    corners = itertools.product(*([v for _, v in _bound_values(d)] for _, d in others))
+    corners = itertools.product(*([v for _, v in d.bounds()] for _, d in others))
     corners = list(itertools.islice(corners, _MAX_CROSS_CHECKS))
-    for sub, value in _bound_values(dim):
+    for sub, value in dim.bounds():
         first_error = None
         for corner in corners:
             params = {k: v for (k, _), v in zip(others, corner)}
@@ -296,7 +272,7 @@ def _check_something_shared(study: StudyConfig) -> None:
     tried on every corner of the search space (low/high, every choice; the extremes of the
     prune epochs). A space with more corners than are tried is not refused."""
     keys = list(study.search_space)
-    bounds = [[v for _, v in _bound_values(study.search_space[k])] for k in keys]
+    bounds = [[v for _, v in study.search_space[k].bounds()] for k in keys]
     corners = list(itertools.islice(itertools.product(*bounds), _MAX_CROSS_CHECKS + 1))
     if len(corners) > _MAX_CROSS_CHECKS:
         return
@@ -344,7 +320,7 @@ def _fewest_epochs(study: StudyConfig) -> tuple[int, bool]:
         if dim is None:
             total += getattr(study.training, stage).epochs
         else:
-            total += int(min(value for _, value in _bound_values(dim)))
+            total += int(min(value for _, value in dim.bounds()))
             searched = True
     return total, searched
 
@@ -419,10 +395,8 @@ def _with_grid_trials(study: StudyConfig) -> StudyConfig:
     """Check a ``sampler: grid`` study (finite dimensions, a grid of runnable size, ``n_trials``
     within it); returns it with ``n_trials`` = the whole grid when the file omits ``n_trials``."""
     for key, dim in study.search_space.items():
-        if isinstance(dim, FloatRange) and dim.step is None:
-            raise FieldError(f"search_space.{key}", "sampler grid needs the values of every dimension: add "
-                                                     "step (without log: true) or list them with type: categorical")
-    points = grid_point_count(study)
+        dim.check_grid(f"search_space.{key}")
+    points = grid_point_count(study.search_space)
     if points > MAX_GRID_POINTS:
         raise FieldError("search_space", f"the grid has {points} points (at most {MAX_GRID_POINTS}): use coarser "
                                           "steps, fewer choices or another sampler")

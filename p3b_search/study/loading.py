@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from p3b_search.errors import first_line
 from p3b_search.study.checks import check_study
+from p3b_search.study.field_error import FieldError
 from p3b_search.study.layout import StudyLayout
-from p3b_search.study.messages import FieldError, StudyError, first_error
+from p3b_search.study.messages import StudyError, first_error
 from p3b_search.study.sections import StudyConfig
 
 _NAMED_WEIGHTS = ("source-pretrained", "hub")

@@ -13,7 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from p3b_search.study.sections import DIMENSIONS, StudyConfig
+from p3b_search.study.dimensions import DIMENSIONS
+from p3b_search.study.field_error import got
+from p3b_search.study.sections import StudyConfig
 
 
 class StudyError(ValueError):
@@ -24,27 +26,6 @@ class StudyError(ValueError):
     def __init__(self, message: str, field: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.field, self.reason = field, reason
-
-
-
-class FieldError(Exception):
-    """A check's finding before the file name is known: ``path`` (dotted) and ``message``."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path, self.message = path, message
-
-
-
-def got(value: Any) -> str:
-    """A value as the YAML file would show it (``1.0`` as ``1``, strings quoted)."""
-    if isinstance(value, str):
-        return repr(value)
-    if value is None:
-        return "null"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return str(value)
 
 
 def join_path(loc: tuple[Any, ...]) -> str:

@@ -10,6 +10,9 @@ with a **search space** whose keys are dotted paths into the trial configuration
       training.prune.lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
       method: {type: categorical, choices: [p3b, uniform-magnitude]}
 
+Each entry is a dimension of :mod:`p3b_search.study.dimensions`, which knows its checks, grid
+and Optuna distribution.
+
 Fixed knobs of the method are written ``method: {config: {knob: value}}`` in the file and
 searched ones ``method_config.<knob>``: the search-space key is the path of the knob in the
 trial configuration (``TrialConfig.method_config``), where both end up. With ``method``
@@ -30,12 +33,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, field_validator
+from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 
 from p3b_search.config import DataConfig, ModelConfig, StrictModel, TrainingConfig
 from p3b_search.credentials import lift_password
+from p3b_search.study.dimensions import SearchDimension
 from p3b_search.study.layout import StudyLayout
 
 MAXIMIZED = ("top1", "top5")
@@ -53,38 +57,6 @@ def _lifted(url: str | None, setting: str) -> str | None:
     if password is not None:
         os.environ[name] = password
     return url
-
-
-class FloatRange(StrictModel):
-    """Uniform (or log-uniform) float in ``[low, high]``, optionally on a grid of ``step``."""
-
-    type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-
-
-class IntRange(StrictModel):
-    """Integer in ``[low, high]`` (both included) on a grid of ``step``, optionally log-scaled."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
-    log: bool = False
-
-
-class Choice(StrictModel):
-    """One of ``choices`` (strings, numbers, booleans or null)."""
-
-    type: Literal["categorical"]
-    choices: list[Union[None, bool, int, float, str]] = Field(min_length=1)
-
-
-SearchDimension = Annotated[Union[FloatRange, IntRange, Choice], Field(discriminator="type")]
-#: The search-space entry class of each ``type`` tag.
-DIMENSIONS: dict[str, type[BaseModel]] = {"float": FloatRange, "int": IntRange, "categorical": Choice}
 
 
 class MethodSection(StrictModel):
@@ -309,4 +281,5 @@ class StudyConfig(StrictModel):
     def candidate_methods(self) -> list[str]:
         """The methods trials may use: the searched choices, else ``method.name``."""
         dim = self.search_space.get("method")
-        return [str(c) for c in dim.choices] if isinstance(dim, Choice) else [self.method.name]
+        listed = None if dim is None else dim.listed()
+        return [self.method.name] if listed is None else [str(c) for c in listed]

@@ -39,14 +39,15 @@ import yaml
 
 from p3b_search.errors import first_line
 from p3b_search.study.dense import DenseReference, dense_accuracy, dense_cost
-from p3b_search.study.dimensions import active_keys, config_key
+from p3b_search.study.dimensions import Dimension, config_key
 from p3b_search.study.front import reference_point
+from p3b_search.study.knobs import active_keys
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.loading import parse_study, study_from_folder
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import normalized_hypervolume
 from p3b_search.study.results import PARAM_PREFIX, is_dense, read_epochs, read_trials, write_parquet_atomic
-from p3b_search.study.sections import Choice, IntRange, StudyConfig
+from p3b_search.study.sections import StudyConfig
 
 SEED_KEY = "training.seed"
 METADATA_KEY = b"p3b:tabular"
@@ -155,15 +156,12 @@ def write_table(table: pd.DataFrame, metadata: Mapping[str, Any], path: Path) ->
     write_parquet_atomic(arrow, path)
 
 
-def _choice(dim: Any, value: Any, key: str, trial: int) -> Any:
-    """``value`` as the search space holds it (the table stores a knob a method lacks as NaN, so
-    an int knob arrives as a float)."""
-    if isinstance(dim, Choice):
-        for choice in dim.choices:
-            if not isinstance(choice, bool) and choice == value:
-                return choice
-        raise StudyError(f"table trial {trial}: {key} = {value!r} is none of the search space's choices {dim.choices}")
-    return int(value) if isinstance(dim, IntRange) else float(value)
+def _table_value(dim: Dimension, value: Any, key: str, trial: int) -> Any:
+    """``value`` as the search space holds it (see :meth:`Dimension.from_table`)."""
+    try:
+        return dim.from_table(value)
+    except ValueError as error:
+        raise StudyError(f"table trial {trial}: {key} = {error}") from None
 
 
 class TabularBenchmark:
@@ -204,7 +202,8 @@ class TabularBenchmark:
         params: dict[str, Any] = {"method": method} if "method" in self.study.search_space else {}
         for key in active_keys(self.study, method):
             if key != SEED_KEY:
-                params[key] = _choice(self.study.search_space[key], row[PARAM_PREFIX + key], key, int(row["trial"]))
+                dim = self.study.search_space[key]
+                params[key] = _table_value(dim, row[PARAM_PREFIX + key], key, int(row["trial"]))
         return params
 
     @property

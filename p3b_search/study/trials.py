@@ -15,8 +15,10 @@ from pydantic import ValidationError
 
 from p3b_search.config import TrialConfig
 from p3b_search.methods import get_method
-from p3b_search.study.dimensions import active_keys, config_key, grid_values, method_knobs
-from p3b_search.study.messages import StudyError, first_error, format_params, got
+from p3b_search.study.dimensions import config_key
+from p3b_search.study.field_error import got
+from p3b_search.study.knobs import active_keys, method_knobs
+from p3b_search.study.messages import StudyError, first_error, format_params
 from p3b_search.study.sections import StudyConfig
 
 #: Method knobs that name an epoch of the prune stage (``training.prune.epochs`` bounds them).
@@ -104,14 +106,15 @@ def cross_section_problem(trial: TrialConfig) -> tuple[str, str] | None:
 def grid_configs(study: StudyConfig) -> list[dict[str, Any]]:
     """The grid's distinct valid trial configurations (sampled parameters by name), in grid order.
 
-    The grid is the product of every dimension's :func:`grid_values`. A point keeps only the
-    entries its method samples (:func:`active_keys`): points that differ only in a knob their
-    method lacks or fixes (dense and ``prune_ratio``) are one configuration, run once. Points
-    that are no valid trial configuration are left out (the searcher rejects them unrun).
+    The grid is the product of every dimension's
+    :meth:`~p3b_search.study.dimensions.Dimension.grid_values`. A point keeps only the entries
+    its method samples (:func:`active_keys`): points that differ only in a knob their method
+    lacks or fixes (dense and ``prune_ratio``) are one configuration, run once. Points that are
+    no valid trial configuration are left out (the searcher rejects them unrun).
     """
     keys = list(study.search_space)
     configs: dict[tuple, dict[str, Any]] = {}
-    for values in itertools.product(*(grid_values(dim) for dim in study.search_space.values())):
+    for values in itertools.product(*(dim.grid_values() for dim in study.search_space.values())):
         point = dict(zip(keys, values))
         method = str(point.get("method", study.method.name))
         params = {k: point[k] for k in keys if k == "method" or k in active_keys(study, method)}
