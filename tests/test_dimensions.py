@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import numpy as np
 import pytest
 from optuna.distributions import distribution_to_json, json_to_distribution
 from pydantic import TypeAdapter
@@ -161,11 +162,11 @@ def test_grid_values_lie_in_the_space_and_optunas_grid_sampler_gives_each_once(c
 def test_table_values_read_back_as_the_space_samples_them(case):
     dim = parse(case.spec)
     for value in dim.grid_values():
-        if isinstance(value, bool):
-            continue  # a boolean choice is not matched back from a table (see Choice.from_table)
-        cell = float(value) if isinstance(value, int) else value  # a column with NaN holds ints as floats
-        back = dim.from_table(cell)
-        assert back == value and type(back) is type(value)
+        # a column with NaN holds ints as floats; a boolean column holds numpy booleans
+        cells = [np.bool_(value), value] if isinstance(value, bool) else [float(value) if isinstance(value, int) else value]
+        for cell in cells:
+            back = dim.from_table(cell)
+            assert back == value and type(back) is type(value)
 
 
 def test_a_table_value_no_choice_holds_is_refused():
@@ -185,3 +186,11 @@ def test_bad_entries_fail_in_one_line_naming_the_field_and_the_fix(bad):
     assert error.path == (f"{PATH}.{bad.field}" if bad.field else PATH)
     assert error.message == bad.message
     assert "\n" not in str(error)
+
+
+def test_a_boolean_choice_and_a_number_choice_never_stand_for_each_other():
+    flags, numbers = parse({"type": "categorical", "choices": [True, False]}), parse({"type": "categorical", "choices": [1, 0]})
+    assert flags.from_table(np.bool_(True)) is True and numbers.from_table(1.0) == 1
+    for dim, cell in ((flags, 1.0), (numbers, np.bool_(True)), (numbers, False)):
+        with pytest.raises(ValueError, match="is none of the search space's choices"):
+            dim.from_table(cell)

@@ -13,6 +13,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Mapping
 from decimal import Decimal
+import numpy as np
 from typing import Annotated, Any, Literal, Union
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -201,8 +202,9 @@ class Choice(Dimension):
         return any(type(value) is type(c) and value == c for c in self.choices)
 
     def from_table(self, value: Any) -> Any:
+        flag = isinstance(value, (bool, np.bool_))  # a boolean never matches 1 or 0, nor they it
         for choice in self.choices:
-            if not isinstance(choice, bool) and choice == value:
+            if isinstance(choice, bool) == flag and choice == value:
                 return choice
         raise ValueError(f"{value!r} is none of the search space's choices {self.choices}")
 
