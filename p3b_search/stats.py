@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
 
@@ -114,17 +113,18 @@ class Holm:
 
 
 def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> Holm:
-    """:class:`Holm` of ``pvalues`` (``statsmodels.stats.multitest.multipletests``, method holm);
-    an empty family gives empty lists."""
+    """:class:`Holm` of ``pvalues``: the k-th smallest p value (k = 0, 1, ...) is adjusted to
+    ``min(1, max over j <= k of (m - j) p_(j))`` and tested at ``alpha / (m - k)`` (the numbers
+    of ``statsmodels.stats.multitest.multipletests(method="holm")``, without the garbage
+    collection it runs on every call); an empty family gives empty lists."""
     m = len(pvalues)
-    if m == 0:
-        return Holm([], [], [])
-    rejected, adjusted, _, _ = multipletests(list(pvalues), alpha=alpha, method="holm")
     order = sorted(range(m), key=lambda i: pvalues[i])
-    level = [0.0] * m
+    adjusted, level = [0.0] * m, [0.0] * m
+    running = 0.0
     for k, i in enumerate(order):
-        level[i] = alpha / (m - k)
-    return Holm([float(p) for p in adjusted], [bool(r) for r in rejected], level)
+        running = max(running, min(1.0, (m - k) * float(pvalues[i])))
+        adjusted[i], level[i] = running, alpha / (m - k)
+    return Holm(adjusted, [p <= alpha for p in adjusted], level)
 
 
 def minimum_detectable_difference(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:

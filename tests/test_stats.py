@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -103,7 +104,16 @@ def test_holm_on_a_hand_case():
     assert holm([]) == Holm([], [], [])
 
 
-@settings(max_examples=15, deadline=None)  # statsmodels' multipletests runs gc.collect() on every call
+@pytest.mark.parametrize("seed", range(4))
+def test_holm_gives_statsmodels_numbers(seed):
+    pvalues = np.random.default_rng(seed).uniform(0, 0.2, size=3 + 5 * seed).tolist()
+    pvalues[-1] = pvalues[0]  # a tie
+    rejected, adjusted, _, _ = multipletests(pvalues, method="holm")
+    result = holm(pvalues)
+    assert result.adjusted == pytest.approx(list(adjusted), rel=1e-12, abs=0)
+    assert result.rejected == list(rejected)
+
+
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=20))
 def test_holm_never_lowers_a_p_value_and_keeps_their_order(pvalues):
     result = holm(pvalues)
