@@ -1,8 +1,8 @@
 """Database statements per trial of a study whose Optuna storage is PostgreSQL.
 
-    python benchmarks/storage_queries.py --trials 8
-    python benchmarks/storage_queries.py --trials 8 --code /path/to/other/checkout   # e.g. before a change
-    python benchmarks/storage_queries.py --trials 8 --sampler tpe --top 10
+    python -m benchmarks.storage_queries --trials 24
+    python -m benchmarks.storage_queries --trials 24 --code /path/to/other/checkout   # e.g. before a change
+    python -m benchmarks.storage_queries --trials 8 --sampler tpe --top 10
 
 The study is the cluster tests' kind (``tests/cluster/support.write_cluster_study``: the
 prune ratio searched, ``--trials`` trials two at a time, the small test objective
