@@ -2,9 +2,11 @@
 
 For a server database (``postgresql://``, ``mysql://``) :func:`open_storage` gives Optuna's
 RDB storage with ``pool_pre_ping`` (a pooled connection that the restart cut is discarded and
-replaced, not used) behind :class:`RetryingStorage`, which calls again a storage method that
-failed because the database could not be reached (:func:`p3b_search.connection_errors.unreachable`),
-with a back-off from :data:`FIRST_WAIT_S` doubling up to :data:`MAX_WAIT_S`, for up to
+replaced, not used) behind :class:`RetryingStorage`, itself behind the cache that Optuna puts in
+front of a bare RDB storage (:class:`~p3b_search.search.trial_cache.CachedStorage`: finished
+trials are read once). RetryingStorage calls again a storage method that failed because the
+database could not be reached (:func:`p3b_search.connection_errors.unreachable`), with a
+back-off from :data:`FIRST_WAIT_S` doubling up to :data:`MAX_WAIT_S`, for up to
 :data:`PATIENCE_S` in all (:func:`p3b_search.retry.outage`). SQLite and in-memory URLs get
 Optuna's plain ``RDBStorage`` (a study opened on it caches its finished trials itself).
 
@@ -58,6 +60,7 @@ from p3b_search import retry
 from p3b_search.connection_errors import unreachable
 from p3b_search.credentials import redact_secrets
 from p3b_search.errors import first_line
+from p3b_search.search.trial_cache import CachedStorage
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +295,7 @@ def open_storage(url: str) -> BaseStorage:
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         engine_kwargs["connect_args"] = POSTGRES_CONNECT_ARGS
-    return RetryingStorage(optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs))
+    return CachedStorage(RetryingStorage(optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)))
 
 
 __all__ = ["RetryingStorage", "open_storage"]

@@ -118,6 +118,7 @@ class FrontSafeOptunaSearch(Searcher):
         self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number, for trials in flight
         self._storage: BaseStorage | None = None
         self._optuna: optuna.Study | None = None
+        self._study_id: int | None = None  # the storage's id of the study, read when it is opened
         self._lost: list[int] | None = None  # trials a stopped driver asked, not handed out yet
         #: trials ever handed out to Ray (they carry a Ray trial id), and by configuration key
         self._handed: set[int] | None = None
@@ -144,7 +145,8 @@ class FrontSafeOptunaSearch(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (Ray keeps the searcher in its experiment folder) without storage connections
         or what was read from the storage."""
-        return {**self.__dict__, "_storage": None, "_optuna": None, "_lost": None, "_handed": None, "_configs": {}}
+        return {**self.__dict__, "_storage": None, "_optuna": None, "_study_id": None, "_lost": None, "_handed": None,
+                "_configs": {}}
 
     @property
     def _study_config(self) -> StudyConfig:
@@ -153,17 +155,21 @@ class FrontSafeOptunaSearch(Searcher):
     @property
     def optuna_study(self) -> optuna.Study:
         """The Optuna study, asking this searcher's sampler (opened on first use)."""
+        self._open()
+        return self._optuna
+
+    def _open(self) -> tuple[BaseStorage, int]:
+        """The storage and the study's id in it (the study opened on first use)."""
         if self._optuna is None:
             self._storage = optuna_storage(self._study_config)
             self._optuna = open_optuna_study(self._study_config, sampler=self._sampler, storage=self._storage)
-        return self._optuna
+            self._study_id = self._storage.get_study_id_from_name(self._optuna.study_name)
+        return self._storage, self._study_id
 
     def _trial_id(self, number: int) -> int:
         """The storage's id of trial ``number``."""
-        study = self.optuna_study
-        storage = self._storage
-        return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                               number)
+        storage, study_id = self._open()
+        return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
     def _set_attr(self, number: int, key: str, value: Any) -> None:
         """Set a user attr of trial ``number`` (through the storage: the trial may be asked by

@@ -117,13 +117,15 @@ class Postgres:
         except psycopg.OperationalError:
             return False
 
-    def start(self) -> None:
+    def start(self, **settings: str) -> None:
+        """Start the server (again), with extra server ``settings`` (name -> value) if given."""
+        options = [f"{name}={value}" for name, value in
+                   {"shared_buffers": "16MB", "max_connections": "100", "fsync": "off", **settings}.items()]
         with self.log.open("a") as out:
             self.process = subprocess.Popen(
                 [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
-                 "-k", str(self.folder), "-c", "shared_buffers=16MB", "-c", "max_connections=100",
-                 "-c", "fsync=off"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                **self._as_service())
+                 "-k", str(self.folder), *(word for option in options for word in ("-c", option))],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **self._as_service())
         _wait(self._answers, "PostgreSQL", self.log, self.process, timeout_s=60)
 
     def stop(self) -> None:

@@ -27,16 +27,18 @@ STUDY_TIMEOUT_S = 300
 
 
 def write_cluster_study(folder: Path, name: str, storage: str, tracking_uri: str, n_trials: int = 4,
-                        ratios: tuple[float, float] = (0.2, 0.9), epoch_seconds: float = 0.0) -> StudyConfig:
-    """A study of ``n_trials`` two at a time, Optuna in ``storage``, MLflow at ``tracking_uri``;
-    each epoch sleeps ``epoch_seconds`` (so trials overlap, or a fault lands mid-trial)."""
+                        ratios: tuple[float, float] = (0.2, 0.9), epoch_seconds: float = 0.0,
+                        sampler: str = "random") -> StudyConfig:
+    """A study of ``n_trials`` two at a time, Optuna in ``storage``, MLflow at ``tracking_uri``,
+    sampled by ``sampler`` (seed 0); each epoch sleeps ``epoch_seconds`` (so trials overlap, or a
+    fault lands mid-trial)."""
     low, high = ratios
     study = load_study(write_study(folder, f"""name: {name}
 storage: {storage}
 tracking: {{uri: "{tracking_uri}"}}
 search_space:
   method_config.prune_ratio: {{type: float, low: {low}, high: {high}}}
-sampler: {{name: random, seed: 0}}
+sampler: {{name: {sampler}, seed: 0}}
 n_trials: {n_trials}
 concurrency: 2
 """ + STUDY))
