@@ -256,6 +256,7 @@ def test_export_writes_a_self_contained_folder(exported, study):
     assert not list(out.parent.glob(".*partial"))
 
 
+@pytest.mark.slow
 def test_fresh_process_reproduces_logits_counts_and_top1(exported, study, tmp_path):
     """load_pruned in a new interpreter: the trial's model's logits (to fp32 rounding: two
     processes may pick different kernels), exactly the recorded params and MACs, the recorded
@@ -374,6 +375,7 @@ def test_rounded_export_keeps_the_logits_and_reports_the_rounded_macs(study, exp
         export_trial(study.root, Pick.parse("trial 0"), tmp_path / "zero", onnx=False, round_to=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["compile", "onnxruntime"])
 def test_bench_runs_both_models_under_the_deployed_runtime(exported, runtime):
     if runtime == "onnxruntime":

@@ -85,6 +85,7 @@ def test_weights_of_the_other_residual_mode_are_refused(folder, tmp_path):
         load_pruned(folder)
 
 
+@pytest.mark.slow
 def test_import_is_light_and_loading_needs_no_search_stack(folder):
     script = textwrap.dedent(f"""
         import sys

@@ -81,6 +81,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+@pytest.mark.slow
 def test_parent_and_nested_children_carry_study_trials_and_allocations(tmp_path, monkeypatch):
     tracker = make_tracker(tmp_path)
     parent_id = start(tracker, tmp_path)
@@ -124,6 +125,7 @@ def test_parent_and_nested_children_carry_study_trials_and_allocations(tmp_path,
         assert '"path": "allocations/allocations.json", "type": "table"' in logged
 
 
+@pytest.mark.slow
 def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_count_and_trial_epochs(tmp_path):
     tracker = make_tracker(tmp_path)
     parent_id = start(tracker, tmp_path)
@@ -284,6 +286,7 @@ def _study(tmp_path: Path, tracking: str = ""):
     return study
 
 
+@pytest.mark.slow
 def test_only_a_store_the_user_must_fix_is_a_one_line_error(tmp_path, monkeypatch):
     """A server that does not answer or refuses us: one line naming the fix. Anything else MLflow
     (or this project) raises comes with its traceback."""
@@ -330,6 +333,7 @@ tracker.close()
 """
 
 
+@pytest.mark.slow
 def test_the_embedded_store_follows_its_moved_folder(tmp_path):
     """After ``mv`` of a study folder its embedded store's artifact locations are rewritten to the
     new folder: the experiment's, every run's, so the runs read and write their artifacts there
@@ -432,6 +436,7 @@ def _driver(tmp_path: Path, crash: bool) -> tuple[subprocess.Popen, str, str]:
     return process, parent_id, child_id
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_study_and_its_running_trials_killed(tmp_path):
     process, parent_id, child_id = _driver(tmp_path, crash=False)
     process.send_signal(signal.SIGINT)
@@ -442,6 +447,7 @@ def test_ctrl_c_marks_the_study_and_its_running_trials_killed(tmp_path):
     assert child.info.status == "KILLED" and child.data.tags["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_runs_left_running_by_a_crash_are_failed_on_resume(tmp_path):
     process, parent_id, child_id = _driver(tmp_path, crash=True)
     assert process.wait(timeout=30) == 1

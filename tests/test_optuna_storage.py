@@ -175,6 +175,7 @@ FAULTY = ["create_new_study", "create_new_trial", "set_trial_state_values", "set
                         max_size=5),
        plan=st.dictionaries(st.sampled_from(FAULTY),
                             st.dictionaries(st.integers(1, 8), st.sampled_from([BEFORE, AFTER]), max_size=3)))
+@pytest.mark.slow
 def test_any_drops_leave_the_trials_of_a_fault_free_run(program, plan):
     clean, faulty = rdb(), rdb()
     run(program, clean)

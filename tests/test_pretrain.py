@@ -99,6 +99,7 @@ def test_concurrent_callers_train_once_and_rng_is_restored(tmp_path, monkeypatch
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".safetensors"]  # no temp files left
 
 
+@pytest.mark.slow
 def test_demo_transfer_beats_random_init(pretrained_file, capsys):
     threads = torch.get_num_threads()
     try:

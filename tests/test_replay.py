@@ -184,6 +184,7 @@ def test_the_reference_arm_cycles_the_ladder_of_p3b_at_the_papers_settings(bench
     assert (rows["method"] == "p3b").all() and len(set(rows["table_trial"].map(table["seed"]))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2", "gp"])
 def test_every_arm_is_monotone_in_hypervolume_and_deterministic_for_a_seed(bench, sampler):
     settings = ReplaySettings(trials=8, rungs=(1, 2))

@@ -135,6 +135,7 @@ def test_a_restored_scheduler_rebuilds_the_rungs_from_the_learning_curves(tmp_pa
 
 @given(st.lists(st.tuples(st.sampled_from([10.0, 50.0, 80.0, 90.0]), st.sampled_from([1e3, 2e3, 3e3])),
                 min_size=1, max_size=8), st.data())
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 def test_a_driver_restart_leaves_every_decision_as_it_would_have_been(rung_values, data):
     """Trials reach rung 2 one after another; a driver restarted after any of them (its scheduler
