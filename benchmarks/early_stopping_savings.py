@@ -1,6 +1,8 @@
 """What early stopping saves, and what it costs the front: a study run with and without it.
 
     python benchmarks/early_stopping_savings.py studies/prune_stage_stopping.yaml --seeds 0 1 2
+    python benchmarks/early_stopping_savings.py studies/prune_stage_stopping.yaml --seeds 0 1 2 \
+        --from-parquet benchmarks/results/prune_stage_stopping_savings.parquet      # the table only
 
 For each sampler seed the study runs twice, with ``early_stopping.enabled`` false and true (folders
 ``<output_dir>/<name>-off-s<seed>`` and ``-on-s<seed>``; a finished one is read, not run again;
@@ -12,7 +14,9 @@ point to (top-1 100 %, MACs 0), so 1.0 would be a model at 100 % for free. Then,
 compute saved (1 - on / off trial-epochs) and the hypervolume difference (on - off) with its 95 %
 t interval, paired by seed.
 
-Writes ``<out>/<name>_savings.md`` and ``.parquet`` and prints the table.
+Writes ``<out>/<name>_savings.md`` and ``.parquet`` and prints the table. With ``--from-parquet``
+it runs nothing: it reads the per-run rows of an earlier run (the ``.parquet`` it wrote) and writes
+the same ``.md`` from them, the command in it being the run's (without ``--from-parquet``).
 """
 from __future__ import annotations
 
@@ -49,6 +53,25 @@ def measure(study) -> dict[str, float]:
             "wall_s": float(trials["duration_s"].sum())}
 
 
+def run_arms(base, seeds: list[int], cpus: int | None) -> pd.DataFrame:
+    """Runs (or reads, when finished) both arms of every seed; one row per arm: ``seed``,
+    ``stopping`` and the figures of :func:`measure`."""
+    from p3b_search.launch import run_study
+    from p3b_search.study.summary import study_finished
+
+    rows = []
+    for seed in seeds:
+        for stopping in (False, True):
+            study = arm(base, seed, stopping)
+            if not study_finished(study):
+                print(f"running {study.name} ...", flush=True)
+                outcome = run_study(study, resume=study.layout.root.exists(), num_cpus=cpus)
+                if outcome.interrupted:
+                    sys.exit(f"{study.name} was interrupted: run the command again to continue")
+            rows.append({"seed": seed, "stopping": stopping, **measure(study)})
+    return pd.DataFrame(rows)
+
+
 def markdown(name: str, runs: pd.DataFrame, command: str) -> str:
     from p3b_search.stats import paired_difference, t_interval
 
@@ -72,36 +95,37 @@ def markdown(name: str, runs: pd.DataFrame, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_command(argv: list[str]) -> str:
+    """The command that runs the studies: ``argv`` (``sys.argv[1:]``) without ``--from-parquet PATH``."""
+    args = list(argv)
+    if "--from-parquet" in args:
+        i = args.index("--from-parquet")
+        del args[i:i + 2]
+    return "python benchmarks/early_stopping_savings.py " + " ".join(shlex.quote(a) for a in args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", type=Path, help="the study file (its early_stopping settings are the 'on' arm)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--from-parquet", type=Path, default=None, metavar="PATH",
+                        help="run nothing: write the table from the per-run rows an earlier run wrote")
     args = parser.parse_args()
-    from p3b_search.launch import run_study
     from p3b_search.study.loading import load_study
-    from p3b_search.study.summary import study_finished
 
     base = load_study(args.study)
-    rows = []
-    for seed in args.seeds:
-        for stopping in (False, True):
-            study = arm(base, seed, stopping)
-            if not study_finished(study):
-                print(f"running {study.name} ...", flush=True)
-                outcome = run_study(study, resume=study.layout.root.exists(), num_cpus=args.cpus)
-                if outcome.interrupted:
-                    sys.exit(f"{study.name} was interrupted: run the command again to continue")
-            rows.append({"seed": seed, "stopping": stopping, **measure(study)})
-    runs = pd.DataFrame(rows)
-    command = "python benchmarks/early_stopping_savings.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = markdown(base.name, runs, command)
+    if args.from_parquet is not None:
+        runs = pd.read_parquet(args.from_parquet)
+    else:
+        runs = run_arms(base, args.seeds, args.cpus)
+        args.out.mkdir(parents=True, exist_ok=True)
+        runs.to_parquet(args.out / f"{base.name}_savings.parquet", index=False)
+    text = markdown(base.name, runs, run_command(sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    runs.to_parquet(args.out / f"{base.name}_savings.parquet", index=False)
     (args.out / f"{base.name}_savings.md").write_text(text)
     print(text)
-
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ called directly, side by side.
     python -m benchmarks.framework_overhead                       # 2 trials per side, 2 repeats
     python -m benchmarks.framework_overhead --prune-epochs 20 --finetune-epochs 6 --trials 2 --repeats 2 \\
         --out benchmarks/results/framework_overhead.json
+    python -m benchmarks.framework_overhead --from-json benchmarks/results/framework_overhead.json   # the table
 
 The study is the quickstart (``studies/quickstart.yaml``) with its search space removed (the
 P3B knobs fixed at ``--fixed``), ``--trials`` identical trials, concurrency 1, MLflow tracking
@@ -145,6 +146,33 @@ def summary(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _load(line: str) -> str:
+    """The 1-minute figure of a ``load_line()`` ("load average 1.31 / 1.65 / 1.65 on 2 cores")."""
+    return line.split()[2]
+
+
+def _ordinal(n: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
+def table(runs: list[dict]) -> list[str]:
+    """Markdown: per repeat (in run order) and trial, framework s, direct s and their ratio, then the
+    whole commands; the 1-minute load average at the start and end of each side."""
+    lines = ["| repeat (order) | load avg (1 min) start -> end | trial | framework s | direct s | ratio |",
+             "|---|---|---|---|---|---|"]
+    for repeat, run in enumerate(runs):
+        order = list(run)  # the sides in the order they ran
+        loads = ", ".join(f"{'fw' if mode == 'framework' else mode} {_load(run[mode]['load_before'])} -> "
+                          f"{_load(run[mode]['load_after'])}" for mode in order)
+        rows = [(f"{_ordinal(k + 1)} ({'new' if k == 0 else 'reused'} worker)", f["trial_s"], d["trial_s"])
+                for k, (f, d) in enumerate(zip(run["framework"]["trials"], run["direct"]["trials"]))]
+        rows.append((f"whole command ({len(rows)} trials)", run["framework"]["command_s"], run["direct"]["command_s"]))
+        for k, (label, f, d) in enumerate(rows):
+            first = f"| {repeat} ({order[0]} first) | {loads} |" if k == 0 else "| | |"
+            lines.append(f"{first} {label} | {f:.1f} | {d:.1f} | {f / d:.3f} |")
+    return lines
+
+
 def breakdown(run: dict) -> list[str]:
     """Per trial: where the framework trial's extra seconds go."""
     lines = []
@@ -168,7 +196,13 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where study files and folders go (default: a temp folder)")
     parser.add_argument("--out", type=Path, help="also write every timing (JSON) here")
     parser.add_argument("--direct", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--from-json", type=Path, metavar="PATH",
+                        help="run nothing: print the table and the medians of the timings an earlier --out wrote")
     args = parser.parse_args()
+    if args.from_json:
+        runs = json.loads(args.from_json.read_text())["runs"]
+        print("\n".join(table(runs) + [""] + summary(runs)))
+        return
     if args.direct:
         print(json.dumps(direct(args.direct, args.trials)))
         return

@@ -1,7 +1,8 @@
 """Is an embedded transfer task hard enough to rank pruning methods? (the evidence the task needs)
 
-    python benchmarks/task_calibration.py --task glyphs --seeds 5            # full check
-    python benchmarks/task_calibration.py --task glyphs --seeds 2 --prune-epochs 3 --finetune-epochs 2
+    python -m benchmarks.task_calibration --task glyphs --seeds 5            # full check
+    python -m benchmarks.task_calibration --task glyphs --seeds 2 --prune-epochs 3 --finetune-epochs 2
+    python -m benchmarks.task_calibration --from-parquet benchmarks/results/glyphs_calibration_pilot.parquet
 
 Runs, with the task's model and one recipe, through ``objectives.prune_finetune.run_trial``:
 
@@ -68,9 +69,10 @@ def run_one(job: tuple[argparse.Namespace, str, int, str | None]) -> dict[str, A
             "params": result["params"], "seconds": time.perf_counter() - started}
 
 
-def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
-    from method_separation import separation  # benchmarks/ is the script's folder
-
+def figures(rows: pd.DataFrame, ratio: float) -> str:
+    """The calibration figures and the per-method table of the trial ``rows`` (one per trial, as
+    in ``<name>.parquet``), the structured methods at prune ratio ``ratio``."""
+    from benchmarks.method_separation import separation
     from p3b_search.stats import paired_difference
 
     dense = rows[(rows.method == "dense") & (rows.init == "source")].sort_values("seed")
@@ -78,19 +80,14 @@ def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
     gain = paired_difference(dict(zip(dense.seed, dense.top1)), dict(zip(scratch.seed, scratch.top1)))
     pruned = rows[rows.method.isin(STRUCTURED)]
     lines = [
-        f"# {args.task} task calibration\n",
-        f"Command: `python {' '.join(sys.argv)}` ({seconds / 60:.1f} min wall, {args.workers} workers x 1 thread)\n",
-        f"Recipe: {args.prune_epochs} prune + {args.finetune_epochs} fine-tune epochs, base LR {args.lr:g} per "
-        f"512 images, batch {args.batch_size}, mask update every {args.update_every} steps; seeds "
-        f"{sorted(dense.seed.tolist())}.\n",
         f"* dense transfer top-1: {dense.top1.mean():.2f} % (seed std {dense.top1.std(ddof=1):.2f})",
         f"* dense from random init: {scratch.top1.mean():.2f} % (seed std {scratch.top1.std(ddof=1):.2f})",
         f"* transfer gain: {gain.mean:.2f} points (95 % CI [{gain.low:.2f}, {gain.high:.2f}], paired by seed)",
     ]
     if pruned.method.nunique() > 1:
-        _, figures = separation(pruned.assign(prune_ratio=args.ratio), args.ratio)
-        spread, pooled = figures["spread"], figures["pooled_std"]
-        lines.append(f"* structured methods at p = {args.ratio:g}: spread of the means {spread:.2f} points, pooled "
+        _, found = separation(pruned.assign(prune_ratio=ratio), ratio)
+        spread, pooled = found["spread"], found["pooled_std"]
+        lines.append(f"* structured methods at p = {ratio:g}: spread of the means {spread:.2f} points, pooled "
                      f"seed std {pooled:.2f}: spread / std = {spread / pooled:.1f}")
     lines += [
         "",
@@ -101,6 +98,18 @@ def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
         lines.append(f"| {method} | {init} | {group.top1.mean():.2f} | {group.top1.std(ddof=1):.2f} | {len(group)} "
                      f"| {group.seconds.mean():.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def report(rows: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
+    """``<name>.md``: the command, its wall time (``seconds``), the recipe, then :func:`figures`."""
+    seeds = sorted(rows[(rows.method == "dense") & (rows.init == "source")].seed.tolist())
+    lines = [
+        f"# {args.task} task calibration\n",
+        f"Command: `python {' '.join(sys.argv)}` ({seconds / 60:.1f} min wall, {args.workers} workers x 1 thread)\n",
+        (f"Recipe: {args.prune_epochs} prune + {args.finetune_epochs} fine-tune epochs, base LR {args.lr:g} per "
+         f"512 images, batch {args.batch_size}, mask update every {args.update_every} steps; seeds {seeds}.\n"),
+    ]
+    return "\n".join(lines) + "\n" + figures(rows, args.ratio)
 
 
 def main() -> None:
@@ -118,7 +127,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--from-parquet", type=Path, default=None, metavar="PATH",
+                        help="train nothing: print the figures and the table of the trials an earlier run wrote "
+                             "(its command and wall time are in its .md only)")
     args = parser.parse_args()
+    if args.from_parquet is not None:
+        print(figures(pd.read_parquet(args.from_parquet), args.ratio), end="")
+        return
     from p3b_search.models import SOURCE_PRETRAINED
 
     jobs = [(args, "dense", s, SOURCE_PRETRAINED) for s in range(args.seeds)]

@@ -1,0 +1,104 @@
+"""The committed result tables agree with the committed raw data they were made from.
+
+Each table listed in ``benchmarks/RESULTS.md`` ("Raw data and how each table is made") as having
+its raw data in the repository is recomputed here from that Parquet or JSON file, with the table
+code of the script that wrote it, and compared as text with the committed Markdown (the
+``benchmarks/results/*.md`` file and, where RESULTS.md quotes the table, its copy there). Reads
+files only: no study, no training.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+
+
+def table_lines(text: str, header: str) -> list[str]:
+    """The lines of the Markdown table in ``text`` whose header row is ``header``."""
+    lines = text.splitlines()
+    assert header in lines, f"no table with the header {header!r}"
+    start = lines.index(header)
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return lines[start:end]
+
+
+def assert_block_in(block: list[str], text: str, where: str) -> None:
+    """``block`` (lines) occurs in ``text`` as consecutive lines."""
+    lines = text.splitlines()
+    found = [i for i, line in enumerate(lines) if line == block[0]]
+    assert any(lines[i:i + len(block)] == block for i in found), (
+        f"{where} does not hold, as consecutive lines, the table recomputed from the raw data:\n" + "\n".join(block))
+
+
+def test_quickstart_first_front_table_in_results_is_the_committed_trials() -> None:
+    """RESULTS.md section 9: ``python -m benchmarks.quickstart_first_front table``."""
+    from benchmarks.quickstart_first_front import table
+
+    assert_block_in(table(max_macs=0.5, points=2.0).splitlines(), RESULTS_MD.read_text(), "RESULTS.md")
+
+
+def test_early_stopping_savings_table_is_its_committed_runs() -> None:
+    """``prune_stage_stopping_savings.md`` (and RESULTS.md section 8) from its ``.parquet``."""
+    from benchmarks.early_stopping_savings import markdown
+
+    committed = (RESULTS / "prune_stage_stopping_savings.md").read_text()
+    command = committed.splitlines()[2].strip()  # the run's command, not in the per-run rows
+    recomputed = markdown("prune_stage_stopping", pd.read_parquet(RESULTS / "prune_stage_stopping_savings.parquet"),
+                          command)
+    assert recomputed == committed
+    lines = recomputed.splitlines()
+    header = next(line for line in lines if line.startswith("| seed |"))
+    assert_block_in(lines[lines.index(header):], RESULTS_MD.read_text(), "RESULTS.md section 8")
+
+
+def test_glyphs_calibration_pilot_figures_are_its_committed_trials() -> None:
+    """``glyphs_calibration_pilot.md`` below its command and recipe lines (the wall time is not
+    in the trial rows), from its ``.parquet``, at the script's default prune ratio 0.75."""
+    from benchmarks.task_calibration import figures
+
+    committed = (RESULTS / "glyphs_calibration_pilot.md").read_text()
+    recomputed = figures(pd.read_parquet(RESULTS / "glyphs_calibration_pilot.parquet"), 0.75)
+    assert committed.endswith("\n" + recomputed), f"recomputed figures:\n{recomputed}"
+
+
+@pytest.mark.parametrize(("name", "dense_from"), [
+    ("methods", None), ("methods_lr1e-2", None), ("dimap_svite", None), ("dimap_swin", None),
+    ("p3b_variants", "methods"),
+])
+def test_digits_method_tables_are_their_committed_trials(name: str, dense_from: str | None) -> None:
+    """The digits-task tables of the former ``benchmarks/methods.py`` from their ``.parquet``
+    (``python -m benchmarks.digits_methods_table``); the recipe and wall-time lines are not in the rows."""
+    from benchmarks.digits_methods_table import dense_params, summary_table
+
+    trials = pd.read_parquet(RESULTS / f"{name}.parquet")
+    dense = dense_params(pd.read_parquet(RESULTS / f"{dense_from or name}.parquet"))
+    recomputed = summary_table(trials, dense).splitlines()
+    assert table_lines((RESULTS / f"{name}.md").read_text(), recomputed[0]) == recomputed
+
+
+def test_framework_overhead_table_in_results_is_its_committed_timings() -> None:
+    """RESULTS.md section 1's table and medians from ``framework_overhead.json``."""
+    from benchmarks.framework_overhead import ratios, table
+
+    runs = json.loads((RESULTS / "framework_overhead.json").read_text())["runs"]
+    text = RESULTS_MD.read_text()
+    assert_block_in(table(runs), text, "RESULTS.md section 1")
+    medians = [statistics.median(ratios(runs, select)) for select in (slice(1, None), slice(0, 1))]
+    assert f"**trial on a reused worker {medians[0]:.3f}; first trial of a worker {medians[1]:.3f};" in text
+
+
+def test_tabular_dense_reference_in_results_is_its_committed_trials() -> None:
+    """RESULTS.md section 9: the dense reference of the tabular recipe from ``tabular_glyphs_dense.parquet``."""
+    trials = pd.read_parquet(RESULTS / "tabular_glyphs_dense.parquet").sort_values("param.training.seed")
+    per_seed = ", ".join(f"{v:.2f}" for v in trials["top1"])
+    quoted = f"**{trials['top1'].mean():.2f} %** ({per_seed}; std {trials['top1'].std(ddof=1):.2f})"
+    assert quoted in RESULTS_MD.read_text()
