@@ -20,7 +20,7 @@ from p3b_search.credentials import REFERENCE
 from p3b_search.methods import available_methods, get_method
 from p3b_search.study.dimensions import MAX_GRID_POINTS, grid_point_count, method_knobs
 from p3b_search.study.messages import FieldError, StudyError, did_you_mean, first_model, got, join_path, message_of
-from p3b_search.study.results import DENSE_METHOD
+from p3b_search.study.trials_table import DENSE_METHOD
 from p3b_search.study.rungs import EPOCH_COSTS
 from p3b_search.study.sections import MAXIMIZED, Choice, FloatRange, IntRange, StudyConfig
 from p3b_search.study.trials import grid_configs, trial_config
