@@ -28,8 +28,7 @@ def _print_front(outcome) -> None:
     from p3b_search.study.tables import table_text
 
     study = outcome.study
-    print(f"\nPareto front of {study.name} ({len(outcome.front)} of "
-          f"{int((outcome.trials['state'] == 'COMPLETE').sum()) if len(outcome.trials) else 0} finished trials; "
+    print(f"\nPareto front of {study.name} ({len(outcome.front)} of {outcome.pareto.trials_finished} finished trials; "
           f"{' / '.join(f'{n} ({d})' for n, d in zip(study.metric_names, study.directions))}):")
     print(table_text(outcome.front, study.metric_names, outcome.dense))
     reference = ", ".join(f"{n}={v:.4g}" for n, v in zip(study.metric_names, outcome.reference))
@@ -129,13 +128,16 @@ def _status(args: argparse.Namespace) -> int:
     from p3b_search.study.loading import study_folder, study_from_folder
     from p3b_search.study.summary import study_summary
     from p3b_search.study.tables import table_text
+    from p3b_search.study.trials_table import NEVER_RAN, STATE, STATE_WORDS, ended_count
 
     folder = study_folder(args.study, args.output_dir)
     outcome = study_summary(study_from_folder(folder))
     frame = outcome.trials
-    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
-    print(f"study {outcome.study.name} in {folder}: {outcome.study.n_trials} trials planned; "
-          + ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "RUNNING", "PRUNED", "FAIL")))
+    counts = frame[STATE].value_counts().to_dict() if len(frame) else {}
+    shown = [s for s in STATE_WORDS if s != NEVER_RAN or counts.get(s)]
+    print(f"study {outcome.study.name} in {folder}: {outcome.study.n_trials} trials planned, "
+          f"{ended_count(frame[STATE])} ended ({'not finished' if outcome.interrupted else 'finished'}); "
+          + ", ".join(f"{counts.get(s, 0)} {STATE_WORDS[s]}" for s in shown))
     driver = DriverRecord(outcome.study.layout.driver_record).driver_state()
     if driver:
         print(driver)

@@ -143,12 +143,12 @@ def test_residual_channel_norms_cover_every_weight_the_channel_owns(model_fn):
                    if isinstance(m, (nn.Linear, nn.Conv2d)))
 
     dense = matmul_weight_l1(model)
-    for stage, width in adapter.stream_widths().items():
+    for index, width in adapter.stream_widths().items():
         for channel in (0, width - 1):
             residual = {s: torch.ones(w, dtype=torch.bool) for s, w in adapter.stream_widths().items()}
-            residual[stage][channel] = False
+            residual[index][channel] = False
             removed = dense - matmul_weight_l1(shrink_model(model, {}, residual))
-            assert float(norms[stage][channel]) == pytest.approx(removed, rel=1e-4), (stage, channel)
+            assert float(norms[index][channel]) == pytest.approx(removed, rel=1e-4), (index, channel)
 
 
 def test_uniform_magnitude_with_a_shared_residual_cuts_the_smallest_norm_channels_and_one_ratio():

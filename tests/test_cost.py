@@ -52,7 +52,6 @@ def test_shared_residual_cost_predicts_shrunk_model_and_torchs_count(key):
 def test_hand_computed_shared_residual_costs():
     """deit_tiny at 64 px with c of C = 192 channels kept: every width-C factor becomes c."""
     model = make_model("deit_tiny")
-    adapter = get_adapter(model)
     c, C, T, K = 100, 192, 17, 10
     residual = {0: torch.arange(C) < c}
     report = model_cost(model, {}, residual)

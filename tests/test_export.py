@@ -189,7 +189,16 @@ TABLE = _table([
     (4, "RUNNING", np.nan, np.nan, np.nan, np.nan),
     (5, "FAIL", 99.0, 1.0, 1.0, 1.0),           # never a candidate, whatever it recorded
     (6, "COMPLETE", 80.0, 90.0, 9.0, 4.0),     # ties trial 0 on top-1 with fewer MACs
-])
+]).assign(pareto=[False, True, True, True, False, False, True])  # the front as the driver wrote it
+
+
+def test_the_knee_is_taken_on_the_front_the_driver_wrote():
+    """Export takes the front of the table's pareto column (the one the front files and the MLflow
+    tags show), never one of its own: with trial 1 off that front, the knee moves."""
+    moved = TABLE.assign(pareto=[False, False, True, True, False, False, True])
+    assert select_trial(moved, Pick.parse("knee"), OBJECTIVES)["number"] == 2
+    with pytest.raises(ExportError, match="marks no trial on the front"):
+        select_trial(TABLE.drop(columns="pareto"), Pick.parse("knee"), OBJECTIVES)
 
 
 def test_max_accuracy_takes_the_best_complete_trial_ties_to_fewer_macs():

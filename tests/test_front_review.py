@@ -69,12 +69,13 @@ def test_dense_trials_are_the_reference_never_the_front():
 def test_flops_are_twice_the_macs_in_the_trials_table():
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.add_trial(optuna.trial.create_trial(values=[80.0, 3e9], params={}, distributions={}))
-    frame = trials_frame(study.get_trials(), ["top1", "macs"], ["maximize", "minimize"])
+    frame = trials_frame(study.get_trials(), ["top1", "macs"], ["maximize", "minimize"], [0.0, DENSE_MACS])
     assert frame.loc[0, "flops"] == 6e9
     flops_study = optuna.create_study(directions=["maximize", "minimize"])
     flops_study.add_trial(optuna.trial.create_trial(values=[80.0, 6e9], params={}, distributions={},
                                                     user_attrs={"final_macs": 3e9}))
-    assert trials_frame(flops_study.get_trials(), ["top1", "flops"], ["maximize", "minimize"]).loc[0, "flops"] == 6e9
+    assert trials_frame(flops_study.get_trials(), ["top1", "flops"], ["maximize", "minimize"],
+                        [0.0, 2 * DENSE_MACS]).loc[0, "flops"] == 6e9
 
 
 def test_units_read_as_a_person_writes_them():
@@ -168,7 +169,7 @@ def test_knee_pick_leaves_dense_trials_out():
     from p3b_search.export.picks import Pick, select_trial
 
     # dense and trial 1 tie for the knee of the two points; the tie would go to the first row, dense
-    frame = trials([(0, "dense", 90.0, DENSE_MACS), (1, "p3b", 10.0, 1e9)])
+    frame = trials([(0, "dense", 90.0, DENSE_MACS), (1, "p3b", 10.0, 1e9)]).assign(pareto=[False, True])
     objectives = list(DIRECTIONS.items())
     assert select_trial(frame, Pick.parse("knee"), objectives)["number"] == 1
     with pytest.raises(ExportError, match="only dense trials"):

@@ -15,8 +15,9 @@ from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 from p3b_search.study.dimensions import config_key
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
-from p3b_search.study.results import DUPLICATE_ATTR, trials_frame
+from p3b_search.study.results import trials_frame
 from p3b_search.study.trials import grid_configs, trial_config
+from p3b_search.study.trials_table import DUPLICATE_ATTR
 
 COMPARISON = Path(__file__).parent.parent / "studies" / "method_comparison.yaml"
 GRID = """name: grid
@@ -139,7 +140,7 @@ def test_searcher_runs_each_grid_configuration_once_with_trials_in_flight(tmp_pa
     assert len(trials) <= 3 * 2 * 3 * 2 and len(skipped) == len(trials) - 18  # repeats skipped, not run
     assert all(t.state == TrialState.FAIL for t in skipped)
     assert all(optuna_study.trials[t.user_attrs[DUPLICATE_ATTR]].params == t.params for t in skipped)
-    frame = trials_frame(trials, study.metric_names, study.directions)
+    frame = trials_frame(trials, study.metric_names, study.directions, [0.0, 1e15])  # top1 %, MACs
     assert len(frame) == 18 and (frame["state"] == "COMPLETE").all()
     assert "param.training.seed" in frame.columns
 

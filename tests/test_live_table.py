@@ -15,27 +15,46 @@ from optuna.trial import FrozenTrial, TrialState
 
 from p3b_search.study.front import pareto_summary
 from p3b_search.study.live_table import LiveTrialsTable
+from p3b_search.study.pareto import pareto_mask
 from p3b_search.study.results import read_trials, trials_frame, update_parts
+from p3b_search.study.trials_table import RAY_TRIAL_ATTR
 
 NAMES, DIRECTIONS, REFERENCE = ["top1", "macs"], ["maximize", "minimize"], [0.0, 10.0]
 OBJECTIVES = dict(zip(NAMES, DIRECTIONS))
 T0 = datetime(2026, 12, 6, 12)
-ENDS = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL}
+ENDS = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED, "FAIL": TrialState.FAIL,
+        "NEVER_RAN": TrialState.FAIL}
 
 
 def frozen(number: int, state: TrialState, method: str, values: list[float] | None, start: int,
-           end: int | None) -> FrozenTrial:
+           end: int | None, ran: bool = True) -> FrozenTrial:
+    """Optuna's record of a trial; ``ran``: handed to Ray (a sample told FAIL unrun is not)."""
     params = {"method": method, "method_config.prune_ratio": 0.1 * (number % 9)}
     return FrozenTrial(number=number, state=state, value=None, values=values,
                        datetime_start=T0 + timedelta(seconds=start),
                        datetime_complete=None if end is None else T0 + timedelta(seconds=end), params=params,
                        distributions={"method": CategoricalDistribution(("p3b", "dense")),
                                       "method_config.prune_ratio": FloatDistribution(0.0, 1.0)},
-                       user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=number)
+                       user_attrs={RAY_TRIAL_ATTR: f"ray{number}"} if ran else {}, system_attrs={},
+                       intermediate_values={}, trial_id=number)
+
+
+def number_end(record: FrozenTrial) -> datetime:
+    """When a trial ended (the history's order)."""
+    return record.datetime_complete
+
+
+def assert_same_table(left: pd.DataFrame, right: pd.DataFrame) -> None:
+    """The same rows and values; a missing text is None in memory and null in Parquet, however
+    pandas reads it back (None or NaN)."""
+    def plain(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.astype(object).where(frame.notna(), None)
+
+    pd.testing.assert_frame_equal(plain(left), plain(right), check_dtype=False)
 
 
 # one trial: its method, how it ends, its objectives, when it ends (s), epochs trained and shared
-trial = st.tuples(st.sampled_from(["p3b", "p3b", "dense"]), st.sampled_from(["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]),
+trial = st.tuples(st.sampled_from(["p3b", "p3b", "dense"]), st.sampled_from(["COMPLETE", "COMPLETE", "PRUNED", "FAIL", "NEVER_RAN"]),
                   st.sampled_from([20.0, 50.0, 80.0, 95.0, np.nan]), st.sampled_from([1.0, 2.5, 5.0, 9.0, 12.0]),
                   st.integers(0, 40), st.integers(0, 6), st.integers(0, 2))
 
@@ -58,25 +77,35 @@ def test_the_live_table_reads_as_the_table_rebuilt_from_every_trial(tmp_path_fac
         e for e in order if e[0] == "start"] + [e for e in order if e[0] == "end"]
     for kind, number in order:
         method, state, top1, macs, end, done, shared = trials[number]
-        if kind == "start":
-            records[number] = frozen(number, TrialState.RUNNING, method, None, number, None)
-            notes[number] = {"epochs_done": 0, "ray_trial_id": f"ray{number}"}
+        ran = state != "NEVER_RAN"
+        if kind == "start":  # a sample that never ran was only asked
+            records[number] = frozen(number, TrialState.RUNNING, method, None, number, None, ran)
+            notes[number] = {"epochs_done": 0, "ray_trial_id": f"ray{number}"} if ran else {}
         else:
             values = [top1, macs] if state == "COMPLETE" and np.isfinite(top1) else None
             records[number] = frozen(number, ENDS[state] if values or state != "COMPLETE" else TrialState.FAIL,
-                                     method, values, number, number + end)
-            notes[number] = {**notes[number], "epochs_done": done, "epochs_shared": min(shared, done)}
+                                     method, values, number, number + end, ran)
+            if ran:
+                notes[number] = {**notes[number], "epochs_done": done, "epochs_shared": min(shared, done)}
         changed = table.update([records[n] for n in sorted(records)], notes, {number})
         assert number in changed
         if data.draw(st.booleans()):
             table.rewrite()
-        rebuilt = trials_frame([records[n] for n in sorted(records)], NAMES, DIRECTIONS, notes, "p3b")
+        rebuilt = trials_frame([records[n] for n in sorted(records)], NAMES, DIRECTIONS, REFERENCE, notes, "p3b")
         read = read_trials(layout)
-        pd.testing.assert_frame_equal(read, rebuilt, check_dtype=False)
-        pd.testing.assert_frame_equal(table.frame(), rebuilt, check_dtype=False)
+        assert_same_table(read, rebuilt)
+        assert_same_table(table.frame(), rebuilt)
         live = pareto_summary(rebuilt, OBJECTIVES, REFERENCE, front=table.front)
         batch = pareto_summary(rebuilt, OBJECTIVES, REFERENCE)
         assert live.on_front.tolist() == batch.on_front.tolist()
+        # the one front: the pareto column, the summary's, and the Pareto set computed independently
+        expected = pareto_mask(live.finished[NAMES].to_numpy(), DIRECTIONS)
+        assert live.on_front.tolist() == expected.tolist()
+        assert rebuilt.loc[rebuilt["pareto"], "number"].tolist() == live.front["number"].tolist()
+        # a sample that never ran is a row, but no ended trial and no point of the history
+        ran_and_ended = rebuilt["state"].isin(["COMPLETE", "PRUNED", "FAIL"])
+        assert live.history["number"].tolist() == sorted(rebuilt.loc[ran_and_ended, "number"],
+                                                         key=lambda n: (number_end(records[n]), n))
         assert live.knee == batch.knee and live.hypervolume == batch.hypervolume
         pd.testing.assert_frame_equal(live.history, batch.history, check_dtype=False)
         assert +table.counts == dict(rebuilt["state"].value_counts())

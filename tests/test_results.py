@@ -21,8 +21,9 @@ from p3b_search.study.results import (
     trials_frame,
     write_trials,
 )
+from p3b_search.study.trials_table import RAY_TRIAL_ATTR, ended_count, study_done
 
-NAMES, DIRECTIONS = ["top1", "macs"], ["maximize", "minimize"]
+NAMES, DIRECTIONS, REFERENCE = ["top1", "macs"], ["maximize", "minimize"], [0.0, 4e6]
 RATIO = FloatDistribution(0.2, 0.9)
 
 
@@ -30,18 +31,24 @@ def recorded_study() -> optuna.Study:
     """Trials in every state, as the searcher leaves them."""
     study = optuna.create_study(directions=DIRECTIONS)
 
-    def ask(ratio: float) -> optuna.Trial:
+    def ask(ratio: float, ran: bool = True) -> optuna.Trial:
         study.enqueue_trial({"method_config.prune_ratio": ratio})
-        return study.ask({"method_config.prune_ratio": RATIO})
+        trial = study.ask({"method_config.prune_ratio": RATIO})
+        if ran:  # handed to Ray, as the searcher marks it
+            trial.set_user_attr(RAY_TRIAL_ATTR, f"ray{trial.number}")
+        return trial
 
     for ratio, values in [(0.5, [90.0, 2e6]), (0.7, [85.0, 1e6]), (0.3, [80.0, 3e6]), (0.6, [90.0, 2e6])]:
         trial = ask(ratio)
         trial.set_user_attr("final_top5", 99.0)
         study.tell(trial, values)
     study.tell(ask(0.4), state=TrialState.PRUNED)
-    failed = ask(0.8)
-    failed.set_user_attr("fail_reason", "invalid sample: method_config: start after finalize")
-    study.tell(failed, state=TrialState.FAIL)
+    invalid = ask(0.8, ran=False)
+    invalid.set_user_attr("fail_reason", "invalid sample: method_config: start after finalize")
+    study.tell(invalid, state=TrialState.FAIL)
+    crashed = ask(0.45)
+    crashed.set_user_attr("fail_reason", "CUDA error")
+    study.tell(crashed, state=TrialState.FAIL)
     ask(0.5)  # running
     study.enqueue_trial({"method_config.prune_ratio": 0.5})  # waiting: not a row
     return study
@@ -49,16 +56,19 @@ def recorded_study() -> optuna.Study:
 
 def test_trials_frame_has_one_row_per_started_trial():
     study = recorded_study()
-    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS, {6: {"epochs_done": 3, "ray_trial_id": "abc"}},
+    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS, REFERENCE, {7: {"epochs_done": 3, "ray_trial_id": "abc"}},
                          default_method="p3b")
-    assert frame["number"].tolist() == list(range(7))
-    assert frame["state"].tolist() == ["COMPLETE"] * 4 + ["PRUNED", "FAIL", "RUNNING"]
+    assert frame["number"].tolist() == list(range(8))
+    # the invalid sample never ran: no failure, and no trial towards n_trials
+    assert frame["state"].tolist() == ["COMPLETE"] * 4 + ["PRUNED", "NEVER_RAN", "FAIL", "RUNNING"]
+    assert ended_count(frame["state"]) == 6 and study_done(frame["state"], 6) and not study_done(frame["state"], 7)
     assert (frame["method"] == "p3b").all()
     assert frame.loc[0, "param.method_config.prune_ratio"] == 0.5
     assert frame.loc[0, "top5"] == 99.0 and np.isnan(frame.loc[4, "top1"])
     assert frame.loc[5, "fail_reason"] == "invalid sample: method_config: start after finalize"
-    assert frame.loc[6, "epochs_done"] == 3 and frame.loc[6, "ray_trial_id"] == "abc"
-    assert frame["duration_s"].iloc[:6].ge(0).all() and np.isnan(frame.loc[6, "duration_s"])
+    assert frame.loc[6, "fail_reason"] == "CUDA error"
+    assert frame.loc[7, "epochs_done"] == 3 and frame.loc[7, "ray_trial_id"] == "abc"
+    assert frame["duration_s"].iloc[:7].ge(0).all() and np.isnan(frame.loc[7, "duration_s"])
     complete = frame["state"] == "COMPLETE"
     expected = pareto_mask(frame.loc[complete, NAMES].to_numpy(), DIRECTIONS)
     assert frame.loc[complete, "pareto"].tolist() == expected.tolist() == [True, True, False, True]
@@ -68,12 +78,12 @@ def test_trials_frame_has_one_row_per_started_trial():
 def test_trials_table_round_trips_through_parquet(tmp_path):
     layout = StudyLayout(tmp_path)
     study = recorded_study()
-    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS)
+    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS, REFERENCE)
     write_trials(frame, layout)
     again = read_trials(layout)
     pd.testing.assert_frame_equal(again, frame, check_dtype=False)
     notes = annotations_of(again)
-    assert set(notes) == set(range(7)) and notes[0]["retries"] == 0
+    assert set(notes) == set(range(8)) and notes[0]["retries"] == 0
 
 
 def test_mixed_type_choices_are_stored_as_text(tmp_path):
@@ -84,7 +94,7 @@ def test_mixed_type_choices_are_stored_as_text(tmp_path):
         trial = study.ask(dist)
         assert trial.params["model.overrides.depth"] == value
         study.tell(trial, [1.0, 1.0])
-    write_trials(trials_frame(study.get_trials(), NAMES, DIRECTIONS), StudyLayout(tmp_path))
+    write_trials(trials_frame(study.get_trials(), NAMES, DIRECTIONS, REFERENCE), StudyLayout(tmp_path))
     column = read_trials(StudyLayout(tmp_path))["param.model.overrides.depth"].tolist()
     assert pd.isna(column[0]) and column[1:] == ["4", "auto"]
 
@@ -92,7 +102,7 @@ def test_mixed_type_choices_are_stored_as_text(tmp_path):
 def test_readers_never_see_a_partial_trials_table(tmp_path):
     layout = StudyLayout(tmp_path)
     study = recorded_study()
-    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS)
+    frame = trials_frame(study.get_trials(), NAMES, DIRECTIONS, REFERENCE)
     write_trials(frame, layout)
     errors, reads = [], []
     done = threading.Event()

@@ -438,6 +438,48 @@ def test_study_end_to_end(tmp_path):
     assert lines[-1].startswith("[") and "3/4 done" in lines[-1] and "1 stopped" in lines[-1]
 
 
+NEVER_RAN_STUDY = """name: unrun
+method: {name: p3b, config: {prune_finalize_epoch: 2, prune_ratio: 0.5}}
+training: {prune: {epochs: 2, lr: 0.01}, finetune: {epochs: 1, lr: 0.01}, batch_size: 64}
+search_space:
+  method_config.prune_start_epoch: {type: int, low: 0, high: 1}
+  method_config.prune_sparse_epoch: {type: int, low: 0, high: 1}
+objectives: [top1, {name: macs, reference: 3000}]
+sampler: {name: random, seed: 4}   # samples 2 and 3 draw a start epoch after the sparse one
+n_trials: 3
+concurrency: 1
+tracking: {enabled: false}
+"""
+
+
+def test_samples_that_never_ran_are_no_failures_and_every_reader_agrees_the_study_finished(tmp_path, capsys):
+    """Invalid samples (a start epoch after the sparse one) are told FAIL before Ray runs them: the
+    trials table shows them as NEVER_RAN with their reason, the runner, ``study_finished``,
+    ``study_summary`` and ``search.py status`` all count the 3 trials that ran, and none fails."""
+    import search
+    from p3b_search.launch import run_study
+    from p3b_search.study.summary import study_finished, study_summary
+
+    study = load_study(write_study(tmp_path, NEVER_RAN_STUDY))
+    outcome = run_study(study, objective=OBJECTIVE, num_cpus=2, printer=lambda line: None)
+    trials = read_trials(study.layout)
+    never_ran = trials[trials["state"] == "NEVER_RAN"]
+    assert never_ran["number"].tolist() == [2, 3]
+    assert never_ran["fail_reason"].str.startswith("invalid sample: method_config: prune_sparse_epoch=").all()
+    assert never_ran["ray_trial_id"].isna().all() and (never_ran["epochs_done"] == 0).all()
+    assert not never_ran["pareto"].any()
+    ran = trials[trials["state"] != "NEVER_RAN"]
+    assert ran["state"].tolist() == ["COMPLETE"] * 3 and ran["ray_trial_id"].notna().all()
+    # every reader: the runner, the folder's summary and finished flag, the history, status
+    assert not outcome.interrupted and not study_summary(study).interrupted and study_finished(study)
+    assert study_summary(study).pareto.history["number"].tolist() == sorted(ran["number"].tolist(), key=lambda n: (
+        trials.set_index("number").loc[n, "end"], n))
+    assert search.main(["status", str(study.layout.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"3 trials planned, 3 ended (finished); 3 complete, 0 running, 0 pruned, 0 failed, " \
+           f"{len(never_ran)} never ran" in out
+
+
 RESUMABLE = """name: resumable
 method: {name: p3b}
 training: {prune: {epochs: 2, lr: 0.01}, finetune: {epochs: 2, lr: 0.01}, batch_size: 64}

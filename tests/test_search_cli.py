@@ -64,7 +64,8 @@ def study_folder(tmp_path):
     for ratio, values in ((0.5, [90.0, 2e6]), (0.7, [85.0, 1e6]), (0.3, [80.0, 3e6])):
         records.enqueue_trial({"method_config.prune_ratio": ratio})
         records.tell(records.ask(distribution), values)
-    write_trials(trials_frame(records.get_trials(), study.metric_names, study.directions, default_method="p3b"),
+    write_trials(trials_frame(records.get_trials(), study.metric_names, study.directions, [0.0, 4e6],
+                              default_method="p3b"),
                  study.layout)
     return study.layout.root
 

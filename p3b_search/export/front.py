@@ -10,6 +10,7 @@ from p3b_search.study.front import study_pareto
 from p3b_search.study.front_figures import pareto_png
 from p3b_search.study.loading import study_from_folder
 from p3b_search.study.results import read_trials
+from p3b_search.study.trials_table import NUMBER
 
 FRONT_FILE = "front.png"
 
@@ -21,7 +22,7 @@ def front_with_choice(study_dir: str | Path, trial: int) -> tuple[Figure, bool]:
     study = study_from_folder(study_dir)
     summary = study_pareto(study, read_trials(study.layout))
     finished = summary.finished
-    rows = finished.index[finished["number"] == trial] if len(finished) else []
+    rows = finished.index[finished[NUMBER] == trial] if len(finished) else []
     chosen = int(rows[0]) if len(rows) else None
     title = f"{study.name}: exported trial {trial} on the front of {len(finished)} finished trials"
     return pareto_png(finished, dict(summary.directions), summary.on_front, summary.knee, title, dense=summary.dense,

@@ -6,7 +6,9 @@ Rules (``--pick``):
 * ``knee``: the knee of the Pareto front over the study's objectives, as defined by
   :func:`p3b_search.study.pareto.knee_index`: each objective is scaled to [0, 1] over the front
   (0 = the front's best value, 1 = its worst), and the knee is the front trial closest in
-  Euclidean distance to the ideal point (0, ..., 0): the most balanced trade-off. ``dense``
+  Euclidean distance to the ideal point (0, ..., 0): the most balanced trade-off. The front is
+  the one the driver wrote in the table's ``pareto`` column (the front of the study's files,
+  MLflow tags and knee); under limits, the front of the finished trials within them. ``dense``
   trials are the front's reference point, never its knee (as in the front figure).
 * ``trial N``: Optuna trial number ``N``.
 
@@ -30,12 +32,21 @@ from p3b_search.errors import first_line
 from p3b_search.export.load import ExportError
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.pareto import knee_index
-from p3b_search.study.results import is_dense
+from p3b_search.study.trials_table import (
+    LATENCY_MS,
+    MACS,
+    NUMBER,
+    PARAMS,
+    PARETO,
+    PRUNED,
+    STATE,
+    TOP1,
+    complete_rows,
+    finished_rows,
+    is_dense,
+)
 from p3b_search.trial_folder import FINISHED
 
-#: Columns of the trials table read here.
-NUMBER, STATE, TOP1, MACS, PARAMS, LATENCY = "number", "state", "top1", "macs", "params", "latency_ms"
-COMPLETE_STATES = ("COMPLETE",)
 RULES = ("max-accuracy", "knee", "trial")
 _SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -87,7 +98,7 @@ class Pick:
     @property
     def limits(self) -> dict[str, float]:
         """Column -> largest allowed value, for the limits that are set."""
-        limits = {MACS: self.max_macs, PARAMS: self.max_params, LATENCY: self.max_latency_ms}
+        limits = {MACS: self.max_macs, PARAMS: self.max_params, LATENCY_MS: self.max_latency_ms}
         return {column: value for column, value in limits.items() if value is not None}
 
     def describe(self) -> str:
@@ -95,15 +106,11 @@ class Pick:
         return text + "".join(f", {column} <= {_fmt(value)}" for column, value in self.limits.items())
 
 
-_OPTIONS = {MACS: "--max-macs", PARAMS: "--max-params", LATENCY: "--max-latency"}
+_OPTIONS = {MACS: "--max-macs", PARAMS: "--max-params", LATENCY_MS: "--max-latency"}
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
-
-
-def _complete(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[trials[STATE].astype(str).str.upper().isin(COMPLETE_STATES)]
 
 
 def _within_limits(candidates: pd.DataFrame, pick: Pick) -> pd.DataFrame:
@@ -132,7 +139,7 @@ def select_trial(trials: pd.DataFrame, pick: Pick, objectives: Sequence[tuple[st
             raise ExportError(f"--pick trial {pick.trial}: the study has no such trial (trials: "
                               f"{_number_ranges(numbers)})")
         return rows.iloc[0]
-    candidates = _complete(trials).dropna(subset=[TOP1])
+    candidates = complete_rows(trials).dropna(subset=[TOP1])
     if candidates.empty:
         states = trials[STATE].astype(str).value_counts().to_dict()
         raise ExportError(f"--pick {pick.rule}: the study has no COMPLETE trial yet (states: {states}): "
@@ -142,18 +149,29 @@ def select_trial(trials: pd.DataFrame, pick: Pick, objectives: Sequence[tuple[st
         order = [TOP1, *([MACS] if MACS in candidates.columns else []), NUMBER]
         ascending = [False, *([True] if MACS in candidates.columns else []), True]
         return candidates.sort_values(order, ascending=ascending, kind="stable").iloc[0]
+    return _knee(candidates, pick, objectives)
+
+
+def _knee(candidates: pd.DataFrame, pick: Pick, objectives: Sequence[tuple[str, str]]) -> pd.Series:
+    """The knee of the front: without limits the front the driver wrote (the table's ``pareto``
+    rows), with limits the front of the finished ``candidates`` within them."""
     columns = [column for column, _ in objectives]
-    candidates = candidates[~is_dense(candidates)]
-    if candidates.empty:
+    if is_dense(candidates).all():
         raise ExportError("--pick knee: the study has only dense trials (the reference point): "
                           "use --pick max-accuracy or 'trial N'")
     missing = [c for c in columns if c not in candidates.columns]
     if missing:
         raise ExportError(f"--pick knee: the trials table lacks objective column(s) {missing}")
-    values = candidates[columns].to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all(axis=1).any():
+    finished = finished_rows(candidates, columns)
+    if finished.empty:
         raise ExportError(f"--pick knee: no COMPLETE trial has all objectives {columns} recorded")
-    return candidates.iloc[knee_index(values, [d for _, d in objectives])]
+    if not pick.limits:
+        finished = finished[finished[PARETO].astype(bool)] if PARETO in finished.columns else finished.iloc[:0]
+        if finished.empty:
+            raise ExportError(f"--pick knee: the trials table marks no trial on the front (its {PARETO!r} column): "
+                              "use --pick max-accuracy or 'trial N'")
+    values = finished[columns].to_numpy(dtype=np.float64)
+    return finished.iloc[knee_index(values, [d for _, d in objectives])]
 
 
 def _number_ranges(numbers: list[int]) -> str:
@@ -186,15 +204,15 @@ def check_exportable(layout: StudyLayout, row: pd.Series, trials: pd.DataFrame, 
     folder = layout.trial_folder(number).model.root
     if is_exportable(layout, number):
         return folder
-    state, table_state = trial_state(layout, number), str(row[STATE]).upper()
+    state, table_state = trial_state(layout, number), str(row[STATE])
     if state == FINISHED:
         why = (f"its model folder {folder} is gone or incomplete: copy trials/{folder.parent.name} back from "
                "where the study ran (a finished trial is not run again by resume)")
-    elif table_state == "PRUNED":
+    elif table_state == PRUNED:
         why = "it was stopped early (PRUNED) and never fine-tuned: pick another trial"
     else:
         why = (f"its weights are not fine-tuned yet (state {table_state}, result.json state {state!r}): "
                f"finish it with `{resume_command}`")
-    ready = [int(n) for n in _complete(trials)[NUMBER] if int(n) != number and is_exportable(layout, int(n))]
+    ready = [int(n) for n in complete_rows(trials)[NUMBER] if int(n) != number and is_exportable(layout, int(n))]
     other = f"; exportable trials: {_number_ranges(sorted(ready))}" if ready else ""
     raise ExportError(f"trial {number}: {why}{other}; nothing was exported")

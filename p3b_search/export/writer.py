@@ -40,11 +40,12 @@ from p3b_search.export.card import CardFacts, model_card, residual_text
 from p3b_search.export.counts import count_model, read_weight_masks
 from p3b_search.export.front import FRONT_FILE, front_with_choice
 from p3b_search.export.load import ExportError, load_pruned, read_arch_spec
-from p3b_search.export.picks import NUMBER, TOP1, Pick, check_exportable, select_trial
+from p3b_search.export.picks import Pick, check_exportable, select_trial
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.loading import study_from_folder
 from p3b_search.study.messages import StudyError
 from p3b_search.study.results import read_trials
+from p3b_search.study.trials_table import MLFLOW_RUN_ID, NUMBER, TOP1
 from p3b_search.surgery import ArchSpec, get_adapter
 from p3b_search.surgery.rounding import round_widths
 from p3b_search.trial_folder import ARCH_FILE, MASKS_FILE, MODEL_DIR, RESULT_FILE, WEIGHTS_FILE
@@ -54,8 +55,6 @@ from p3b_search.trial_folder import ARCH_FILE, MASKS_FILE, MODEL_DIR, RESULT_FIL
 #: The command line passes :func:`p3b_search.tracking.registry.register_model`.
 ModelRegistrar = Callable[[nn.Module, Any, str, str, str, list[Path]], int]
 
-#: Column of the trials table holding the trial's MLflow run id.
-RUN_ID = "mlflow_run_id"
 PT2_FILE, ONNX_FILE, CARD_FILE = "model.pt2", "model.onnx", "README.md"
 _MAX_BATCH = 4096
 #: Below this size the ONNX weights are stored inside model.onnx (protobuf's limit is 2 GiB).
@@ -214,7 +213,7 @@ def choose_trial(study: StudyInfo, pick: Pick) -> ChosenTrial:
     masks = read_weight_masks(model_dir)
     counts = count_model(model, dense_parent(model_dir), masks)
     _check_same_model(row, result["objectives"], {"params": counts.params, "macs": counts.macs}, model_dir.parent)
-    run_id = row.get(RUN_ID)
+    run_id = row.get(MLFLOW_RUN_ID)
     return ChosenTrial(int(row[NUMBER]), run_id if isinstance(run_id, str) and run_id else None, model_dir,
                        result, spec, model, masks)
 

@@ -27,13 +27,26 @@ from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper
 from p3b_search.search.session import live_session
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
-from p3b_search.search.trainable import EPOCHS_SAVED, FINISHED, MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
+from p3b_search.search.trainable import FINISHED, MLFLOW_RUN_ID, PREFIX_SHARED, RAY_NODE_ID, TRIAL_NUMBER
 from p3b_search.study.front import ParetoSummary, reference_point, study_pareto
 from p3b_search.study.front_report import write_front
 from p3b_search.study.live_table import LiveTrialsTable
 from p3b_search.study.results import PartsMerger
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.tracking import StudyTracking
+from p3b_search.study.trials_table import (
+    COMPLETE,
+    EPOCHS_DONE,
+    EPOCHS_SAVED,
+    EPOCHS_SHARED,
+    FAIL,
+    FAIL_REASON,
+    NEVER_RAN,
+    PRUNED,
+    RAY_TRIAL_ID,
+    RETRIES,
+    RUNNING,
+)
 from p3b_search.units import value_text
 
 logger = logging.getLogger(__name__)
@@ -150,9 +163,10 @@ class StudySession:
         counts, names = self.table.counts, self.study.metric_names
         shown = " ".join("/".join(value_text(n, row[n]) for n in names) for row in self.table.front_rows()[:5])
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
-        return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts['COMPLETE']}/{self.study.n_trials} "
-                f"done, {running if running is not None else counts['RUNNING']} running, "
-                f"{counts['PRUNED']} stopped, {counts['FAIL']} failed | front {len(self.table.front.numbers)}"
+        never_ran = f", {counts[NEVER_RAN]} never ran" if counts[NEVER_RAN] else ""
+        return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts[COMPLETE]}/{self.study.n_trials} "
+                f"done, {running if running is not None else counts[RUNNING]} running, "
+                f"{counts[PRUNED]} stopped, {counts[FAIL]} failed{never_ran} | front {len(self.table.front.numbers)}"
                 + (f" ({'/'.join(names)}): {shown}" if shown else ""))
 
 
@@ -206,7 +220,7 @@ class StudyProgress(Callback):
         return session
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        session = self._note(trial, ray_trial_id=trial.trial_id)
+        session = self._note(trial, **{RAY_TRIAL_ID: trial.trial_id})
         if session.driver is not None:  # Ray may have spawned a worker for it
             try:
                 session.driver.write(with_ray_session=True)
@@ -217,11 +231,11 @@ class StudyProgress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         notes = {}
         if isinstance(result.get("epoch"), (int, float)) and math.isfinite(result["epoch"]):
-            notes["epochs_done"] = int(result["epoch"]) + 1
+            notes[EPOCHS_DONE] = int(result["epoch"]) + 1
             if result.get(PREFIX_SHARED) == 1:  # restored from a shared prefix: the first epochs
-                notes["epochs_shared"] = int(result["epoch"]) + 1
+                notes[EPOCHS_SHARED] = int(result["epoch"]) + 1
         if isinstance(result.get(EPOCHS_SAVED), (int, float)):  # a single-process trial's own checkpoints
-            notes["epochs_saved"] = int(result[EPOCHS_SAVED])
+            notes[EPOCHS_SAVED] = int(result[EPOCHS_SAVED])
         identity = {key: result[key] for key in (MLFLOW_RUN_ID, RAY_NODE_ID) if result.get(key)}
         number = _trial_number(trial)
         known = self.session.annotations.get(number, {}) if number is not None else {}
@@ -237,19 +251,19 @@ class StudyProgress(Callback):
         # the one the checkpoint was reported with.
         epoch = (trial.last_result or {}).get("epoch")
         if isinstance(epoch, (int, float)) and math.isfinite(epoch):
-            self._note(trial, epochs_saved=int(epoch) + 1).refresh(force=False)
+            self._note(trial, **{EPOCHS_SAVED: int(epoch) + 1}).refresh(force=False)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         session = self.session
         number = _trial_number(trial)
         if number is not None:
-            retries = int(session.annotations.get(number, {}).get("retries") or 0) + 1
-            session.note(number, retries=retries, fail_reason=f"retried after: {_error_line(trial)}")
+            retries = int(session.annotations.get(number, {}).get(RETRIES) or 0) + 1
+            session.note(number, **{RETRIES: retries, FAIL_REASON: f"retried after: {_error_line(trial)}"})
         session.say(f"trial {number}: restarting from its last checkpoint after: {_error_line(trial)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         reason = self._stop_reason(trial)
-        session = self._note(trial, **({"fail_reason": reason} if reason else {}))
+        session = self._note(trial, **({FAIL_REASON: reason} if reason else {}))
         number = _trial_number(trial)
         if reason and session.tracker is not None and number is not None:
             try:
@@ -259,7 +273,7 @@ class StudyProgress(Callback):
         self._ended(session, trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(self._note(trial, fail_reason=_error_line(trial)), trials, trial)
+        self._ended(self._note(trial, **{FAIL_REASON: _error_line(trial)}), trials, trial)
 
     def on_step_end(self, iteration, trials, **info):
         session = self.session
@@ -276,4 +290,4 @@ class StudyProgress(Callback):
 
 def _running(trials: list[Any], ending: Any = None) -> int:
     """Ray's count of running trials (Ray calls back before an ``ending`` trial stops)."""
-    return sum(1 for t in trials if t.status == "RUNNING" and t is not ending)
+    return sum(1 for t in trials if t.status == t.RUNNING and t is not ending)

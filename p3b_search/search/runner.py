@@ -21,7 +21,8 @@ so in-flight trials continue from their last checkpoint under their own Optuna n
 trial lost, none duplicated); the successive-halving scheduler rebuilds its rungs' records from
 the study's learning curves. An Optuna trial that Ray never recorded (the driver died between
 asking Optuna and saving its state) is run again by the searcher with the same number and
-parameters; one still RUNNING once the study has ended is marked FAIL. Before anything else,
+parameters; one still RUNNING once the study has ended is told FAIL, and reads ``NEVER_RAN`` in
+the trials table when Ray never had it. Before anything else,
 ``resume`` ends the processes a killed driver's local Ray session left behind, by the ids in
 its ``driver.json`` (see :mod:`p3b_search.search.driver_record`).
 
@@ -62,6 +63,7 @@ from p3b_search.study.results import annotations_of, read_trials
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.summary import StudyOutcome
 from p3b_search.study.tracking import StudyTracking, TrialRunFactory
+from p3b_search.study.trials_table import FAIL_REASON, ended_count, row_state, study_done
 from p3b_search.training.prefixes import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ def _fail_orphans(session: StudySession) -> None:
     """Optuna trials still RUNNING once the study has ended: asked, never run (the searcher re-runs
     a trial lost before Ray recorded it, so normally there are none)."""
     for trial in session.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        session.note(trial.number, fail_reason="lost: the driver stopped before Ray recorded this trial")
+        session.note(trial.number, **{FAIL_REASON: "lost: the driver stopped before Ray recorded this trial"})
         session.optuna_study.tell(trial.number, state=TrialState.FAIL)
 
 
@@ -160,9 +162,10 @@ def _flush_quietly(session: StudySession) -> None:
         logger.warning("could not write the study's tables at its end: %s", error)
 
 
-def _trials_ended(optuna_study: optuna.Study) -> int:
-    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(1 for t in optuna_study.get_trials(deepcopy=False, states=ended) if "ray_trial_id" in t.user_attrs)
+def _row_states(optuna_study: optuna.Study) -> list[str | None]:
+    """The trials-table state of each of Optuna's trials (None: no row), so the runner counts
+    ended trials as every reader of the table does (samples that never ran do not count)."""
+    return [row_state(t) for t in optuna_study.get_trials(deepcopy=False)]
 
 
 def _trainable(study: StudyConfig, trial_runs: TrialRunFactory | None, objective: str) -> Any:
@@ -187,7 +190,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
     searcher = StudySearchGenerator(ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency),
                                     study)
     # trials asked but never ended (the driver died before Ray saved its state) run again: see the searcher
-    remaining = max(0, study.n_trials - _trials_ended(session.optuna_study))
+    remaining = max(0, study.n_trials - ended_count(_row_states(session.optuna_study)))
     return tune.Tuner(
         trainable,
         # reuse_actors: a finished trial's worker process runs the next trial (no new process,
@@ -268,7 +271,7 @@ def run_study(
         session.say(f"study {study.name}: {study.n_trials} trials, {study.concurrency} at a time, "
                     f"results in {layout.root}")
         tuner.fit()
-        interrupted = _trials_ended(optuna_study) < study.n_trials
+        interrupted = not study_done(_row_states(optuna_study), study.n_trials)
         if not interrupted:
             _fail_orphans(session)
         session.flush()

@@ -12,7 +12,8 @@ Optuna itself and never puts a half-trained trial on the front.
 
 ``suggest`` also checks each sampled configuration with the method's own validation (e.g. a
 start epoch after the finalize epoch): an invalid one is told FAIL with its reason and Optuna
-is asked again, so no compute is spent on it. With ``sampler: grid`` a grid point whose
+is asked again, so no compute is spent on it (the trials table shows it as ``NEVER_RAN``: only a
+trial handed to Ray carries the ``ray_trial_id`` user attr). With ``sampler: grid`` a grid point whose
 configuration an earlier trial already has (dense at another prune ratio, a knob its method
 lacks) is told FAIL with the user attr ``duplicate_of`` (that trial's number) the same way; the
 trials table leaves such points out.
@@ -54,7 +55,7 @@ from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 from p3b_search.stores import open_shared_store
 from p3b_search.study.dimensions import config_key, grid_point_count
 from p3b_search.study.messages import StudyError
-from p3b_search.study.results import DUPLICATE_ATTR, FINAL_ATTR, FINAL_METRICS
+from p3b_search.study.trials_table import DUPLICATE_ATTR, FAIL_REASON_ATTR, FINAL_ATTR, FINAL_METRICS, RAY_TRIAL_ATTR
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.trials import trial_config
 
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 MAX_INVALID_SAMPLES = 100
 REFERENCE_ATTR = "reference"
-RAY_TRIAL_ATTR = "ray_trial_id"
 
 
 def optuna_storage(study: StudyConfig) -> BaseStorage:
@@ -255,7 +255,7 @@ class FrontSafeOptunaSearch(Searcher):
             try:
                 params = suggest_params(optuna.Trial(study, self._trial_id(number)), self._study_config)
             except ValueError as error:  # a recorded value outside today's search space
-                self._fail(number, "fail_reason", f"lost, and its parameters no longer fit: {error}")
+                self._fail(number, FAIL_REASON_ATTR, f"lost, and its parameters no longer fit: {error}")
                 continue
             rejection = self._rejection(number, params, grid)
             if rejection is None:
@@ -278,7 +278,7 @@ class FrontSafeOptunaSearch(Searcher):
         except StudyError as error:
             reason = f"invalid sample: {error.field}: {error.reason}"
             logger.warning("trial %d: %s", number, reason)
-            return "fail_reason", reason
+            return FAIL_REASON_ATTR, reason
         return None
 
     # ------------------------------------------------------------------ tell
@@ -303,7 +303,7 @@ class FrontSafeOptunaSearch(Searcher):
             state = TrialState.COMPLETE
         elif finished:
             state = TrialState.FAIL
-            attrs["fail_reason"] = f"the objective returned no finite value for {', '.join(missing)}"
+            attrs[FAIL_REASON_ATTR] = f"the objective returned no finite value for {', '.join(missing)}"
         else:
             state = TrialState.PRUNED
         try:

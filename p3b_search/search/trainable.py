@@ -32,15 +32,15 @@ from p3b_search.search.saved_checkpoints import SAVED_DIR, SavedCheckpoints
 from p3b_search.study.results import TrialPartWriter
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.tracking import TrialRunFactory
+# result keys named as the trials table's columns they fill: the trial's child run, the Ray node a
+# trial (attempt) runs on, the epochs covered by its newest saved checkpoint when it reported
+from p3b_search.study.trials_table import EPOCHS_SAVED, MLFLOW_RUN_ID, RAY_NODE_ID
 from p3b_search.study.trials import trial_config
 
 TRIAL_NUMBER = "trial_number"
 FINISHED = "trial_finished"
 OBJECTIVE_PREFIX = "objective_"
-MLFLOW_RUN_ID = "mlflow_run_id"
-RAY_NODE_ID = "ray_node_id"  # the Ray node a trial (attempt) runs on
 PREFIX_SHARED = "prefix_shared"  # an epoch's metric: 1 when restored from a shared prefix, not trained
-EPOCHS_SAVED = "epochs_saved"  # epochs covered by the trial's newest saved checkpoint when it reported
 DEFAULT_OBJECTIVE = "objectives.prune_finetune:run_trial"
 
 ReportFn = Callable[..., None]

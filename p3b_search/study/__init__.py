@@ -10,6 +10,7 @@ No Ray, MLflow or Optuna here: the search (``p3b_search.search``), the tracking
 * :mod:`.trials` -- a trial's configuration (``trial_config``, ``trial_budget``, ``grid_configs``)
 * :mod:`.loading` -- ``load_study`` (YAML, paths), ``with_overrides``, ``study_from_folder``
 * :mod:`.layout` -- the files of a study folder
+* :mod:`.trials_table` -- the trials table's column and state names, which rows ran, ended, finished
 * :mod:`.results` -- ``trials.parquet`` and ``allocations.parquet`` (``read_trials``)
 * :mod:`.pareto` -- ``pareto_mask``, ``hypervolume``, ``knee_index``
 * :mod:`.dense` -- the dense model as the reference point (``dense_cost``)

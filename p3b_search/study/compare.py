@@ -36,13 +36,14 @@ from p3b_search.stats import t_interval
 from p3b_search.study.checks import method_pair_problem
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pairwise import PairPlan, omnibus_table, pairs_table, ratio_methods
-from p3b_search.study.results import DENSE_METHOD, PARAM_PREFIX, read_allocations
+from p3b_search.study.results import read_allocations
+from p3b_search.study.trials_table import DENSE_METHOD, METHOD, NUMBER, PARAM_PREFIX, complete_rows
 from p3b_search.study.sections import CompareSection, StudyConfig, method_pair
 from p3b_search.study.trials import trial_config
 
 CORE_METHOD = "p3b"
 REFERENCE_METHOD = DENSE_METHOD
-RESULT_COLUMNS = ["number", "method", "prune_ratio", "seed", "top1", "kept_fraction", "macs", "params"]
+RESULT_COLUMNS = [NUMBER, METHOD, "prune_ratio", "seed", "top1", "kept_fraction", "macs", "params"]
 SUMMARY_COLUMNS = ["method", "structured", "prune_ratio", "n", "top1", "top1_low", "top1_high", "kept_fraction",
                    "macs", "matched_macs", "top1_at_matched_macs"]
 
@@ -54,7 +55,7 @@ def _param_value(value: object) -> object:
 
 def complete_trials(study: StudyConfig, trials: pd.DataFrame) -> Iterator[tuple[pd.Series, TrialConfig]]:
     """Each COMPLETE trial of ``trials`` (the trials table): its row and its trial configuration."""
-    for _, row in trials[trials["state"] == "COMPLETE"].iterrows():
+    for _, row in complete_rows(trials).iterrows():
         params = {name.removeprefix(PARAM_PREFIX): _param_value(value) for name, value in row.items()
                   if name.startswith(PARAM_PREFIX) and not pd.isna(value)}
         yield row, trial_config(study, params)
@@ -67,7 +68,7 @@ def trial_results(study: StudyConfig, trials: pd.DataFrame) -> pd.DataFrame:
     prune ratio and seed (they differ in another knob: not a method comparison)."""
     rows = []
     for row, config in complete_trials(study, trials):
-        rows.append({"number": int(row["number"]), "method": config.method,
+        rows.append({NUMBER: int(row[NUMBER]), METHOD: config.method,
                      "prune_ratio": float(config.method_config["prune_ratio"]), "seed": config.training.seed,
                      **{m: float(row[m]) if m in row else math.nan for m in RESULT_COLUMNS[4:]}})
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from p3b_search.config import EMBEDDED_TASKS
-from p3b_search.study.results import is_dense
+from p3b_search.study.trials_table import STATE, complete_rows, is_dense
 from p3b_search.study.sections import MAXIMIZED, StudyConfig
 from p3b_search.units import FLOPS_PER_MAC, value_text
 
@@ -59,9 +59,10 @@ def dense_accuracy(study: StudyConfig, frame: pd.DataFrame) -> tuple[dict[str, f
     given = {name: float(value) for name, value in given.items() if value is not None}
     if given:
         return given, "dense_reference in the study file"
-    if len(frame) == 0 or "state" not in frame.columns:
+    if len(frame) == 0 or STATE not in frame.columns:
         return {}, ""
-    rows = frame[is_dense(frame) & (frame["state"] == "COMPLETE")]
+    rows = complete_rows(frame)
+    rows = rows[is_dense(rows)]
     means = {name: float(rows[name].mean()) for name in ACCURACIES if name in rows.columns and rows[name].notna().any()}
     if not means:
         return {}, ""

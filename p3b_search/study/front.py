@@ -17,15 +17,10 @@ import numpy as np
 import pandas as pd
 
 from p3b_search.study.dense import DenseReference, dense_cost, dense_reference
-from p3b_search.study.history import FrontHistory, hypervolume_history
-from p3b_search.study.pareto import hypervolume, hypervolume_box, knee_index, pareto_mask
-from p3b_search.study.results import is_dense
+from p3b_search.study.history import FrontHistory, replay
+from p3b_search.study.pareto import hypervolume_box
 from p3b_search.study.sections import MAXIMIZED, StudyConfig
-
-#: Values of ``state`` that count as a finished point (Optuna's name and the tracker's).
-FINISHED_STATES = {"finished", "complete"}
-STATE_COLUMN = "state"
-SHARED_COLUMN = "epochs_shared"
+from p3b_search.study.trials_table import EPOCHS_SHARED, NUMBER, finished_rows
 
 
 @dataclass(frozen=True)
@@ -69,17 +64,6 @@ class ParetoSummary:
         return dataclasses.replace(self, finished=self.finished.assign(**columns))
 
 
-def finished_rows(trials: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
-    """Rows of finished (``state`` COMPLETE/finished, when the column exists), non-dense trials
-    whose objectives ``names`` are all finite."""
-    rows = trials
-    if STATE_COLUMN in rows.columns:
-        rows = rows[rows[STATE_COLUMN].astype(str).str.lower().isin(FINISHED_STATES)]
-    rows = rows[~is_dense(rows)]
-    values = rows[list(names)].to_numpy(dtype=float)
-    return rows[np.isfinite(values).all(axis=1)].reset_index(drop=True)
-
-
 def pareto_summary(trials: pd.DataFrame, directions: Mapping[str, str] | Sequence[tuple[str, str]],
                    reference: Sequence[float], dense: DenseReference | None = None,
                    front: FrontHistory | None = None) -> ParetoSummary:
@@ -88,31 +72,29 @@ def pareto_summary(trials: pd.DataFrame, directions: Mapping[str, str] | Sequenc
     hypervolume bounded by ``reference``; ``dense`` gives the ideal point of the normalised
     hypervolume (the dense accuracy at zero cost; None: not normalised).
 
-    ``front``: a :class:`~p3b_search.study.history.FrontHistory` already fed every ended trial of
-    ``trials`` in end order (the driver keeps one): its front, knee, hypervolume and history are
-    taken instead of replaying the table (the same values)."""
+    The front is a :class:`~p3b_search.study.history.FrontHistory` fed every ended trial of
+    ``trials`` in end order: the driver's own (``front``, the one its trials table's ``pareto``
+    column, the front files and the MLflow tags are taken from), or, from a reader of the
+    table, one replayed from the table (:func:`~p3b_search.study.history.replay`, the same
+    front). Its rows are :func:`~p3b_search.study.trials_table.finished_rows`."""
     directions = dict(directions)
     missing = [name for name in directions if name not in trials.columns]
     if missing:
         raise ValueError(f"trials table lacks objective column(s) {missing}; it has {list(trials.columns)}")
     names, dirs = list(directions), list(directions.values())
     finished = finished_rows(trials, names)
+    if front is None:
+        front = replay(trials, names, dirs, reference)
     ideal = dense.ideal(names) if dense is not None else None
     box = hypervolume_box(reference, ideal) if ideal is not None else math.nan
-    if front is None:
-        values = finished[names].to_numpy(dtype=float).reshape(len(finished), len(names))
-        on_front, volume = pareto_mask(values, dirs), hypervolume(values, dirs, reference)
-        knee = knee_index(values, dirs) if len(values) else None
-        history = hypervolume_history(trials, names, dirs, reference, ideal)
-    else:
-        numbers = finished["number"].to_numpy()
-        on_front, volume, history = np.isin(numbers, list(front.numbers)), front.hypervolume, front.history(ideal)
-        knee_number = front.knee()
-        knee = int(np.flatnonzero(numbers == knee_number)[0]) if knee_number is not None else None
-    normalized = volume / box if math.isfinite(box) and box > 0 else math.nan
-    shared = int(trials[SHARED_COLUMN].fillna(0).sum()) if SHARED_COLUMN in trials.columns else 0
-    return ParetoSummary(directions, list(reference), finished, on_front, knee, volume, normalized, dense, history,
-                         shared)
+    numbers = finished[NUMBER].to_numpy()
+    on_front = np.isin(numbers, list(front.numbers))
+    knee_number = front.knee()
+    knee = int(np.flatnonzero(numbers == knee_number)[0]) if knee_number is not None else None
+    normalized = front.hypervolume / box if math.isfinite(box) and box > 0 else math.nan
+    shared = int(trials[EPOCHS_SHARED].fillna(0).sum()) if EPOCHS_SHARED in trials.columns else 0
+    return ParetoSummary(directions, list(reference), finished, on_front, knee, front.hypervolume, normalized, dense,
+                         front.history(ideal), shared)
 
 
 def reference_point(study: StudyConfig, cost: Mapping[str, float] | None = None) -> list[float]:

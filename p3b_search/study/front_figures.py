@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from plotly import graph_objects as go
 
 from p3b_search.study.dense import DenseReference
+from p3b_search.study.trials_table import METHOD, NUMBER
 from p3b_search.units import COUNTS, column_title, prefix_for, value_text
 
 FRONT_RED, DOMINATED_GREY = "#d62728", "#9e9e9e"
@@ -44,13 +45,13 @@ CLICK_SCRIPT = ("var plot = document.getElementById('{plot_id}');"
 def plot_axes(objectives: Mapping[str, str]) -> list[str]:
     """Objectives on (x, y): cost on x and accuracy on y for the usual (accuracy, cost) pair."""
     names = list(objectives)
-    return ["number", names[0]] if len(names) == 1 else [names[1], names[0]]
+    return [NUMBER, names[0]] if len(names) == 1 else [names[1], names[0]]
 
 
 def axis_title(name: str, direction: str | None, prefix: str = "") -> str:
     """``MACs per image (M), lower is better``; ``trial`` for the trial-number axis."""
     if direction is None:
-        return "trial" if name == "number" else column_title(name, prefix)
+        return "trial" if name == NUMBER else column_title(name, prefix)
     return f"{column_title(name, prefix)}, {'higher' if direction == 'maximize' else 'lower'} is better"
 
 
@@ -73,17 +74,17 @@ def merge_identical(points: pd.DataFrame, names: Sequence[str]) -> list[list[int
 
 def _varying_methods(points: pd.DataFrame) -> list[str]:
     """The methods of ``points`` when more than one occurs (else empty: colour by front)."""
-    if "method" not in points.columns:
+    if METHOD not in points.columns:
         return []
-    methods = sorted(points["method"].dropna().astype(str).unique())
+    methods = sorted(points[METHOD].dropna().astype(str).unique())
     return methods if len(methods) > 1 else []
 
 
 def _group_label(points: pd.DataFrame, group: list[int]) -> str:
     """``#3`` for one trial, ``#3, #5 (×2)`` or ``#3 … (×6)`` for merged ones."""
-    if "number" not in points.columns:
+    if NUMBER not in points.columns:
         return f"×{len(group)}" if len(group) > 1 else ""
-    numbers = [f"#{int(points['number'].iloc[i])}" for i in group]
+    numbers = [f"#{int(points[NUMBER].iloc[i])}" for i in group]
     if len(group) == 1:
         return numbers[0]
     shown = ", ".join(numbers) if len(group) <= 3 else f"{numbers[0]} …"
@@ -162,7 +163,7 @@ def _scatter_2d(fig: go.Figure, points: pd.DataFrame, objectives: Mapping[str, s
             dict(color=FRONT_RED, size=11, line=dict(color="black", width=1)))
     else:
         for i, method in enumerate(methods):
-            own = [g for g in groups if str(points["method"].iloc[g[0]]) == method]
+            own = [g for g in groups if str(points[METHOD].iloc[g[0]]) == method]
             style = dict(color=_METHOD_COLOURS[i % len(_METHOD_COLOURS)], symbol=_PLOTLY_MARKERS[i % len(_PLOTLY_MARKERS)])
             add(f"{method}: front", [g for g in own if on_front[g[0]]],
                 dict(**style, size=12, line=dict(color="black", width=1.5)))
@@ -215,7 +216,7 @@ def pareto_png(points: pd.DataFrame, objectives: Mapping[str, str], on_front: np
         i = group[0]
         front = bool(on_front[i])
         if methods:
-            m = methods.index(str(points["method"].iloc[i]))
+            m = methods.index(str(points[METHOD].iloc[i]))
             colour, marker = _METHOD_COLOURS[m % len(_METHOD_COLOURS)], _MPL_MARKERS[m % len(_MPL_MARKERS)]
         else:
             colour, marker = (FRONT_RED if front else DOMINATED_GREY), "o"
@@ -280,7 +281,7 @@ def _label_offsets(rows: list[int], xs: np.ndarray, ys: np.ndarray) -> dict[int,
 
 
 def _chosen_label(points: pd.DataFrame, chosen: int) -> str:
-    return f"exported: trial {int(points['number'].iloc[chosen])}" if "number" in points.columns else "exported"
+    return f"exported: trial {int(points[NUMBER].iloc[chosen])}" if NUMBER in points.columns else "exported"
 
 
 def _legend_entries(ax: Any, methods: list[str]) -> None:

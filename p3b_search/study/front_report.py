@@ -18,11 +18,25 @@ import pandas as pd
 from p3b_search.study.front import ParetoSummary
 from p3b_search.study.front_figures import pareto_plotly, pareto_png, save_files
 from p3b_search.study.history_figure import history_png
+from p3b_search.study.trials_table import (
+    FLOPS,
+    KEPT_FRACTION,
+    LATENCY_MS,
+    MACS,
+    METHOD,
+    MLFLOW_RUN_ID,
+    NUMBER,
+    PARAM_PREFIX,
+    PARAMS,
+    PRUNED,
+    STATE,
+    TOP1,
+    TOP5,
+)
 from p3b_search.units import value_text
 
-NUMBER_COLUMN, RUN_ID_COLUMN = "number", "mlflow_run_id"
 #: Table columns shown on hover besides the objectives and ``param.*`` (with their units).
-_HOVER_EXTRA = ("kept_fraction", "params", "top1", "top5", "macs", "flops", "latency_ms")
+_HOVER_EXTRA = (KEPT_FRACTION, PARAMS, TOP1, TOP5, MACS, FLOPS, LATENCY_MS)
 FRONT_FILES = ("front.parquet", "front.html", "front.png", "summary.parquet", "history.parquet", "history.png")
 
 
@@ -34,17 +48,17 @@ def hover_text(row: pd.Series, names: Sequence[str], link: str | None) -> str:
     """HTML hover of one trial: number and method, objectives and costs with units, sampled
     parameters (``param.*``), then its MLflow run and the link a click opens."""
     lines = []
-    if NUMBER_COLUMN in row.index and _shown(row[NUMBER_COLUMN]):
-        method = f" ({row['method']})" if "method" in row.index and _shown(row["method"]) else ""
-        lines.append(f"<b>trial {int(row[NUMBER_COLUMN])}</b>{method}")
+    if NUMBER in row.index and _shown(row[NUMBER]):
+        method = f" ({row[METHOD]})" if METHOD in row.index and _shown(row[METHOD]) else ""
+        lines.append(f"<b>trial {int(row[NUMBER])}</b>{method}")
     seen = set()
     for name in [*names, *_HOVER_EXTRA]:
         if name in row.index and name not in seen and _shown(row[name]):
             seen.add(name)
             lines.append(f"{name}: {value_text(name, float(row[name]))}")
     lines += [f"{key}: {_plain(value)}" for key, value in row.items()
-              if str(key).startswith("param.") and _shown(value)]
-    run_id = row.get(RUN_ID_COLUMN)
+              if str(key).startswith(PARAM_PREFIX) and _shown(value)]
+    run_id = row.get(MLFLOW_RUN_ID)
     if isinstance(run_id, str) and run_id:
         lines.append(f"MLflow run {run_id}")
         if link:
@@ -61,15 +75,15 @@ def summary_table(state: ParetoSummary) -> pd.DataFrame:
     % x MACs per image), ``hypervolume_normalized`` (1.0 = dense accuracy at zero cost),
     ``knee_trial``, ``trial_epochs_shared`` (trial-epochs restored from shared prefixes, not
     trained), ``reference.<objective>``, ``dense.<objective>`` and ``dense_source``."""
-    knee = state.finished[NUMBER_COLUMN].iloc[state.knee] if (
-        state.knee is not None and NUMBER_COLUMN in state.finished.columns) else math.nan
+    knee = state.finished[NUMBER].iloc[state.knee] if (
+        state.knee is not None and NUMBER in state.finished.columns) else math.nan
     row: dict[str, Any] = {"trials_finished": len(state.finished), "front_size": int(state.on_front.sum()),
                            "hypervolume": state.hypervolume, "hypervolume_normalized": state.hypervolume_normalized,
                            "knee_trial": float(knee), "trial_epochs_shared": state.trial_epochs_shared}
     row.update({f"reference.{name}": float(value) for name, value in zip(state.directions, state.reference)})
     dense = state.dense
     if dense is not None:
-        row.update({f"dense.{name}": dense.get(name) for name in ("top1", "top5", "macs", "flops", "params")})
+        row.update({f"dense.{name}": dense.get(name) for name in (TOP1, TOP5, MACS, FLOPS, PARAMS)})
         row["dense_source"] = dense.source
     return pd.DataFrame([row])
 
@@ -88,7 +102,7 @@ def front_files(state: ParetoSummary, study_name: str, link: Callable[[str], str
     directions, dense = dict(state.directions), state.dense
     names = list(directions)
     finished = state.finished
-    run_ids = finished[RUN_ID_COLUMN] if RUN_ID_COLUMN in finished.columns else pd.Series([None] * len(finished))
+    run_ids = finished[MLFLOW_RUN_ID] if MLFLOW_RUN_ID in finished.columns else pd.Series([None] * len(finished))
     links = [link(r) if link is not None and isinstance(r, str) and r else None for r in run_ids]
     hover = [hover_text(row, names, url) for (_, row), url in zip(finished.iterrows(), links)]
     title = front_title(study_name, state)
@@ -117,7 +131,7 @@ def history_line(history: pd.DataFrame, points: int = 4) -> str:
         row = history[history["trial_epochs"] <= mark].tail(1)
         if len(row):
             shown.append(f"{row[column].iloc[0]:.4g} after {int(row['trial_epochs'].iloc[0])}")
-    stopped = int((history["state"] == "PRUNED").sum())
+    stopped = int((history[STATE] == PRUNED).sum())
     return (f"hypervolume history{' (normalised)' if normalized else ''}: " + ", ".join(shown)
             + f" trial-epochs ({len(history)} trials ended, {stopped} stopped early)")
 

@@ -24,11 +24,19 @@ import numpy as np
 import pandas as pd
 
 from p3b_search.study.pareto import as_minimization, hypervolume, hypervolume_box, knee_index
-from p3b_search.study.results import is_dense
+from p3b_search.study.trials_table import (
+    END,
+    ENDED_STATES,
+    EPOCHS_DONE,
+    EPOCHS_SHARED,
+    METHOD,
+    NUMBER,
+    STATE,
+    may_be_on_front,
+)
 
-#: States of an ended trial (RUNNING trials are not in the history yet).
-ENDED_STATES = ("COMPLETE", "PRUNED", "FAIL")
-HISTORY_COLUMNS = ("number", "state", "end", "epochs", "trial_epochs", "hypervolume", "hypervolume_normalized")
+#: Columns of the history (its ``number``, ``state`` and ``end`` are the trials table's).
+HISTORY_COLUMNS = (NUMBER, STATE, END, "epochs", "trial_epochs", "hypervolume", "hypervolume_normalized")
 
 
 @dataclass(frozen=True)
@@ -70,15 +78,17 @@ class FrontHistory:
         return frozenset(self._front)
 
     def end(self, number: int, state: str, end: Any, epochs: int, values: Sequence[float] | None,
-            counts: bool) -> FrontChange:
-        """Record that trial ``number`` ended in ``state`` at ``end`` after training ``epochs``
-        epochs; ``values``: its objectives (in the order of ``names``); ``counts``: whether it may
-        be a point of the front (COMPLETE and not ``dense``). Returns how the front changed."""
+            method: str) -> FrontChange:
+        """Record that trial ``number`` of ``method`` ended in ``state`` at ``end`` after training
+        ``epochs`` epochs; ``values``: its objectives (in the order of ``names``). It may be a
+        point of the front when COMPLETE and not ``dense``
+        (:func:`~p3b_search.study.trials_table.may_be_on_front`) with finite objectives. Returns
+        how the front changed."""
         self._seen.add(number)
         self.last = (end, number)
         change = FrontChange()
         point = np.asarray(values if values is not None else [math.nan] * len(self.names), dtype=np.float64)
-        if counts and np.isfinite(point).all():
+        if may_be_on_front(state, method) and np.isfinite(point).all():
             change = self._add(number, point)
         self.trial_epochs += int(epochs)
         self._rows.append((int(number), state, end, int(epochs), self.trial_epochs, self.hypervolume))
@@ -126,30 +136,30 @@ class FrontHistory:
 
 def trial_epochs_spent(trials: pd.DataFrame) -> pd.Series:
     """Epochs each trial trained itself: ``epochs_done`` less ``epochs_shared`` (when present)."""
-    done = trials["epochs_done"].fillna(0) if "epochs_done" in trials.columns else pd.Series(0, index=trials.index)
-    shared = trials["epochs_shared"].fillna(0) if "epochs_shared" in trials.columns else 0
+    done = trials[EPOCHS_DONE].fillna(0) if EPOCHS_DONE in trials.columns else pd.Series(0, index=trials.index)
+    shared = trials[EPOCHS_SHARED].fillna(0) if EPOCHS_SHARED in trials.columns else 0
     return (done - shared).clip(lower=0).astype("int64")
 
 
 def ended_in_order(trials: pd.DataFrame) -> pd.DataFrame:
     """The ended trials (COMPLETE, PRUNED, FAIL) of a trials table, in the order they ended."""
-    ended = trials[trials["state"].isin(ENDED_STATES)]
-    return ended.sort_values(["end", "number"], kind="stable") if "end" in ended.columns else ended.sort_values("number")
+    ended = trials[trials[STATE].isin(ENDED_STATES)]
+    return ended.sort_values([END, NUMBER], kind="stable") if END in ended.columns else ended.sort_values(NUMBER)
 
 
 def replay(trials: pd.DataFrame, names: Sequence[str], directions: Sequence[str],
            reference: Sequence[float]) -> FrontHistory:
     """A :class:`FrontHistory` fed every ended trial of ``trials`` (a trials table) in end order."""
     front = FrontHistory(names, directions, reference)
-    if trials.empty or not {"state", "number"} <= set(trials.columns):
+    if trials.empty or not {STATE, NUMBER} <= set(trials.columns):
         return front
     order = ended_in_order(trials)
-    counts = (~is_dense(order) & (order["state"] == "COMPLETE")).tolist()
+    methods = order[METHOD].tolist() if METHOD in order.columns else [""] * len(order)
     values = order[list(names)].to_numpy(dtype=np.float64)
-    ends = order["end"].tolist() if "end" in order.columns else [None] * len(order)
-    for i, (number, state, trained) in enumerate(zip(order["number"].tolist(), order["state"].tolist(),
+    ends = order[END].tolist() if END in order.columns else [None] * len(order)
+    for i, (number, state, trained) in enumerate(zip(order[NUMBER].tolist(), order[STATE].tolist(),
                                                      trial_epochs_spent(order).tolist())):
-        front.end(int(number), state, ends[i], trained, values[i], counts[i])
+        front.end(int(number), state, ends[i], trained, values[i], methods[i])
     return front
 
 

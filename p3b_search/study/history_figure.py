@@ -10,9 +10,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from p3b_search.study.front_figures import DOMINATED_GREY, FRONT_RED
+from p3b_search.study.trials_table import COMPLETE, FAIL, PRUNED, STATE
 
-_STATE_MARKERS = {"COMPLETE": ("o", FRONT_RED, "finished"), "PRUNED": ("x", "#1f4eb4", "stopped early (e.g. at a rung)"),
-                  "FAIL": ("v", DOMINATED_GREY, "failed")}
+_STATE_MARKERS = {COMPLETE: ("o", FRONT_RED, "finished"), PRUNED: ("x", "#1f4eb4", "stopped early (e.g. at a rung)"),
+                  FAIL: ("v", DOMINATED_GREY, "failed")}
 
 
 def history_png(history: pd.DataFrame, title: str) -> Figure:
@@ -25,7 +26,7 @@ def history_png(history: pd.DataFrame, title: str) -> Figure:
     ys = np.concatenate([[0.0], history[column].to_numpy(float)])
     ax.step(xs, ys, where="post", c="black", lw=1.2, zorder=2, label="front's hypervolume")
     for state, (marker, colour, label) in _STATE_MARKERS.items():
-        rows = history[history["state"] == state]
+        rows = history[history[STATE] == state]
         if len(rows):
             ax.scatter(rows["trial_epochs"], rows[column], marker=marker, c=colour, s=22, zorder=3,
                        label=f"{label} ({len(rows)})")

@@ -18,16 +18,26 @@ from typing import Any
 
 import pandas as pd
 
-from p3b_search.study.history import ENDED_STATES, FrontHistory, replay
+from p3b_search.study.history import FrontHistory, replay
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.results import (
-    DENSE_METHOD,
     rows_frame,
     table_seq,
     trial_row,
     update_parts,
     write_trial_updates,
     write_trials,
+)
+from p3b_search.study.trials_table import (
+    END,
+    ENDED_STATES,
+    EPOCHS_DONE,
+    EPOCHS_SHARED,
+    FINAL_STATES,
+    METHOD,
+    NUMBER,
+    PARETO,
+    STATE,
 )
 
 
@@ -73,7 +83,7 @@ class LiveTrialsTable:
 
     @property
     def ended(self) -> frozenset[int]:
-        """Numbers of the trials whose row is final (they ended)."""
+        """Numbers of the trials whose row is final (they ended, or never ran)."""
         return frozenset(self._final)
 
     def update(self, trials: Iterable[Any], notes: dict[int, dict[str, Any]], noted: set[int]) -> set[int]:
@@ -89,15 +99,16 @@ class LiveTrialsTable:
             row = trial_row(trial, self.names, notes.get(number), self.default_method)
             if row is None:
                 continue
-            row["pareto"] = number in self.front.numbers
+            row[PARETO] = number in self.front.numbers
             if self._set(number, row):
                 changed.add(number)
-            if row["state"] in ENDED_STATES and number not in self._final:
+            if row[STATE] in FINAL_STATES and number not in self._final:
                 self._final.add(number)
-                ended.append(row)
+                if row[STATE] in ENDED_STATES:  # a sample that never ran spent nothing: no history row
+                    ended.append(row)
         for number in self._feed(ended):
             changed.add(number)
-            self._set(number, {**self._rows[number], "pareto": number in self.front.numbers})
+            self._set(number, {**self._rows[number], PARETO: number in self.front.numbers})
         if changed:
             self._seq += 1
             write_trial_updates(rows_frame([self._rows[n] for n in sorted(changed)]), self.layout, self._seq)
@@ -110,8 +121,8 @@ class LiveTrialsTable:
         if old is not None and _same(old, row):
             return False
         if old is not None:
-            self.counts[old["state"]] -= 1
-        self.counts[row["state"]] += 1
+            self.counts[old[STATE]] -= 1
+        self.counts[row[STATE]] += 1
         self._rows[number] = row
         self._frame = None
         self.version += 1
@@ -121,7 +132,7 @@ class LiveTrialsTable:
         """Feed newly ended rows to the front in the order they ended; returns the numbers that
         entered or left it. A trial that ended before one already fed (a clock step, a trial
         recorded late) makes the front be replayed from every ended row."""
-        key = lambda row: (row["end"], row["number"])  # noqa: E731
+        key = lambda row: (row[END], row[NUMBER])  # noqa: E731
         ended.sort(key=key)
         if ended and self.front.last is not None and key(ended[0]) < self.front.last:
             before = self.front.numbers
@@ -130,10 +141,9 @@ class LiveTrialsTable:
             return set(before ^ self.front.numbers)
         moved: set[int] = set()
         for row in ended:
-            epochs = max(0, int(row["epochs_done"] or 0) - int(row["epochs_shared"] or 0))
-            counts = row["state"] == "COMPLETE" and str(row["method"]) != DENSE_METHOD
-            change = self.front.end(row["number"], row["state"], row["end"], epochs,
-                                    [row[name] for name in self.names], counts)
+            epochs = max(0, int(row[EPOCHS_DONE] or 0) - int(row[EPOCHS_SHARED] or 0))
+            change = self.front.end(row[NUMBER], row[STATE], row[END], epochs, [row[name] for name in self.names],
+                                    str(row[METHOD]))
             moved |= change.entered | change.left
         return moved
 

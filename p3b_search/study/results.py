@@ -4,7 +4,8 @@
 skipped as a repeat of an earlier trial's configuration is no row)::
 
     number        Optuna trial number (int)
-    state         COMPLETE | PRUNED (stopped early) | FAIL | RUNNING
+    state         COMPLETE | PRUNED (stopped early) | FAIL | RUNNING | NEVER_RAN (a sample told FAIL
+                  before Ray ran it: an invalid configuration, a lost trial that no longer fits)
     method        the trial's pruning method
     param.<path>  every sampled parameter, e.g. ``param.method_config.prune_ratio``
     top1, top5, macs, flops, params, latency_ms, kept_fraction   final metrics (top-1/top-5
@@ -20,7 +21,7 @@ skipped as a repeat of an earlier trial's configuration is no row)::
                   to the driver with the trial's next report);
                   retries: restarts from a checkpoint after a failure; epochs_shared: prune-stage
                   epochs restored from a prefix another trial trained (``shared_prefixes``), not trained
-    fail_reason   one line for FAIL (PRUNED: why it was stopped)
+    fail_reason   one line for FAIL and NEVER_RAN (PRUNED: why it was stopped)
     mlflow_run_id, ray_trial_id
     ray_node_id   the Ray node the trial's latest attempt ran on
 
@@ -29,7 +30,8 @@ the front) as numbered parts ``trial_updates/part-<seq>.parquet`` as it goes, an
 ``trials.parquet`` whole only now and then (:func:`write_trials`, which records in the file the
 last part it holds and deletes the parts up to it). :func:`read_trials` reads the file and the
 parts written after it, so it sees every update; ``trials.parquet`` alone may lag behind by the
-driver's cadence (``TABLES_REFRESH_S`` in :mod:`p3b_search.search.progress`).
+driver's cadence (``TABLES_REFRESH_S`` in :mod:`p3b_search.search.progress`). The column and
+state names, and which rows count as ended or finished, are :mod:`p3b_search.study.trials_table`'s.
 
 ``allocations.parquet``: one row per sub-block per mask update, the method's allocation rows
 plus ``trial``; trials write their own parts under ``allocations/<number>/`` and
@@ -43,29 +45,37 @@ from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from p3b_search.errors import first_line
 from p3b_search.files import atomic_write
+from p3b_search.study.history import replay
 from p3b_search.study.layout import StudyLayout
 from p3b_search.study.messages import StudyError
-from p3b_search.study.pareto import pareto_mask
+from p3b_search.study.trials_table import (
+    ANNOTATIONS,
+    COUNT_COLUMNS,
+    DURATION_S,
+    END,
+    FAIL_REASON,
+    FAIL_REASON_ATTR,
+    FINAL_ATTR,
+    FINAL_METRICS,
+    FLOPS,
+    MACS,
+    METHOD,
+    NUMBER,
+    PARAM_PREFIX,
+    PARETO,
+    REQUIRED_COLUMNS,
+    START,
+    STATE,
+    row_state,
+)
 from p3b_search.units import FLOPS_PER_MAC
 
-PARAM_PREFIX = "param."
-FINAL_METRICS = ("top1", "top5", "macs", "flops", "params", "latency_ms", "kept_fraction")
-#: The method whose trials measure the dense reference (never points of the front).
-DENSE_METHOD = "dense"
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-ANNOTATIONS = ("epochs_done", "epochs_saved", "epochs_shared", "retries", "fail_reason", "mlflow_run_id",
-               "ray_trial_id", "ray_node_id")
-FINAL_ATTR = "final_"  # Optuna user-attr prefix of a trial's final metrics
-DUPLICATE_ATTR = "duplicate_of"  # Optuna user attr of a skipped grid point: the trial it repeats
-#: Columns every trials table has (what a reader of the table may rely on).
-REQUIRED_COLUMNS = ("number", "state", "top1")
 #: Key of ``trials.parquet``'s schema metadata: the last update part the file holds.
 UPDATES_KEY = b"p3b.trial_updates"
 #: Reads of the trials table tried again when the driver rewrote it mid-read (each retry follows a
@@ -95,26 +105,25 @@ def trial_row(trial: Any, metric_names: Sequence[str], notes: dict[str, Any] | N
               default_method: str = "") -> dict[str, Any] | None:
     """The trials-table row of one Optuna trial (``optuna.trial.FrozenTrial``) with the driver's
     ``notes`` on it (epoch counts, retries, fail_reason, run ids), without ``pareto`` and
-    ``duration_s``; None for a trial that is no row (WAITING: enqueued, not started yet; a
-    skipped grid point: never started)."""
-    state = trial.state.name
-    if state not in STATES or DUPLICATE_ATTR in trial.user_attrs:
+    ``duration_s``; None for a trial that is no row (see
+    :func:`~p3b_search.study.trials_table.row_state`)."""
+    state = row_state(trial)
+    if state is None:
         return None
-    row: dict[str, Any] = {"number": trial.number, "state": state,
-                           "method": trial.params.get("method", default_method)}
+    row: dict[str, Any] = {NUMBER: trial.number, STATE: state, METHOD: trial.params.get(METHOD, default_method)}
     row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.params.items()})
     final = {k.removeprefix(FINAL_ATTR): v for k, v in trial.user_attrs.items() if k.startswith(FINAL_ATTR)}
     if trial.values is not None:
         final.update(zip(metric_names, trial.values))
-    if final.get("flops") is None and final.get("macs") is not None:
-        final["flops"] = FLOPS_PER_MAC * float(final["macs"])
+    if final.get(FLOPS) is None and final.get(MACS) is not None:
+        final[FLOPS] = FLOPS_PER_MAC * float(final[MACS])
     row.update({m: float(final[m]) if final.get(m) is not None else math.nan for m in FINAL_METRICS})
-    row["start"] = trial.datetime_start
-    row["end"] = trial.datetime_complete
+    row[START] = trial.datetime_start
+    row[END] = trial.datetime_complete
     notes = notes or {}
     row.update({k: notes.get(k) for k in ANNOTATIONS})
-    if row["fail_reason"] is None:
-        row["fail_reason"] = trial.user_attrs.get("fail_reason")
+    if row[FAIL_REASON] is None:
+        row[FAIL_REASON] = trial.user_attrs.get(FAIL_REASON_ATTR)
     return row
 
 
@@ -122,13 +131,13 @@ def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Rows of :func:`trial_row` (with or without ``pareto``) as a trials table, in the order
     given: the columns in their order, timestamps, ``duration_s``, counts as integers."""
     frame = pd.DataFrame(list(rows), columns=_trial_columns(rows))
-    frame["start"] = pd.to_datetime(frame["start"])
-    frame["end"] = pd.to_datetime(frame["end"])
-    frame["duration_s"] = (frame["end"] - frame["start"]).dt.total_seconds()
-    for count in ("epochs_done", "epochs_saved", "epochs_shared", "retries"):
+    frame[START] = pd.to_datetime(frame[START])
+    frame[END] = pd.to_datetime(frame[END])
+    frame[DURATION_S] = (frame[END] - frame[START]).dt.total_seconds()
+    for count in COUNT_COLUMNS:
         frame[count] = frame[count].fillna(0).astype("int64")
-    if "pareto" in frame.columns:
-        frame["pareto"] = frame["pareto"].fillna(False).astype(bool)
+    if PARETO in frame.columns:
+        frame[PARETO] = frame[PARETO].fillna(False).astype(bool)
     return _in_table_order(frame)
 
 
@@ -136,54 +145,41 @@ def trials_frame(
     trials: Iterable[Any],
     metric_names: Sequence[str],
     directions: Sequence[str],
+    reference: Sequence[float],
     annotations: dict[int, dict[str, Any]] | None = None,
     default_method: str = "",
 ) -> pd.DataFrame:
-    """One row per started Optuna trial (``optuna.trial.FrozenTrial``), with the driver's
-    ``annotations`` (by trial number: epoch counts, retries, fail_reason, run ids) merged in."""
+    """The trials table of Optuna's trials (``optuna.trial.FrozenTrial``) built at once, as the
+    driver's :class:`~p3b_search.study.live_table.LiveTrialsTable` builds it trial by trial:
+    one row per started trial, with the driver's ``annotations`` (by trial number: epoch
+    counts, retries, fail_reason, run ids) merged in, and ``pareto`` from the front of its
+    ended trials (:func:`~p3b_search.study.history.replay`; ``reference``: the hypervolume's)."""
     annotations = annotations or {}
     rows = [row for trial in trials
             if (row := trial_row(trial, metric_names, annotations.get(trial.number), default_method)) is not None]
     frame = rows_frame(rows)
-    frame["pareto"] = front_mask(frame, metric_names, directions)
-    return frame.sort_values("number", ignore_index=True)
+    front = replay(frame, metric_names, directions, reference).numbers
+    frame[PARETO] = frame[NUMBER].isin(list(front)).astype(bool)
+    return frame.sort_values(NUMBER, ignore_index=True)
 
 
 def _trial_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     params = sorted({k for row in rows for k in row if k.startswith(PARAM_PREFIX)})
-    extra = ["pareto"] if any("pareto" in row for row in rows) else []
-    return ["number", "state", "method", *params, *FINAL_METRICS, "start", "end", *ANNOTATIONS, *extra]
+    extra = [PARETO] if any(PARETO in row for row in rows) else []
+    return [NUMBER, STATE, METHOD, *params, *FINAL_METRICS, START, END, *ANNOTATIONS, *extra]
 
 
 def _in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame``'s columns in the trials table's order (parameters sorted, ``duration_s`` after
     the annotations, ``pareto`` last)."""
     params = sorted(c for c in frame.columns if c.startswith(PARAM_PREFIX))
-    order = ["number", "state", "method", *params, *FINAL_METRICS, "start", "end", *ANNOTATIONS, "duration_s", "pareto"]
+    order = [NUMBER, STATE, METHOD, *params, *FINAL_METRICS, START, END, *ANNOTATIONS, DURATION_S, PARETO]
     return frame[[c for c in order if c in frame.columns] + [c for c in frame.columns if c not in order]]
 
 
-def front_mask(frame: pd.DataFrame, metric_names: Sequence[str], directions: Sequence[str]) -> np.ndarray:
-    """True for COMPLETE rows of ``frame`` on the Pareto front of ``metric_names`` (rows of
-    ``dense`` trials excluded: they are the reference point)."""
-    mask = np.zeros(len(frame), dtype=bool)
-    complete = ((frame["state"] == "COMPLETE") & ~is_dense(frame)).to_numpy()
-    if complete.any():
-        values = frame.loc[complete, list(metric_names)].to_numpy(dtype=np.float64)
-        mask[np.flatnonzero(complete)] = pareto_mask(values, directions)
-    return mask
-
-
-def is_dense(frame: pd.DataFrame) -> pd.Series:
-    """True for the rows of ``dense`` trials (the reference point of the front)."""
-    if "method" not in frame.columns:
-        return pd.Series(False, index=frame.index)
-    return frame["method"].astype(str) == DENSE_METHOD
-
-
 def front(frame: pd.DataFrame, metric_names: Sequence[str]) -> pd.DataFrame:
-    """The front's rows, best first objective first."""
-    rows = frame[frame["pareto"]]
+    """The front's rows (the ``pareto`` column the driver wrote), best first objective first."""
+    rows = frame[frame[PARETO]]
     return rows.sort_values(list(metric_names), ascending=False, ignore_index=True)
 
 
@@ -246,7 +242,7 @@ def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
         if not path.is_file() and not parts:
             if must_exist:
                 raise StudyError(f"{path}: no trials table: is {layout.root} a study folder (runs/<study name>)?")
-            return pd.DataFrame(columns=["number", "state", *FINAL_METRICS, "pareto"])
+            return pd.DataFrame(columns=[NUMBER, STATE, *FINAL_METRICS, PARETO])
         try:
             frame, seq = _read_table(path)
             updates = [pq.read_table(part).to_pandas() for part_seq, part in parts if part_seq > seq]
@@ -256,7 +252,7 @@ def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
             raise StudyError(f"{path}: cannot read the trials table ({first_line(error)})") from None
         if updates:
             frame = pd.concat([f for f in [frame, *updates] if len(f)] or [frame], ignore_index=True)
-            frame = frame.drop_duplicates("number", keep="last").sort_values("number", ignore_index=True)
+            frame = frame.drop_duplicates(NUMBER, keep="last").sort_values(NUMBER, ignore_index=True)
             frame = _in_table_order(frame)
         missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
         if missing:
@@ -268,7 +264,7 @@ def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
 def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
     """``trials.parquet`` and the last update part it holds (an empty table when missing)."""
     if not path.is_file():
-        return pd.DataFrame(columns=["number"]), 0
+        return pd.DataFrame(columns=[NUMBER]), 0
     table = pq.read_table(path)
     return table.to_pandas(), int((table.schema.metadata or {}).get(UPDATES_KEY, b"0"))
 
@@ -276,7 +272,7 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
 def annotations_of(frame: pd.DataFrame) -> dict[int, dict[str, Any]]:
     """The driver's annotations stored in a trials table (to carry them over a resume)."""
     present = [c for c in ANNOTATIONS if c in frame.columns]
-    return {int(row["number"]): {c: (None if _missing(row[c]) else row[c]) for c in present}
+    return {int(row[NUMBER]): {c: (None if _missing(row[c]) else row[c]) for c in present}
             for _, row in frame.iterrows()}
 
 

@@ -14,13 +14,15 @@ from p3b_search.study.dense import DenseReference
 from p3b_search.study.front import ParetoSummary, study_pareto
 from p3b_search.study.results import front, read_trials
 from p3b_search.study.sections import StudyConfig
+from p3b_search.study.trials_table import STATE, study_done
 
 
 @dataclass
 class StudyOutcome:
     """What a run left: the trials table, its :class:`ParetoSummary`, whether the run was
-    interrupted (``search.py resume`` continues it; from the folder: trials still running) and
-    how long it ran (seconds; NaN when read from the folder)."""
+    interrupted (``search.py resume`` continues it: fewer than ``n_trials`` trials ran to their
+    end, :func:`~p3b_search.study.trials_table.study_done`; read from the folder while the study
+    runs, that is True too) and how long it ran (seconds; NaN when read from the folder)."""
 
     study: StudyConfig
     trials: pd.DataFrame
@@ -62,13 +64,11 @@ class StudyOutcome:
 def study_summary(study: StudyConfig) -> StudyOutcome:
     """The study's current trials and front, read from its folder (works while it runs)."""
     frame = read_trials(study.layout)
-    running = bool(len(frame)) and bool((frame["state"] == "RUNNING").any())
-    return StudyOutcome(study, frame, study_pareto(study, frame), running)
+    return StudyOutcome(study, frame, study_pareto(study, frame), not study_done(frame[STATE], study.n_trials))
 
 
 def study_finished(study: StudyConfig) -> bool:
-    """Whether the study's folder holds ``n_trials`` trials, none of them still running."""
-    if not study.layout.trials_table.exists():
-        return False
-    frame = read_trials(study.layout)
-    return len(frame) >= study.n_trials and not (frame["state"] == "RUNNING").any()
+    """Whether the study's folder holds ``n_trials`` trials that ran to their end (samples that
+    never ran do not count), as the runner counts them
+    (:func:`~p3b_search.study.trials_table.study_done`)."""
+    return study_done(read_trials(study.layout)[STATE], study.n_trials)

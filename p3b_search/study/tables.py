@@ -14,12 +14,27 @@ from collections.abc import Sequence
 import pandas as pd
 
 from p3b_search.study.dense import DenseReference
+from p3b_search.study.trials_table import (
+    DURATION_S,
+    EPOCHS_DONE,
+    EPOCHS_SHARED,
+    FAIL_REASON,
+    KEPT_FRACTION,
+    MACS,
+    METHOD,
+    NUMBER,
+    PARAM_PREFIX,
+    PARAMS,
+    STATE,
+    TOP1,
+    TOP5,
+)
 from p3b_search.units import COUNTS, column_title, prefix_for
 
-PARAM_PREFIX, KNOB_PREFIX = "param.", "method_config."
+KNOB_PREFIX = "method_config."
 #: Cost columns always shown (after the objectives), when the table has them.
-COST_COLUMNS = ("macs", "params", "kept_fraction")
-TRAILING = ("epochs_done", "epochs_shared", "duration_s", "fail_reason")
+COST_COLUMNS = (MACS, PARAMS, KEPT_FRACTION)
+TRAILING = (EPOCHS_DONE, EPOCHS_SHARED, DURATION_S, FAIL_REASON)
 DENSE_LABEL = "dense"
 
 
@@ -28,7 +43,7 @@ def _short_names(params: Sequence[str]) -> dict[str, str]:
     only ``param.`` goes)."""
     bare = {p: p.removeprefix(PARAM_PREFIX) for p in params}
     short = {p: name.removeprefix(KNOB_PREFIX) for p, name in bare.items()}
-    clash = len(set(short.values())) < len(short) or any(s in ("method", "number", "state") for s in short.values())
+    clash = len(set(short.values())) < len(short) or any(s in (METHOD, NUMBER, STATE) for s in short.values())
     return bare if clash else short
 
 
@@ -48,45 +63,45 @@ def _format(name: str, value: float, scale: float, decimals: int = 3) -> str:
         return ""
     if name in COUNTS:
         return f"{value / scale:.{decimals}f}"
-    if name == "kept_fraction":
+    if name == KEPT_FRACTION:
         return f"{value:.3f}"
-    if name in ("top1", "top5"):
+    if name in (TOP1, TOP5):
         return f"{value:.2f}"
     return f"{value:.4g}"
 
 
 def display_table(frame: pd.DataFrame, metric_names: Sequence[str], dense: DenseReference | None = None) -> pd.DataFrame:
     """The printable table of ``frame`` (trials or front rows) with the dense row on top."""
-    params = [c for c in frame.columns if c.startswith(PARAM_PREFIX) and c != f"{PARAM_PREFIX}method"]
+    params = [c for c in frame.columns if c.startswith(PARAM_PREFIX) and c != f"{PARAM_PREFIX}{METHOD}"]
     values = _value_columns(frame, metric_names)
     rows = frame.copy()
     if dense is not None:
-        reference = {"number": DENSE_LABEL, "state": "reference", "method": DENSE_LABEL,
-                     **{n: dense.get(n) for n in values}, "kept_fraction": 1.0}
-        rows = pd.concat([pd.DataFrame([reference]), rows.astype({"number": object})], ignore_index=True)
+        reference = {NUMBER: DENSE_LABEL, STATE: "reference", METHOD: DENSE_LABEL,
+                     **{n: dense.get(n) for n in values}, KEPT_FRACTION: 1.0}
+        rows = pd.concat([pd.DataFrame([reference]), rows.astype({NUMBER: object})], ignore_index=True)
     out = pd.DataFrame(index=rows.index)
-    for column in ("number", "state", "method"):
+    for column in (NUMBER, STATE, METHOD):
         if column in rows.columns:
             out[column] = rows[column].astype(object).where(rows[column].notna(), "")
     for column, short in _short_names(params).items():
         out[short] = [_plain(v) for v in rows[column]]
     for name in values:
         prefix, scale = prefix_for(rows[name].astype(float)) if name in COUNTS else ("", 1.0)
-        title = "kept fraction" if name == "kept_fraction" else column_title(name, prefix)
+        title = "kept fraction" if name == KEPT_FRACTION else column_title(name, prefix)
         decimals = _decimals(rows[name].astype(float), scale)
         out[title] = [_format(name, v, scale, decimals) for v in rows[name].astype(float)]
     for column in TRAILING:
         if column in rows.columns and _worth_showing(rows[column], column):
-            out["duration (s)" if column == "duration_s" else column] = [_plain(v) for v in rows[column]]
+            out["duration (s)" if column == DURATION_S else column] = [_plain(v) for v in rows[column]]
     return out
 
 
 def _worth_showing(values: pd.Series, column: str) -> bool:
     """Whether a trailing column says something: a value in some row (a non-empty
     ``fail_reason``; a trial that restored epochs from a shared prefix)."""
-    if column == "fail_reason":
+    if column == FAIL_REASON:
         return bool(values.fillna("").astype(bool).any())
-    if column == "epochs_shared":
+    if column == EPOCHS_SHARED:
         return bool(values.fillna(0).astype(bool).any())
     return bool(values.notna().any())
 

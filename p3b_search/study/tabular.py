@@ -46,8 +46,9 @@ from p3b_search.study.layout import StudyLayout
 from p3b_search.study.loading import parse_study, study_from_folder
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pareto import normalized_hypervolume
-from p3b_search.study.results import PARAM_PREFIX, is_dense, read_epochs, read_trials, write_parquet_atomic
+from p3b_search.study.results import read_epochs, read_trials, write_parquet_atomic
 from p3b_search.study.sections import StudyConfig
+from p3b_search.study.trials_table import DURATION_S, METHOD, NUMBER, PARAM_PREFIX, complete_rows, is_dense
 
 SEED_KEY = "training.seed"
 METADATA_KEY = b"p3b:tabular"
@@ -96,23 +97,24 @@ def build_table(study: StudyConfig, trials: pd.DataFrame, epochs: pd.DataFrame) 
     Raises :class:`StudyError` when a COMPLETE trial lacks an epoch of its curve.
     """
     _check_objectives(study)
-    complete = trials[(trials["state"] == "COMPLETE") & ~is_dense(trials)]
+    complete = complete_rows(trials)
+    complete = complete[~is_dense(complete)]
     total = epochs_per_trial(study)
-    curves = epochs[epochs["trial"].isin(complete["number"])] if len(epochs) else epochs
+    curves = epochs[epochs["trial"].isin(complete[NUMBER])] if len(epochs) else epochs
     counts = curves.groupby("trial")["epoch"].nunique() if len(curves) else pd.Series(dtype=int)
-    short = [int(n) for n in complete["number"] if counts.get(n, 0) != total]
+    short = [int(n) for n in complete[NUMBER] if counts.get(n, 0) != total]
     if short:
         raise StudyError(f"{study.layout.root}: trial(s) {short[:5]} finished without all {total} epochs of their "
                          "learning curve under epochs/: the table needs whole curves (rerun those trials)")
     seed_column = PARAM_PREFIX + SEED_KEY
     params = sorted(c for c in complete.columns if c.startswith(PARAM_PREFIX) and c != seed_column)
-    per_trial = complete[["number", "method", *params]].rename(columns={"number": "trial"})
+    per_trial = complete[[NUMBER, METHOD, *params]].rename(columns={NUMBER: "trial"})
     per_trial["seed"] = (complete[seed_column] if seed_column in complete.columns
                          else pd.Series(study.training.seed, index=complete.index)).astype("int64")
     for name in ("top1", "macs", "kept_fraction"):
         per_trial[f"final_{name}"] = complete[name].astype(float)
-    per_trial["duration_s"] = complete["duration_s"].astype(float)
-    finals = complete.set_index("number")
+    per_trial[DURATION_S] = complete[DURATION_S].astype(float)
+    finals = complete.set_index(NUMBER)
     rows = curves.reindex(columns=["trial", *EPOCH_COLUMNS]).copy()
     rows["trial"] = rows["trial"].astype("int64")
     for column, final in FINETUNE_COSTS.items():

@@ -25,17 +25,16 @@ from mlflow.utils.validation import (
 
 from p3b_search.credentials import redact_secrets, resolve_url
 from p3b_search.study.front_figures import save_files
+from p3b_search.study.trials_table import PARETO
 
 STUDY_TAG = "p3b.study"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "trial_number"
 STATE_TAG = "state"
 REASON_TAG = "state_reason"
-PARETO_TAG = "pareto"
+PARETO_TAG = PARETO  # the trials table's column name: "true" on the current front
 #: Trial states and the MLflow run status each ends with.
 RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
-#: Column of the trials table holding a trial's child run id.
-RUN_ID_COLUMN = "mlflow_run_id"
 #: Where ``search.py ui`` serves an embedded store by default.
 LOCAL_UI = "http://127.0.0.1:5000"
 

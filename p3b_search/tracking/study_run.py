@@ -38,7 +38,6 @@ from p3b_search.tracking.client import (
     PARENT_TAG,
     PARETO_TAG,
     REASON_TAG,
-    RUN_ID_COLUMN,
     RUN_STATUS,
     STATE_TAG,
     STUDY_TAG,
@@ -55,6 +54,7 @@ from p3b_search.tracking.client import (
     tag,
     ui_url,
 )
+from p3b_search.study.trials_table import MLFLOW_RUN_ID, NUMBER
 from p3b_search.tracking.trial_run import ChildRunFactory
 
 #: Parent-run metrics of the hypervolume history, at step = trial-epochs spent.
@@ -62,8 +62,6 @@ HISTORY_METRICS = ("history/hypervolume", "history/hypervolume_normalized")
 
 logger = logging.getLogger(__name__)
 
-#: Column of the trials table that finds a child run by trial number.
-NUMBER_COLUMN = "number"
 ARTIFACT_DIR_PARETO = "pareto"
 
 
@@ -264,14 +262,14 @@ class StudyTracker:
         warn: the study goes on.
         """
         finished = summary.finished
-        if NUMBER_COLUMN not in finished.columns and RUN_ID_COLUMN not in finished.columns:
-            raise ValueError(f"trials table needs a {NUMBER_COLUMN!r} or {RUN_ID_COLUMN!r} column to find the child runs")
+        if NUMBER not in finished.columns and MLFLOW_RUN_ID not in finished.columns:
+            raise ValueError(f"trials table needs a {NUMBER!r} or {MLFLOW_RUN_ID!r} column to find the child runs")
         with contextlib.ExitStack() as stack:
             folder = save_to if save_to is not None else stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="p3b-mlflow-"))
             try:
-                summary = summary.with_columns(**{RUN_ID_COLUMN: self._run_ids(finished)})
-                self._move_pareto_tags(set(summary.front[RUN_ID_COLUMN].dropna()))
+                summary = summary.with_columns(**{MLFLOW_RUN_ID: self._run_ids(finished)})
+                self._move_pareto_tags(set(summary.front[MLFLOW_RUN_ID].dropna()))
                 save_files(front_files(summary, self.study_name, self.run_link), folder)
                 self._publish_front(folder, summary)
             except (MlflowException, OSError) as error:
@@ -289,8 +287,8 @@ class StudyTracker:
     def _run_ids(self, trials: pd.DataFrame) -> list[str | None]:
         """The child run of each row: its ``mlflow_run_id`` when given, else found by trial number
         (the store is searched only when a row's run is not known yet)."""
-        given = trials[RUN_ID_COLUMN] if RUN_ID_COLUMN in trials.columns else pd.Series([None] * len(trials))
-        numbers = trials[NUMBER_COLUMN] if NUMBER_COLUMN in trials.columns else pd.Series([None] * len(trials))
+        given = trials[MLFLOW_RUN_ID] if MLFLOW_RUN_ID in trials.columns else pd.Series([None] * len(trials))
+        numbers = trials[NUMBER] if NUMBER in trials.columns else pd.Series([None] * len(trials))
         numbers = [None if pd.isna(n) else int(n) for n in numbers]
         known = [isinstance(run_id, str) and bool(run_id) for run_id in given]
         if any(not k and n is not None and n not in self._child_runs for k, n in zip(known, numbers)):
@@ -341,6 +339,6 @@ class StudyTracker:
         metrics += self._history_metrics(state.history, timestamp)
         front = state.front
         log_batch(self.client, self.parent_run_id, metrics=metrics,
-                   tags=[tag("pareto.knee_run_id", run_id) for run_id in front.loc[front["knee"], RUN_ID_COLUMN]
+                   tags=[tag("pareto.knee_run_id", run_id) for run_id in front.loc[front["knee"], MLFLOW_RUN_ID]
                          if isinstance(run_id, str)])
 
