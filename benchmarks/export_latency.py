@@ -33,14 +33,14 @@ from pathlib import Path
 
 import timm
 import torch
+from shrink_latency import masks_for_prune_ratio
 from torch import nn
 
 from p3b_search.cost import model_cost, torch_macs
-from p3b_search.timing import time_models
 from p3b_search.export.runtimes import RUNTIMES, check_runtime, prepare
 from p3b_search.surgery import ArchSpec, get_adapter, shrink_model
 from p3b_search.surgery.rounding import round_widths
-from shrink_latency import masks_for_prune_ratio
+from p3b_search.timing import time_models
 
 MATCH_TOLERANCE = 0.005
 

@@ -36,7 +36,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log, record t
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "CUDA is not available: nothing to check" | tee -a "$summary"; exit 1; }
 
-step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -k "cuda" tests/test_training.py tests/test_export.py
+step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -k "cuda" tests/training/test_training.py tests/export/test_export.py
 step p3b_step_ratio 180 "$py" -m benchmarks.p3b_overhead --model deit_small --device cuda --threads 4 \
     --repeats 3 --epochs 1 --steps 12 --variant default: --variant full:aux_batch_fraction=1,aux_every=1
 step study_two_trials_one_gpu 150 "$py" search.py run studies/gpu_check.yaml --output-dir "$out/runs"

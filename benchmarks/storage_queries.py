@@ -31,7 +31,7 @@ import psycopg
 
 from tests.cluster.conftest import Postgres, _postgres_bin, _service_account
 from tests.cluster.support import STUDY_TIMEOUT_S, write_cluster_study
-from tests.test_runner import OBJECTIVE
+from tests.search.test_runner import OBJECTIVE
 
 REPO = Path(__file__).resolve().parents[1]
 

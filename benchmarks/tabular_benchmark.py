@@ -215,11 +215,11 @@ def simulate_figure(trajectories: pd.DataFrame, best: float, path: Path) -> None
 
 
 def simulate(args: argparse.Namespace) -> None:
-    from p3b_search.search.replay import REFERENCE, Arm, ReplaySettings, check_arms, replay
-    from p3b_search.study.tabular import read_table
-
     import optuna
     import torch
+
+    from p3b_search.search.replay import REFERENCE, Arm, ReplaySettings, check_arms, replay
+    from p3b_search.study.tabular import read_table
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. GP's fallback on the conditional space, every trial
     torch.set_num_threads(1)  # GP's small tensors: one thread is fastest (and the replay runs on one core)

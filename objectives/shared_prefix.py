@@ -14,7 +14,7 @@ unless that exists already.
 
 Restoring the prefix's method state into a trial with other knobs is sound because a method's
 state before it acts holds nothing derived from them (all-one gates, empty windows, no
-allocation); ``tests/test_shared_prefix.py`` shows such trials end bit-identical to the same
+allocation); ``tests/objectives/test_shared_prefix.py`` shows such trials end bit-identical to the same
 trials trained from scratch.
 """
 from __future__ import annotations

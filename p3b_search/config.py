@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 #: Data kinds generated from what the installed packages ship (no ``root``; a source domain for pretraining).
 EMBEDDED_TASKS = ("digits", "glyphs")
 

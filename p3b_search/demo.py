@@ -16,10 +16,10 @@ import torch
 
 from p3b_search.config import DataConfig, ModelConfig, StageConfig, TrainingConfig
 from p3b_search.data import build_loaders
+from p3b_search.files import CACHE_ENV
 from p3b_search.models import DIGITS_VIT
 from p3b_search.training.build import build_model
 from p3b_search.training.loop import train_stage
-from p3b_search.files import CACHE_ENV
 from p3b_search.training.pretrain import source_metrics, source_pretrained_weights
 from p3b_search.training.rng import seed_everything
 

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from p3b_search.config import EMBEDDED_TASKS, DataConfig
 from p3b_search.data.digits import DOMAIN_CLASSES, digits_datasets
-from p3b_search.data.glyphs import GLYPHS, glyphs_datasets
 from p3b_search.data.folders import cifar_datasets, image_folder_datasets
+from p3b_search.data.glyphs import GLYPHS, glyphs_datasets
 from p3b_search.distributed import rank_and_world
 
 

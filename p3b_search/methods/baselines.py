@@ -29,7 +29,6 @@ from pydantic import Field
 from torch import nn
 
 from p3b_search.methods.base import register_method
-from p3b_search.methods.ramp import ramp_keep_ratios
 from p3b_search.methods.gated import (
     GatedPruning,
     GatedPruningConfig,
@@ -37,9 +36,10 @@ from p3b_search.methods.gated import (
     TaylorGatedPruning,
     per_gate_ranks,
 )
+from p3b_search.methods.hooks import StepInfo
+from p3b_search.methods.ramp import ramp_keep_ratios
 from p3b_search.methods.selection import soft_mask, walk_threshold
 from p3b_search.methods.unit_weights import residual_weight_norms, unit_weight_norms
-from p3b_search.methods.hooks import StepInfo
 
 
 class UniformMagnitudeConfig(GatedPruningConfig):

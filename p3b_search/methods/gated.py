@@ -32,7 +32,7 @@ from torch import nn
 from p3b_search.cost import SubBlockCost, dense_sub_block_params, model_cost, sub_block_cost
 from p3b_search.methods.allocation import allocation_row
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, SharedPrefix
-from p3b_search.methods.target import block_params_target
+from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.ramp import KeepRatioRamp
 from p3b_search.methods.schedule import PruneSchedule
 from p3b_search.methods.selection import (
@@ -44,10 +44,10 @@ from p3b_search.methods.selection import (
     taylor_terms,
     walk_threshold,
 )
+from p3b_search.methods.target import block_params_target
 from p3b_search.methods.window import WindowedSum
 from p3b_search.surgery import BlockMasks, GateSet, ModelAdapter, attach_gates, get_adapter, shrink_model
 from p3b_search.surgery.gates import ResidualMasks, masked_sizes
-from p3b_search.methods.hooks import StepInfo
 
 NAN = float("nan")
 

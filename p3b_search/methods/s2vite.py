@@ -38,9 +38,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from p3b_search.cost import model_cost
+from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.allocation import structured_allocation_rows, structured_metrics
 from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
-from p3b_search.distributed import average_across_ranks
+from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.sparsity import FreshAdamSteps, drop_and_grow, keep_largest, zero_optimizer_state
 from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
 from p3b_search.methods.target import check_kept, kept_target, solve_monotone
@@ -55,7 +56,6 @@ from p3b_search.surgery import (
     get_adapter,
     shrink_model,
 )
-from p3b_search.methods.hooks import StepInfo
 
 #: the unit group S²ViTE prunes in each kind of sub-block
 UNIT_GROUP = {"attn": "heads", "mlp": "hidden"}

@@ -24,8 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from p3b_search.cost import model_cost, weight_uses_per_image
 from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
-from p3b_search.surgery import get_adapter
 from p3b_search.methods.hooks import StepInfo, TrainingHooks
+from p3b_search.surgery import get_adapter
 
 
 def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:

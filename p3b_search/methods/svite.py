@@ -26,13 +26,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from p3b_search.distributed import average_across_ranks
 from p3b_search.methods.allocation import allocation_rows
 from p3b_search.methods.base import (
     MethodConfig,
     PrunedModel,
     register_method,
 )
-from p3b_search.distributed import average_across_ranks
+from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.sparsity import (
     FreshAdamSteps,
     UnstructuredMethod,
@@ -42,7 +43,6 @@ from p3b_search.methods.sparsity import (
 )
 from p3b_search.methods.target import kept_target
 from p3b_search.surgery import ModelAdapter, get_adapter
-from p3b_search.methods.hooks import StepInfo
 
 
 class PruneGrowConfig(MethodConfig):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Experiment
-from ray.tune.search import SearchGenerator, Searcher
+from ray.tune.search import Searcher, SearchGenerator
 
 from p3b_search.search.session import LiveStudy
 from p3b_search.study.sections import StudyConfig

@@ -43,7 +43,6 @@ from typing import Any, Callable
 import optuna
 import yaml
 from optuna.trial import TrialState
-
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 

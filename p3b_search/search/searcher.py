@@ -55,9 +55,9 @@ from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER, objective_key
 from p3b_search.stores import open_shared_store
 from p3b_search.study.dimensions import config_key, grid_point_count
 from p3b_search.study.messages import StudyError
-from p3b_search.study.trials_table import DUPLICATE_ATTR, FAIL_REASON_ATTR, FINAL_ATTR, FINAL_METRICS, RAY_TRIAL_ATTR
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.trials import trial_config
+from p3b_search.study.trials_table import DUPLICATE_ATTR, FAIL_REASON_ATTR, FINAL_ATTR, FINAL_METRICS, RAY_TRIAL_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class FrontSafeOptunaSearch(Searcher):
         while self._lost:
             number = self._lost.pop(0)
             # Optuna's own Trial of the stored record (no public call hands out a trial another
-            # driver asked): define-by-run sampling continues it. tests/test_runner.py pins what
+            # driver asked): define-by-run sampling continues it. tests/search/test_runner.py pins what
             # this relies on (test_optunas_trial_of_a_stored_running_trial_continues_its_sampling).
             try:
                 params = suggest_params(optuna.Trial(study, self._trial_id(number)), self._study_config)

@@ -32,10 +32,11 @@ from p3b_search.search.saved_checkpoints import SAVED_DIR, SavedCheckpoints
 from p3b_search.study.results import TrialPartWriter
 from p3b_search.study.sections import StudyConfig
 from p3b_search.study.tracking import TrialRunFactory
+from p3b_search.study.trials import trial_config
+
 # result keys named as the trials table's columns they fill: the trial's child run, the Ray node a
 # trial (attempt) runs on, the epochs covered by its newest saved checkpoint when it reported
 from p3b_search.study.trials_table import EPOCHS_SAVED, MLFLOW_RUN_ID, RAY_NODE_ID
-from p3b_search.study.trials import trial_config
 
 TRIAL_NUMBER = "trial_number"
 FINISHED = "trial_finished"

@@ -21,10 +21,10 @@ from p3b_search.study.dimensions import MAX_GRID_POINTS, Dimension, grid_point_c
 from p3b_search.study.field_error import FieldError, got
 from p3b_search.study.knobs import method_knobs
 from p3b_search.study.messages import StudyError, did_you_mean, first_model, join_path, message_of
-from p3b_search.study.trials_table import DENSE_METHOD
 from p3b_search.study.rungs import EPOCH_COSTS
 from p3b_search.study.sections import MAXIMIZED, StudyConfig
 from p3b_search.study.trials import grid_configs, trial_config
+from p3b_search.study.trials_table import DENSE_METHOD
 
 _MAX_CROSS_CHECKS = 256
 

@@ -37,9 +37,9 @@ from p3b_search.study.checks import method_pair_problem
 from p3b_search.study.messages import StudyError
 from p3b_search.study.pairwise import PairPlan, omnibus_table, pairs_table, ratio_methods
 from p3b_search.study.results import read_allocations
-from p3b_search.study.trials_table import DENSE_METHOD, METHOD, NUMBER, PARAM_PREFIX, complete_rows
 from p3b_search.study.sections import CompareSection, StudyConfig, method_pair
 from p3b_search.study.trials import trial_config
+from p3b_search.study.trials_table import DENSE_METHOD, METHOD, NUMBER, PARAM_PREFIX, complete_rows
 
 CORE_METHOD = "p3b"
 REFERENCE_METHOD = DENSE_METHOD

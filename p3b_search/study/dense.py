@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from p3b_search.config import EMBEDDED_TASKS
-from p3b_search.study.trials_table import STATE, complete_rows, is_dense
 from p3b_search.study.sections import MAXIMIZED, StudyConfig
+from p3b_search.study.trials_table import STATE, complete_rows, is_dense
 from p3b_search.units import FLOPS_PER_MAC, value_text
 
 ACCURACIES = ("top1", "top5")

@@ -13,9 +13,9 @@ import math
 from abc import abstractmethod
 from collections.abc import Mapping
 from decimal import Decimal
-import numpy as np
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import BaseTrial
 from pydantic import Field

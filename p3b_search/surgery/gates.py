@@ -41,8 +41,8 @@ from __future__ import annotations
 from typing import Callable, Iterator, Literal
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from p3b_search.surgery.adapters import GROUPS, BranchSizes, ModelAdapter, SubBlock

@@ -8,7 +8,7 @@ the UI would look for them there. :func:`follow_moved_folder` rewrites those loc
 study's own SQLite store, from the old folder's ``mlartifacts`` to the new one's.
 
 It writes the columns of MLflow's SQL schema that hold them (:data:`LOCATION_COLUMNS`);
-``tests/test_mlflow_tracker.py`` pins that MLflow reads its locations from these columns, and
+``tests/tracking/test_study_tracking.py`` pins that MLflow reads its locations from these columns, and
 an MLflow upgrade that moves them fails there (or here, with "no such column").
 """
 from __future__ import annotations

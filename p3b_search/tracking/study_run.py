@@ -33,6 +33,7 @@ from p3b_search.stores import open_shared_store
 from p3b_search.study.front import ParetoSummary
 from p3b_search.study.front_figures import save_files
 from p3b_search.study.front_report import front_files
+from p3b_search.study.trials_table import MLFLOW_RUN_ID, NUMBER
 from p3b_search.tracking.client import (
     LOCAL_UI,
     PARENT_TAG,
@@ -44,17 +45,16 @@ from p3b_search.tracking.client import (
     TRIAL_TAG,
     TrackingStoreError,
     check_server,
-    open_client,
     json_default,
     log_batch,
     now_ms,
+    open_client,
     param,
     quote,
     search_all,
     tag,
     ui_url,
 )
-from p3b_search.study.trials_table import MLFLOW_RUN_ID, NUMBER
 from p3b_search.tracking.trial_run import ChildRunFactory
 
 #: Parent-run metrics of the hypervolume history, at step = trial-epochs spent.

@@ -40,8 +40,8 @@ from p3b_search.distributed import (
     rank_and_world,
     sum_across_ranks,
 )
-from p3b_search.training.checkpoint import load_checkpoint, save_checkpoint
 from p3b_search.methods.hooks import StepInfo, TrainingHooks
+from p3b_search.training.checkpoint import load_checkpoint, save_checkpoint
 from p3b_search.training.rng import rng_state, set_rng_state
 from p3b_search.training.schedule import build_scheduler, scaled_lr
 

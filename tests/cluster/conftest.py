@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cluster import _env as cluster_env
-from tests.test_cluster import _free_port as free_port
-from tests.test_faults import _kill_session as kill_session
+from tests.search.test_cluster import _env as cluster_env
+from tests.search.test_cluster import _free_port as free_port
+from tests.search.test_faults import _kill_session as kill_session
 
 PG_USER = "p3b"
 NODE_CPUS = 1

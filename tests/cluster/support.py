@@ -12,16 +12,16 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from p3b_search.credentials import resolve_url
+from p3b_search.search.trainable import RAY_NODE_ID
 from p3b_search.study.loading import load_study
 from p3b_search.study.results import read_trials
 from p3b_search.study.sections import StudyConfig
-from p3b_search.search.trainable import RAY_NODE_ID
 from p3b_search.tracking.client import PARETO_TAG, TRIAL_TAG
 from tests.driver_kill import killing
-from tests.test_cluster import _env as cluster_env
-from tests.test_faults import STUDY, _children
-from tests.test_runner import _cli as cli
-from tests.test_runner import write_study
+from tests.search.test_cluster import _env as cluster_env
+from tests.search.test_faults import STUDY, _children
+from tests.search.test_runner import _cli as cli
+from tests.search.test_runner import write_study
 
 STUDY_TIMEOUT_S = 300
 

@@ -20,8 +20,8 @@ import torch
 from mlflow import MlflowClient
 
 from p3b_search.reporting import TrialReporter
-from p3b_search.study.trials import trial_config
 from p3b_search.search.trainable import RAY_NODE_ID
+from p3b_search.study.trials import trial_config
 from tests.cluster.support import (
     STUDY_TIMEOUT_S,
     assert_complete_once,
@@ -31,14 +31,14 @@ from tests.cluster.support import (
     wait_for_rows,
     write_cluster_study,
 )
+from tests.search.test_faults import _kill_session as kill_session
 from tests.search_objective import most_running
-from tests.test_faults import _kill_session as kill_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 DATABASE_DOWN_S = 5.0
 TRACKING_DOWN_S = 20.0
-EPOCHS = 4  # prune + fine-tune epochs of the study (tests.test_faults.STUDY)
+EPOCHS = 4  # prune + fine-tune epochs of the study (tests.search.test_faults.STUDY)
 
 
 def _mid_trial(frame) -> bool:

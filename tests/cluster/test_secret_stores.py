@@ -31,10 +31,10 @@ from p3b_search.search.stores_preflight import check_stores
 from p3b_search.study.loading import load_study
 from p3b_search.study.messages import StudyError
 from p3b_search.tracking.client import PARENT_TAG
-from tests.test_cluster import _env as cluster_env
-from tests.test_faults import STUDY
-from tests.test_runner import ROOT
-from tests.test_runner import _cli as cli
+from tests.search.test_cluster import _env as cluster_env
+from tests.search.test_faults import STUDY
+from tests.search.test_runner import ROOT
+from tests.search.test_runner import _cli as cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

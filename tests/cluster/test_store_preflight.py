@@ -12,8 +12,8 @@ import sys
 import pytest
 
 import search
+from tests.search.test_runner import ROOT, write_study
 from tests.test_bad_input import _ray_running, _tree
-from tests.test_runner import ROOT, write_study
 
 pytestmark = pytest.mark.cluster
 

@@ -15,7 +15,7 @@ from tests.cluster.support import (
     start_driver,
     write_cluster_study,
 )
-from tests.test_faults import _kill_session as kill_session
+from tests.search.test_faults import _kill_session as kill_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

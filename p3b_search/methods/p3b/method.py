@@ -33,12 +33,12 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from p3b_search.methods.base import register_method
+from p3b_search.methods.gated import IterativePruningConfig, TaylorGatedPruning, per_gate_ranks
+from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.methods.p3b.budget import BudgetAllocation, allocate_budget
 from p3b_search.methods.ramp import ramp_keep_ratios
-from p3b_search.methods.gated import IterativePruningConfig, TaylorGatedPruning, per_gate_ranks
 from p3b_search.methods.window import WindowedSum
-from p3b_search.methods.hooks import StepInfo
 
 AUX_HEADS_ATTR = "p3b_aux_heads"
 #: The heads on half of every 2nd micro-batch (a quarter of their cost): on the glyphs benchmark
