@@ -90,6 +90,14 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
+def read_parquet_once(path: Path) -> pa.Table:
+    """The Parquet file at ``path``, read through one open file: a writer that replaces it
+    meanwhile (:func:`write_parquet_atomic`) cannot mix its footer with another version's pages,
+    as ``pq.read_table(path)``, which opens the path more than once, can."""
+    with open(path, "rb") as file:
+        return pq.read_table(file)
+
+
 def _uniform(values: list[Any]) -> bool:
     """Whether Arrow can store ``values`` as one column type (else: store them as text)."""
     try:
@@ -245,7 +253,7 @@ def read_trials(layout: StudyLayout, must_exist: bool = False) -> pd.DataFrame:
             return pd.DataFrame(columns=[NUMBER, STATE, *FINAL_METRICS, PARETO])
         try:
             frame, seq = _read_table(path)
-            updates = [pq.read_table(part).to_pandas() for part_seq, part in parts if part_seq > seq]
+            updates = [read_parquet_once(part).to_pandas() for part_seq, part in parts if part_seq > seq]
         except FileNotFoundError:
             continue  # the driver rewrote the table and deleted parts while we read: read again
         except Exception as error:  # noqa: BLE001  (pyarrow raises several types for corrupt files)
@@ -265,7 +273,7 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
     """``trials.parquet`` and the last update part it holds (an empty table when missing)."""
     if not path.is_file():
         return pd.DataFrame(columns=[NUMBER]), 0
-    table = pq.read_table(path)
+    table = read_parquet_once(path)
     return table.to_pandas(), int((table.schema.metadata or {}).get(UPDATES_KEY, b"0"))
 
 
@@ -312,9 +320,9 @@ def read_parts(parts: Path) -> pd.DataFrame:
     tables = []
     for path in sorted(parts.glob("*/part-*.parquet")):
         try:
-            tables.append(pq.read_table(path))
-        except (OSError, pa.ArrowInvalid):
-            continue  # replaced between glob and read
+            tables.append(read_parquet_once(path))
+        except FileNotFoundError:
+            continue  # deleted between glob and read (its trial restarted from an earlier epoch)
     if not tables:
         return pd.DataFrame(columns=["trial"])
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
@@ -353,9 +361,9 @@ class PartsMerger:
         tables = []
         for path in sorted(folder.glob("part-*.parquet")):
             try:
-                tables.append(pq.read_table(path))
-            except (OSError, pa.ArrowInvalid):
-                continue  # replaced between glob and read
+                tables.append(read_parquet_once(path))
+            except FileNotFoundError:
+                continue  # deleted between glob and read (its trial restarted from an earlier epoch)
         return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
     def merge(self, final_trials: Container[int] = ()) -> int:
