@@ -35,6 +35,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from p3b_search.study.trials_table import RUNNING, STATE
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "studies" / "quickstart.yaml"
 OBJECTIVE = "tests.search_objective:run_trial"
@@ -274,7 +276,7 @@ def main() -> None:
     sampler.stop()
     elapsed = time.perf_counter() - began
     trials = pd.read_parquet(folder / args.name / "trials.parquet")
-    if code_rc != 0 or len(trials) != args.trials or (trials["state"] == "RUNNING").any():
+    if code_rc != 0 or len(trials) != args.trials or (trials[STATE] == RUNNING).any():
         print(f"warning: search.py run ended with rc {code_rc} (see {folder / f'{args.name}.log'}) and "
               f"trials.parquet has {len(trials)} rows ({trials['state'].value_counts().to_dict()}): the figures "
               "below cover the trials that ended")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from p3b_search.study.trials_table import EPOCHS_DONE, FAIL, PRUNED, STATE
+
 
 def arm(study, seed: int, stopping: bool):
     """The study with the sampler seed and early stopping of one arm, in its own folder."""
@@ -47,8 +49,8 @@ def measure(study) -> dict[str, float]:
     box = 1.0
     for i, (name, reference) in enumerate(zip(study.metric_names, outcome.reference)):
         box *= (100.0 - reference) if i == top1_index else reference
-    return {"trials": len(trials), "stopped": int((trials["state"] == "PRUNED").sum()),
-            "failed": int((trials["state"] == "FAIL").sum()), "trial_epochs": int(trials["epochs_done"].sum()),
+    return {"trials": len(trials), "stopped": int((trials[STATE] == PRUNED).sum()),
+            "failed": int((trials[STATE] == FAIL).sum()), "trial_epochs": int(trials[EPOCHS_DONE].sum()),
             "front": len(outcome.front), "hypervolume": outcome.hypervolume, "hv_normalised": outcome.hypervolume / box,
             "wall_s": float(trials["duration_s"].sum())}
 

@@ -46,6 +46,7 @@ from benchmarks.study_variants import (
     run_search,
     write_variant,
 )
+from p3b_search.study.trials_table import COMPLETE, NUMBER, STATE
 
 Timing = dict[str, float]  # trial_s, epochs_s and, for framework trials, inside_s
 
@@ -111,8 +112,8 @@ def run_framework(path: Path, trials: int) -> tuple[list[Timing], float]:
 
     command = run_search(path)
     layout = load_study(path).layout
-    frame = read_trials(layout).sort_values("number")
-    if list(frame["state"]) != ["COMPLETE"] * trials:
+    frame = read_trials(layout).sort_values(NUMBER)
+    if list(frame[STATE]) != [COMPLETE] * trials:
         raise SystemExit(f"{path}: expected {trials} COMPLETE trials, got {list(frame['state'])}")
     timings = []
     for _, row in frame.iterrows():

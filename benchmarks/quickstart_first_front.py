@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.study_variants import QUICKSTART, REPO, load_line, run_search, write_variant
+from p3b_search.study.trials_table import COMPLETE, STATE
 
 RAW = REPO / "benchmarks" / "results" / "quickstart_first_front.parquet"
 COLUMNS = ["number", "method", "param.method_config.prune_ratio", "param.method_config.prune_start_epoch",
@@ -38,7 +39,7 @@ def run(seeds: list[int], folder: Path) -> None:
         wall = float("nan") if study.layout.trials_table.is_file() else run_search(study_file)
         print(f"sampler seed {seed}: {wall:.0f} s wall ({before} before, {load_line()} after)")
         trials = read_trials(study.layout)
-        done = trials[trials["state"] == "COMPLETE"][COLUMNS].copy()
+        done = trials[trials[STATE] == COMPLETE][COLUMNS].copy()
         done["macs_fraction"] = done["macs"] / dense_cost(study)["macs"]
         frames.append(done.assign(sampler_seed=seed, dense_top1=study.dense_reference.top1, study_wall_s=wall))
     pd.concat(frames, ignore_index=True).to_parquet(RAW, index=False)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.study_variants import QUICKSTART, load_line, run_search, write_variant
+from p3b_search.study.trials_table import COMPLETE, STATE
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
         command_s = run_search(path)
         trials = read_trials(load_study(path).layout)
         span = (trials["end"].max() - trials["start"].min()).total_seconds()
-        rates[concurrency] = 3600 * (trials["state"] == "COMPLETE").sum() / span
+        rates[concurrency] = 3600 * (trials[STATE] == COMPLETE).sum() / span
         print(f"concurrency {concurrency}: {rates[concurrency]:.0f} trials/h over {span:.0f} s "
               f"(command {command_s:.0f} s; {load_line()})", flush=True)
     first = args.concurrency[0]

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.study_variants import QUICKSTART, load_line, run_search, write_variant
+from p3b_search.study.trials_table import COMPLETE, NUMBER, STATE
 
 
 def hypervolumes(study_file: Path, checkpoints: list[int]) -> dict[int, float]:
@@ -35,7 +36,7 @@ def hypervolumes(study_file: Path, checkpoints: list[int]) -> dict[int, float]:
     frame = read_trials(study.layout).sort_values("number")
     out = {}
     for n in checkpoints:
-        first = frame[(frame["number"] < n) & (frame["state"] == "COMPLETE")]
+        first = frame[(frame[NUMBER] < n) & (frame[STATE] == COMPLETE)]
         values = first[study.metric_names].to_numpy(float)
         out[n] = hypervolume(values, study.directions, reference) / box if len(first) else 0.0
     return out

@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from p3b_search.stats import CONFIDENCE, t_interval
+from p3b_search.study.trials_table import PRUNED, STATE
 
 RESULTS = Path(__file__).parent / "results"
 TABLE = RESULTS / "tabular_glyphs.parquet"
@@ -118,7 +119,7 @@ def arm_summary(trajectories: pd.DataFrame, best: float, timings: dict[str, floa
                      "hv_at_common": _interval(hypervolume_at(runs, np.array([common]))[:, 0]),
                      "epochs_to_target": _interval(reached, 1), "reached": f"{len(reached)}/{len(reach)}",
                      "trial_epochs": float(last["trial_epochs"].mean()),
-                     "stopped": float((runs["state"] == "PRUNED").sum() / len(last)),
+                     "stopped": float((runs[STATE] == PRUNED).sum() / len(last)),
                      "wall_h": float(last["wall_s"].mean() / 3600), "missing": float(last["missing"].mean()),
                      "seconds_per_run": timings[f"{sampler}/{scheduler}"]})
     frame = pd.DataFrame(rows)
