@@ -3,9 +3,11 @@
     python benchmarks/driver_scaling.py --trials 2000 --out benchmarks/results/driver_scaling.json
     python benchmarks/driver_scaling.py --trials 500 --code /path/to/other/checkout --name before
     python benchmarks/driver_scaling.py --trials 500 --profile 100:130 470:500   # + where the time goes
+    python -m benchmarks.driver_scaling --trials 500 --servers   # Optuna on PostgreSQL, MLflow server
 
 The study is the quickstart (``studies/quickstart.yaml``: its search space, TPE, MLflow on the
-embedded store) with ``--trials`` trials, ``--concurrency`` at a time, run by ``search.py run``
+embedded store; with ``--servers``, Optuna on a throw-away PostgreSQL and MLflow on a tracking
+server on its own database, started as the cluster tests start theirs) with ``--trials`` trials, ``--concurrency`` at a time, run by ``search.py run``
 of the checkout ``--code`` (default: this one) with the small test objective
 (``tests.search_objective:run_trial``: an MLP on digits whose own work is the same in every
 trial), so any growth of the time per trial is the driver's.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +37,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Iterator
 
 from p3b_search.study.trials_table import RUNNING, STATE
 
@@ -211,12 +215,14 @@ class DriverSampler:
         return c0 + (c1 - c0) * (moment - t0).total_seconds() / max((t1 - t0).total_seconds(), 1e-9)
 
 
-def study_file(args: argparse.Namespace, folder: Path) -> Path:
+def study_file(args: argparse.Namespace, folder: Path, stores: dict[str, Any] | None = None) -> Path:
+    """The quickstart study as the benchmark runs it; ``stores``: its ``storage`` and ``tracking``
+    sections (default: the embedded ones in the study folder)."""
     import yaml
 
     data = yaml.safe_load(QUICKSTART.read_text())
     data.update(name=args.name, output_dir=str(folder), n_trials=args.trials, concurrency=args.concurrency,
-                sampler={"name": "tpe", "seed": args.seed})
+                sampler={"name": "tpe", "seed": args.seed}, **(stores or {}))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{args.name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -254,14 +260,47 @@ def main() -> None:
     parser.add_argument("--name", default="driver-scaling")
     parser.add_argument("--folder", type=Path, help="where the study folder goes (default: a new temp folder)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--servers", action="store_true",
+                        help="Optuna on a throw-away PostgreSQL, MLflow on a tracking server (as the cluster tests)")
     args = parser.parse_args()
     windows = [tuple(int(x) for x in spec.split(":")) for spec in args.profile]
     if windows and shutil.which("py-spy") is None:
         raise SystemExit("--profile: py-spy is not installed: pip install py-spy")
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="p3b-driver-scaling-"))
+    with contextlib.ExitStack() as servers:
+        stores = servers.enter_context(study_servers(folder)) if args.servers else None
+        run(args, folder, windows, study_file(args, folder, stores))
+
+
+@contextlib.contextmanager
+def study_servers(folder: Path) -> Iterator[dict[str, Any]]:
+    """A throw-away PostgreSQL and an MLflow tracking server on its own database, as the cluster
+    tests start them (Debian's PostgreSQL); yields the study's ``storage`` and ``tracking``."""
+    from tests.cluster.conftest import MlflowServer, Postgres, _postgres_bin, _service_account
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        raise SystemExit("--servers: PostgreSQL is not installed (apt-get install postgresql)")
+    scratch = Path(tempfile.mkdtemp(prefix="p3b-pg", dir="/tmp"))  # short: the socket path has a length limit
+    postgres = Postgres(bin_dir, scratch, _service_account())
+    tracking = None
+    try:
+        postgres.start()
+        (folder / "mlflow-server").mkdir(parents=True, exist_ok=True)
+        tracking = MlflowServer(postgres.create_database("mlflow"), folder / "mlflow-server")
+        tracking.start()
+        yield {"storage": postgres.create_database("optuna"), "tracking": {"uri": tracking.uri}}
+    finally:
+        if tracking is not None:
+            tracking.stop()
+        postgres.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, folder: Path, windows: list[tuple[int, ...]], path: Path) -> None:
+    """Run the study at ``path`` under the samplers and print (and write) the figures."""
     import pandas as pd
 
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="p3b-driver-scaling-"))
-    path = study_file(args, folder)
     code = args.code.resolve()
     command = [sys.executable, str(code / "search.py"), "run", str(path), "--objective", OBJECTIVE,
                "--cpus", str(args.cpus)]
@@ -282,7 +321,7 @@ def main() -> None:
               "below cover the trials that ended")
     rows = windows_of(trials, sampler, args.window)
     one, five, _ = os.getloadavg()
-    result = {"code": str(code), "trials": args.trials, "concurrency": args.concurrency, "command_s": elapsed,
+    result = {"code": str(code), "servers": args.servers, "trials": args.trials, "concurrency": args.concurrency, "command_s": elapsed,
               "driver_peak_rss_mib": sampler.peak_rss / 2**20, "driver_cpu_s": sampler.samples[-1][1],
               "windows": rows, "load_average_1_5": [one, five], "profiles": {}}
     print(f"{args.trials} trials, concurrency {args.concurrency}, code {code}: {elapsed:.0f} s, "
