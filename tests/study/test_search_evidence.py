@@ -1,0 +1,62 @@
+"""The real-study evidence of issue 22 (``benchmarks/search_evidence.py``): the arms it builds
+from a study file, and its verdicts on hand-made runs whose answer is known."""
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pytest
+
+from benchmarks.search_evidence import arm_study, hypervolume_at, markdown
+from p3b_search.search.replay import LADDER, PAPER_RECIPE
+from p3b_search.study.loading import load_study
+from tests.paths import REPO_ROOT
+
+STUDY = REPO_ROOT / "studies" / "search_evidence.yaml"
+
+
+def test_arms_differ_only_in_what_they_compare() -> None:
+    base = load_study(STUDY)
+    default, full, reference = (arm_study(base, arm, 2, 12) for arm in ("default", "full", "reference"))
+    assert default.scheduler is not None and default.shared_prefixes
+    assert full.scheduler is None and not full.shared_prefixes
+    assert (default.sampler.seed, default.training.seed, full.sampler.seed) == (2, 2, 2)
+    assert default.search_space == full.search_space == base.search_space
+    assert len({default.name, full.name, reference.name}) == 3
+    # the reference: the paper's knobs fixed, a grid of the ladder x 3 training seeds = 12 trials
+    assert reference.method.name == PAPER_RECIPE["method"]
+    assert all(reference.method.config[key.removeprefix("method_config.")] == value
+               for key, value in PAPER_RECIPE.items() if key != "method")
+    grid = [reference.search_space[k].choices for k in ("method_config.prune_ratio", "training.seed")]
+    assert tuple(grid[0]) == LADDER and len(list(itertools.product(*grid))) == reference.n_trials == 12
+    assert reference.scheduler is None and not reference.shared_prefixes
+
+
+def test_reference_trials_must_fill_the_ladder() -> None:
+    with pytest.raises(SystemExit, match="multiple of 4"):
+        arm_study(load_study(STUDY), "reference", 0, 10)
+
+
+def history(seed: int, arm: str, spent: list[int], hv: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"seed": seed, "arm": arm, "trial_epochs": spent, "hypervolume_normalized": hv})
+
+
+def test_verdicts_on_runs_with_known_answers() -> None:
+    runs, histories = [], []
+    for seed in range(4):
+        wobble = 0.001 * (seed % 2)  # default within 0.002 of full: equivalent within 0.01
+        rows = {"default": (60, 0.800 + wobble), "full": (144, 0.801), "reference": (72, 0.700)}
+        for arm, (epochs, hv) in rows.items():
+            runs.append({"seed": seed, "arm": arm, "trials": 12, "stopped": 0, "trial_epochs": epochs,
+                         "trial_epochs_shared": 0, "hypervolume_normalized": hv})
+        histories.append(history(seed, "reference", [24, 48, 72], [0.5, 0.6 + 0.01 * seed, 0.7]))
+    text = markdown("s", pd.DataFrame(runs), pd.concat(histories), 0.01, "cmd")
+    assert "equivalence within ±0.01" in text and ", equivalent." in text
+    assert "**met**" in text and "41.7%" in text  # 60 / 144 trial-epochs
+    # at 60 trial-epochs the reference had ended 2 trials: 0.60, 0.61, 0.62, 0.63
+    assert "0: 0.6000, 1: 0.6100, 2: 0.6200, 3: 0.6300" in text and "(separated)" in text
+
+
+def test_hypervolume_before_any_trial_ended_is_zero() -> None:
+    assert hypervolume_at(history(0, "r", [6, 12], [0.3, 0.4]), 5) == 0.0
+    assert hypervolume_at(history(0, "r", [6, 12], [0.3, 0.4]), 12) == 0.4
