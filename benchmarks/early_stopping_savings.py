@@ -12,7 +12,8 @@ trial) and the **normalised hypervolume** of the COMPLETE trials' front: the hyp
 the study's reference point (top-1 0 %, the dense model's MACs) divided by the box from that
 point to (top-1 100 %, MACs 0), so 1.0 would be a model at 100 % for free. Then, over seeds: the
 compute saved (1 - on / off trial-epochs) and the hypervolume difference (on - off) with its 95 %
-t interval, paired by seed.
+t interval, paired by seed, with two one-sided tests of equivalence within ``--margin`` (default 0.01)
+and the minimum detectable difference.
 
 Writes ``<out>/<name>_savings.md`` and ``.parquet`` and prints the table. With ``--from-parquet``
 it runs nothing: it reads the per-run rows of an earlier run (the ``.parquet`` it wrote) and writes
@@ -28,6 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from p3b_search.study.trials_table import EPOCHS_DONE, FAIL, PRUNED, STATE
+
+HV_MARGIN = 0.01  # normalised hypervolume: the equivalence margin declared for issue 22's goal
 
 
 def arm(study, seed: int, stopping: bool):
@@ -74,13 +77,25 @@ def run_arms(base, seeds: list[int], cpus: int | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(name: str, runs: pd.DataFrame, command: str) -> str:
-    from p3b_search.stats import paired_difference, t_interval
+def markdown(name: str, runs: pd.DataFrame, command: str, margin: float = HV_MARGIN) -> str:
+    """The per-run table, the compute saved and the hypervolume difference (with its equivalence
+    test within ``margin`` of normalised hypervolume) as Markdown."""
+    from p3b_search.stats import (
+        ALPHA,
+        equivalence_p,
+        minimum_detectable_difference,
+        paired_difference,
+        paired_t_test,
+        t_interval,
+    )
 
     off, on = (runs[runs["stopping"] == flag].set_index("seed") for flag in (False, True))
     saved = 1 - on["trial_epochs"] / off["trial_epochs"]
     saved_ci = t_interval(saved.dropna())
-    hv = paired_difference(on["hv_normalised"].to_dict(), off["hv_normalised"].to_dict())
+    hv_on, hv_off = on["hv_normalised"].to_dict(), off["hv_normalised"].to_dict()
+    hv = paired_difference(hv_on, hv_off)
+    tost = equivalence_p(hv_on, hv_off, margin)
+    mdd = minimum_detectable_difference(paired_t_test(hv_on, hv_off).sd, hv.n)
     lines = [f"# Early stopping savings: study `{name}`", "", "    " + command, "",
              "| seed | early stopping | trials | stopped | failed | trial-epochs | trial seconds | front | "
              "normalised hypervolume |", "|---|---|---|---|---|---|---|---|---|"]
@@ -92,8 +107,11 @@ def markdown(name: str, runs: pd.DataFrame, command: str) -> str:
               + ", ".join(f"{s}: {v:.1%}" for s, v in saved.items()) + ".",
               f"Normalised hypervolume, on - off, paired by seed: **{hv.mean:+.4f}** "
               f"(95 % CI [{hv.low:+.4f}, {hv.high:+.4f}], n = {hv.n}): "
-              + ("within noise (the interval contains 0)." if not hv.excludes_zero else
-                 ("separated: stopping " + ("raised" if hv.mean > 0 else "lowered") + " it."))]
+              + ("not separated from 0" if not hv.excludes_zero else
+                 ("separated: stopping " + ("raised" if hv.mean > 0 else "lowered") + " it"))
+              + f"; equivalence within ±{margin:g} (two one-sided tests): p = {tost:.3f}, "
+              + ("equivalent." if tost < ALPHA else "not shown equivalent.")
+              + f" Minimum detectable difference (80 % power): {mdd:.4f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +129,7 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="the study file (its early_stopping settings are the 'on' arm)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
+    parser.add_argument("--margin", type=float, default=HV_MARGIN, help="equivalence margin, normalised hypervolume")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--from-parquet", type=Path, default=None, metavar="PATH",
                         help="run nothing: write the table from the per-run rows an earlier run wrote")
@@ -124,7 +143,7 @@ def main() -> None:
         runs = run_arms(base, args.seeds, args.cpus)
         args.out.mkdir(parents=True, exist_ok=True)
         runs.to_parquet(args.out / f"{base.name}_savings.parquet", index=False)
-    text = markdown(base.name, runs, run_command(sys.argv[1:]))
+    text = markdown(base.name, runs, run_command(sys.argv[1:]), args.margin)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{base.name}_savings.md").write_text(text)
     print(text)
