@@ -18,25 +18,33 @@ import torch
 
 from p3b_search.cost import model_cost
 from p3b_search.export.bench import time_pair
-from p3b_search.surgery import get_adapter, shrink_model
+from p3b_search.surgery import BlockMasks, ModelAdapter, ResidualMasks, get_adapter, shrink_model
+from p3b_search.surgery.gates import inner_groups
 
 
-def uniform_masks(adapter, keep: float, seed: int = 0) -> dict:
-    """Every group keeps ``round(keep * size)`` (>= 1) random units; whole heads are kept."""
+def _random_subset(size: int, keep: float, gen: torch.Generator) -> torch.Tensor:
+    """A bool mask (size,) keeping ``round(keep * size)`` (>= 1) random units."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[torch.randperm(size, generator=gen)[:max(1, round(keep * size))]] = True
+    return mask
+
+
+def uniform_masks(adapter: ModelAdapter, keep: float, seed: int = 0, shared: bool = False) -> BlockMasks:
+    """Every group keeps ``round(keep * size)`` (>= 1) random units; whole heads are kept.
+    ``shared``: the inner groups only (a shared residual sets ``in``/``out``: :func:`uniform_residual`)."""
     gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for sb in adapter.sub_blocks:
-        groups = {}
-        for group, size in sb.groups.items():
-            count = size if group == "heads" else max(1, round(keep * size))
-            mask = torch.zeros(size, dtype=torch.bool)
-            mask[torch.randperm(size, generator=gen)[:count]] = True
-            groups[group] = mask
-        masks[sb.index] = groups
-    return masks
+    return {sb.index: {group: torch.ones(size, dtype=torch.bool) if group == "heads" else _random_subset(size, keep, gen)
+                       for group, size in (inner_groups(sb) if shared else sb.groups).items()}
+            for sb in adapter.sub_blocks}
 
 
-def masks_for_prune_ratio(model: torch.nn.Module, prune_ratio: float) -> dict:
+def uniform_residual(adapter: ModelAdapter, keep: float, seed: int = 0) -> ResidualMasks:
+    """A shared residual keeping ``round(keep * C)`` (>= 1) random channels of every stage's stream."""
+    gen = torch.Generator().manual_seed(seed)
+    return {stage: _random_subset(width, keep, gen) for stage, width in adapter.stream_widths().items()}
+
+
+def masks_for_prune_ratio(model: torch.nn.Module, prune_ratio: float) -> BlockMasks:
     """Uniform masks keeping ``1 - prune_ratio`` of the parameters (bisection on the fraction)."""
     adapter = get_adapter(model)
     target = (1 - prune_ratio) * model_cost(model).params

@@ -1,6 +1,6 @@
 """Wall-clock timing of forward passes: what the objective's ``latency_ms`` and ``bench`` measure.
 
-Times are medians in milliseconds, under ``torch.inference_mode``, with the device
+Times are in milliseconds (medians, or every repeat), under ``torch.inference_mode``, with the device
 synchronised around each pass (CUDA runs asynchronously).
 """
 from __future__ import annotations
@@ -31,9 +31,10 @@ def forward_ms(model: Forward, x: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def time_models(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
-    """Median ms of one forward pass of ``x`` through each model after ``warmup`` untimed passes,
-    timed round-robin (each repeat runs every model once, so drift on a shared machine hits all alike)."""
+def time_runs(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
+    """Ms of each of ``repeats`` forward passes of ``x`` through each model after ``warmup`` untimed
+    passes, timed round-robin (each repeat runs every model once, so drift on a shared machine hits
+    all alike, and the i-th times of two models pair naturally)."""
     for _ in range(warmup):
         for model in models.values():
             model(x)
@@ -41,4 +42,9 @@ def time_models(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, re
     for _ in range(repeats):
         for name, model in models.items():
             times[name].append(forward_ms(model, x))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_models(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Median ms of one forward pass of ``x`` through each model, timed round-robin (:func:`time_runs`)."""
+    return {name: statistics.median(values) for name, values in time_runs(models, x, warmup, repeats).items()}
