@@ -33,15 +33,18 @@ def forward_ms(model: Forward, x: torch.Tensor) -> float:
 @torch.inference_mode()
 def time_runs(models: dict[str, Forward], x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
     """Ms of each of ``repeats`` forward passes of ``x`` through each model after ``warmup`` untimed
-    passes, timed round-robin (each repeat runs every model once, so drift on a shared machine hits
-    all alike, and the i-th times of two models pair naturally)."""
+    passes, timed round-robin (each repeat runs every model once, the first model rotating from
+    repeat to repeat, so drift on a shared machine hits all alike, and the i-th times of two
+    models pair naturally)."""
     for _ in range(warmup):
         for model in models.values():
             model(x)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            times[name].append(forward_ms(model, x))
+    names = list(models)
+    for repeat in range(repeats):
+        first = repeat % len(names)
+        for name in names[first:] + names[:first]:  # each model leads in turn: no position bias
+            times[name].append(forward_ms(models[name], x))
     return times
 
 
