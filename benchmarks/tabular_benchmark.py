@@ -215,31 +215,52 @@ def simulate_figure(trajectories: pd.DataFrame, best: float, path: Path) -> None
     fig.savefig(path, dpi=130)
 
 
-def simulate(args: argparse.Namespace) -> None:
+_WORKER: dict = {}  # a simulate worker's table and settings, read once per process
+
+
+def _start_worker(table: Path, settings) -> None:
     import optuna
     import torch
 
-    from p3b_search.search.replay import REFERENCE, Arm, ReplaySettings, check_arms, replay
     from p3b_search.study.tabular import read_table
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # e.g. GP's fallback on the conditional space, every trial
-    torch.set_num_threads(1)  # GP's small tensors: one thread is fastest (and the replay runs on one core)
-    bench = read_table(args.table)
+    torch.set_num_threads(1)  # GP's small tensors: one thread is fastest (each replay runs on one core)
+    _WORKER.update(bench=read_table(table), settings=settings)
+
+
+def _replay_run(arm, seed: int) -> tuple[pd.DataFrame, float]:
+    """One replay in a worker: its trajectory and the CPU seconds it took."""
+    from p3b_search.search.replay import replay
+
+    started = time.process_time()
+    trajectory = replay(_WORKER["bench"], arm, seed, _WORKER["settings"])
+    return trajectory, time.process_time() - started
+
+
+def simulate(args: argparse.Namespace) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from p3b_search.search.replay import REFERENCE, Arm, ReplaySettings, check_arms
+
     settings = ReplaySettings(trials=args.trials, concurrency=args.concurrency, grace_epochs=args.grace_epochs,
                               margin=args.margin, rungs=tuple(args.rungs), eta=args.eta,
                               allow_missing=args.allow_missing, sampler_options=args.sampler_options)
+    _start_worker(args.table, settings)
+    bench = _WORKER["bench"]
     arms = [Arm(s, scheduler) for s in args.samplers for scheduler in args.schedulers]
     if not args.no_reference:
         arms.append(Arm(REFERENCE))
     check_arms(bench, arms, settings)
-    trajectories, timings = [], {}
+    runs = [(arm, seed) for arm in arms for seed in range(args.seeds)]
+    with ProcessPoolExecutor(args.jobs, initializer=_start_worker, initargs=(args.table, settings)) as pool:
+        results = list(pool.map(_replay_run, *zip(*runs)))
+    trajectories = [trajectory for trajectory, _ in results]
+    timings = {}
     for arm in arms:
-        started = time.process_time()
-        for seed in range(args.seeds):
-            trajectories.append(replay(bench, arm, seed, settings))
-        timings[f"{arm.sampler}/{arm.scheduler}"] = (time.process_time() - started) / args.seeds
-        print(f"{arm.name}: {args.seeds} seeds in {timings[f'{arm.sampler}/{arm.scheduler}'] * args.seeds:.1f} CPU s",
-              flush=True)
+        cpu = [seconds for (run_arm, _), (_, seconds) in zip(runs, results) if run_arm == arm]
+        timings[f"{arm.sampler}/{arm.scheduler}"] = sum(cpu) / len(cpu)
+        print(f"{arm.name}: {len(cpu)} seeds in {sum(cpu):.1f} CPU s", flush=True)
     frame = pd.concat(trajectories, ignore_index=True)
     best = bench.best_hypervolume()
     summary = arm_summary(frame, best, timings)
@@ -385,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--sampler-options", type=_options, default={},
                      help='JSON keyword arguments by sampler, e.g. \'{"nsga2": {"population_size": 10}}\' '
                           "(default: the registry's, as a live study)")
+    sim.add_argument("--jobs", type=_positive, default=1, help="replays run in parallel (processes)")
     sim.add_argument("--allow-missing", action="store_true",
                      help="skip sampled configurations the table lacks (a table still being built; not a result)")
     sim.add_argument("--out", type=Path, default=RESULTS / "tabular_glyphs_replay",
