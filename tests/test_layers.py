@@ -3,6 +3,7 @@ utilities import no layer, the core and the study layer import nothing of Ray or
 package's modules import each other in a cycle."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,22 @@ def test_ruff_finds_nothing():
     ruff = Path(sys.executable).with_name("ruff")
     done = subprocess.run([str(ruff), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+#: what the study driver (``python search.py run``) imports: the command line, the run, loading a
+#: study and the MLflow tracker of a tracked study
+DRIVER_MODULES = ("search", "p3b_search.launch", "p3b_search.study.loading", "p3b_search.tracking.study_tracking")
+
+
+def test_the_study_driver_imports_neither_torch_nor_timm():
+    """The driver runs for the whole study: importing its modules and loading (so checking) every
+    shipped study file leaves torch and timm unimported (they cost it about 1.1 GiB)."""
+    code = (f"import sys, pathlib\nimport {', '.join(DRIVER_MODULES)}\n"
+            "from p3b_search.study.loading import load_study\n"
+            "studies = [load_study(p) for p in sorted(pathlib.Path('studies').glob('*.yaml'))]\n"
+            "assert len(studies) > 5, len(studies)\n"
+            "print(' '.join(sorted(m for m in ('torch', 'timm') if m in sys.modules)) or 'neither')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["neither"], done.stdout
