@@ -4,10 +4,13 @@ specs import no torch, and no package's modules import each other in a cycle; an
 imports neither torch nor timm."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,3 +47,24 @@ def test_the_study_driver_imports_neither_torch_nor_timm():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["neither"], done.stdout
 
+
+@pytest.mark.slow
+def test_the_drivers_preflight_counts_the_dense_cost_without_importing_torch(tmp_path):
+    """What needs torch and timm before a study (model name, weights, GPUs, the dense cost) runs in
+    a child process: the driver gets the cost that :func:`dense_cost` counts, and no torch."""
+    from p3b_search.study.dense import dense_cost
+    from p3b_search.study.loading import load_study, with_overrides
+
+    code = ("import json, sys\nfrom p3b_search.search.preflight import preflight\n"
+            "from p3b_search.search.trainable import DEFAULT_OBJECTIVE\n"
+            "from p3b_search.study.loading import load_study, with_overrides\n"
+            f"study = with_overrides(load_study('studies/quickstart.yaml'), output_dir={str(tmp_path)!r})\n"
+            "cost = preflight(study, DEFAULT_OBJECTIVE, None, num_cpus=64)\n"
+            "print(json.dumps({'cost': cost, 'imported': [m for m in ('torch', 'timm') if m in sys.modules]}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    study = with_overrides(load_study(ROOT / "studies" / "quickstart.yaml"), output_dir=str(tmp_path))
+    assert seen == {"cost": dense_cost(study), "imported": []}
+    assert not list(tmp_path.iterdir())  # preflight leaves nothing behind

@@ -3,7 +3,9 @@
 Driver-side flow of :func:`run_study`::
 
     preflight checks (paths, resources, objective importable,
-                      the cluster's address answers)          -> search.preflight, StudyError before any compute
+                      the cluster's address answers; the model, weights, GPUs
+                      and the dense cost in a child process: the driver
+                      imports no torch)                        -> search.preflight, StudyError before any compute
     Ray (local, or --address to join a cluster)                -> StudyError if the cluster refuses us
     shared_prefixes: incomplete prefixes a killed trial left removed -> training.prefixes
     Optuna study in its storage (reference trial enqueued)     -> searcher.open_optuna_study
@@ -56,7 +58,6 @@ from p3b_search.search.session import close_session, open_session
 from p3b_search.search.shared_paths import check_shared_paths
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import DEFAULT_OBJECTIVE, data_parallel_trainable, tune_trainable
-from p3b_search.study.dense import dense_cost
 from p3b_search.study.messages import StudyError
 from p3b_search.study.results import annotations_of, read_trials
 from p3b_search.study.sections import StudyConfig
@@ -239,7 +240,7 @@ def run_study(
         if ended:
             printer(f"ended {len(ended)} process(es) the stopped driver's Ray session left: "
                     + ", ".join(p.describe() for p in ended))
-    preflight(study, objective, address, num_cpus)
+    cost = preflight(study, objective, address, num_cpus)  # the dense model's, counted in a child process
     quiet = _quiet_libraries(verbose)
     started_ray, interrupted, session, started_tracker, flushed = False, True, None, None, False
     try:
@@ -256,7 +257,6 @@ def run_study(
                 printer(f"removed {len(removed)} incomplete shared prefix(es) a stopped trial left in "
                         f"{layout.prefixes}")
         optuna_study = open_optuna_study(study)
-        cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None
         started_tracker = tracking  # closed however the run ends
         session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer,
