@@ -5,10 +5,11 @@ and timm runs in a child process (:func:`model_checks`): the driver never import
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
 import os
+import pickle
 import socket
-from concurrent.futures import ProcessPoolExecutor
+import subprocess
+import sys
 from pathlib import Path
 
 from p3b_search.config import EMBEDDED_TASKS
@@ -65,8 +66,7 @@ def preflight(study: StudyConfig, objective: str, address: str | None, num_cpus:
     elif needed_cpus > cpus:
         raise StudyError(f"{source}: resources_per_trial.cpu: a trial needs {needed_cpus:g} CPUs, local Ray has "
                          f"{cpus}: lower it (or join a cluster with --address)")
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(model_checks, study, needed_gpus).result()
+    return _model_checks_in_a_child(study, needed_gpus)
 
 
 def model_checks(study: StudyConfig, needed_gpus: float) -> dict[str, float]:
@@ -96,6 +96,44 @@ def model_checks(study: StudyConfig, needed_gpus: float) -> dict[str, float]:
             raise StudyError(f"{source}: resources_per_trial.gpu: this machine has "
                              f"{torch.cuda.device_count()} GPU(s): set gpu: 0 to run on CPU")
     return dense_cost(study)
+
+
+#: The child of :func:`_model_checks_in_a_child`, a fresh interpreter (``-c``: multiprocessing's
+#: spawn would import the caller's ``__main__`` again): the parent's ``sys.path``, then the
+#: checks' arguments, both pickled on stdin.
+_CHILD = ("import pickle, sys\n"
+          "sys.path[:0] = pickle.load(sys.stdin.buffer)\n"
+          "from p3b_search.search.preflight import model_checks_child\n"
+          "model_checks_child()\n")
+
+
+def _model_checks_in_a_child(study: StudyConfig, needed_gpus: float) -> dict[str, float]:
+    """:func:`model_checks` in a short child process (it imports torch and timm, this one does
+    not); what it raises is raised here."""
+    payload = pickle.dumps(sys.path) + pickle.dumps((study, needed_gpus))
+    done = subprocess.run([sys.executable, "-c", _CHILD], input=payload, capture_output=True)
+    if done.returncode != 0 or not done.stdout:
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
+        raise RuntimeError(f"the model checks' child process failed (exit {done.returncode}): {lines[-1]}")
+    outcome = pickle.loads(done.stdout)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def model_checks_child() -> None:
+    """The child's side of :func:`_model_checks_in_a_child`: :func:`model_checks` of the
+    arguments on stdin; the cost, or the exception raised, pickled on stdout (anything else
+    printed goes to stderr)."""
+    result = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    study, needed_gpus = pickle.load(sys.stdin.buffer)
+    try:
+        outcome: dict[str, float] | Exception = model_checks(study, needed_gpus)
+    except Exception as error:  # noqa: BLE001  (raised again in the parent)
+        outcome = error
+    with result:
+        pickle.dump(outcome, result)
 
 
 def trial_needs(study: StudyConfig) -> tuple[float, float]:
