@@ -49,22 +49,23 @@ def test_the_study_driver_imports_neither_torch_nor_timm():
 
 
 @pytest.mark.slow
-def test_the_drivers_preflight_counts_the_dense_cost_without_importing_torch(tmp_path):
-    """What needs torch and timm before a study (model name, weights, GPUs, the dense cost) runs in
-    a child process: the driver gets the cost that :func:`dense_cost` counts, and no torch."""
+def test_a_study_run_leaves_the_driver_without_torch_and_timm(tmp_path):
+    """A whole (one-trial, tracked) study through the command line's run: what needs torch and timm
+    before it (model name, weights, GPUs, the dense cost) runs in a child process, the trials in Ray
+    workers, and Ray Tune adds no TensorBoard logger (tensorboardX imports torch). The driver
+    still gets the dense cost that :func:`dense_cost` counts."""
     from p3b_search.study.dense import dense_cost
     from p3b_search.study.loading import load_study, with_overrides
 
-    code = ("import json, sys\nfrom p3b_search.search.preflight import preflight\n"
-            "from p3b_search.search.trainable import DEFAULT_OBJECTIVE\n"
+    code = ("import json, sys\nfrom p3b_search.launch import run_study\n"
             "from p3b_search.study.loading import load_study, with_overrides\n"
-            f"study = with_overrides(load_study('studies/quickstart.yaml'), output_dir={str(tmp_path)!r})\n"
-            "cost = preflight(study, DEFAULT_OBJECTIVE, None, num_cpus=64)\n"
-            "print(json.dumps({'cost': cost, 'imported': [m for m in ('torch', 'timm') if m in sys.modules]}))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+            f"study = with_overrides(load_study('studies/quickstart.yaml'), n_trials=1, output_dir={str(tmp_path)!r})\n"
+            "outcome = run_study(study, num_cpus=2, printer=lambda line: None)\n"
+            "print(json.dumps({'finished': not outcome.interrupted, 'macs': outcome.dense.get('macs'),\n"
+            "                  'imported': [m for m in ('torch', 'timm') if m in sys.modules]}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
-    seen = json.loads(done.stdout.splitlines()[-1])
     study = with_overrides(load_study(ROOT / "studies" / "quickstart.yaml"), output_dir=str(tmp_path))
-    assert seen == {"cost": dense_cost(study), "imported": []}
-    assert not list(tmp_path.iterdir())  # preflight leaves nothing behind
+    assert json.loads(done.stdout.splitlines()[-1]) == {"finished": True, "macs": dense_cost(study)["macs"],
+                                                        "imported": []}

@@ -39,6 +39,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +48,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 
 from p3b_search.search.driver_record import DriverRecord
@@ -67,6 +70,8 @@ from p3b_search.study.trials_table import FAIL_REASON, ended_count, row_state, s
 from p3b_search.training.prefixes import PrefixCache
 
 logger = logging.getLogger(__name__)
+#: Ray Tune's switch off of its default loggers (see :func:`_no_tensorboard_logger`)
+NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def _init_ray(study: StudyConfig, address: str | None, num_cpus: int | None, verbose: bool) -> bool:
@@ -139,6 +144,22 @@ def _quiet_libraries(verbose: bool) -> Callable[[], None]:
     return restore
 
 
+@contextmanager
+def _no_tensorboard_logger() -> Iterator[None]:
+    """Ray Tune adds no loggers of its own while this holds: its default TensorBoard logger
+    imports tensorboardX, which imports torch (about 1.1 GiB of the driver). The Tuner carries
+    Tune's CSV and JSON loggers itself (``progress.csv``, ``result.json`` per trial)."""
+    previous = os.environ.get(NO_AUTO_LOGGERS)
+    os.environ[NO_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NO_AUTO_LOGGERS, None)
+        else:
+            os.environ[NO_AUTO_LOGGERS] = previous
+
+
 def _write_study_file(study: StudyConfig) -> None:
     data = study.model_dump(mode="json", exclude_defaults=False)
     study.layout.root.mkdir(parents=True, exist_ok=True)
@@ -203,7 +224,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
             # data-parallel trials retry inside Ray Train (see trainable.data_parallel_trainable)
             failure_config=tune.FailureConfig(max_failures=study.max_failures if study.workers_per_trial == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[StudyProgress(study.name, stopper, scheduler)],
+            callbacks=[StudyProgress(study.name, stopper, scheduler), CSVLoggerCallback(), JsonLoggerCallback()],
             stop=stopper,
             verbose=0,
         ),
@@ -269,7 +290,8 @@ def run_study(
         tuner = _tuner(study, session, _trainable(study, trial_runs, objective), resume)
         session.say(f"study {study.name}: {study.n_trials} trials, {study.concurrency} at a time, "
                     f"results in {layout.root}")
-        tuner.fit()
+        with _no_tensorboard_logger():
+            tuner.fit()
         interrupted = not study_done(_row_states(optuna_study), study.n_trials)
         if not interrupted:
             _fail_orphans(session)
