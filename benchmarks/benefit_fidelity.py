@@ -46,7 +46,7 @@ def setting_study(study, fraction: float, every: int):
 def settings(study, fraction: float, every: int) -> pd.DataFrame:
     """One row per COMPLETE trial of a setting's study: ``trial`` (study:number), ``fraction``,
     ``every``, ``seed``, ``top1``, ``alpha``."""
-    from p3b_search.methods.p3b import P3BConfig
+    from p3b_search.method_specs.p3b import P3BConfig
     from p3b_search.study.compare import complete_trials
     from p3b_search.study.results import read_trials
 

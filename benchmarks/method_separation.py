@@ -25,10 +25,10 @@ import pandas as pd
 def separation(results: pd.DataFrame, ratio: float) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per-method ``mean``/``std``/``n`` and the figures of the module docstring for the
     structured, pruned rows of ``results`` (``compare.trial_results``) at ``ratio``."""
-    from p3b_search.methods import get_method
+    from p3b_search.method_specs import method_spec
 
     rows = results[(results["prune_ratio"] == ratio) & (results["method"] != "dense")]
-    rows = rows[[get_method(m).structured for m in rows["method"]]]
+    rows = rows[[method_spec(m).structured for m in rows["method"]]]
     per_method = rows.groupby("method")["top1"].agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
     grid = rows.pivot_table(index="seed", columns="method", values="top1").dropna()  # seeds every method has
     residual = grid - grid.mean(axis=0) - grid.mean(axis=1).to_numpy()[:, None] + grid.to_numpy().mean()

@@ -93,7 +93,7 @@ def seconds_per_step(workload: Workload, knobs: dict[str, Any] | None, epochs: i
     train, val, classes = workload.loaders(seed, steps)
     name = "dense" if knobs is None else "p3b"
     method_cls = get_method(name)
-    method = method_cls(method_cls.config_cls(**(knobs or {})), num_classes=classes, epochs=epochs,
+    method = method_cls(method_cls.spec.config_cls(**(knobs or {})), num_classes=classes, epochs=epochs,
                         steps_per_epoch=len(train))
     model = workload.build(classes)
     method.prepare(model)

@@ -116,7 +116,7 @@ def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
     checkpoint_dir = checkpoint.root
     lead = rank_and_world()[0] == 0
     method_cls = get_method(config.method)
-    method_config = method_cls.config_cls(**config.method_config)
+    method_config = method_cls.spec.config_cls(**config.method_config)
     training = config.training
     stage = "prune"
     if resume_from is not None:

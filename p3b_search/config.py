@@ -95,7 +95,7 @@ class TrialConfig(StrictModel):
     """Everything one trial needs: what ``objectives.prune_finetune.run_trial`` runs.
 
     ``method_config`` holds the method's knobs; it is validated by the method's own
-    ``config_cls`` (see ``p3b_search.methods.get_method``)."""
+    ``config_cls`` (see ``p3b_search.method_specs.method_spec``)."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -87,7 +87,7 @@ def batch(model: nn.Module, size: int = 4, seed: int = 0) -> tuple[torch.Tensor,
 
 
 def make(method_cls: type[PruningMethod], epochs: int = 2, steps_per_epoch: int = 4, **config) -> PruningMethod:
-    return method_cls(method_cls.config_cls(**config), num_classes=NUM_CLASSES, epochs=epochs,
+    return method_cls(method_cls.spec.config_cls(**config), num_classes=NUM_CLASSES, epochs=epochs,
                       steps_per_epoch=steps_per_epoch)
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from p3b_search.config import TrialConfig
-from p3b_search.methods import get_method
+from p3b_search.method_specs import method_spec
 from p3b_search.reporting import TrialReporter
 
 HIDDEN = 32
@@ -113,7 +113,7 @@ def most_running(study_root: Path) -> int:
 def run_trial(config: TrialConfig, reporter: TrialReporter, workdir: Path,
               resume_from: Path | None = None) -> dict[str, float]:
     torch.manual_seed(config.training.seed)
-    knobs = get_method(config.method).config_cls(**config.method_config)
+    knobs = method_spec(config.method).config_cls(**config.method_config)
     alpha = getattr(knobs, "alpha", 0.5)
     keep = max(1, round((1 - knobs.prune_ratio) * HIDDEN))
     study_root = Path(workdir).parent.parent

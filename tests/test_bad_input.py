@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import search
-from p3b_search.methods import available_methods, get_method
+from p3b_search.method_specs import method_names, method_spec
 from p3b_search.study.sections import StudyConfig
 from tests.test_search_cli import study_folder  # noqa: F401  (fixture: a study folder with 3 trials)
 
@@ -36,7 +36,7 @@ STUDY_CASES = [
                  "{tmp}/s.yaml: n_trials: must be a whole number (got 'many')", id="study-bad-type"),
     pytest.param({"s.yaml": HEAD + "method: {name: p3bb}\n"}, ["run", "{tmp}/s.yaml"],
                  lambda: "{tmp}/s.yaml: method.name: unknown pruning method 'p3bb': did you mean p3b? choose one of "
-                         + ", ".join(available_methods()), id="study-unknown-method"),
+                         + ", ".join(method_names()), id="study-unknown-method"),
     pytest.param({"s.yaml": HEAD + "search_space:\n  method_config.prune_ratio: {type: float, low: 0.8, high: 0.3}\n"},
                  ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml: search_space.method_config.prune_ratio.low: must be <= high (0.3) (got 0.8): swap them",
@@ -74,7 +74,7 @@ STUDY_CASES = [
                  ["run", "{tmp}/s.yaml"],
                  lambda: "{tmp}/s.yaml: search_space.method_config.residual: not a knob of method 'svite' (it belongs "
                          "to global-taylor, p3b, uniform-magnitude): remove it or use one of "
-                         + ", ".join(sorted(get_method("svite").config_cls.model_fields)),
+                         + ", ".join(sorted(method_spec("svite").config_cls.model_fields)),
                  id="residual-searched-for-a-method-without-gates"),
     pytest.param({"s.yaml": HEAD + "n_trials: [\n"}, ["run", "{tmp}/s.yaml"],
                  "{tmp}/s.yaml:4:1: invalid YAML: expected the node content, but found '<stream end>'",

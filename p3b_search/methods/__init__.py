@@ -1,4 +1,6 @@
-"""Pruning methods, selectable by name (see :func:`get_method`)."""
+"""Pruning methods, selectable by name (see :func:`get_method`): the implementations (torch),
+imported where a model is trained or cut. Their names, knobs and facts are in
+:mod:`p3b_search.method_specs`."""
 from p3b_search.methods import (
     baselines,  # noqa: F401  (registers "uniform-magnitude", "global-taylor")
     dense,  # noqa: F401  (registers "dense")
@@ -8,7 +10,6 @@ from p3b_search.methods import (
     svite,  # noqa: F401  (registers "svite")
 )
 from p3b_search.methods.base import (
-    MethodConfig,
     PrunedModel,
     PruningMethod,
     SharedPrefix,
@@ -18,7 +19,6 @@ from p3b_search.methods.base import (
 )
 
 __all__ = [
-    "MethodConfig",
     "PrunedModel",
     "PruningMethod",
     "SharedPrefix",

@@ -1,14 +1,5 @@
-"""What a mask decision left: allocation rows per sub-block and epoch metrics of a model.
-
-The allocation-row schema, the one definition every table and figure reads: one row per
-sub-block per mask decision, with the fields of :data:`ALLOCATION_KEYS` in that order:
-``step`` (micro-batch of the decision), ``epoch``, ``layer``, ``kind``, ``sub_block`` (j),
-``benefit_cls``/``benefit_patch`` (window-mean block benefit, NaN when not measured),
-``importance`` (combined I_j, NaN when not used), ``keep_ratio_target`` (the keep ratio the
-decision aimed at, NaN for a global ranking), ``keep_ratio`` (kept / dense parameters of the
-sub-block, in [0, 1]), ``kept_params`` and ``kept_macs`` (per image). The fields of
-:data:`OPTIONAL_ALLOCATION_KEYS` are left out by methods without block benefits (DIMAP,
-SViTE, S²ViTE).
+"""Allocation rows per sub-block (in the schema of :mod:`p3b_search.method_specs.allocation`)
+and epoch metrics of a model, from what a mask decision left.
 """
 from __future__ import annotations
 
@@ -17,15 +8,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from p3b_search.cost import dense_sub_block_params, model_cost
+from p3b_search.method_specs.allocation import ALLOCATION_KEYS, OPTIONAL_ALLOCATION_KEYS
 from p3b_search.surgery import BlockMasks, ModelAdapter, SubBlock
-
-ALLOCATION_KEYS: tuple[str, ...] = (
-    "step", "epoch", "layer", "kind", "sub_block", "benefit_cls", "benefit_patch", "importance",
-    "keep_ratio_target", "keep_ratio", "kept_params", "kept_macs",
-)
-OPTIONAL_ALLOCATION_KEYS: tuple[str, ...] = ("benefit_cls", "benefit_patch", "importance", "keep_ratio_target")
-#: Fields every row must carry (for the tables and the keep-ratio heatmap).
-REQUIRED_ALLOCATION_KEYS: tuple[str, ...] = ("step", "layer", "kind", "keep_ratio")
 
 
 def allocation_row(sb: SubBlock, dense_params: float, kept_params: int, kept_macs: int, *, step: int,

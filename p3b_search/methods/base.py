@@ -1,10 +1,14 @@
-"""The protocol every pruning method implements, and the registry of methods by name.
+"""The protocol every pruning method implements, and the registry of the implementations by name.
 
 A method is a :class:`~p3b_search.methods.hooks.TrainingHooks` for the *prune stage*, plus
 ``prepare`` (before the optimizer exists), ``finalize`` (end of the prune stage: a pruned model
 without gates or auxiliary heads) and ``finetune_hooks`` (what the *fine-tune stage* needs, e.g.
 keeping unstructured zeros at zero). Methods know nothing of Optuna, Ray or MLflow: per mask
 update they append allocation rows that the search layer drains with ``pop_allocation_rows``.
+
+A method's name, knobs and facts are its :class:`~p3b_search.method_specs.MethodSpec` (torch-free,
+what the study driver reads); :func:`register_method` makes a class the implementation of its
+spec, which trial workers and the export find with :func:`get_method`.
 """
 from __future__ import annotations
 
@@ -13,25 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from p3b_search.method_specs import MethodConfig, MethodSpec, register_spec
 from p3b_search.methods.hooks import TrainingHooks
-
-
-class MethodConfig(BaseModel):
-    """Base of every method's knobs: unknown keys are rejected, values validated.
-
-    ``fixed_knobs``: fields the method pins to their default (dense's ``prune_ratio`` = 0); a
-    study never sets or searches them for this method (its trials ignore such a search entry).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    fixed_knobs: ClassVar[frozenset[str]] = frozenset()
-
-    prune_ratio: float = Field(
-        0.5, ge=0.0, lt=1.0, description="Fraction of parameters removed (not FLOPs), in [0, 1)."
-    )
 
 
 @dataclass
@@ -65,11 +54,9 @@ class SharedPrefix:
 
 
 class PruningMethod(TrainingHooks):
-    """Base class: subclasses set ``name`` and ``config_cls`` and register with :func:`register_method`."""
+    """Base class: subclasses set ``spec`` (name, knobs, facts) and register with :func:`register_method`."""
 
-    name: ClassVar[str]
-    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
-    structured: ClassVar[bool] = True
+    spec: ClassVar[MethodSpec]
 
     def __init__(self, config: MethodConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         self.config = config
@@ -91,8 +78,10 @@ class PruningMethod(TrainingHooks):
 
     def shared_prefix(self) -> SharedPrefix:
         """What of this trial's prune stage other trials may share (see :class:`SharedPrefix`).
-        Default: nothing, as for a method that prunes (or draws masks) before its first step."""
-        return SharedPrefix(0)
+        Default: the config's :meth:`~p3b_search.method_specs.MethodConfig.shared_epochs` (0, as
+        for a method that prunes or draws masks before its first step, unless the config says
+        otherwise), keyed by nothing."""
+        return SharedPrefix(self.config.shared_epochs(self.epochs, self.steps_per_epoch))
 
     def pop_allocation_rows(self) -> list[dict[str, Any]]:
         """Per-sub-block allocation rows recorded since the last call (one per mask update)."""
@@ -100,31 +89,33 @@ class PruningMethod(TrainingHooks):
         return rows
 
 
-_REGISTRY: dict[str, type[PruningMethod]] = {}
+_IMPLEMENTATIONS: dict[str, type[PruningMethod]] = {}
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make ``cls`` selectable by ``cls.name`` in study files."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pruning method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make ``cls`` the implementation of ``cls.spec`` (registering the spec
+    too, see :func:`~p3b_search.method_specs.register_spec`)."""
+    name = register_spec(cls.spec).name
+    if _IMPLEMENTATIONS.get(name, cls) is not cls:
+        raise ValueError(f"pruning method {name!r} implemented twice: register one class per spec")
+    _IMPLEMENTATIONS[name] = cls
     return cls
 
 
 def get_method(name: str) -> type[PruningMethod]:
-    """The method class registered as ``name``; a one-line error lists the valid names."""
+    """The implementation of method ``name``; a one-line error lists the implemented names."""
     import p3b_search.methods  # noqa: F401  (registers the shipped methods)
 
     try:
-        return _REGISTRY[name]
+        return _IMPLEMENTATIONS[name]
     except KeyError:
         raise ValueError(
-            f"unknown pruning method {name!r}: choose one of {', '.join(sorted(_REGISTRY))}"
+            f"unknown pruning method {name!r}: choose one of {', '.join(sorted(_IMPLEMENTATIONS))}"
         ) from None
 
 
 def available_methods() -> list[str]:
-    """Names of every registered method, sorted."""
+    """Names of every implemented method, sorted."""
     import p3b_search.methods  # noqa: F401
 
-    return sorted(_REGISTRY)
+    return sorted(_IMPLEMENTATIONS)

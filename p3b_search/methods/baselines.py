@@ -22,40 +22,30 @@ accounting, the same schedule fields.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from p3b_search.methods.base import register_method
-from p3b_search.methods.gated import (
-    GatedPruning,
-    GatedPruningConfig,
-    IterativePruningConfig,
-    TaylorGatedPruning,
-    per_gate_ranks,
+from p3b_search.method_specs.baselines import (
+    GLOBAL_TAYLOR_SPEC,
+    UNIFORM_MAGNITUDE_SPEC,
+    GlobalTaylorConfig,
+    UniformMagnitudeConfig,
 )
+from p3b_search.methods.base import register_method
+from p3b_search.methods.gated import GatedPruning, TaylorGatedPruning, per_gate_ranks
 from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.ramp import ramp_keep_ratios
 from p3b_search.methods.selection import soft_mask, walk_threshold
 from p3b_search.methods.unit_weights import residual_weight_norms, unit_weight_norms
 
 
-class UniformMagnitudeConfig(GatedPruningConfig):
-    """``uniform-magnitude`` knobs; the schedule fields are P3B's (sparse/update fields unused)."""
-
-    prune_at: Literal["start", "finalize"] = Field(
-        "start", description="When the one-shot pruning happens: at prune_start_epoch, or at the finalize epoch.")
-    norm: Literal["l1", "l2"] = Field("l2", description="Weight norm that ranks units within a gate.")
-
-
 @register_method
 class UniformMagnitude(GatedPruning):
     """Same keep fraction in every sub-block, units ranked by weight norm, one-shot."""
 
-    name: ClassVar[str] = "uniform-magnitude"
-    config_cls: ClassVar[type[UniformMagnitudeConfig]] = UniformMagnitudeConfig
+    spec = UNIFORM_MAGNITUDE_SPEC
     config: UniformMagnitudeConfig
     gate_gradients: ClassVar[bool] = False
 
@@ -64,14 +54,6 @@ class UniformMagnitude(GatedPruning):
         self.pruned = False
         #: kappa shared by every sub-block: the blocks' target over their W_j (None until it prunes)
         self.keep_ratio: float | None = None
-
-    def first_acting_step(self) -> int:
-        """The micro-batch after whose backward the one-shot pruning happens (before its
-        optimizer step): the one before the start step, or the finalize step's last one; 0 when
-        it prunes before training."""
-        if self.config.prune_at == "start":
-            return max(0, self.schedule.start_step - 1)
-        return self.schedule.final_step - 1
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().on_train_start(model, optimizer)
@@ -113,16 +95,11 @@ class UniformMagnitude(GatedPruning):
         self.pruned = bool(state["pruned"])
 
 
-class GlobalTaylorConfig(IterativePruningConfig):
-    """``global-taylor`` knobs: P3B's schedule, tau and gate scales, no block-benefit knobs."""
-
-
 @register_method
 class GlobalTaylor(TaylorGatedPruning):
     """P3B's gates and Taylor scores with one global ranking (no block benefit)."""
 
-    name: ClassVar[str] = "global-taylor"
-    config_cls: ClassVar[type[GlobalTaylorConfig]] = GlobalTaylorConfig
+    spec = GLOBAL_TAYLOR_SPEC
     config: GlobalTaylorConfig
 
     def decide(self, info: StepInfo, scores: torch.Tensor, *, tau: float, progress: float, final: bool) -> None:

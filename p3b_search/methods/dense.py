@@ -1,26 +1,18 @@
 """``dense``: fine-tuning without pruning, the reference every pruned row is compared with."""
 from __future__ import annotations
 
-from pydantic import Field
 from torch import nn
 
 from p3b_search.cost import model_cost
-from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, register_method
-
-
-class DenseConfig(MethodConfig):
-    """No knobs: ``prune_ratio`` stays 0 (a searched prune ratio does not apply to dense)."""
-
-    fixed_knobs = frozenset({"prune_ratio"})
-    prune_ratio: float = Field(0.0, ge=0.0, le=0.0, description="dense prunes nothing.")
+from p3b_search.method_specs.dense import DENSE_SPEC
+from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
 
 
 @register_method
 class Dense(PruningMethod):
     """Both stages train the full model; ``finalize`` returns it unchanged."""
 
-    name = "dense"
-    config_cls = DenseConfig
+    spec = DENSE_SPEC
 
     def prepare(self, model: nn.Module) -> None:
         cost = model_cost(model)

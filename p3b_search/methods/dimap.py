@@ -23,26 +23,27 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from p3b_search.cost import model_cost
+from p3b_search.method_specs.dimap import (
+    DIMAP_SPEC,
+    DIMAP_STRUCTURED_SPEC,
+    MODULES,
+    DIMAPConfig,
+    DIMAPStructuredConfig,
+)
 from p3b_search.methods.allocation import (
     allocation_rows,
     structured_allocation_rows,
     structured_metrics,
 )
-from p3b_search.methods.base import (
-    MethodConfig,
-    PrunedModel,
-    PruningMethod,
-    register_method,
-)
+from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
 from p3b_search.methods.sparsity import UnstructuredMethod
-from p3b_search.methods.target import check_kept, kept_target, solve_monotone
+from p3b_search.methods.target import check_kept, solve_monotone
 from p3b_search.methods.unit_weights import unit_sums
 from p3b_search.surgery import (
     BlockMasks,
@@ -55,65 +56,8 @@ from p3b_search.surgery import (
     shrink_model,
 )
 
-MODULES = ("qkv", "prj", "mlp")
 #: the DIMAP modules whose weights each kind of sub-block holds
 KIND_MODULES = {"attn": ("qkv", "prj"), "mlp": ("mlp",)}
-UnitGroup = Literal["in", "head_dim", "heads", "out", "hidden"]
-
-
-class DIMAPConfig(MethodConfig):
-    """Per-module parameter prune ratios in [0, 1); ``None``: derived from ``prune_ratio``
-    (see the module docstring)."""
-
-    qkv_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of QKV weights removed.")
-    prj_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of PRJ weights removed.")
-    mlp_prune_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Fraction of MLP weights removed.")
-
-    def given_ratios(self) -> dict[str, float | None]:
-        """The module ratios as set (``None``: unset)."""
-        return {m: getattr(self, f"{m}_prune_ratio") for m in MODULES}
-
-    def with_share(self, share: float) -> dict[str, float]:
-        """The module ratios with every unset one equal to ``share``."""
-        return {m: share if r is None else r for m, r in self.given_ratios().items()}
-
-    def module_ratios(self, sizes: dict[str, int], total_params: int) -> dict[str, float]:
-        """Ratio per module given each module's weight count ``sizes`` and the model's
-        parameter count ``total_params``: unset modules share evenly what removes
-        ``prune_ratio x total_params`` weights (exactly the budget when only weights go)."""
-        given = self.given_ratios()
-        unset = [m for m in MODULES if given[m] is None]
-        if not unset:
-            return given
-        fixed = sum(given[m] * sizes[m] for m in MODULES if given[m] is not None)
-        share = (self.prune_ratio * total_params - fixed) / sum(sizes[m] for m in unset)
-        share = 0.0 if -1e-9 < share < 0.0 else share  # rounding of an exactly met budget
-        if not 0.0 <= share < 1.0:
-            set_text = "".join(f" with {m}_prune_ratio={given[m]}" for m in MODULES if given[m] is not None)
-            fix = "set every module ratio or pick ratios that fit in [0, 1)" if set_text else "lower prune_ratio"
-            raise ValueError(
-                f"dimap: prune_ratio={self.prune_ratio} of all {total_params} parameters{set_text} needs "
-                f"{share:.3f} of the {'/'.join(unset)} weights removed: {fix}"
-            )
-        return self.with_share(share)
-
-
-class DIMAPStructuredConfig(DIMAPConfig):
-    """DIMAP aggregated per unit; ``unit_groups`` are the kinds of units it may remove."""
-
-    unit_groups: tuple[UnitGroup, ...] = Field(
-        ("heads", "head_dim", "hidden", "in", "out"),
-        description="Unit groups that may be pruned: heads, head_dim, in, out (attention), hidden, in, out (MLP).",
-    )
-
-    @model_validator(mode="after")
-    def _groups_given(self) -> "DIMAPStructuredConfig":
-        if not self.unit_groups:
-            raise ValueError(
-                "dimap-structured.unit_groups is empty: name at least one of in, head_dim, heads, out, hidden")
-        if len(set(self.unit_groups)) != len(self.unit_groups):
-            raise ValueError(f"dimap-structured.unit_groups={list(self.unit_groups)} repeats a group: list each once")
-        return self
 
 
 @torch.no_grad()
@@ -176,8 +120,7 @@ class DIMAP(UnstructuredMethod):
     """One-shot unstructured DIMAP; the prune stage and the fine-tune stage both train with
     the pruned weights held at zero."""
 
-    name = "dimap"
-    config_cls = DIMAPConfig
+    spec = DIMAP_SPEC
     config: DIMAPConfig
 
     def __init__(self, config: DIMAPConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
@@ -326,7 +269,7 @@ def solve_unit_ratios(model: nn.Module, config: DIMAPStructuredConfig,
         for _ in range(40):
             low, high = ((low + high) / 2, high) if within_walks((low + high) / 2) else (low, (low + high) / 2)
         highest = low
-    share = solve_monotone(kept, kept_target(dense, config.prune_ratio), 0.0, highest)
+    share = solve_monotone(kept, config.kept_target(dense), 0.0, highest)
     check_kept("dimap-structured", kept(share), dense, config.prune_ratio,
                fix=f"add unit groups to unit_groups={list(config.unit_groups)} or lower prune_ratio")
     return config.with_share(share)
@@ -337,9 +280,7 @@ class DIMAPStructured(PruningMethod):
     """DIMAP aggregated per unit: hard unit masks (gates) while training, a physically
     smaller model at the end."""
 
-    name = "dimap-structured"
-    config_cls = DIMAPStructuredConfig
-    structured = True
+    spec = DIMAP_STRUCTURED_SPEC
     config: DIMAPStructuredConfig
 
     def __init__(self, config: DIMAPStructuredConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):

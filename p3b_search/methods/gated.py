@@ -1,13 +1,14 @@
 """What the gated methods (P3B and its baselines) share: gates on the P3B unit groups, the
 schedule, cost accounting, allocation rows, state, and the finalize step that shrinks the model.
 
-A gated method keeps the model dense during the prune stage and expresses pruning as gate
-values (soft or 0/1) on the units of :data:`~p3b_search.methods.selection.P3B_GROUPS`.
-At the finalize step the gates are made hard; :meth:`GatedPruning.finalize` removes the gates
-and returns ``shrink_model`` of the hard masks (sub-blocks with nothing left are skipped).
+Their knobs and schedule are in :mod:`p3b_search.method_specs.gated`. A gated method keeps
+the model dense during the prune stage and expresses pruning as gate values (soft or 0/1) on
+the units of :data:`~p3b_search.methods.selection.P3B_GROUPS`. At the finalize step the gates
+are made hard; :meth:`GatedPruning.finalize` removes the gates and returns ``shrink_model`` of
+the hard masks (sub-blocks with nothing left are skipped).
 
 Allocation rows (one per sub-block per mask update) have every key of
-:data:`~p3b_search.methods.allocation.ALLOCATION_KEYS` (benefits, importance and the target
+:data:`~p3b_search.method_specs.allocation.ALLOCATION_KEYS` (benefits, importance and the target
 keep ratio NaN when not used), the kept sizes being those of the hard masks.
 
 ``residual: shared`` (docs/methods.md, section 1.6) gives the model one residual gate per
@@ -23,20 +24,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from p3b_search.cost import SubBlockCost, dense_sub_block_params, model_cost, sub_block_cost
+from p3b_search.method_specs.gated import RESIDUAL, GatedPruningConfig, IterativePruningConfig
 from p3b_search.methods.allocation import allocation_row
-from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod, SharedPrefix
+from p3b_search.methods.base import PrunedModel, PruningMethod, SharedPrefix
 from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.ramp import KeepRatioRamp
-from p3b_search.methods.schedule import PruneSchedule
 from p3b_search.methods.selection import (
-    RESIDUAL,
     TauSchedule,
     UnitLayout,
     normalised_ranks,
@@ -50,76 +49,6 @@ from p3b_search.surgery import BlockMasks, GateSet, ModelAdapter, attach_gates, 
 from p3b_search.surgery.gates import ResidualMasks, masked_sizes
 
 NAN = float("nan")
-
-
-class GatedPruningConfig(MethodConfig):
-    """Knobs shared by P3B and its baselines (reference flag names in brackets)."""
-
-    prune_start_epoch: float | None = Field(
-        None, ge=0, description="[--prune-start-epoch] Epoch (may be fractional) at which pruning starts; "
-        "None: 0.2 x the finalize epoch (the README run's 10 of 50).")
-    prune_finalize_epoch: float | None = Field(
-        None, gt=0, description="[--prune-finalize-epoch] Epoch at which masks become hard; "
-        "None: the end of the prune stage. Must not exceed the prune stage's epochs.")
-    block_params_only: bool = Field(
-        False, description="[--prune-rate-by-block-param-only] prune_ratio counts only sub-block parameters "
-        "(and, with a shared residual, those its width cuts outside them); False: the never-pruned ones (stem, "
-        "position embedding, head) count too.")
-    residual: Literal["per-block", "shared"] = Field(
-        "per-block", description="per-block: every sub-block chooses its own residual input and output channels "
-        "(the export gathers and index_adds them); shared: one residual width per stage for the patch embedding, "
-        "every sub-block's input and output, the final norm and the head (the export is a plain narrower "
-        "model). docs/methods.md, section 1.6.")
-    gate_scale_attn_in: float = Field(1.0, gt=0, description="Rank scale s_g of attention input channels.")
-    gate_scale_attn_head_dim: float = Field(1.0, gt=0, description="Rank scale s_g of the qkv head dims.")
-    gate_scale_attn_out: float = Field(1.5, gt=0, description="Rank scale s_g of attention output channels.")
-    gate_scale_mlp_in: float = Field(1.0, gt=0, description="Rank scale s_g of MLP input channels.")
-    gate_scale_mlp_hidden: float = Field(0.75, gt=0, description="Rank scale s_g of MLP hidden units.")
-    gate_scale_mlp_out: float = Field(1.5, gt=0, description="Rank scale s_g of MLP output channels.")
-    gate_scale_residual: float = Field(
-        1.5, gt=0, description="Rank scale s_g of the shared residual's channels (residual: shared).")
-
-    @model_validator(mode="after")
-    def _start_before_finalize(self) -> "GatedPruningConfig":
-        start, final = self.prune_start_epoch, self.prune_finalize_epoch
-        if start is not None and final is not None and start >= final:
-            raise ValueError(
-                f"prune_start_epoch={start:g} is not before prune_finalize_epoch={final:g}: "
-                "start pruning earlier or finalize later"
-            )
-        return self
-
-    def gate_scales(self) -> dict[str, float]:
-        """``{"attn.in": s, ..., "mlp.out": s, "residual": s}`` (the keys of ``Segment.gate_type``)."""
-        return {**{f"{kind}.{group}": getattr(self, f"gate_scale_{kind}_{group}")
-                   for kind, groups in (("attn", ("in", "head_dim", "out")), ("mlp", ("in", "hidden", "out")))
-                   for group in groups}, RESIDUAL: self.gate_scale_residual}
-
-
-class IterativePruningConfig(GatedPruningConfig):
-    """Knobs of methods that update soft masks during training (P3B, global Taylor)."""
-
-    prune_steps_update_mask: int = Field(
-        100, ge=1, description="[--prune-steps-update-mask] N: a mask update every N micro-batches from the "
-        "start epoch on (README run: 100, about 3 per epoch there).")
-    prune_sparse_epoch: float | None = Field(
-        None, ge=0, description="[--prune-sparse-epoch] Epoch at which the keep-ratio ramp reaches the target "
-        "and tau starts falling; None: start + 0.375 x (finalize - start) (the README run's 25 of 10..50).")
-    tau_max: float = Field(0.1, gt=0, description="[--pr-tau-max] Soft-mask width tau until the sparse epoch.")
-    tau_min: float = Field(0.0, ge=0, description="[--pr-tau-min] tau reached at the finalize epoch (0: hard).")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "IterativePruningConfig":
-        if self.tau_min > self.tau_max:
-            raise ValueError(f"tau_min={self.tau_min:g} exceeds tau_max={self.tau_max:g}: tau only falls over time")
-        sparse = self.prune_sparse_epoch
-        if sparse is not None:
-            if self.prune_start_epoch is not None and sparse < self.prune_start_epoch:
-                raise ValueError(f"prune_sparse_epoch={sparse:g} is before prune_start_epoch={self.prune_start_epoch:g}")
-            if self.prune_finalize_epoch is not None and sparse > self.prune_finalize_epoch:
-                raise ValueError(
-                    f"prune_sparse_epoch={sparse:g} is after prune_finalize_epoch={self.prune_finalize_epoch:g}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -141,20 +70,12 @@ class GatedPruning(PruningMethod):
     """Base of the gated structured methods (not registered itself)."""
 
     config: GatedPruningConfig
-    structured: ClassVar[bool] = True
     #: whether gate gradients are needed (Taylor scores)
     gate_gradients: ClassVar[bool] = True
 
     def __init__(self, config: GatedPruningConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
-        self.schedule = PruneSchedule.from_epochs(  # one-shot configs have no sparse epoch or update period
-            start_epoch=config.prune_start_epoch,
-            sparse_epoch=getattr(config, "prune_sparse_epoch", None),
-            finalize_epoch=config.prune_finalize_epoch,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            update_every=getattr(config, "prune_steps_update_mask", None),
-        )
+        self.schedule = config.prune_schedule(epochs, steps_per_epoch)
         self.adapter: ModelAdapter | None = None
         self.gates: GateSet | None = None
         self.finalized = False
@@ -199,21 +120,17 @@ class GatedPruning(PruningMethod):
         self.gates.to(next(model.parameters()).device)
 
     # -- what trials share ------------------------------------------------------------------
-    def first_acting_step(self) -> int:
-        """The first micro-batch whose hooks depend on the method's knobs (outside
-        :meth:`prefix_knobs`): from its ``after_backward`` on the Taylor methods score and update
-        the gates. Before it the gates are all ones, the windows empty, no row recorded."""
-        return self.schedule.start_step
-
     def prefix_knobs(self) -> dict[str, Any]:
-        """What the training before :meth:`first_acting_step` depends on besides the method's
-        name (gated methods: nothing; P3B's auxiliary heads add theirs)."""
+        """What the training before the config's
+        :meth:`~p3b_search.method_specs.gated.GatedPruningConfig.first_acting_step` depends on
+        besides the method's name (gated methods: nothing; P3B's auxiliary heads add theirs)."""
         return {}
 
     def shared_prefix(self) -> SharedPrefix:
-        """The whole epochs before :meth:`first_acting_step` (``floor(start)`` for a start epoch
-        that falls on a step boundary), keyed by :meth:`prefix_knobs`."""
-        return SharedPrefix(self.first_acting_step() // self.steps_per_epoch, self.prefix_knobs())
+        """The whole epochs before the config's first acting step
+        (:meth:`~p3b_search.method_specs.gated.GatedPruningConfig.shared_epochs`), keyed by
+        :meth:`prefix_knobs`."""
+        return SharedPrefix(super().shared_prefix().epochs, self.prefix_knobs())
 
     # -- masks and costs -----------------------------------------------------------------
     def hard_masks(self) -> BlockMasks:

@@ -33,18 +33,18 @@ from functools import partial
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from p3b_search.cost import model_cost
 from p3b_search.distributed import average_across_ranks
+from p3b_search.method_specs.s2vite import DENSITY_KNOB, S2VITE_SPEC, S2ViTEConfig
 from p3b_search.methods.allocation import structured_allocation_rows, structured_metrics
 from p3b_search.methods.base import PrunedModel, PruningMethod, register_method
 from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.sparsity import FreshAdamSteps, drop_and_grow, keep_largest, zero_optimizer_state
-from p3b_search.methods.svite import PruneGrowClock, PruneGrowConfig
-from p3b_search.methods.target import check_kept, kept_target, solve_monotone
+from p3b_search.methods.svite import PruneGrowClock
+from p3b_search.methods.target import check_kept, solve_monotone
 from p3b_search.methods.unit_weights import unit_weight_norms
 from p3b_search.surgery import (
     BlockMasks,
@@ -59,23 +59,6 @@ from p3b_search.surgery import (
 
 #: the unit group S²ViTE prunes in each kind of sub-block
 UNIT_GROUP = {"attn": "heads", "mlp": "hidden"}
-
-
-#: the density knob of each kind of sub-block
-DENSITY_KNOB = {"attn": "head_density", "mlp": "mlp_density"}
-
-
-class S2ViTEConfig(PruneGrowConfig):
-    head_density: float | None = Field(
-        None, gt=0.0, le=1.0, description="Kept fraction of heads per attention; None: 1 - prune_ratio, "
-        "or solved for prune_ratio when mlp_density is set.")
-    mlp_density: float | None = Field(
-        None, gt=0.0, le=1.0, description="Kept fraction of neurons per MLP; None: solved so that the model "
-        "keeps 1 - prune_ratio of all its parameters.")
-
-    def given_densities(self) -> dict[str, float | None]:
-        """The density of each kind of sub-block as set (``None``: unset)."""
-        return {kind: getattr(self, knob) for kind, knob in DENSITY_KNOB.items()}
 
 
 def kept_units(size: int, density: float) -> int:
@@ -110,7 +93,7 @@ def solve_densities(model: nn.Module, config: S2ViTEConfig) -> dict[str, float]:
     def kept(x: float) -> int:
         return model_cost(model, count_masks(adapter, densities(x))).params
 
-    solved = solve_monotone(kept, kept_target(dense, config.prune_ratio), 0.0, 1.0)
+    solved = solve_monotone(kept, config.kept_target(dense), 0.0, 1.0)
     hint = ("leave mlp_density unset to have it solved, or set head_density too" if free == "attn"
             else "pick another head_density or prune_ratio")
     check_kept("s2vite", kept(solved), dense, config.prune_ratio,
@@ -225,14 +208,12 @@ class GrowthStatistics:
 class S2ViTE(PruningMethod):
     """Structured prune-and-grow of heads and MLP neurons, ending in a smaller model."""
 
-    name = "s2vite"
-    config_cls = S2ViTEConfig
-    structured = True
+    spec = S2VITE_SPEC
     config: S2ViTEConfig
 
     def __init__(self, config: S2ViTEConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
-        self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.clock = PruneGrowClock(config, method=self.spec.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self.masks: BlockMasks = {}
         self.densities: dict[str, float] = {}
         self._gates: GateSet | None = None

@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 
 from p3b_search.cost import sub_block_cost
+from p3b_search.method_specs.gated import RESIDUAL
 from p3b_search.surgery import BranchSizes, GateSet, ModelAdapter, SubBlock
 from p3b_search.surgery.gates import ResidualMode
 
@@ -40,8 +41,6 @@ from p3b_search.surgery.gates import ResidualMode
 P3B_GROUPS: dict[str, tuple[str, ...]] = {"attn": ("in", "head_dim", "out"), "mlp": ("in", "hidden", "out")}
 #: The sub-blocks' gates with a shared residual (their inputs and outputs are the residual's).
 SHARED_GROUPS: dict[str, tuple[str, ...]] = {"attn": ("head_dim",), "mlp": ("hidden",)}
-#: Group (and gate type) name of a shared residual's channels.
-RESIDUAL = "residual"
 MAX_WALK_ROUNDS = 30
 #: memoised sub-block costs per layout (see :meth:`UnitLayout.params_at`); cleared when full
 PARAMS_CACHE_SIZE = 65536

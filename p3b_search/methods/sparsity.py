@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from p3b_search.cost import model_cost, weight_uses_per_image
-from p3b_search.methods.base import MethodConfig, PrunedModel, PruningMethod
+from p3b_search.method_specs import MethodConfig
+from p3b_search.methods.base import PrunedModel, PruningMethod
 from p3b_search.methods.hooks import StepInfo, TrainingHooks
 from p3b_search.surgery import get_adapter
 
@@ -324,8 +325,6 @@ class UnstructuredMethod(PruningMethod):
 
     Subclasses build their masks in ``prepare`` and call :meth:`_mask`; from then on the
     pruned weights stay zero after every optimizer step, in both stages."""
-
-    structured = False
 
     def __init__(self, config: MethodConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)

@@ -20,19 +20,15 @@ docs/methods.md, section 3.1. What this module decides beyond it:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from p3b_search.distributed import average_across_ranks
+from p3b_search.method_specs.svite import SVITE_SPEC, PruneGrowConfig, SViTEConfig
 from p3b_search.methods.allocation import allocation_rows
-from p3b_search.methods.base import (
-    MethodConfig,
-    PrunedModel,
-    register_method,
-)
+from p3b_search.methods.base import PrunedModel, register_method
 from p3b_search.methods.hooks import StepInfo
 from p3b_search.methods.sparsity import (
     FreshAdamSteps,
@@ -41,49 +37,7 @@ from p3b_search.methods.sparsity import (
     erk_densities,
     keep_largest,
 )
-from p3b_search.methods.target import kept_target
 from p3b_search.surgery import ModelAdapter, get_adapter
-
-
-class PruneGrowConfig(MethodConfig):
-    """The prune-and-grow schedule shared by SViTE and S²ViTE (times in micro-batches)."""
-
-    update_interval: int = Field(100, ge=1, description="ΔT: micro-batches between prune-and-grow updates.")
-    end_fraction: float = Field(0.8, gt=0.0, le=1.0, description="Updates stop at t_end = end_fraction x T.")
-    death_rate: float = Field(0.5, gt=0.0, le=1.0,
-                              description="p_0: fraction of active weights/units dropped at t = 0.")
-    final_death_rate: float = Field(0.005, ge=0.0, le=1.0, description="p_t at t = T (cosine decay).")
-    init: Literal["magnitude", "random"] = Field("magnitude", description="How the initial masks are drawn.")
-    seed: int = Field(0, description="Seed of init='random'.")
-
-    @model_validator(mode="after")
-    def _decaying(self) -> "PruneGrowConfig":
-        if self.final_death_rate > self.death_rate:
-            raise ValueError(f"final_death_rate={self.final_death_rate} exceeds death_rate={self.death_rate}: "
-                             "the death rate decays, lower final_death_rate")
-        return self
-
-
-class SViTEConfig(PruneGrowConfig):
-    density: float | None = Field(None, gt=0.0, le=1.0, description="Kept fraction of the masked weights; "
-                                  "None: the one that keeps 1 - prune_ratio of all the model's parameters.")
-    scope: Literal["all", "blocks"] = Field(
-        "all", description="all: every Linear/Conv2d weight; blocks: qkv/proj/fc1/fc2.")
-
-    def masked_density(self, masked: int, total: int) -> float:
-        """Kept fraction of the ``masked`` weights (a count) of a model of ``total`` parameters:
-        ``density`` if set, else the one that keeps ``1 - prune_ratio`` of ``total`` with every
-        unmasked parameter kept."""
-        if self.density is not None:
-            return self.density
-        density = (kept_target(total, self.prune_ratio) - (total - masked)) / masked
-        if density <= 0.0:
-            raise ValueError(
-                f"svite: prune_ratio={self.prune_ratio:g} asks to keep {1.0 - self.prune_ratio:.3f} of the parameters, "
-                f"but scope={self.scope!r} never masks {(total - masked) / total:.3f} of them: "
-                "lower prune_ratio or set scope='all'"
-            )
-        return density
 
 
 def cosine_death_rate(t: int, total: int, initial: float, final: float) -> float:
@@ -167,13 +121,12 @@ def prune_and_grow(weight: nn.Parameter, mask: torch.Tensor, grad: torch.Tensor,
 class SViTE(UnstructuredMethod):
     """Unstructured prune-and-grow sparse training; the result keeps dense shapes."""
 
-    name = "svite"
-    config_cls = SViTEConfig
+    spec = SVITE_SPEC
     config: SViTEConfig
 
     def __init__(self, config: SViTEConfig, *, num_classes: int, epochs: int, steps_per_epoch: int):
         super().__init__(config, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
-        self.clock = PruneGrowClock(config, method=self.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.clock = PruneGrowClock(config, method=self.spec.name, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self._adapter: ModelAdapter | None = None
         self._evolving: list[str] = []
         self._fresh: FreshAdamSteps | None = None

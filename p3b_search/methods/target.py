@@ -5,7 +5,8 @@ ones (embeddings, norms, classifier heads, biases no method removes) stay in the
 so every method keeps ``(1 - p) x`` the dense parameter count, within :data:`TOLERANCE` of
 it (as a fraction of the dense count). Unstructured results count their unmasked weights.
 Methods whose own knobs (DIMAP's module ratios, SViTE's density, S²ViTE's head and neuron
-densities) decide the count solve the knobs left unset for this target.
+densities) decide the count solve the knobs left unset for this target
+(:meth:`~p3b_search.method_specs.MethodConfig.kept_target`).
 """
 from __future__ import annotations
 
@@ -19,11 +20,6 @@ from p3b_search.methods.base import PrunedModel
 
 #: largest allowed distance between the kept fraction and 1 - prune_ratio (fraction of all parameters)
 TOLERANCE = 0.01
-
-
-def kept_target(dense_params: int, prune_ratio: float) -> float:
-    """Parameters a method should keep: ``(1 - prune_ratio) x dense_params``."""
-    return (1.0 - prune_ratio) * dense_params
 
 
 def kept_params(pruned: PrunedModel) -> int:

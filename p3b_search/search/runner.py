@@ -3,7 +3,9 @@
 Driver-side flow of :func:`run_study`::
 
     preflight checks (paths, resources, objective importable,
-                      the cluster's address answers)          -> search.preflight, StudyError before any compute
+                      the cluster's address answers; the model, weights, GPUs
+                      and the dense cost in a child process: the driver
+                      imports no torch)                        -> search.preflight, StudyError before any compute
     Ray (local, or --address to join a cluster)                -> StudyError if the cluster refuses us
     shared_prefixes: incomplete prefixes a killed trial left removed -> training.prefixes
     Optuna study in its storage (reference trial enqueued)     -> searcher.open_optuna_study
@@ -37,6 +39,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +48,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 
 from p3b_search.search.driver_record import DriverRecord
@@ -56,7 +61,6 @@ from p3b_search.search.session import close_session, open_session
 from p3b_search.search.shared_paths import check_shared_paths
 from p3b_search.search.successive_halving import SuccessiveHalvingScheduler
 from p3b_search.search.trainable import DEFAULT_OBJECTIVE, data_parallel_trainable, tune_trainable
-from p3b_search.study.dense import dense_cost
 from p3b_search.study.messages import StudyError
 from p3b_search.study.results import annotations_of, read_trials
 from p3b_search.study.sections import StudyConfig
@@ -66,6 +70,8 @@ from p3b_search.study.trials_table import FAIL_REASON, ended_count, row_state, s
 from p3b_search.training.prefixes import PrefixCache
 
 logger = logging.getLogger(__name__)
+#: Ray Tune's switch off of its default loggers (see :func:`_no_tensorboard_logger`)
+NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def _init_ray(study: StudyConfig, address: str | None, num_cpus: int | None, verbose: bool) -> bool:
@@ -138,6 +144,22 @@ def _quiet_libraries(verbose: bool) -> Callable[[], None]:
     return restore
 
 
+@contextmanager
+def _no_tensorboard_logger() -> Iterator[None]:
+    """Ray Tune adds no loggers of its own while this holds: its default TensorBoard logger
+    imports tensorboardX, which imports torch (about 1.1 GiB of the driver). The Tuner carries
+    Tune's CSV and JSON loggers itself (``progress.csv``, ``result.json`` per trial)."""
+    previous = os.environ.get(NO_AUTO_LOGGERS)
+    os.environ[NO_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NO_AUTO_LOGGERS, None)
+        else:
+            os.environ[NO_AUTO_LOGGERS] = previous
+
+
 def _write_study_file(study: StudyConfig) -> None:
     data = study.model_dump(mode="json", exclude_defaults=False)
     study.layout.root.mkdir(parents=True, exist_ok=True)
@@ -202,7 +224,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
             # data-parallel trials retry inside Ray Train (see trainable.data_parallel_trainable)
             failure_config=tune.FailureConfig(max_failures=study.max_failures if study.workers_per_trial == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[StudyProgress(study.name, stopper, scheduler)],
+            callbacks=[StudyProgress(study.name, stopper, scheduler), CSVLoggerCallback(), JsonLoggerCallback()],
             stop=stopper,
             verbose=0,
         ),
@@ -239,7 +261,7 @@ def run_study(
         if ended:
             printer(f"ended {len(ended)} process(es) the stopped driver's Ray session left: "
                     + ", ".join(p.describe() for p in ended))
-    preflight(study, objective, address, num_cpus)
+    cost = preflight(study, objective, address, num_cpus)  # the dense model's, counted in a child process
     quiet = _quiet_libraries(verbose)
     started_ray, interrupted, session, started_tracker, flushed = False, True, None, None, False
     try:
@@ -256,7 +278,6 @@ def run_study(
                 printer(f"removed {len(removed)} incomplete shared prefix(es) a stopped trial left in "
                         f"{layout.prefixes}")
         optuna_study = open_optuna_study(study)
-        cost = dense_cost(study)
         trial_runs = tracking.start(study, resume) if tracking is not None else None
         started_tracker = tracking  # closed however the run ends
         session = StudySession(study, optuna_study, cost, tracking, annotations_of(read_trials(layout)), printer,
@@ -269,7 +290,8 @@ def run_study(
         tuner = _tuner(study, session, _trainable(study, trial_runs, objective), resume)
         session.say(f"study {study.name}: {study.n_trials} trials, {study.concurrency} at a time, "
                     f"results in {layout.root}")
-        tuner.fit()
+        with _no_tensorboard_logger():
+            tuner.fit()
         interrupted = not study_done(_row_states(optuna_study), study.n_trials)
         if not interrupted:
             _fail_orphans(session)

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 
-from p3b_search.methods import get_method
+from p3b_search.method_specs import method_spec
 from p3b_search.study.knobs import active_keys
 from p3b_search.study.sections import StudyConfig
 
@@ -47,7 +47,7 @@ def _fixed_value(study: StudyConfig, key: str) -> Any:
     """The value the study's fixed configuration gives ``key`` (a method default for knobs)."""
     if key.startswith(_KNOB):
         knob = key.removeprefix(_KNOB)
-        return get_method(study.method.name).config_cls.model_fields[knob].get_default(call_default_factory=True)
+        return method_spec(study.method.name).config_cls.model_fields[knob].get_default(call_default_factory=True)
     node: Any = {"model": study.model, "data": study.data, "training": study.training}
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)

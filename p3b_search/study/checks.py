@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from p3b_search.config import TrialConfig
 from p3b_search.credentials import REFERENCE
-from p3b_search.methods import available_methods, get_method
+from p3b_search.method_specs import MethodSpec, method_names, method_spec
 from p3b_search.study.dimensions import MAX_GRID_POINTS, Dimension, grid_point_count
 from p3b_search.study.field_error import FieldError, got
 from p3b_search.study.knobs import method_knobs
@@ -36,30 +36,30 @@ def check_study(study: StudyConfig) -> StudyConfig:
     return _with_grid_trials(study) if study.sampler.name == "grid" else study
 
 
-def _method_class(name: str, path: str):
+def _method_spec(name: str, path: str) -> MethodSpec:
     try:
-        return get_method(name)
+        return method_spec(name)
     except ValueError:
-        names = available_methods()
+        names = method_names()
         raise FieldError(path, f"unknown pruning method {name!r}: {did_you_mean(name, names)}"
                                 f"choose one of {', '.join(names)}") from None
 
 
-def _check_method_config(cls: Any, knobs: dict[str, Any], path: str) -> None:
+def _check_method_config(spec: MethodSpec, knobs: dict[str, Any], path: str) -> None:
     try:
-        cls.config_cls.model_validate(knobs)
+        spec.config_cls.model_validate(knobs)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         if first["type"] == "extra_forbidden":
             knob = str(first["loc"][-1])
-            raise FieldError(f"{path}.{knob}", _not_a_knob(knob, [cls.name])) from None
+            raise FieldError(f"{path}.{knob}", _not_a_knob(knob, [spec.name])) from None
         loc = tuple(first["loc"])
         raise FieldError(join_path((path, *loc)) if loc else path, message_of(first)) from None
 
 
 
 def _not_a_knob(knob: str, methods: list[str]) -> str:
-    owners = [m for m in available_methods() if knob in method_knobs(m)]
+    owners = [m for m in method_names() if knob in method_knobs(m)]
     belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
     which = f"method {methods[0]!r}" if len(methods) == 1 else f"any of the methods {', '.join(methods)}"
     knobs = sorted({k for m in methods for k in method_knobs(m)})
@@ -132,21 +132,21 @@ def _check_method_section(study: StudyConfig) -> None:
         if listed is None:
             raise FieldError("search_space.method", "must be {type: categorical, choices: [method names]}")
         for i, choice in enumerate(listed):
-            _method_class(str(choice), f"search_space.method.choices[{i}]")
+            _method_spec(str(choice), f"search_space.method.choices[{i}]")
         if study.method.name not in [str(c) for c in listed]:
             raise FieldError("method.name", f"{study.method.name!r} (the reference method) must be one of "
                                              f"search_space.method.choices: add it there or change method.name")
-    cls = _method_class(study.method.name, "method.name")
+    spec = _method_spec(study.method.name, "method.name")
     candidates = study.candidate_methods()
     if method_dim is None:
-        _check_method_config(cls, study.method.config, "method.config")
+        _check_method_config(spec, study.method.config, "method.config")
         return
     for knob in study.method.config:
         if not any(knob in method_knobs(m) for m in candidates):
             raise FieldError(f"method.config.{knob}", _not_a_knob(knob, candidates))
     for method in candidates:
         knobs = {k: v for k, v in study.method.config.items() if k in method_knobs(method)}
-        _check_method_config(get_method(method), knobs, "method.config")
+        _check_method_config(method_spec(method), knobs, "method.config")
 
 
 def _field_at(path: str) -> Any:
@@ -195,7 +195,7 @@ def _check_dimension(study: StudyConfig, key: str, dim: Dimension) -> None:
             raise FieldError(path, _not_a_knob(knob, candidates))
         if knob in study.method.config:
             raise FieldError(path, f"{knob} is also fixed in method.config: remove it from one of the two")
-        fields = [get_method(m).config_cls.model_fields[knob] for m in owners]
+        fields = [method_spec(m).config_cls.model_fields[knob] for m in owners]
     else:
         info = _field_at(key)
         fields = [] if info is None else [info]
@@ -258,13 +258,11 @@ _MANY_STEPS = 10**6
 def _shared_epochs(trial: TrialConfig) -> int:
     """Whole prune-stage epochs ``trial`` could share with others (0 when its method acts in
     its first epoch, or the configuration is one the method refuses)."""
-    cls = get_method(trial.method)
     try:
-        method = cls(cls.config_cls(**trial.method_config), num_classes=2, epochs=trial.training.prune.epochs,
-                     steps_per_epoch=_MANY_STEPS)
-    except (ValueError, ValidationError):
+        config = method_spec(trial.method).config_cls(**trial.method_config)
+        return config.shared_epochs(trial.training.prune.epochs, _MANY_STEPS)
+    except ValueError:  # pydantic's ValidationError too
         return 0
-    return method.shared_prefix().epochs
 
 
 def _check_something_shared(study: StudyConfig) -> None:
@@ -285,7 +283,7 @@ def _check_something_shared(study: StudyConfig) -> None:
             return
     reasons = []
     for method in study.candidate_methods():
-        if "prune_start_epoch" in get_method(method).config_cls.model_fields:
+        if "prune_start_epoch" in method_spec(method).config_cls.model_fields:
             reasons.append(f"{method} starts pruning in its first epoch (method_config.prune_start_epoch)")
         elif method == DENSE_METHOD:
             reasons.append(f"{method} trials differ only by seed")

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from p3b_search.config import TrialConfig
-from p3b_search.methods import get_method
+from p3b_search.method_specs import method_spec
 from p3b_search.stats import t_interval
 from p3b_search.study.checks import method_pair_problem
 from p3b_search.study.messages import StudyError
@@ -140,7 +140,7 @@ def summary_table(results: pd.DataFrame, methods: Sequence[str] = (), primary: s
     rows = []
     for (method, ratio), group in groups:
         accuracy = t_interval(group["top1"])
-        rows.append({"method": method, "structured": get_method(method).structured, "prune_ratio": float(ratio),
+        rows.append({"method": method, "structured": method_spec(method).structured, "prune_ratio": float(ratio),
                      "n": accuracy.n, "top1": accuracy.mean, "top1_low": accuracy.low, "top1_high": accuracy.high,
                      "kept_fraction": group["kept_fraction"].mean(), "macs": group["macs"].mean()})
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

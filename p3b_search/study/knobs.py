@@ -2,14 +2,14 @@
 the study's ``search_space`` that apply to it."""
 from __future__ import annotations
 
-from p3b_search.methods import get_method
+from p3b_search.method_specs import method_spec
 from p3b_search.study.sections import StudyConfig
 
 
 def method_knobs(method: str) -> list[str]:
     """The knobs (config fields) a study may set or search for a registered method, sorted
     (the method's ``fixed_knobs`` left out)."""
-    config_cls = get_method(method).config_cls
+    config_cls = method_spec(method).config_cls
     return sorted(set(config_cls.model_fields) - config_cls.fixed_knobs)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from p3b_search.config import TrialConfig
-from p3b_search.methods import get_method
+from p3b_search.method_specs import method_spec
 from p3b_search.study.dimensions import config_key
 from p3b_search.study.field_error import got
 from p3b_search.study.knobs import active_keys, method_knobs
@@ -47,7 +47,7 @@ def trial_config(study: StudyConfig, params: dict[str, Any]) -> TrialConfig:
     :class:`StudyError` naming the parameter at fault.
     """
     method = str(params.get("method", study.method.name))
-    config_cls = get_method(method).config_cls
+    config_cls = method_spec(method).config_cls
     knobs = {k: v for k, v in study.method.config.items() if k in method_knobs(method)}
     tree: dict[str, Any] = {
         "model": study.model.model_dump(mode="python"),

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from p3b_search.methods.allocation import ALLOCATION_KEYS, REQUIRED_ALLOCATION_KEYS
+from p3b_search.method_specs.allocation import ALLOCATION_KEYS, REQUIRED_ALLOCATION_KEYS
 
 _KIND_ORDER = {"attn": 0, "mlp": 1}
 

@@ -3,13 +3,13 @@
 A checkpoint lives in a folder as ``checkpoint.pt``. It is written to a temporary file in the
 same folder, flushed to disk, then renamed over the previous one, so a process killed while
 writing leaves the previous checkpoint intact. It is read back with ``weights_only=True``.
+torch is imported by the functions that need it: the study driver reads :data:`CHECKPOINT_FILE`
+(through :mod:`.prefixes`) and imports no torch.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from p3b_search.errors import first_line
 from p3b_search.files import atomic_write
@@ -25,6 +25,8 @@ def checkpoint_path(location: str | Path) -> Path:
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``state`` to ``directory/checkpoint.pt`` atomically; returns the file path."""
+    import torch
+
     target = Path(directory) / CHECKPOINT_FILE
     with atomic_write(target) as tmp:
         torch.save(state, tmp)
@@ -33,6 +35,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
 
 def load_checkpoint(location: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors mapped to the CPU)."""
+    import torch
+
     path = checkpoint_path(location)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass the folder a previous epoch reported")

@@ -7,14 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from p3b_search.method_specs.allocation import ALLOCATION_KEYS
+from p3b_search.method_specs.baselines import GlobalTaylorConfig, UniformMagnitudeConfig
 from p3b_search.methods import get_method
-from p3b_search.methods.allocation import ALLOCATION_KEYS
-from p3b_search.methods.baselines import (
-    GlobalTaylor,
-    GlobalTaylorConfig,
-    UniformMagnitude,
-    UniformMagnitudeConfig,
-)
+from p3b_search.methods.baselines import GlobalTaylor, UniformMagnitude
 from p3b_search.methods.unit_weights import residual_weight_norms, unit_weight_norms
 from p3b_search.surgery import get_adapter, shrink_model
 from p3b_search.training.loop import train_stage

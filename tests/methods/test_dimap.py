@@ -6,13 +6,11 @@ import torch
 from pydantic import ValidationError
 
 from p3b_search.cost import model_cost
+from p3b_search.method_specs.dimap import MODULES, DIMAPConfig, DIMAPStructuredConfig
 from p3b_search.methods import get_method
 from p3b_search.methods.dimap import (
     DIMAP,
-    MODULES,
-    DIMAPConfig,
     DIMAPStructured,
-    DIMAPStructuredConfig,
     dimap_scores,
     dimap_unit_masks,
     module_layers,

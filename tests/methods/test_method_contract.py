@@ -2,11 +2,12 @@
 model): on a tiny ViT driven through a short prune stage by the training loop's hooks,
 
 * the hooks run: every hook returns, each epoch's metrics are numbers, and a pruning method
-  records allocation rows in the schema of :mod:`p3b_search.methods.allocation`;
+  records allocation rows in the schema of :mod:`p3b_search.method_specs.allocation`;
 * its state survives a checkpoint: ``state_dict`` goes through ``torch.save`` /
   ``torch.load(weights_only=True)``, and a fresh method loaded from it, on a model with the
   same weights, finalizes to the same model;
-* the model ``finalize`` returns computes the logits of the masked model it came from;
+* the model ``finalize`` returns computes the logits of the masked model it came from, and is
+  structured exactly when the method's spec says so;
 * it meets its budget: it keeps ``1 - prune_ratio`` of all the parameters, within
   :data:`~p3b_search.methods.target.TOLERANCE`.
 
@@ -24,8 +25,9 @@ import pytest
 import torch
 from torch import nn
 
+from p3b_search.method_specs import method_names, method_spec
+from p3b_search.method_specs.allocation import ALLOCATION_KEYS, REQUIRED_ALLOCATION_KEYS
 from p3b_search.methods import PrunedModel, PruningMethod, available_methods, get_method
-from p3b_search.methods.allocation import ALLOCATION_KEYS, REQUIRED_ALLOCATION_KEYS
 from p3b_search.methods.target import TOLERANCE, kept_params
 from tests.method_support import batch, drive, make, single_thread, tiny_vit  # noqa: F401 (autouse fixture)
 
@@ -36,11 +38,19 @@ SHARED = "+shared"
 
 def has_gates(name: str) -> bool:
     """Whether method ``name`` has P3B's gates (and so the ``residual`` knob)."""
-    return "residual" in get_method(name).config_cls.model_fields
+    return "residual" in method_spec(name).config_cls.model_fields
 
 
 #: every registered method, and the gated ones again with a shared residual
 CASES = available_methods() + [name + SHARED for name in available_methods() if has_gates(name)]
+
+
+def test_every_spec_is_implemented_and_every_implementation_has_its_spec():
+    """The study layer knows the methods by their specs, the trial workers by their
+    implementations: the same names, and each implementation registered against its own spec."""
+    assert available_methods() == method_names()
+    for name in method_names():
+        assert get_method(name).spec is method_spec(name), name
 
 
 class EpochMetrics:
@@ -63,7 +73,7 @@ def new_method(case: str) -> PruningMethod:
     (prune-and-grow methods update every 2 steps)."""
     name = case.removesuffix(SHARED)
     method_cls = get_method(name)
-    fields = method_cls.config_cls.model_fields
+    fields = method_cls.spec.config_cls.model_fields
     config: dict[str, Any] = {"prune_ratio": 0.0 if name == "dense" else PRUNE_RATIO}
     if "update_interval" in fields:
         config["update_interval"] = 2
@@ -159,6 +169,11 @@ def test_state_round_trips_through_a_checkpoint(driven):
 def test_finalized_model_computes_the_masked_logits(driven):
     pruned: PrunedModel = driven["pruned"]
     torch.testing.assert_close(logits(pruned.model, driven["x"]), driven["masked"], rtol=1e-4, atol=1e-5)
+
+
+def test_finalized_model_is_as_structured_as_the_spec_says(driven):
+    """The study layer reads ``structured`` from the method's spec (torch-free): the model says the same."""
+    assert driven["pruned"].structured is driven["method"].spec.structured, driven["name"]
 
 
 def test_finalized_model_meets_the_budget(driven):

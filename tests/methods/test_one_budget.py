@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from p3b_search.method_specs import method_spec
 from p3b_search.methods import available_methods, get_method
 from p3b_search.methods.target import TOLERANCE, kept_params
 from p3b_search.models import DIGITS_VIT, create_timm_model
@@ -40,7 +41,7 @@ def dense_model(key: str) -> nn.Module:
 
 
 def has_gates(method_name: str) -> bool:
-    return "residual" in get_method(method_name).config_cls.model_fields
+    return "residual" in method_spec(method_name).config_cls.model_fields
 
 
 #: (method, residual mode): every method, the gated ones in both modes
@@ -54,7 +55,7 @@ def kept_fraction(method_name: str, model_key: str, prune_ratio: float, residual
     dense = sum(p.numel() for p in model.parameters())
     method_cls = get_method(method_name)
     knobs = {} if residual is None else {"residual": residual}
-    method = method_cls(method_cls.config_cls(prune_ratio=prune_ratio, **knobs), num_classes=NUM_CLASSES,
+    method = method_cls(method_cls.spec.config_cls(prune_ratio=prune_ratio, **knobs), num_classes=NUM_CLASSES,
                         epochs=1, steps_per_epoch=200)
     method.prepare(model)
     return kept_params(method.finalize(model)) / dense

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from p3b_search.cost import model_cost
+from p3b_search.method_specs.s2vite import S2ViTEConfig
 from p3b_search.methods import get_method
 from p3b_search.methods.hooks import StepInfo
-from p3b_search.methods.s2vite import S2ViTE, S2ViTEConfig, count_masks, kept_units, solve_densities
+from p3b_search.methods.s2vite import S2ViTE, count_masks, kept_units, solve_densities
 from p3b_search.surgery import get_adapter
 from p3b_search.training.loop import build_optimizer
 from tests.conftest import make_model

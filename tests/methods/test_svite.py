@@ -11,12 +11,12 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader, TensorDataset
 
 from p3b_search.config import StageConfig, TrainingConfig
+from p3b_search.method_specs.svite import SViTEConfig
 from p3b_search.methods import get_method
 from p3b_search.methods.sparsity import erk_densities
 from p3b_search.methods.svite import (
     PruneGrowClock,
     SViTE,
-    SViTEConfig,
     cosine_death_rate,
     masked_weights,
     prune_and_grow,

@@ -196,7 +196,7 @@ def test_processes_publishing_one_prefix_at_once_leave_one_complete_prefix(tmp_p
 
 def _key(config: TrialConfig) -> str:
     cls = get_method(config.method)
-    method = cls(cls.config_cls(**config.method_config), num_classes=5, epochs=config.training.prune.epochs,
+    method = cls(cls.spec.config_cls(**config.method_config), num_classes=5, epochs=config.training.prune.epochs,
                  steps_per_epoch=STEPS)
     return prefix_key(prefix_inputs(config, method, STEPS))
 

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from p3b_search.methods import get_method
+from p3b_search.method_specs import method_spec
 from p3b_search.search.samplers import available_samplers, create_sampler
 from p3b_search.search.space import distributions, reference_params, suggest_params
 from p3b_search.study.loading import load_study
@@ -47,7 +47,7 @@ def test_conditional_space_samples_only_the_chosen_methods_knobs():
         params = suggest_params(trial, study)
         method = params["method"]
         seen.add(method)
-        knobs = set(get_method(method).config_cls.model_fields)
+        knobs = set(method_spec(method).config_cls.model_fields)
         assert {k.removeprefix("method_config.") for k in params if k.startswith("method_config.")} <= knobs
         assert ("method_config.alpha" in params) == (method == "p3b")
         assert ("method_config.death_rate" in params) == (method == "s2vite")

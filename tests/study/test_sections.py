@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from p3b_search.config import TrialConfig
-from p3b_search.methods import available_methods, get_method
+from p3b_search.method_specs import method_names, method_spec
 from p3b_search.study.dimensions import Choice, FloatRange
 from p3b_search.study.loading import load_study, with_overrides
 from p3b_search.study.messages import StudyError
@@ -17,11 +17,11 @@ STUDIES = sorted((REPO_ROOT / "studies").glob("*.yaml"))
 
 
 def methods() -> str:
-    return ", ".join(available_methods())
+    return ", ".join(method_names())
 
 
 def knobs(method: str) -> str:
-    return ", ".join(sorted(get_method(method).config_cls.model_fields))
+    return ", ".join(sorted(method_spec(method).config_cls.model_fields))
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -61,7 +61,7 @@ def _train(method_name: str, batch_size: int, model_seed: int) -> dict:
     stage = StageConfig(epochs=2, lr=5e-2, schedule="constant")
     method_cls = get_method(method_name)
     knobs = P3B_KNOBS if method_name == "p3b" else {}
-    method = method_cls(method_cls.config_cls(**knobs), num_classes=classes, epochs=stage.epochs,
+    method = method_cls(method_cls.spec.config_cls(**knobs), num_classes=classes, epochs=stage.epochs,
                         steps_per_epoch=len(train))
     method.prepare(model)
     history = train_stage(model, train, val, stage, _training(batch_size), method, progress=False)

@@ -13,7 +13,6 @@ from p3b_search.config import DataConfig, ModelConfig, StageConfig, TrainingConf
 from p3b_search.data import build_loaders
 from p3b_search.methods.hooks import StepInfo, TrainingHooks
 from p3b_search.models import create_timm_model
-from p3b_search.training import checkpoint as checkpoint_module
 from p3b_search.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from p3b_search.training.loop import evaluate, resolve_device, train_stage
 from p3b_search.training.rng import rng_state, seed_everything, set_rng_state
@@ -268,7 +267,7 @@ def test_checkpoint_write_interrupted_keeps_the_previous_one(tmp_path, monkeypat
         Path(path).write_bytes(b"PK\x03\x04 partial")
         raise KeyboardInterrupt  # killed mid-write
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
+    monkeypatch.setattr(torch, "save", dying_save)  # save_checkpoint calls torch.save
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"epoch": 1, "w": torch.zeros(3)}, tmp_path)
     monkeypatch.undo()

@@ -12,10 +12,11 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader, TensorDataset
 
 from p3b_search.cost import model_cost
+from p3b_search.method_specs.allocation import ALLOCATION_KEYS
+from p3b_search.method_specs.p3b import P3BConfig
 from p3b_search.methods import get_method
-from p3b_search.methods.allocation import ALLOCATION_KEYS
 from p3b_search.methods.hooks import StepInfo
-from p3b_search.methods.p3b import P3B, P3BConfig
+from p3b_search.methods.p3b import P3B
 from p3b_search.methods.p3b.benefit import BlockBenefit
 from p3b_search.training.loop import build_optimizer, train_stage
 from p3b_search.training.rng import seed_everything
