@@ -329,7 +329,11 @@ def read_parts(parts: Path) -> pd.DataFrame:
 
 
 def read_allocations(layout: StudyLayout) -> pd.DataFrame:
-    """Every allocation row written so far, read from the per-trial parts (always current)."""
+    """Every allocation row written so far, read from the per-trial parts (always current); a
+    study folder kept without its parts (e.g. its tables committed as raw data) reads its merged
+    ``allocations.parquet``."""
+    if not layout.allocation_parts.is_dir() and layout.allocations_table.exists():
+        return read_parquet_once(layout.allocations_table).to_pandas()
     return read_parts(layout.allocation_parts)
 
 

@@ -148,6 +148,20 @@ def test_allocation_parts_merge_and_survive_a_retry(tmp_path):
     assert merged.loc[merged["trial"] == 0, "step"].tolist() == [0] * 3 + [10] * 3 + [20] * 3 + [30] * 3
 
 
+def test_a_folder_kept_without_its_parts_reads_its_merged_allocations(tmp_path):
+    import shutil
+
+    layout = StudyLayout(tmp_path)
+    for trial in (0, 1):
+        TrialPartWriter(layout.allocation_parts, trial).write(rows(trial), 0)
+    merge_allocations(layout)
+    before = read_allocations(layout)
+    shutil.rmtree(layout.allocation_parts)  # what a committed copy of the study's tables keeps
+    after = read_allocations(layout)
+    assert len(after) == 6
+    pd.testing.assert_frame_equal(after.reset_index(drop=True), before.reset_index(drop=True), check_like=True)
+
+
 def test_no_allocations_yet(tmp_path):
     layout = StudyLayout(tmp_path)
     assert read_allocations(layout).empty and merge_allocations(layout) == 0
