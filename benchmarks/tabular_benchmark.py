@@ -358,6 +358,108 @@ def rungs(args: argparse.Namespace) -> None:
     print(text)
 
 
+# ----------------------------------------------------------------------------- verdicts
+
+HV_MARGIN = 0.01  # normalised hypervolume: issue 22's equivalence margin
+
+
+def _run_values(runs: pd.DataFrame, budgets: dict[int, float] | float | None = None) -> dict[int, float]:
+    """Per replay seed: the run's final hypervolume (``budgets`` None), or its hypervolume at a
+    budget of trial-epochs (one for all, or one per seed)."""
+    values = {}
+    for seed, run in runs.groupby("seed", sort=True):
+        if budgets is None:
+            values[int(seed)] = float(run["hypervolume"].iloc[-1])
+        else:
+            budget = budgets[int(seed)] if isinstance(budgets, dict) else budgets
+            values[int(seed)] = float(hypervolume_at(run, np.array([budget]))[0, 0])
+    return values
+
+
+def _paired_row(a: dict[int, float], b: dict[int, float], margin: float) -> dict[str, float]:
+    from p3b_search.stats import equivalence_p, paired_t_test
+
+    test = paired_t_test(a, b)
+    return {"diff": test.difference.mean, "low": test.difference.low, "high": test.difference.high,
+            "n": test.difference.n, "p": test.p, "tost_p": equivalence_p(a, b, margin)}
+
+
+def verdict_tables(trajectories: pd.DataFrame, margin: float = HV_MARGIN) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Paired by replay seed. ``savings``: per sampler and scheduler, trial-epochs against the
+    same sampler without a scheduler and the final hypervolume difference (with two one-sided
+    tests of equivalence within ``margin``); the no-scheduler arm also against itself at half
+    its trial-epochs. ``reference``: each arm's final hypervolume minus the reference recipe's
+    at the trial-epochs that run spent. p-values of each table Holm-adjusted over its rows."""
+    from p3b_search.search.replay import NO_SCHEDULER, REFERENCE
+    from p3b_search.stats import holm
+
+    arms = {key: runs for key, runs in trajectories.groupby(["sampler", "scheduler"], sort=False)}
+    spent = {key: runs.groupby("seed")["trial_epochs"].last() for key, runs in arms.items()}
+    savings, against = [], []
+    reference = arms.get((REFERENCE, NO_SCHEDULER))
+    for (sampler, scheduler), runs in arms.items():
+        if sampler == REFERENCE:
+            continue
+        final = _run_values(runs)
+        if scheduler == NO_SCHEDULER:
+            half = _run_values(runs, (spent[(sampler, scheduler)] / 2).to_dict())
+            savings.append({"sampler": sampler, "arm": "none at half its trial-epochs", "epochs_ratio": 0.5,
+                            **_paired_row(half, final, margin)})
+        else:
+            base = (sampler, NO_SCHEDULER)
+            ratio = (spent[(sampler, scheduler)] / spent[base]).mean()
+            savings.append({"sampler": sampler, "arm": scheduler, "epochs_ratio": float(ratio),
+                            **_paired_row(final, _run_values(arms[base]), margin)})
+        if reference is not None:
+            at_spent = _run_values(reference, spent[(sampler, scheduler)].to_dict())
+            against.append({"sampler": sampler, "arm": scheduler, "trial_epochs": float(spent[(sampler, scheduler)].mean()),
+                            **_paired_row(final, at_spent, margin)})
+    tables = []
+    for rows in (savings, against):
+        frame = pd.DataFrame(rows)
+        if len(frame):
+            frame["p_holm"] = holm(frame["p"].fillna(1.0).tolist()).adjusted
+        tables.append(frame)
+    return tables[0], tables[1]
+
+
+def _difference(row) -> str:
+    return f"{row.diff:+.4f} [{row.low:+.4f}, {row.high:+.4f}]"
+
+
+def verdicts_markdown(savings: pd.DataFrame, reference: pd.DataFrame, margin: float, command: str, replay: Path) -> str:
+    lines = ["# Tabular benchmark: what each arm saves, and what it costs", "", "    " + command, "",
+             f"From `{replay}` (the trajectories of `simulate`). Differences of normalised hypervolume are paired by "
+             f"replay seed (95 % t interval); p: paired t test, Holm-adjusted over the rows of each table; "
+             f"equivalence: two one-sided paired tests within ±{margin:g}.", "",
+             "## Against the same sampler without a scheduler", "",
+             "| sampler | arm | trial-epochs / none | final HV - none's final HV [95 % CI] | p (Holm) | equivalent "
+             f"within ±{margin:g} (TOST p) | goal: equivalent with <= 50 % |", "|---|---|---|---|---|---|---|"]
+    for row in savings.itertuples(index=False):
+        equivalent = row.tost_p < 0.05
+        goal = "met" if equivalent and row.epochs_ratio <= 0.5 else "not met"
+        lines.append(f"| {row.sampler} | {row.arm} | {row.epochs_ratio:.1%} | {_difference(row)} | {row.p_holm:.3f} | "
+                     f"{'yes' if equivalent else 'no'} ({row.tost_p:.3f}) | {goal} |")
+    lines += ["", "## Against the reference recipe at equal trial-epochs", "",
+              "Each run's final hypervolume minus that of the reference recipe's run of the same replay seed once it "
+              "had spent as many trial-epochs.", "",
+              "| sampler | scheduler | trial-epochs (mean) | HV - reference's [95 % CI] | p (Holm) | verdict |",
+              "|---|---|---|---|---|---|"]
+    for row in reference.itertuples(index=False):
+        verdict = ("better" if row.low > 0 else "worse") if row.p_holm < 0.05 else "not separated"
+        lines.append(f"| {row.sampler} | {row.arm} | {row.trial_epochs:.0f} | {_difference(row)} | {row.p_holm:.3f} | "
+                     f"{verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(args: argparse.Namespace) -> None:
+    savings, reference = verdict_tables(pd.read_parquet(args.replay), args.margin)
+    text = verdicts_markdown(savings, reference, args.margin, _command(), args.replay)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def _positive(text: str) -> int:
@@ -415,6 +517,11 @@ def parser() -> argparse.ArgumentParser:
     ru.add_argument("--table", type=Path, default=TABLE)
     ru.add_argument("--eta", type=int, default=RUNG_ETA)
     ru.add_argument("--out", type=Path, default=RESULTS / "tabular_glyphs_rungs.md")
+    ve = commands.add_parser("verdicts", help="paired tests of the replay's arms: savings, equivalence, reference")
+    ve.add_argument("--replay", type=Path, default=RESULTS / "tabular_glyphs_replay.parquet",
+                    help="the trajectories written by simulate")
+    ve.add_argument("--margin", type=float, default=HV_MARGIN, help="equivalence margin, normalised hypervolume")
+    ve.add_argument("--out", type=Path, default=RESULTS / "tabular_glyphs_verdicts.md")
     return main
 
 
@@ -423,7 +530,7 @@ def main() -> None:
 
     args = parser().parse_args()
     try:
-        {"export": export, "simulate": simulate, "rungs": rungs}[args.command](args)
+        {"export": export, "simulate": simulate, "rungs": rungs, "verdicts": verdicts}[args.command](args)
     except (StudyError, ValueError) as error:
         sys.exit(f"error: {error}")
 

@@ -230,6 +230,35 @@ def test_a_runs_hypervolume_at_a_budget_is_its_value_after_the_last_trial_end_wi
     assert math.isnan(epochs_to_reach(runs[runs["seed"] == 1], 0.65))
 
 
+def test_verdicts_pair_arms_by_seed_and_read_the_reference_at_each_runs_spend():
+    from benchmarks.tabular_benchmark import verdict_tables
+
+    rows = []
+    for seed in range(6):
+        jitter = 0.0005 * (seed % 3)
+        # none: 4 trials of 6 epochs; early stopping: the same two first trials, then stops (half the epochs)
+        for trial, hv in enumerate([0.5, 0.8, 0.85, 0.86 + jitter]):
+            rows.append({"sampler": "tpe", "scheduler": "none", "seed": seed, "trial_epochs": 6 * (trial + 1),
+                         "hypervolume": hv})
+        for trial, hv in enumerate([0.5, 0.8, 0.855 + 0.0003 * (seed % 2)]):
+            rows.append({"sampler": "tpe", "scheduler": "early-stopping", "seed": seed,
+                         "trial_epochs": [6, 12, 12 + seed % 2][trial], "hypervolume": hv})
+        for trial, hv in enumerate([0.7, 0.84]):  # the reference: 0.84 once it spent 12 trial-epochs
+            rows.append({"sampler": "reference", "scheduler": "none", "seed": seed, "trial_epochs": 6 * (trial + 1),
+                         "hypervolume": hv})
+    savings, reference = verdict_tables(pd.DataFrame(rows), margin=0.01)
+    half = savings[savings["arm"] == "none at half its trial-epochs"].iloc[0]
+    assert half["diff"] == pytest.approx(0.8 - np.mean([0.86 + 0.0005 * (s % 3) for s in range(6)]))
+    stopping = savings[savings["arm"] == "early-stopping"].iloc[0]
+    assert stopping["epochs_ratio"] == pytest.approx(np.mean([(12 + s % 2) / 24 for s in range(6)]))
+    differences = [0.855 + 0.0003 * (s % 2) - 0.86 - 0.0005 * (s % 3) for s in range(6)]
+    assert stopping["diff"] == pytest.approx(np.mean(differences)) and stopping["tost_p"] < 0.05
+    by_arm = reference.set_index("arm")
+    assert by_arm.loc["none", "diff"] == pytest.approx(0.86 + 0.0005 - 0.84, abs=1e-3)  # reference at 24: 0.84
+    assert by_arm.loc["early-stopping", "diff"] == pytest.approx(0.855 - 0.84, abs=1e-3)
+    assert (reference["p_holm"] >= reference["p"]).all()
+
+
 def test_a_rung_that_holds_the_final_objectives_ranks_every_trial_as_the_end_does(tmp_path):
     from benchmarks.tabular_benchmark import rung_fidelity
 
