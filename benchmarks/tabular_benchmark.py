@@ -46,6 +46,13 @@ def _command() -> str:
     return "python benchmarks/tabular_benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (what a report should print)."""
+    resolved = Path(path).resolve()
+    root = RESULTS.parent.parent.resolve()
+    return resolved.relative_to(root) if resolved.is_relative_to(root) else Path(path)
+
+
 def _interval(values: Sequence[float], digits: int = 3) -> str:
     ci = t_interval(values)
     if ci.n == 0:
@@ -132,7 +139,7 @@ def simulate_markdown(summary: pd.DataFrame, bench, settings, seeds: int, comman
     trials = len(bench.all_curves())
     lines = [
         "# Tabular benchmark: samplers and schedulers replayed", "", "    " + command, "",
-        f"Table `{table}`: {trials} trials, {len(bench.configs)} configurations; dense reference "
+        f"Table `{_shown(table)}`: {trials} trials, {len(bench.configs)} configurations; dense reference "
         f"{bench.dense.get('macs') / 1e6:.3f}M MACs, top-1 {bench.dense.get('top1'):.2f} % "
         f"({bench.dense.source}). Best normalised hypervolume (the whole table's front, both seeds): "
         f"**{best:.4f}**; target {TARGET:.0%} of it: {TARGET * best:.4f}.",
@@ -327,7 +334,7 @@ def rung_fidelity(bench, eta: int = RUNG_ETA, resamples: int = BOOTSTRAP_RESAMPL
 
 def rungs_markdown(fidelity: pd.DataFrame, eta: int, command: str, table: Path) -> str:
     lines = ["# Tabular benchmark: what each candidate rung predicts", "", "    " + command, "",
-             f"Table `{table}`. Per training seed, over its trials: the non-dominated rank on (top-1, MACs) after "
+             f"Table `{_shown(table)}`. Per training seed, over its trials: the non-dominated rank on (top-1, MACs) after "
              "the rung's epoch against the rank on the final objectives (0 = the front), Spearman's rho and "
              f"Kendall's tau-b with 95 % paired-bootstrap percentile intervals ({BOOTSTRAP_RESAMPLES} resamples, "
              "those with every rank tied left out); "
@@ -429,7 +436,7 @@ def _difference(row) -> str:
 
 def verdicts_markdown(savings: pd.DataFrame, reference: pd.DataFrame, margin: float, command: str, replay: Path) -> str:
     lines = ["# Tabular benchmark: what each arm saves, and what it costs", "", "    " + command, "",
-             f"From `{replay}` (the trajectories of `simulate`). Differences of normalised hypervolume are paired by "
+             f"From `{_shown(replay)}` (the trajectories of `simulate`). Differences of normalised hypervolume are paired by "
              f"replay seed (95 % t interval); p: paired t test, Holm-adjusted over the rows of each table; "
              f"equivalence: two one-sided paired tests within ±{margin:g}.", "",
              "## Against the same sampler without a scheduler", "",

@@ -102,3 +102,26 @@ def test_tabular_dense_reference_in_results_is_its_committed_trials() -> None:
     per_seed = ", ".join(f"{v:.2f}" for v in trials["top1"])
     quoted = f"**{trials['top1'].mean():.2f} %** ({per_seed}; std {trials['top1'].std(ddof=1):.2f})"
     assert quoted in RESULTS_MD.read_text()
+
+
+def test_tabular_benchmark_rungs_and_verdicts_are_their_committed_raw_data() -> None:
+    """RESULTS.md section 9: ``tabular_glyphs_rungs.md`` from ``tabular_glyphs.parquet`` and
+    ``tabular_glyphs_verdicts.md`` from the replay's ``tabular_glyphs_replay.parquet``."""
+    from benchmarks.tabular_benchmark import (
+        HV_MARGIN,
+        RUNG_ETA,
+        rung_fidelity,
+        rungs_markdown,
+        verdict_tables,
+        verdicts_markdown,
+    )
+    from p3b_search.study.tabular import read_table
+
+    table = RESULTS / "tabular_glyphs.parquet"
+    rungs = rungs_markdown(rung_fidelity(read_table(table), RUNG_ETA), RUNG_ETA,
+                           "python benchmarks/tabular_benchmark.py rungs", table)
+    assert rungs == (RESULTS / "tabular_glyphs_rungs.md").read_text()
+    replay = RESULTS / "tabular_glyphs_replay.parquet"
+    savings, reference = verdict_tables(pd.read_parquet(replay), HV_MARGIN)
+    verdicts = verdicts_markdown(savings, reference, HV_MARGIN, "python benchmarks/tabular_benchmark.py verdicts", replay)
+    assert verdicts == (RESULTS / "tabular_glyphs_verdicts.md").read_text()
