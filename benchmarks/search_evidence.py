@@ -8,9 +8,10 @@ savings, and against P3B's reference recipe, on real studies (issue 22, item 5).
 Three arms per seed s, each a study in its own folder (``<output_dir>/<name>-<arm>-s<s>``; a
 finished one is read, not run again, so an interrupted run continues where it stopped):
 
-* ``default``: the study file as written (its sampler, scheduler and shared prefixes), sampler
-  seed and training seed s;
-* ``full``: the same without scheduler and shared prefixes: every trial trains every epoch;
+* ``default``: the study file as written (its sampler, early stopping or scheduler, and shared
+  prefixes), sampler seed and training seed s;
+* ``full``: the same without early stopping, scheduler and shared prefixes: every trial trains
+  every epoch;
 * ``reference``: P3B's paper settings (:data:`p3b_search.search.replay.PAPER_RECIPE`) at the
   prune ratios of :data:`~p3b_search.search.replay.LADDER`, a grid over those ratios and
   ``--reference-trials / 4`` training seeds (100 s, 100 s + 1, ...): what a user runs without
@@ -56,11 +57,12 @@ def arm_study(base: StudyConfig, arm: str, seed: int, reference_trials: int) -> 
     name = f"{base.name}-{arm}-s{seed}"
     sampler = {**base.sampler.model_dump(), "seed": seed}
     training = {**base.training.model_dump(mode="python"), "seed": seed}
+    stopping = base.early_stopping.model_dump()
     if arm == "default":
         return with_overrides(base, name=name, sampler=sampler, training=training)
     if arm == "full":
         return with_overrides(base, name=name, sampler=sampler, training=training, scheduler=None,
-                              shared_prefixes=False)
+                              shared_prefixes=False, early_stopping={**stopping, "enabled": False})
     if reference_trials % len(LADDER):
         raise SystemExit(f"--reference-trials {reference_trials}: must be a multiple of {len(LADDER)} (the ladder)")
     seeds = [REFERENCE_SEED_BASE * (seed + 1) + i for i in range(reference_trials // len(LADDER))]
@@ -69,7 +71,7 @@ def arm_study(base: StudyConfig, arm: str, seed: int, reference_trials: int) -> 
     config.pop("prune_ratio", None)
     return with_overrides(
         base, name=name, sampler={"name": "grid", "seed": seed}, n_trials=reference_trials, scheduler=None,
-        shared_prefixes=False, enqueue_reference=False, method={"name": PAPER_RECIPE["method"], "config": config},
+        shared_prefixes=False, early_stopping={**stopping, "enabled": False}, enqueue_reference=False, method={"name": PAPER_RECIPE["method"], "config": config},
         search_space={"method_config.prune_ratio": {"type": "categorical", "choices": list(LADDER)},
                       "training.seed": {"type": "categorical", "choices": seeds}})
 

@@ -18,8 +18,8 @@ STUDY = REPO_ROOT / "studies" / "search_evidence.yaml"
 def test_arms_differ_only_in_what_they_compare() -> None:
     base = load_study(STUDY)
     default, full, reference = (arm_study(base, arm, 2, 12) for arm in ("default", "full", "reference"))
-    assert default.scheduler is not None and default.shared_prefixes
-    assert full.scheduler is None and not full.shared_prefixes
+    assert default.early_stopping.enabled and default.shared_prefixes
+    assert not full.early_stopping.enabled and full.scheduler is None and not full.shared_prefixes
     assert (default.sampler.seed, default.training.seed, full.sampler.seed) == (2, 2, 2)
     assert default.search_space == full.search_space == base.search_space
     assert len({default.name, full.name, reference.name}) == 3
@@ -29,7 +29,7 @@ def test_arms_differ_only_in_what_they_compare() -> None:
                for key, value in PAPER_RECIPE.items() if key != "method")
     grid = [reference.search_space[k].choices for k in ("method_config.prune_ratio", "training.seed")]
     assert tuple(grid[0]) == LADDER and len(list(itertools.product(*grid))) == reference.n_trials == 12
-    assert reference.scheduler is None and not reference.shared_prefixes
+    assert reference.scheduler is None and not reference.shared_prefixes and not reference.early_stopping.enabled
 
 
 def test_reference_trials_must_fill_the_ladder() -> None:
