@@ -3,8 +3,8 @@ Spearman rank correlation of depth with *when* each sub-block's benefit arrives,
 apart, then its mean over seeds with a 95 % interval, per recipe.
 
     python benchmarks/depth_benefit.py export runs/method_comparison_10seeds runs/depth_long_prune \\
-        --out benchmarks/results/depth_benefit.parquet
-    python benchmarks/depth_benefit.py table benchmarks/results/depth_benefit.parquet \\
+        --out benchmarks/results/depth_benefit_rows.parquet
+    python benchmarks/depth_benefit.py table benchmarks/results/depth_benefit_rows.parquet \\
         --out benchmarks/results/depth_benefit
 
 ``export`` keeps, of each study's P3B trials, the block benefits of every mask update (one row per
@@ -180,10 +180,14 @@ def main() -> None:
     table.add_argument("--out", type=Path, default=None, help="also write PREFIX.md, PREFIX.parquet and PREFIX.png")
     args = parser.parse_args()
     if args.command == "export":
+        if args.out.suffix != ".parquet":
+            raise SystemExit(f"--out {args.out}: give a .parquet file (e.g. benchmarks/results/depth_benefit_rows.parquet)")
         benefits = pd.concat([study_benefits(folder) for folder in args.folders], ignore_index=True)
         benefits.to_parquet(args.out, index=False)
         print(f"{len(benefits)} rows, {benefits.groupby('recipe')['seed'].nunique().to_dict()} seeds -> {args.out}")
         return
+    if args.out is not None and args.out.with_suffix(".parquet").resolve() == args.benefits.resolve():
+        raise SystemExit(f"--out {args.out}: would overwrite the exported rows {args.benefits}; choose another prefix")
     benefits = pd.read_parquet(args.benefits)
     result = summary(depth_correlations(arrival_times(benefits)))
     text = markdown(result, benefits)

@@ -125,3 +125,39 @@ def test_tabular_benchmark_rungs_and_verdicts_are_their_committed_raw_data() -> 
     savings, reference = verdict_tables(pd.read_parquet(replay), HV_MARGIN)
     verdicts = verdicts_markdown(savings, reference, HV_MARGIN, "python benchmarks/tabular_benchmark.py verdicts", replay)
     assert verdicts == (RESULTS / "tabular_glyphs_verdicts.md").read_text()
+
+
+def test_method_comparison_10seeds_report_is_its_committed_study() -> None:
+    """RESULTS.md section 7: ``search.py compare`` over the committed tables of the 10-seed run
+    (``benchmarks/results/studies/method_comparison_10seeds/``: study.yaml, trials.parquet,
+    allocations.parquet) gives the committed report, word for word."""
+    from p3b_search.study.compare import (
+        benefit_by_depth,
+        compare_methods,
+        compare_plan,
+        core_benefits,
+        trial_allocations,
+        trial_results,
+    )
+    from p3b_search.study.compare_report import command_line, markdown
+    from p3b_search.study.loading import study_from_folder
+    from p3b_search.study.results import read_trials
+
+    study = study_from_folder(RESULTS / "studies" / "method_comparison_10seeds")
+    plan = compare_plan(study)
+    results = trial_results(study, read_trials(study.layout))
+    comparison = compare_methods(results, plan, study.candidate_methods())
+    prefix = Path("benchmarks/results/method_comparison_10seeds")
+    text = markdown(study, comparison, command_line(study, plan, prefix))
+    benefits = core_benefits(trial_allocations(study, results))
+    text += "\n" + benefit_by_depth(benefits)
+    assert text == (RESULTS / "method_comparison_10seeds.md").read_text()
+
+
+def test_depth_benefit_table_is_its_committed_benefits() -> None:
+    """RESULTS.md section 7: ``benchmarks/depth_benefit.py table`` from ``depth_benefit_rows.parquet``."""
+    from benchmarks.depth_benefit import arrival_times, depth_correlations, markdown, summary
+
+    benefits = pd.read_parquet(RESULTS / "depth_benefit_rows.parquet")
+    text = markdown(summary(depth_correlations(arrival_times(benefits))), benefits)
+    assert text + "\n" == (RESULTS / "depth_benefit.md").read_text()
