@@ -115,13 +115,14 @@ def markdown(name: str, runs: pd.DataFrame, command: str, margin: float = HV_MAR
     return "\n".join(lines) + "\n"
 
 
-def run_command(argv: list[str]) -> str:
-    """The command that runs the studies: ``argv`` (``sys.argv[1:]``) without ``--from-parquet PATH``."""
+def run_command(argv: list[str], program: str = "python benchmarks/early_stopping_savings.py") -> str:
+    """The command that runs the studies: ``program`` with ``argv`` (``sys.argv[1:]``) without
+    ``--from-parquet PATH``."""
     args = list(argv)
     if "--from-parquet" in args:
         i = args.index("--from-parquet")
         del args[i:i + 2]
-    return "python benchmarks/early_stopping_savings.py " + " ".join(shlex.quote(a) for a in args)
+    return program + " " + " ".join(shlex.quote(a) for a in args)
 
 
 def main() -> None:

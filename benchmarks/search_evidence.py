@@ -1,8 +1,8 @@
 """Does a study earn its compute? Its default setup against the same study with none of the
 savings, and against P3B's reference recipe, on real studies (issue 22, item 5).
 
-    python benchmarks/search_evidence.py studies/search_evidence.yaml --seeds 0 1 2
-    python benchmarks/search_evidence.py studies/search_evidence.yaml --seeds 0 1 2 \\
+    python -m benchmarks.search_evidence studies/search_evidence.yaml --seeds 0 1 2
+    python -m benchmarks.search_evidence studies/search_evidence.yaml --seeds 0 1 2 \\
         --from-parquet benchmarks/results/search_evidence_runs.parquet          # the table only
 
 Three arms per seed s, each a study in its own folder (``<output_dir>/<name>-<arm>-s<s>``; a
@@ -34,12 +34,12 @@ running, and writes the same ``.md``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.early_stopping_savings import HV_MARGIN, run_command
 from p3b_search.search.replay import LADDER, PAPER_RECIPE
 from p3b_search.stats import equivalence_p, paired_t_test, t_interval
 from p3b_search.study.history import hypervolume_history, trial_epochs_spent
@@ -159,22 +159,13 @@ def markdown(name: str, runs: pd.DataFrame, histories: pd.DataFrame, margin: flo
     return "\n".join(lines) + "\n"
 
 
-def run_command(argv: list[str]) -> str:
-    """The command that runs the studies: ``argv`` without ``--from-parquet PATH``."""
-    args = list(argv)
-    if "--from-parquet" in args:
-        i = args.index("--from-parquet")
-        del args[i:i + 2]
-    return "python benchmarks/search_evidence.py " + " ".join(shlex.quote(a) for a in args)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", type=Path, help="the study file: its setup is the default arm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reference-trials", type=int, default=None,
                         help="trials of the reference arm, a multiple of 4 (default: half the study's n_trials)")
-    parser.add_argument("--margin", type=float, default=0.01, help="equivalence margin, normalised hypervolume")
+    parser.add_argument("--margin", type=float, default=HV_MARGIN, help="equivalence margin, normalised hypervolume")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--from-parquet", type=Path, default=None, metavar="RUNS",
@@ -191,7 +182,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         runs.to_parquet(args.out / f"{base.name}_runs.parquet", index=False)
         histories.to_parquet(args.out / f"{base.name}_history.parquet", index=False)
-    text = markdown(base.name, runs, histories, args.margin, run_command(sys.argv[1:]))
+    text = markdown(base.name, runs, histories, args.margin, run_command(sys.argv[1:], "python -m benchmarks.search_evidence"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{base.name}.md").write_text(text)
     print(text)
