@@ -12,7 +12,7 @@ Driver-side flow of :func:`run_study`::
     the study tracker, when one is given (MLflow parent run)   -> study.tracking.StudyTracking
     Tuner(FrontSafeOptunaSearch behind a ConcurrencyLimiter and a StudySearchGenerator, per-trial resources,
           FailureConfig retries from the last checkpoint, DominatedTrialStopper,
-          SuccessiveHalvingScheduler when the study has a scheduler section)
+          SuccessiveHalvingScheduler when the study has a scheduler section, else LiveFIFOScheduler)
       or Tuner.restore(...) to resume an interrupted study
     StudyProgress callback: trials.parquet / allocations.parquet, the Pareto summary in pareto/
                             and on the tracker, one progress line per event  -> search.progress
@@ -54,6 +54,7 @@ from ray.tune.search import ConcurrencyLimiter
 from p3b_search.search.driver_record import DriverRecord
 from p3b_search.search.early_stopping import DominatedTrialStopper, StudyBudget
 from p3b_search.search.generator import StudySearchGenerator
+from p3b_search.search.live_fifo import LiveFIFOScheduler
 from p3b_search.search.preflight import DRIVER_CPU, cluster_lines, preflight
 from p3b_search.search.progress import StudyProgress, StudySession
 from p3b_search.search.searcher import FrontSafeOptunaSearch, open_optuna_study
@@ -207,7 +208,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
         return tune.Tuner.restore(str(layout.ray_experiment), trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     stopper = DominatedTrialStopper(study.early_stopping, budget_of=StudyBudget(study))
-    scheduler = SuccessiveHalvingScheduler(study) if study.scheduler is not None else None
+    halving = SuccessiveHalvingScheduler(study) if study.scheduler is not None else None
     searcher = StudySearchGenerator(ConcurrencyLimiter(FrontSafeOptunaSearch(study), max_concurrent=study.concurrency),
                                     study)
     # trials asked but never ended (the driver died before Ray saved its state) run again: see the searcher
@@ -216,15 +217,15 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
         trainable,
         # reuse_actors: a finished trial's worker process runs the next trial (no new process,
         # no second import of torch and timm: seconds per trial on small studies)
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=halving or LiveFIFOScheduler(),
+                                    num_samples=remaining, reuse_actors=True),
         run_config=tune.RunConfig(
             name=layout.ray_experiment.name,
             storage_path=str(layout.ray_storage),
             # data-parallel trials retry inside Ray Train (see trainable.data_parallel_trainable)
             failure_config=tune.FailureConfig(max_failures=study.max_failures if study.workers_per_trial == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[StudyProgress(study.name, stopper, scheduler), CSVLoggerCallback(), JsonLoggerCallback()],
+            callbacks=[StudyProgress(study.name, stopper, halving), CSVLoggerCallback(), JsonLoggerCallback()],
             stop=stopper,
             verbose=0,
         ),

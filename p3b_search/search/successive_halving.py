@@ -25,8 +25,9 @@ import math
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
+from p3b_search.search.live_fifo import LiveFIFOScheduler
 from p3b_search.search.session import LiveStudy
 from p3b_search.search.trainable import FINISHED, TRIAL_NUMBER
 from p3b_search.study.results import read_epochs
@@ -34,9 +35,9 @@ from p3b_search.study.rungs import SuccessiveHalvingRule, epoch_values, rung_obj
 from p3b_search.study.sections import StudyConfig
 
 
-class SuccessiveHalvingScheduler(FIFOScheduler):
+class SuccessiveHalvingScheduler(LiveFIFOScheduler):
     """Stops a trial at a rung of ``study.scheduler`` unless it ranks in the top ``1 / eta`` there
-    (see the module docstring). Trials run in the order they come (FIFO).
+    (see the module docstring). Trials run in the order they come (:class:`LiveFIFOScheduler`).
 
     ``reasons`` maps the Ray trial id of each stopped trial to a one-line explanation.
     """
@@ -56,7 +57,7 @@ class SuccessiveHalvingScheduler(FIFOScheduler):
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the rungs' records (rebuilt from the study folder, see the module docstring)."""
-        return {**self.__dict__, "_rule": None, "_seen": set()}
+        return {**super().__getstate__(), "_rule": None, "_seen": set()}
 
     @property
     def supports_buffered_results(self) -> bool:
