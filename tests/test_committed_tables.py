@@ -161,3 +161,10 @@ def test_depth_benefit_table_is_its_committed_benefits() -> None:
     benefits = pd.read_parquet(RESULTS / "depth_benefit_rows.parquet")
     text = markdown(summary(depth_correlations(arrival_times(benefits))), benefits)
     assert text + "\n" == (RESULTS / "depth_benefit.md").read_text()
+
+
+def test_residual_price_table_is_its_committed_trials() -> None:
+    """RESULTS.md section 3: ``benchmarks/residual_price.py table`` from ``residual_price.parquet``."""
+    from benchmarks.residual_price import markdown
+
+    assert markdown(pd.read_parquet(RESULTS / "residual_price.parquet")) == (RESULTS / "residual_price.md").read_text()
