@@ -34,6 +34,7 @@ running, and writes the same ``.md``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -80,9 +81,9 @@ def history_of(study: StudyConfig) -> pd.DataFrame:
     """The finished study's hypervolume history: one row per ended trial, in end order, with the
     cumulative ``trial_epochs`` and ``hypervolume_normalized``."""
     outcome = study_summary(study)
-    if outcome.dense is None or outcome.dense.top1 is None:
+    ideal = outcome.dense.ideal(study.metric_names) if outcome.dense is not None else [math.nan]
+    if not all(math.isfinite(value) for value in ideal):
         raise SystemExit(f"{study.name}: the dense top-1 is unknown: set dense_reference.top1 in the study file")
-    ideal = [outcome.dense.top1 if name == "top1" else 0.0 for name in study.metric_names]
     return hypervolume_history(outcome.trials, study.metric_names, study.directions, outcome.reference, ideal)
 
 

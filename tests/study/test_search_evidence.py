@@ -60,3 +60,23 @@ def test_verdicts_on_runs_with_known_answers() -> None:
 def test_hypervolume_before_any_trial_ended_is_zero() -> None:
     assert hypervolume_at(history(0, "r", [6, 12], [0.3, 0.4]), 5) == 0.0
     assert hypervolume_at(history(0, "r", [6, 12], [0.3, 0.4]), 12) == 0.4
+
+
+@pytest.mark.slow
+def test_history_of_a_finished_study(tmp_path) -> None:
+    """``history_of`` on a real finished study (the quickstart's space, the test objective, 3
+    trials): one row per ended trial, its hypervolume normalised by the study's dense top-1 (100 %
+    here: the test objective's MLP beats the quickstart's dense ViT)."""
+    from benchmarks.search_evidence import history_of
+    from p3b_search.launch import run_study
+    from p3b_search.study.loading import with_overrides
+
+    study = with_overrides(load_study(REPO_ROOT / "studies" / "quickstart.yaml"), n_trials=3,
+                          output_dir=str(tmp_path), tracking={"enabled": False}, dense_reference={"top1": 100.0})
+    run_study(study, objective="tests.search_objective:run_trial", num_cpus=2, printer=lambda line: None)
+    history = history_of(study)
+    assert len(history) == 3
+    assert history["hypervolume_normalized"].between(0, 1).all() and history["hypervolume_normalized"].iloc[-1] > 0
+    assert history["trial_epochs"].is_monotonic_increasing
+    with pytest.raises(SystemExit, match="dense_reference.top1"):
+        history_of(with_overrides(study, dense_reference={}))
