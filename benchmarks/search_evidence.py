@@ -15,7 +15,8 @@ finished one is read, not run again, so an interrupted run continues where it st
 * ``reference``: P3B's paper settings (:data:`p3b_search.search.replay.PAPER_RECIPE`) at the
   prune ratios of :data:`~p3b_search.search.replay.LADDER`, a grid over those ratios and
   ``--reference-trials / 4`` training seeds (100 s, 100 s + 1, ...): what a user runs without
-  the tool. Nothing is searched, stopped or shared.
+  the tool. Nothing is searched, stopped or shared. By default it runs as many trials as the
+  study (rounded down to the ladder), so that it spends at least the default's trial-epochs.
 
 Per run: the trial-epochs each trial trained itself (restored prefixes not counted), and the
 normalised hypervolume of the COMPLETE trials' (top-1, MACs) front (1.0 = the dense reference's
@@ -147,16 +148,21 @@ def markdown(name: str, runs: pd.DataFrame, histories: pd.DataFrame, margin: flo
               f"p = {tost:.3f}, {'equivalent' if equivalent else 'not shown equivalent'}. Trial-epochs, default / "
               f"full: {ratio.mean:.1%} [{ratio.low:.1%}, {ratio.high:.1%}]. Goal (equivalent with at most 50 % "
               f"of the trial-epochs): **{'met' if met else 'not met'}**."]
-    at_equal = {}
+    at_equal, short = {}, []
     for seed, row in by_arm["default"].iterrows():
         reference = histories[(histories["seed"] == seed) & (histories["arm"] == "reference")]
         at_equal[seed] = hypervolume_at(reference, row["trial_epochs"])
+        if reference["trial_epochs"].max() < row["trial_epochs"]:
+            short.append(f"{seed} ({reference['trial_epochs'].max()} of {row['trial_epochs']})")
     vs_reference = paired_t_test(hv["default"], at_equal)
     lines += ["", "**Default - reference at the default's trial-epochs** (the reference's hypervolume once it had "
               "spent as many trial-epochs as the default did; per seed: "
               + ", ".join(f"{seed}: {value:.4f}" for seed, value in at_equal.items())
               + f"): {_interval(vs_reference.difference)}, p = {vs_reference.p:.3f} "
               f"({'separated' if vs_reference.difference.excludes_zero else 'not separated'})."]
+    if short:
+        lines.append(f"Not at equal compute for seed {', '.join(short)}: the reference spent fewer trial-epochs "
+                     "than the default and is read at its end (raise --reference-trials).")
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +171,7 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="the study file: its setup is the default arm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reference-trials", type=int, default=None,
-                        help="trials of the reference arm, a multiple of 4 (default: half the study's n_trials)")
+                        help="trials of the reference arm, a multiple of 4 (default: the study's n_trials)")
     parser.add_argument("--margin", type=float, default=HV_MARGIN, help="equivalence margin, normalised hypervolume")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -173,7 +179,7 @@ def main() -> None:
                         help="run nothing: the table from an earlier run's _runs.parquet (and its _history.parquet)")
     args = parser.parse_args()
     base = load_study(args.study)
-    reference_trials = args.reference_trials or base.n_trials // 2 // len(LADDER) * len(LADDER)
+    reference_trials = args.reference_trials or base.n_trials // len(LADDER) * len(LADDER)
     if args.from_parquet is not None:
         runs = pd.read_parquet(args.from_parquet)
         histories = pd.read_parquet(args.from_parquet.with_name(

@@ -55,6 +55,10 @@ def test_verdicts_on_runs_with_known_answers() -> None:
     assert "**met**" in text and "41.7%" in text  # 60 / 144 trial-epochs
     # at 60 trial-epochs the reference had ended 2 trials: 0.60, 0.61, 0.62, 0.63
     assert "0: 0.6000, 1: 0.6100, 2: 0.6200, 3: 0.6300" in text and "(separated)" in text
+    assert "Not at equal compute" not in text  # every reference spent 72 >= 60 trial-epochs
+    runs[0]["trial_epochs"] = 100  # seed 0's default spent more than its reference could
+    text = markdown("s", pd.DataFrame(runs), pd.concat(histories), 0.01, "cmd")
+    assert "Not at equal compute for seed 0 (72 of 100)" in text
 
 
 def test_hypervolume_before_any_trial_ended_is_zero() -> None:
