@@ -5,7 +5,7 @@ process under ``tracemalloc``, its Python allocations compared between two trial
 
 The study is :mod:`benchmarks.driver_scaling`'s (the quickstart with the small test objective,
 concurrency 4). A thread takes a ``tracemalloc`` snapshot when ``marks[0]`` and ``marks[1]``
-trials have ended (as ``trials.parquet`` says, so up to its 10 s cadence late); the difference
+trials have ended (as the trials table and its update parts say); the difference
 is printed by allocation site (the ``--top`` largest, with their stacks) and by file. It counts
 Python's allocations only: memory that Ray's core, Arrow or the allocator hold does not appear,
 so the sum can be less than the growth of the process's RSS. ``tracemalloc`` slows the driver
@@ -20,18 +20,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import pandas as pd
-
 from benchmarks.driver_scaling import OBJECTIVE, QUICKSTART
-from p3b_search.study.trials_table import RUNNING, STATE
-
-
-def ended_trials(table: Path) -> int:
-    """Trials of ``trials.parquet`` that are not RUNNING (0 before it exists)."""
-    try:
-        return int((pd.read_parquet(table, columns=[STATE])[STATE] != RUNNING).sum())
-    except (OSError, ValueError):
-        return 0
+from p3b_search.study.results import read_trials
+from p3b_search.study.trials_table import STATE, ended_count
 
 
 def main() -> None:
@@ -50,7 +41,7 @@ def main() -> None:
 
     def watch() -> None:
         for mark in args.marks:
-            while ended_trials(study.layout.trials_table) < mark:
+            while ended_count(read_trials(study.layout).get(STATE, [])) < mark:
                 time.sleep(2)
             snapshots[mark] = tracemalloc.take_snapshot()
             print(f"snapshot after {mark} trials ended", flush=True)

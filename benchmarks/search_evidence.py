@@ -152,8 +152,9 @@ def markdown(name: str, runs: pd.DataFrame, histories: pd.DataFrame, margin: flo
     for seed, row in by_arm["default"].iterrows():
         reference = histories[(histories["seed"] == seed) & (histories["arm"] == "reference")]
         at_equal[seed] = hypervolume_at(reference, row["trial_epochs"])
-        if reference["trial_epochs"].max() < row["trial_epochs"]:
-            short.append(f"{seed} ({reference['trial_epochs'].max()} of {row['trial_epochs']})")
+        spent = reference["trial_epochs"].max()
+        if spent < row["trial_epochs"]:
+            short.append(f"{seed} ({spent} of {row['trial_epochs']})")
     vs_reference = paired_t_test(hv["default"], at_equal)
     lines += ["", "**Default - reference at the default's trial-epochs** (the reference's hypervolume once it had "
               "spent as many trial-epochs as the default did; per seed: "
