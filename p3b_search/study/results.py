@@ -41,6 +41,7 @@ then rename), so a reader never sees a half-written file.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -354,12 +355,16 @@ def merge_allocations(layout: StudyLayout) -> int:
 class PartsMerger:
     """Joins the per-trial parts under ``parts`` (``<number>/part-<index>.parquet``, see
     :class:`TrialPartWriter`) into the one Parquet file ``table``, again and again as trials
-    write theirs: the parts of a trial named final (it ended) are read once and kept, so a
-    merge reads only the parts of trials that may still change."""
+    write theirs, at a cost that hardly grows with the ended trials: the parts of a trial named
+    final (it ended) are read once, and the rows of the trials below the first one that may
+    still change (the settled trials) are kept joined as one table, so a merge reads only the
+    parts of trials that may still change and writes one contiguous table."""
 
     def __init__(self, parts: Path, table: Path):
         self.parts, self.table = parts, table
         self._final: dict[int, pa.Table | None] = {}  # trial number -> its rows (None: it wrote none)
+        self._settled = 0  # trials 0 .. _settled - 1 are final, their rows joined in _joined
+        self._joined: pa.Table | None = None
 
     def _trial(self, folder: Path) -> pa.Table | None:
         tables = []
@@ -368,25 +373,52 @@ class PartsMerger:
                 tables.append(read_parquet_once(path))
             except FileNotFoundError:
                 continue  # deleted between glob and read (its trial restarted from an earlier epoch)
-        return pa.concat_tables(tables, promote_options="permissive") if tables else None
+        return _joined(tables)
+
+    def _settle(self, folders: dict[int, Path], final_trials: Container[int]) -> None:
+        """Join the rows of the final trials that follow the settled ones without a gap."""
+        settling = [self._joined]
+        while self._settled in final_trials:
+            number = self._settled
+            folder = folders.get(number)
+            settling.append(self._final.pop(number) if number in self._final
+                            else self._trial(folder) if folder is not None else None)
+            self._settled += 1
+        if len(settling) > 1:
+            self._joined = _joined(settling)
 
     def merge(self, final_trials: Container[int] = ()) -> int:
         """Replace ``table`` with every part joined, in trial and part order (nothing written
         while there are none); ``final_trials``: numbers of trials whose parts no longer
         change. Returns the number of rows."""
-        tables = []
-        folders = sorted(self.parts.iterdir()) if self.parts.is_dir() else []
-        for folder in folders:
-            if not folder.name.isdigit():
-                continue
-            number = int(folder.name)
-            table = self._final[number] if number in self._final else self._trial(folder)
+        folders = {int(entry.name): Path(entry.path) for entry in _scan(self.parts) if entry.name.isdigit()}
+        self._settle(folders, final_trials)
+        tables = [self._joined]
+        for number in sorted(n for n in folders if n >= self._settled):
+            table = self._final[number] if number in self._final else self._trial(folders[number])
             if number in final_trials:
                 self._final[number] = table
-            if table is not None:
-                tables.append(table)
-        if not tables:
+            tables.append(table)
+        merged = _joined(tables)
+        if merged is None:
             return 0
-        merged = pa.concat_tables(tables, promote_options="permissive")
         write_parquet_atomic(merged, self.table)
         return merged.num_rows
+
+
+def _joined(tables: Sequence[pa.Table | None]) -> pa.Table | None:
+    """``tables`` (None: no rows) concatenated into one table of contiguous columns (a Parquet
+    write of many small chunks costs far more than joining them first); None when all are None."""
+    present = [table for table in tables if table is not None]
+    if not present:
+        return None
+    return pa.concat_tables(present, promote_options="permissive").combine_chunks()
+
+
+def _scan(folder: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``folder`` (none when it does not exist yet)."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []

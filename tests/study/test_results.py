@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import threading
 
+import hypothesis.strategies as st
 import numpy as np
 import optuna
 import pandas as pd
 import pyarrow.parquet as pq
+from hypothesis import HealthCheck, given, settings
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
@@ -182,3 +184,26 @@ def test_a_merge_reads_again_only_the_parts_of_trials_still_running(tmp_path):
     assert merger.merge(final_trials={0}) == 9
     merged = pq.read_table(layout.allocations_table).to_pandas()
     assert merged.groupby("trial").size().to_dict() == {0: 3, 1: 6}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=30))
+def test_repeated_merges_equal_one_merge_of_every_part(tmp_path_factory, events):
+    """Trials write parts and end in any order (some write none): after each merge the merged
+    table holds every part in trial and part order, as a single merge of all of them would."""
+    from p3b_search.study.results import PartsMerger
+
+    layout = StudyLayout(tmp_path_factory.mktemp("merges"))
+    merger = PartsMerger(layout.allocation_parts, layout.allocations_table)
+    written: dict[int, int] = {}
+    ended: set[int] = set()
+    for number, ends in events:
+        if number not in ended:
+            TrialPartWriter(layout.allocation_parts, number).write(rows(written.get(number, 0)), written.get(number, 0))
+            written[number] = written.get(number, 0) + 1
+        if ends:
+            ended.add(number)
+        merger.merge(final_trials=frozenset(ended))
+        expected = read_allocations(layout).reset_index(drop=True)
+        merged = pq.read_table(layout.allocations_table).to_pandas()
+        pd.testing.assert_frame_equal(merged, expected[merged.columns])
