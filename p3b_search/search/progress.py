@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,8 @@ class StudySession:
     #: the driver's record, rewritten as Ray spawns processes (None: no local Ray session)
     driver: DriverRecord | None = None
     started: float = field(default_factory=time.monotonic)
+    #: Ray's trials that started and have not ended, by trial id (its running count is theirs)
+    live: dict[str, Any] = field(default_factory=dict)
     last_said: float = field(default_factory=time.monotonic)
     table: LiveTrialsTable = field(init=False)
     allocations: PartsMerger = field(init=False)
@@ -161,7 +164,7 @@ class StudySession:
         """``[mm:ss] name: 5/8 done, 2 running, ... | front 3 (top1/macs): ...``; ``running``:
         Ray's count of running trials (None: the table's RUNNING rows)."""
         counts, names = self.table.counts, self.study.metric_names
-        shown = " ".join("/".join(value_text(n, row[n]) for n in names) for row in self.table.front_rows()[:5])
+        shown = " ".join("/".join(value_text(n, row[n]) for n in names) for row in self.table.front_rows(5))
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
         never_ran = f", {counts[NEVER_RAN]} never ran" if counts[NEVER_RAN] else ""
         return (f"[{minutes:02d}:{seconds:02d}] {self.study.name}: {counts[COMPLETE]}/{self.study.n_trials} "
@@ -221,6 +224,7 @@ class StudyProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         session = self._note(trial, **{RAY_TRIAL_ID: trial.trial_id})
+        session.live[trial.trial_id] = trial
         if session.driver is not None:  # Ray may have spawned a worker for it
             try:
                 session.driver.write(with_ray_session=True)
@@ -270,24 +274,25 @@ class StudyProgress(Callback):
                 session.tracker.end_trial(number, "stopped", reason)
             except Exception as error:  # noqa: BLE001  (a tracking store error must not end the study)
                 logger.warning("tracker: could not mark trial %s stopped: %s", number, error)
-        self._ended(session, trials, trial)
+        self._ended(session, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(self._note(trial, **{FAIL_REASON: _error_line(trial)}), trials, trial)
+        self._ended(self._note(trial, **{FAIL_REASON: _error_line(trial)}), trial)
 
     def on_step_end(self, iteration, trials, **info):
         session = self.session
         session.publish()  # what a burst of trial ends left to rewrite, once the cadence allows
         if time.monotonic() - session.last_said > HEARTBEAT_S:
             session.refresh(force=False)
-            session.say(session.progress_line(_running(trials)))
+            session.say(session.progress_line(_running(session.live.values())))
 
-    def _ended(self, session: StudySession, trials: list[Any], trial: Any) -> None:
+    def _ended(self, session: StudySession, trial: Any) -> None:
+        session.live.pop(trial.trial_id, None)
         session.refresh()
         session.publish()
-        session.say(session.progress_line(_running(trials, ending=trial)))
+        session.say(session.progress_line(_running(session.live.values())))
 
 
-def _running(trials: list[Any], ending: Any = None) -> int:
-    """Ray's count of running trials (Ray calls back before an ``ending`` trial stops)."""
-    return sum(1 for t in trials if t.status == t.RUNNING and t is not ending)
+def _running(trials: Iterable[Any]) -> int:
+    """How many of Ray's ``trials`` are running."""
+    return sum(1 for t in trials if t.status == t.RUNNING)

@@ -15,6 +15,7 @@ the history all read it); :func:`hypervolume_history` replays a trials table thr
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class FrontHistory:
         self.names, self.directions, self.reference = list(names), list(directions), list(reference)
         self._front: dict[int, np.ndarray] = {}  # number -> objective values (minimization form)
         self._values: dict[int, np.ndarray] = {}  # number -> objective values (as given)
+        self._order: list[tuple[tuple[float, ...], int]] = []  # (values as given, -number) of the front, ascending
         self._rows: list[tuple[Any, ...]] = []
         self._seen: set[int] = set()
         self.hypervolume = 0.0
@@ -107,9 +109,18 @@ class FrontHistory:
             left = frozenset()
         for gone in left:
             del self._front[gone], self._values[gone]
+        if left:
+            self._order = [entry for entry in self._order if -entry[1] not in left]
+        bisect.insort(self._order, (tuple(point.tolist()), -number))
         self._front[number], self._values[number] = mine, point
         self.hypervolume = hypervolume(np.stack(list(self._values.values())), self.directions, self.reference)
         return FrontChange(frozenset({number}), left)
+
+    def best(self, limit: int | None = None) -> list[int]:
+        """Numbers of the front's trials by their objective values as given, highest first (the
+        first objective, then the next; ties: the lower number first), at most ``limit``."""
+        ranked = self._order[::-1] if limit is None else self._order[:-limit - 1:-1] if limit > 0 else []
+        return [-negated for _, negated in ranked]
 
     def front_values(self) -> tuple[list[int], np.ndarray]:
         """The front's trial numbers, ascending, and their objective values ``(k, objectives)``."""

@@ -153,10 +153,10 @@ class LiveTrialsTable:
             self._frame = rows_frame([self._rows[n] for n in sorted(self._rows)])
         return self._frame
 
-    def front_rows(self) -> list[dict[str, Any]]:
-        """The rows on the front, best first objective first (ties: the next objectives)."""
-        rows = [self._rows[n] for n in self.front.numbers]
-        return sorted(rows, key=lambda row: [row[name] for name in self.names], reverse=True)
+    def front_rows(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The rows on the front, best first objective first (ties: the next objectives, then the
+        lower number), at most ``limit``."""
+        return [self._rows[n] for n in self.front.best(limit)]
 
     def rewrite(self) -> None:
         """Write the whole table as ``trials.parquet`` (holding every update part so far)."""

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -124,6 +125,38 @@ def test_reopening_a_study_with_other_objectives_is_refused(tmp_path):
     other = with_overrides(study, objectives=["top1", "params"])
     with pytest.raises(StudyError, match="objectives: the stored study 'tell' optimizes"):
         open_optuna_study(other)
+
+
+@dataclass
+class RayTrial:
+    """What the driver's callback reads of a Ray Tune trial."""
+
+    trial_id: str
+    config: dict
+    status: str = "RUNNING"
+    RUNNING = "RUNNING"
+
+
+def test_the_progress_line_counts_the_trials_ray_runs(tmp_path):
+    """The running count comes from the trials the callback saw start and not end (a paused or
+    ended trial is not running), not from a scan of every trial of the experiment."""
+    study = load_study(write_study(tmp_path, SEARCHED))
+    searcher, progress = FrontSafeOptunaSearch(study), StudyProgress(study.name)
+    with live(study) as session:
+        lines: list[str] = []
+        session.printer = lines.append
+        trials = [RayTrial(tid, searcher.suggest(tid)) for tid in ("a", "b", "c")]
+        for trial in trials:
+            progress.on_trial_start(0, [], trial)
+        trials[1].status = "PAUSED"
+        searcher.on_trial_complete("a", finished([90.0, 1e6], done=True))
+        trials[0].status = "TERMINATED"
+        progress.on_trial_complete(1, [], trials[0])
+        assert ", 1 running," in lines[-1] and "1/6 done" in lines[-1]
+        trials[1].status = "RUNNING"
+        progress.on_trial_error(2, [], trials[2])
+        assert ", 1 running," in lines[-1]
+        assert set(session.live) == {"b"}
 
 
 # ----------------------------------------------------------------------------- resume: state and lost trials

@@ -6,7 +6,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p3b_search.study.history import hypervolume_history
+from p3b_search.study.history import hypervolume_history, replay
 from p3b_search.study.pareto import hypervolume
 
 NAMES, DIRECTIONS, REFERENCE, IDEAL = ["top1", "macs"], ["maximize", "minimize"], [0.0, 10.0], [100.0, 0.0]
@@ -53,3 +53,16 @@ def test_a_stopped_trial_spends_epochs_and_never_moves_the_front():
 
 def test_an_empty_study_has_an_empty_history():
     assert hypervolume_history(pd.DataFrame(), NAMES, DIRECTIONS, REFERENCE, IDEAL).empty
+
+
+@given(st.lists(trial, min_size=0, max_size=25), st.lists(st.integers(0, 50), min_size=25, max_size=25),
+       st.integers(0, 6))
+@settings(max_examples=150, deadline=None)
+def test_best_ranks_the_front_as_a_sort_of_its_points(trials, ends, limit):
+    frame = _table(trials, ends)
+    front = replay(frame, NAMES, DIRECTIONS, REFERENCE)
+    numbers, values = front.front_values()
+    ranked = sorted(zip(numbers, values.tolist()), key=lambda item: (*(-v for v in item[1]), item[0]))
+    assert front.best() == [number for number, _ in ranked]
+    assert front.best(limit) == [number for number, _ in ranked][:limit]
+    assert set(front.best()) == front.numbers
