@@ -5,7 +5,8 @@
     python benchmarks/driver_scaling.py --trials 500 --profile 100:130 470:500   # + where the time goes
     python -m benchmarks.driver_scaling --trials 500 --servers   # Optuna on PostgreSQL, MLflow server
 
-The study is the quickstart (``studies/quickstart.yaml``: its search space, TPE, MLflow on the
+The study is the quickstart (``studies/quickstart.yaml``: its search space, TPE or ``--sampler``
+(``random``: a sampler whose ask costs the same in every trial, which TPE's does not), MLflow on the
 embedded store; with ``--servers``, Optuna on a throw-away PostgreSQL and MLflow on a tracking
 server on its own database, started as the cluster tests start theirs) with ``--trials`` trials, ``--concurrency`` at a time, run by ``search.py run``
 of the checkout ``--code`` (default: this one) with the small test objective
@@ -222,7 +223,7 @@ def study_file(args: argparse.Namespace, folder: Path, stores: dict[str, Any] | 
 
     data = yaml.safe_load(QUICKSTART.read_text())
     data.update(name=args.name, output_dir=str(folder), n_trials=args.trials, concurrency=args.concurrency,
-                sampler={"name": "tpe", "seed": args.seed}, **(stores or {}))
+                sampler={"name": args.sampler, "seed": args.seed}, **(stores or {}))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{args.name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -251,7 +252,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs local Ray may use (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="TPE's seed")
+    parser.add_argument("--sampler", default="tpe",
+                        help="the study's sampler (default tpe; random: a sampler whose ask does not grow)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     parser.add_argument("--window", type=int, default=100, help="trials per reported window (default 100)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="A:B",
                         help="profile the driver with py-spy from the A-th to the B-th trial end")
@@ -321,7 +324,8 @@ def run(args: argparse.Namespace, folder: Path, windows: list[tuple[int, ...]], 
               "below cover the trials that ended")
     rows = windows_of(trials, sampler, args.window)
     one, five, _ = os.getloadavg()
-    result = {"code": str(code), "servers": args.servers, "trials": args.trials, "concurrency": args.concurrency, "command_s": elapsed,
+    result = {"code": str(code), "sampler": args.sampler, "servers": args.servers, "trials": args.trials,
+              "concurrency": args.concurrency, "command_s": elapsed,
               "driver_peak_rss_mib": sampler.peak_rss / 2**20, "driver_cpu_s": sampler.samples[-1][1],
               "windows": rows, "load_average_1_5": [one, five], "profiles": {}}
     print(f"{args.trials} trials, concurrency {args.concurrency}, code {code}: {elapsed:.0f} s, "

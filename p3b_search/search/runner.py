@@ -48,7 +48,6 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 
 from p3b_search.search.driver_record import DriverRecord
@@ -71,7 +70,7 @@ from p3b_search.study.trials_table import FAIL_REASON, ended_count, row_state, s
 from p3b_search.training.prefixes import PrefixCache
 
 logger = logging.getLogger(__name__)
-#: Ray Tune's switch off of its default loggers (see :func:`_no_tensorboard_logger`)
+#: Ray Tune's switch off of its default loggers (see :func:`_no_ray_loggers`)
 NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
@@ -146,10 +145,12 @@ def _quiet_libraries(verbose: bool) -> Callable[[], None]:
 
 
 @contextmanager
-def _no_tensorboard_logger() -> Iterator[None]:
-    """Ray Tune adds no loggers of its own while this holds: its default TensorBoard logger
-    imports tensorboardX, which imports torch (about 1.1 GiB of the driver). The Tuner carries
-    Tune's CSV and JSON loggers itself (``progress.csv``, ``result.json`` per trial)."""
+def _no_ray_loggers() -> Iterator[None]:
+    """Ray Tune adds no loggers of its own while this holds. Its TensorBoard logger imports
+    tensorboardX, which imports torch (about 1.1 GiB of the driver); its CSV and JSON loggers
+    write each trial's results into the driver's copy of the experiment folder, which Ray copies
+    whole to the study folder at every save of its experiment state: O(trials) files per save.
+    The study folder's tables hold every result (``epochs/``, ``trials.parquet``) instead."""
     previous = os.environ.get(NO_AUTO_LOGGERS)
     os.environ[NO_AUTO_LOGGERS] = "1"
     try:
@@ -225,7 +226,7 @@ def _tuner(study: StudyConfig, session: StudySession, trainable: Any, resume: bo
             # data-parallel trials retry inside Ray Train (see trainable.data_parallel_trainable)
             failure_config=tune.FailureConfig(max_failures=study.max_failures if study.workers_per_trial == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[StudyProgress(study.name, stopper, halving), CSVLoggerCallback(), JsonLoggerCallback()],
+            callbacks=[StudyProgress(study.name, stopper, halving)],
             stop=stopper,
             verbose=0,
         ),
@@ -291,7 +292,7 @@ def run_study(
         tuner = _tuner(study, session, _trainable(study, trial_runs, objective), resume)
         session.say(f"study {study.name}: {study.n_trials} trials, {study.concurrency} at a time, "
                     f"results in {layout.root}")
-        with _no_tensorboard_logger():
+        with _no_ray_loggers():
             tuner.fit()
         interrupted = not study_done(_row_states(optuna_study), study.n_trials)
         if not interrupted:

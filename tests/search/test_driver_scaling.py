@@ -81,6 +81,8 @@ def test_the_driver_writes_as_much_per_trial_after_180_trials_as_after_20(tmp_pa
     assert 0 < late <= 1.5 * early + 2, (early, late)
     saves = {mtime for count, _, mtime in ended if 0 < count < N_TRIALS}
     assert len(saves) <= 2, f"Ray's experiment state was written {len(saves)} times while trials ran"
+    # Ray's own per-trial logs are not written: Ray would copy them all at every save of its state
+    assert not [p.name for p in study.layout.ray_experiment.rglob("*") if p.name in ("result.json", "progress.csv")]
 
     # the flush at the end: every trial in trials.parquet itself, allocations merged, the front written
     table = pd.read_parquet(study.layout.trials_table)
