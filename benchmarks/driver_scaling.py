@@ -63,15 +63,17 @@ PARTS = [
     ("MLflow: child run ids", [("p3b_search/tracking/study_run.py", "_run_ids")]),
     ("MLflow: pareto tags", [("p3b_search/tracking/study_run.py", "_move_pareto_tags")]),
     ("MLflow: front upload and metrics", [("p3b_search/tracking/study_run.py", "_publish_front")]),
-    ("sampler ask (Optuna)", [("optuna/study/study.py", "ask")]),
+    ("sampler ask and sampling (Optuna)", [("optuna/study/study.py", "ask"),
+                                           ("p3b_search/search/space.py", "suggest_params")]),
     ("searcher: lost-trial scan and checks", [("p3b_search/search/searcher.py", "_lost_trial"),
                                               ("p3b_search/search/searcher.py", "_rejection"),
                                               ("p3b_search/search/searcher.py", "_handed_out")]),
     ("searcher: tell", [("p3b_search/search/searcher.py", "on_trial_complete")]),
     ("Ray experiment state", [("ray/tune/execution/experiment_state.py", "sync_up_experiment_state"),
-                              ("ray/train/_internal/syncer.py", "*")]),
+                              ("ray/train/_internal/syncer.py", "*"),
+                              ("ray/train/_internal/storage.py", "_upload_to_fs_path")]),
     ("progress line", [("p3b_search/search/progress.py", "progress_line")]),
-    ("callbacks' running-trial count", [("p3b_search/search/progress.py", "_session")]),
+    ("running-trial count", [("p3b_search/search/progress.py", "_running")]),
 ]
 
 
