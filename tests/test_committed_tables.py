@@ -168,3 +168,18 @@ def test_residual_price_table_is_its_committed_trials() -> None:
     from benchmarks.residual_price import markdown
 
     assert markdown(pd.read_parquet(RESULTS / "residual_price.parquet")) == (RESULTS / "residual_price.md").read_text()
+
+
+def test_search_evidence_table_is_its_committed_runs() -> None:
+    """``search_evidence.md`` (and RESULTS.md section 9) from its runs and histories."""
+    from benchmarks.early_stopping_savings import HV_MARGIN
+    from benchmarks.search_evidence import markdown
+
+    committed = (RESULTS / "search_evidence.md").read_text()
+    command = committed.splitlines()[2].strip()
+    recomputed = markdown("search_evidence", pd.read_parquet(RESULTS / "search_evidence_runs.parquet"),
+                          pd.read_parquet(RESULTS / "search_evidence_history.parquet"), HV_MARGIN, command)
+    assert recomputed == committed
+    lines = recomputed.splitlines()
+    header = next(line for line in lines if line.startswith("| seed |"))
+    assert_block_in(lines[lines.index(header):], RESULTS_MD.read_text(), "RESULTS.md section 9")
