@@ -104,6 +104,7 @@ class StudyTracker:
         self._closed = False
         self._history_logged: int | None = None  # trial-epochs up to which the history is on the run
         self._child_runs: dict[int, str] = {}  # trial number -> child run id, as far as found
+        self._no_child_run: set[int] = set()  # trial numbers a search of the store found no child run of
         self._tagged: set[str] | None = None  # child runs tagged pareto=true (read from the store once)
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -286,13 +287,17 @@ class StudyTracker:
 
     def _run_ids(self, trials: pd.DataFrame) -> list[str | None]:
         """The child run of each row: its ``mlflow_run_id`` when given, else found by trial number
-        (the store is searched only when a row's run is not known yet)."""
+        (the store is searched only for a row whose run is not known yet and was not looked for:
+        a trial that never had a run, e.g. one that failed before its first epoch, is looked for
+        once, not at every publish)."""
         given = trials[MLFLOW_RUN_ID] if MLFLOW_RUN_ID in trials.columns else pd.Series([None] * len(trials))
         numbers = trials[NUMBER] if NUMBER in trials.columns else pd.Series([None] * len(trials))
         numbers = [None if pd.isna(n) else int(n) for n in numbers]
         known = [isinstance(run_id, str) and bool(run_id) for run_id in given]
-        if any(not k and n is not None and n not in self._child_runs for k, n in zip(known, numbers)):
+        wanted = {n for k, n in zip(known, numbers) if not k and n is not None and n not in self._child_runs}
+        if wanted - self._no_child_run:
             self._child_runs = self.child_run_ids()
+            self._no_child_run |= wanted - self._child_runs.keys()
         return [run_id if k else self._child_runs.get(n) for run_id, k, n in zip(given, known, numbers)]
 
     def _move_pareto_tags(self, front_run_ids: set[str]) -> None:

@@ -185,6 +185,24 @@ def test_pareto_tags_move_with_the_front_and_hypervolume_is_logged_per_finished_
                                                                             "pareto/history.parquet"}
 
 
+def test_a_trial_without_a_child_run_is_looked_for_once(tmp_path, monkeypatch):
+    """A finished trial whose run is unknown makes the tracker search the store for the child
+    runs; one that has no run (it failed before its first epoch) must not make every later
+    publish search all of them again."""
+    tracker = make_tracker(tmp_path)
+    start(tracker, tmp_path)
+    run = log_trial(tracker, 0, 80.0, 4.0).run_id
+    searches = []
+    real = tracker.child_run_ids
+    monkeypatch.setattr(tracker, "child_run_ids", lambda: searches.append(1) or real())
+    for ended in ([(0, 80.0, 4.0, "COMPLETE"), (1, np.nan, np.nan, "FAIL")],) * 3:
+        snapshot = tracker.publish_front(pareto_summary(trials_table(ended), OBJECTIVES, REFERENCE))
+    assert len(searches) == 1 and snapshot.front["mlflow_run_id"].tolist() == [run]
+    tracker.publish_front(pareto_summary(trials_table([(0, 80.0, 4.0, "COMPLETE"), (1, np.nan, np.nan, "FAIL"),
+                                                       (2, 70.0, 2.0, "COMPLETE")]), OBJECTIVES, REFERENCE))
+    assert len(searches) == 2  # a new trial without a known run: searched again
+
+
 def test_trial_state_follows_how_the_trial_ended(tmp_path):
     tracker = make_tracker(tmp_path)
     start(tracker, tmp_path)
