@@ -119,8 +119,7 @@ class FrontHistory:
     def best(self, limit: int | None = None) -> list[int]:
         """Numbers of the front's trials by their objective values as given, highest first (the
         first objective, then the next; ties: the lower number first), at most ``limit``."""
-        ranked = self._order[::-1] if limit is None else self._order[:-limit - 1:-1] if limit > 0 else []
-        return [-negated for _, negated in ranked]
+        return [-negated for _, negated in self._order[::-1][:limit]]
 
     def front_values(self) -> tuple[list[int], np.ndarray]:
         """The front's trial numbers, ascending, and their objective values ``(k, objectives)``."""

@@ -41,7 +41,6 @@ then rename), so a reader never sees a half-written file.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -391,7 +390,8 @@ class PartsMerger:
         """Replace ``table`` with every part joined, in trial and part order (nothing written
         while there are none); ``final_trials``: numbers of trials whose parts no longer
         change. Returns the number of rows."""
-        folders = {int(entry.name): Path(entry.path) for entry in _scan(self.parts) if entry.name.isdigit()}
+        found = self.parts.iterdir() if self.parts.is_dir() else ()
+        folders = {int(folder.name): folder for folder in found if folder.name.isdigit()}
         self._settle(folders, final_trials)
         tables = [self._joined]
         for number in sorted(n for n in folders if n >= self._settled):
@@ -414,11 +414,3 @@ def _joined(tables: Sequence[pa.Table | None]) -> pa.Table | None:
         return None
     return pa.concat_tables(present, promote_options="permissive").combine_chunks()
 
-
-def _scan(folder: Path) -> list[os.DirEntry[str]]:
-    """The entries of ``folder`` (none when it does not exist yet)."""
-    try:
-        with os.scandir(folder) as entries:
-            return list(entries)
-    except FileNotFoundError:
-        return []
